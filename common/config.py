@@ -1,0 +1,259 @@
+"""Typed, validated deployment configuration shared by every Conveyor process.
+
+One `ConveyorConfig` describes a whole deployment; every process (`conveyor start ROLE`) reads the
+same file and takes its own part. `conveyor serve` builds one from the embedded defaults and the
+command-line overrides, resolves the automatic values (free ports, run directory) and hands the
+resolved file to its children, so they all agree on addresses and shapes.
+
+Files are TOML or JSON; unknown keys and wrong types are errors that name the offending path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+DEFAULT_INGRESS_PORT = 7600
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or inconsistent."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ModelConfig(_Section):
+    source: str = "smollm2"
+    """What to serve: `smollm2` (the embedded SmolLM2-135M-Instruct GGUF), a path to a `.gguf`
+    file, a Hugging Face folder with safetensors, or a named shape (`llama3-8b`, `tiny`) with
+    load_format `dummy`."""
+    load_format: Literal["auto", "gguf", "safetensors", "dummy"] = "auto"
+    """How to read the weights; `auto` decides from `source`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype; `auto` is float32 on CPU and bfloat16 on CUDA."""
+    max_model_len: int = 2048
+    """Longest sequence (prompt + output) a request may reach, in tokens."""
+    layer_split: list[int] = []
+    """Layers per stage, e.g. [16, 14]; empty splits evenly by count (the last stage, which also
+    carries the LM head, takes the smaller share when the count does not divide)."""
+    tokenizer: str = ""
+    """Tokenizer source; empty means the model's own (dummy models borrow SmolLM2's)."""
+    seed: int = 0
+    """Seed of `dummy` random weights, so every stage and every run builds the same model."""
+
+
+class DeploymentConfig(_Section):
+    stages: int = 2
+    """Pipeline depth P: stage processes per instance."""
+    instances: int = 1
+    """Full copies of the model, each a pipeline of `stages` workers."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where stages compute; `auto` picks CUDA when available."""
+    threads_per_stage: int = 0
+    """Torch intra-op threads per stage on CPU; 0 shares the machine's cores among stages."""
+
+
+class EndpointsConfig(_Section):
+    ingress: str = f"tcp://127.0.0.1:{DEFAULT_INGRESS_PORT}"
+    """Where clients reach the ingress (the SDK's address). Port 0 picks a free port."""
+    controller: str = "ipc://{run_dir}/controller"
+    """The controller's socket, which the ingress and stage workers connect to."""
+    kvcache: str = "ipc://{run_dir}/kvcache"
+    """The kv-cache manager's socket, which the controller (and tools) connect to."""
+    dist_host: str = "127.0.0.1"
+    """Host of each instance's torch.distributed rendezvous (its stage 0)."""
+    dist_base_port: int = 0
+    """Instance i rendezvouses at dist_base_port + i; 0 picks free ports when serving."""
+    run_dir: str = ""
+    """Folder for ipc sockets and the resolved config; empty derives one from the ingress port."""
+
+
+class SchedulerConfig(_Section):
+    policy: str = "fcfs"
+    """Scheduling policy (see `conveyor policies`)."""
+    max_num_seqs: int = 128
+    """Most requests running (holding KV) per instance at once."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one micro-batch (prefill chunks + decodes)."""
+    max_inflight: int = 0
+    """Micro-batches in flight per instance; 0 means the pipeline depth."""
+
+
+class KVCacheConfig(_Section):
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int = 0
+    """Blocks per instance; 0 sizes the pool from `memory_gib` (CPU) or free GPU memory."""
+    memory_gib: float = 0.5
+    """KV memory per stage on CPU when num_blocks is 0."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory a stage may use for weights, activations and KV (CUDA)."""
+
+
+class IngressConfig(_Section):
+    default_max_tokens: int = 256
+    """max_tokens of a request that does not set it (clamped to the context left)."""
+    max_stop_strings: int = 16
+    """Most stop strings one request may carry."""
+    keepalive_s: float = 1.0
+    """How often clients with requests in flight are probed, so a vanished one is noticed."""
+
+
+class LoggingConfig(_Section):
+    format: Literal["console", "json"] = "console"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ConveyorConfig(_Section):
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    deployment: DeploymentConfig = msgspec.field(default_factory=DeploymentConfig)
+    endpoints: EndpointsConfig = msgspec.field(default_factory=EndpointsConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    kvcache: KVCacheConfig = msgspec.field(default_factory=KVCacheConfig)
+    ingress: IngressConfig = msgspec.field(default_factory=IngressConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+
+    def validate(self) -> "ConveyorConfig":
+        """Checks that single fields cannot express; returns self for chaining."""
+        checks = [
+            (self.deployment.stages >= 1, "deployment.stages must be >= 1"),
+            (self.deployment.instances >= 1, "deployment.instances must be >= 1"),
+            (self.deployment.threads_per_stage >= 0, "deployment.threads_per_stage must be >= 0"),
+            (self.model.max_model_len >= 16, "model.max_model_len must be >= 16"),
+            (all(n >= 1 for n in self.model.layer_split), "model.layer_split entries must be >= 1"),
+            (not self.model.layer_split or len(self.model.layer_split) == self.deployment.stages,
+             f"model.layer_split has {len(self.model.layer_split)} entries but deployment.stages "
+             f"is {self.deployment.stages}"),
+            (self.scheduler.max_num_seqs >= 1, "scheduler.max_num_seqs must be >= 1"),
+            (self.scheduler.max_num_batched_tokens >= 1,
+             "scheduler.max_num_batched_tokens must be >= 1"),
+            (self.scheduler.max_inflight >= 0, "scheduler.max_inflight must be >= 0"),
+            (self.kvcache.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
+             "kvcache.block_size must be a power of two up to 256"),
+            (self.kvcache.num_blocks >= 0, "kvcache.num_blocks must be >= 0"),
+            (self.kvcache.memory_gib > 0, "kvcache.memory_gib must be > 0"),
+            (0 < self.kvcache.gpu_memory_utilization <= 1,
+             "kvcache.gpu_memory_utilization must be in (0, 1]"),
+            (self.ingress.default_max_tokens >= 1, "ingress.default_max_tokens must be >= 1"),
+            (self.ingress.keepalive_s > 0, "ingress.keepalive_s must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    @property
+    def max_inflight(self) -> int:
+        return self.scheduler.max_inflight or self.deployment.stages
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
+                ) -> ConveyorConfig:
+    """Reads a TOML/JSON file (or the defaults when `path` is None) and applies dotted overrides
+    such as {"deployment.stages": 3}. Raises ConfigError naming the bad key."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from e
+        try:
+            raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config file {p} is not valid {p.suffix or 'TOML'}: {e}") from e
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        cfg = msgspec.convert(raw, ConveyorConfig)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid configuration: {e}") from e
+    return cfg.validate()
+
+
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """Parses `section.key=value` (value as TOML, falling back to a plain string)."""
+    key, sep, value = assignment.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    if not key:
+        raise ConfigError(f"override key {dotted!r} must be section.key")
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise ConfigError(f"config section {section!r} must be a table")
+    raw[section][key] = value
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def resolve(cfg: ConveyorConfig) -> ConveyorConfig:
+    """Fills in the automatic values (port 0, run_dir, dist ports) so that every process started
+    from the result agrees on addresses. Idempotent."""
+    ep = cfg.endpoints
+    ingress = ep.ingress
+    if ingress.startswith("tcp://") and ingress.rsplit(":", 1)[-1] == "0":
+        host = ingress[len("tcp://"):].rsplit(":", 1)[0]
+        ingress = f"tcp://{host}:{free_port('127.0.0.1' if host in ('*', '0.0.0.0') else host)}"
+    run_dir = ep.run_dir or os.path.join(
+        os.environ.get("XDG_RUNTIME_DIR") or "/tmp", f"conveyor-{_port_of(ingress)}")
+    base = ep.dist_base_port or _free_port_block(cfg.deployment.instances, ep.dist_host)
+    endpoints = msgspec.structs.replace(
+        ep, ingress=ingress, run_dir=run_dir, dist_base_port=base,
+        controller=ep.controller.replace("{run_dir}", run_dir),
+        kvcache=ep.kvcache.replace("{run_dir}", run_dir))
+    return msgspec.structs.replace(cfg, endpoints=endpoints)
+
+
+def save_config(cfg: ConveyorConfig, path: str | os.PathLike) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(msgspec.json.format(msgspec.json.encode(cfg), indent=2))
+    return p
+
+
+def to_dict(cfg: ConveyorConfig) -> dict[str, Any]:
+    return msgspec.to_builtins(cfg)
+
+
+def _port_of(address: str) -> str:
+    tail = address.rsplit(":", 1)[-1]
+    return tail if tail.isdigit() else "local"
+
+
+def _free_port_block(count: int, host: str) -> int:
+    """A port p such that p .. p+count-1 are free now (best effort: picks, then checks)."""
+    for _ in range(50):
+        base = free_port(host)
+        if all(_port_is_free(host, base + i) for i in range(1, count)):
+            return base
+    raise ConfigError(f"could not find {count} consecutive free ports on {host}")
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False

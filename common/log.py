@@ -1,0 +1,38 @@
+"""structlog set-up shared by every process: one line per event, JSON or console."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def configure_logging(role: str, fmt: str = "console", level: str = "info",
+                      **context: object) -> structlog.stdlib.BoundLogger:
+    """Configures structlog for this process and returns a logger bound to its role
+    (and e.g. instance/stage), so interleaved output from many processes stays attributable."""
+    renderer = (structlog.processors.JSONRenderer() if fmt == "json"
+                else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=False),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(role=role, **context)
+    return structlog.get_logger()
+
+
+def get_logger() -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger()

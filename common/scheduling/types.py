@@ -1,0 +1,157 @@
+"""The state a scheduling policy sees, and the plan it returns.
+
+Policies are pure: they get an immutable snapshot (no sockets, no clock of their own, no torch)
+and return a plan. The controller builds snapshots from live state; the simulator builds them
+from simulated state. Both then carry out the plan the same way.
+
+Token accounting follows vLLM v1's single rule for prefill and decode: each request has
+`num_tokens` known tokens (prompt + generated) of which `num_computed` have KV computed or in
+flight; scheduling gives a request some of its `pending` tokens. A request whose final prefill
+chunk or decode is in flight awaits a sampled token and is not schedulable; one with only a
+non-final prefill chunk in flight is, so a long prompt can fill several pipeline stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    req_id: int
+    arrival: float
+    """Seconds on the driver's clock (the same clock as SchedulerSnapshot.now)."""
+    num_prompt_tokens: int
+    num_tokens: int
+    """Known tokens: prompt plus tokens generated so far."""
+    num_computed: int
+    """Tokens whose KV is computed or being computed by an in-flight micro-batch."""
+    num_blocks: int
+    """KV blocks the request holds."""
+    max_tokens: int
+    num_output_tokens: int = 0
+    in_flight: bool = False
+    """Part of a micro-batch still in the pipeline (its blocks are in use: not preemptible)."""
+
+    @property
+    def pending(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_decode(self) -> bool:
+        """Prefill done: the one pending token is the last sampled one."""
+        return self.num_computed > 0 and self.pending == 1
+
+
+@dataclass(frozen=True, slots=True)
+class InflightView:
+    """A micro-batch in the pipeline."""
+
+    num_decode_tokens: int
+    num_prefill_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class KVView:
+    total_blocks: int
+    free_blocks: int
+    block_size: int
+
+    @property
+    def utilization(self) -> float:
+        return 1.0 - self.free_blocks / self.total_blocks if self.total_blocks else 1.0
+
+    def blocks_to_add(self, req: RequestView, num_new: int) -> int:
+        """Blocks `req` must gain to hold `num_new` more tokens."""
+        needed = -(-(req.num_computed + num_new) // self.block_size)
+        return max(0, needed - req.num_blocks)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSnapshot:
+    now: float
+    pipeline_depth: int
+    waiting: tuple[RequestView, ...]
+    """Not holding KV (new or preempted), in arrival order."""
+    ready: tuple[RequestView, ...]
+    """Holding KV and schedulable now, in arrival order."""
+    num_running: int
+    """Requests holding KV, including those awaiting a token (the seats taken)."""
+    inflight: tuple[InflightView, ...]
+    kv: KVView
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    req_id: int
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class MicroBatchPlan:
+    chunks: tuple[ScheduledChunk, ...] = ()
+    preempt: tuple[int, ...] = ()
+    """Requests to send back to the waiting queue (their KV freed, recomputed later)."""
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks and not self.preempt
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass
+class PlanBuilder:
+    """Helper for policies: tracks the budget, free blocks and seats while a plan is built."""
+
+    snap: SchedulerSnapshot
+    token_budget: int
+    max_num_seqs: int
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempt: list[int] = field(default_factory=list)
+    free_blocks: int = -1
+    seats_used: int = -1
+
+    def __post_init__(self) -> None:
+        self.free_blocks = self.snap.kv.free_blocks
+        self.seats_used = self.snap.num_running
+        self._chosen: set[int] = set()
+
+    def add(self, req: RequestView, num_tokens: int, blocks: int) -> None:
+        self.chunks.append(ScheduledChunk(req.req_id, num_tokens))
+        self._chosen.add(req.req_id)
+        self.token_budget -= num_tokens
+        self.free_blocks -= blocks
+        if req.num_blocks == 0 and req.num_computed == 0:
+            self.seats_used += 1
+
+    def try_add(self, req: RequestView, num_tokens: int, reserve_blocks: int = 0) -> bool:
+        """Adds `req` with `num_tokens` if its blocks fit (keeping `reserve_blocks` free)."""
+        blocks = self.snap.kv.blocks_to_add(req, num_tokens)
+        if blocks > self.free_blocks - reserve_blocks:
+            return False
+        self.add(req, num_tokens, blocks)
+        return True
+
+    def preempt_for(self, req: RequestView, candidates: tuple[RequestView, ...]) -> bool:
+        """Preempts requests that arrived after `req` (latest first, skipping those in flight)
+        until `req`'s next token fits; never an earlier one, so the oldest request always makes
+        progress. Returns whether it fits now."""
+        need = self.snap.kv.blocks_to_add(req, 1)
+        for victim in reversed(candidates):
+            if need <= self.free_blocks or victim.req_id == req.req_id:
+                break
+            if victim.in_flight or victim.req_id in self._chosen or victim.req_id in self.preempt:
+                continue
+            self.preempt.append(victim.req_id)
+            self.free_blocks += victim.num_blocks
+            self.seats_used -= 1
+        return need <= self.free_blocks
+
+    def is_preempted(self, req: RequestView) -> bool:
+        return req.req_id in self.preempt
+
+    def build(self) -> MicroBatchPlan:
+        return MicroBatchPlan(tuple(self.chunks), tuple(self.preempt))

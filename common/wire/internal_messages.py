@@ -1,0 +1,228 @@
+"""Messages between Conveyor's own processes (msgpack arrays; see docs/protocol.md).
+
+Who talks to whom:
+    ingress  -> controller   Hello, SubmitRequest, AbortRequests, StatusQuery
+    controller -> ingress    RequestOutputs, StatusReply
+    stage    -> controller   Hello, StepDone
+    controller -> stage      StepPlan, Shutdown
+    controller -> kvcache    PoolInit, Allocate, FreeBlocks, PoolStatsQuery
+    kvcache  -> controller   PoolReply, PoolStats
+Calls that expect an answer carry a `call_id`, echoed by the answer.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any
+
+import msgspec
+
+from common.wire.framing import InternalMessage, register
+
+
+class FinishReason(IntEnum):
+    NONE = 0       # still running
+    STOP = 1       # EOS or a stop token
+    LENGTH = 2     # max_tokens or the context length
+    ABORT = 3      # cancelled by the client, or its connection went away
+    ERROR = 4      # the deployment could not serve it (message in RequestOutput.error)
+
+
+# ---- registration and readiness -----------------------------------------------------------
+
+@register
+class Hello(InternalMessage):
+    """First message of a peer on the controller's socket. Stage workers send it once their
+    weights are loaded and their torch.distributed group is up."""
+
+    TYPE_ID = 100
+    role: str
+    instance: int = 0
+    stage: int = 0
+    kv_blocks: int = 0
+    """Blocks of KV this stage can hold; the instance's pool is the smallest of its stages."""
+    detail: dict[str, Any] = {}
+
+
+@register
+class StatusQuery(InternalMessage):
+    TYPE_ID = 101
+    call_id: int
+
+
+@register
+class StatusReply(InternalMessage):
+    TYPE_ID = 102
+    call_id: int
+    ready: bool
+    detail: str
+    stats: dict[str, Any]
+
+
+@register
+class Shutdown(InternalMessage):
+    TYPE_ID = 103
+    reason: str
+
+
+# ---- requests: ingress <-> controller ------------------------------------------------------
+
+class RequestSampling(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+
+
+@register
+class SubmitRequest(InternalMessage):
+    TYPE_ID = 110
+    req_id: int
+    prompt_token_ids: list[int]
+    max_tokens: int
+    sampling: RequestSampling
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    arrival: float
+    """Wall-clock time (time.time()) the ingress received the request."""
+
+
+@register
+class AbortRequests(InternalMessage):
+    TYPE_ID = 111
+    req_ids: list[int]
+    reason: str
+
+
+class RequestOutput(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    req_id: int
+    token_ids: list[int]
+    """Tokens generated since the previous output of this request."""
+    finish: int = FinishReason.NONE
+    error: str = ""
+    error_code: int = 0
+    """With FinishReason.ERROR: a client_messages.ErrorCode (INVALID_REQUEST when the request
+    itself cannot be served, INTERNAL when the deployment failed it)."""
+
+
+@register
+class RequestOutputs(InternalMessage):
+    TYPE_ID = 112
+    outputs: list[RequestOutput]
+
+
+# ---- micro-batches: controller <-> stage workers -------------------------------------------
+
+class SampleSpec(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    step: int
+    """Index of the output token being sampled (seeded sampling depends on it)."""
+
+
+class Chunk(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """One request's share of a micro-batch: tokens [start, start + num_new) of its sequence.
+
+    start == 0 means the request is new to the stages (or was preempted and starts over):
+    `new_blocks` is then its whole block table; otherwise blocks to append to it."""
+
+    req_id: int
+    start: int
+    num_new: int
+    token_ids: list[int]
+    """The new tokens; only stage 0 needs them, the other stages get an empty list."""
+    new_blocks: list[int]
+    sample: SampleSpec | None
+    """Set when this chunk ends at the sequence's last known token, so a token is sampled."""
+
+
+@register
+class StepPlan(InternalMessage):
+    """A micro-batch, sent to every stage of the instance ahead of its activations."""
+
+    TYPE_ID = 120
+    mb_id: int
+    chunks: list[Chunk]
+    released: list[int]
+    """Requests whose block tables the stages may forget (finished or preempted)."""
+
+
+@register
+class StepDone(InternalMessage):
+    """A stage finished a micro-batch. The last stage carries the sampled tokens, one per
+    chunk with `sample` set, in chunk order."""
+
+    TYPE_ID = 121
+    mb_id: int
+    instance: int
+    stage: int
+    compute_s: float
+    """Seconds spent computing (inputs prepared to activations handed on)."""
+    wait_s: float
+    """Seconds spent waiting for the previous stage's activations."""
+    sampled: list[int] = []
+    error: str = ""
+
+
+# ---- block pool: controller <-> kv-cache manager -------------------------------------------
+
+@register
+class PoolInit(InternalMessage):
+    TYPE_ID = 130
+    call_id: int
+    instance: int
+    num_blocks: int
+    block_size: int
+
+
+@register
+class Allocate(InternalMessage):
+    """Grow block tables: (req_id, blocks to add) pairs. All or nothing: if the pool cannot
+    satisfy the whole call, nothing is allocated and the reply says so."""
+
+    TYPE_ID = 131
+    call_id: int
+    instance: int
+    wants: list[tuple[int, int]]
+
+
+@register
+class FreeBlocks(InternalMessage):
+    TYPE_ID = 132
+    call_id: int
+    instance: int
+    req_ids: list[int]
+
+
+@register
+class PoolReply(InternalMessage):
+    TYPE_ID = 133
+    call_id: int
+    ok: bool
+    granted: list[list[int]]
+    """For Allocate: the new block ids of each want, in order (empty when not ok)."""
+    free_blocks: int
+    error: str = ""
+
+
+@register
+class PoolStatsQuery(InternalMessage):
+    TYPE_ID = 134
+    call_id: int
+
+
+class PoolInfo(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    instance: int
+    block_size: int
+    total_blocks: int
+    free_blocks: int
+    requests: int
+
+
+@register
+class PoolStats(InternalMessage):
+    TYPE_ID = 135
+    call_id: int
+    pools: list[PoolInfo]

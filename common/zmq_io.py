@@ -1,0 +1,139 @@
+"""Small asyncio helpers over ZeroMQ sockets carrying framed Conveyor messages.
+
+`Endpoint` wraps one zmq.asyncio socket: send a message (to an identity, on ROUTER sockets),
+receive the next one as an `Incoming` that holds either the message or the reason it could not
+be decoded, so a service can answer a bad frame instead of dying on it.
+`RpcClient` matches replies to calls by `call_id` on a DEALER socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from common.wire import Message, ProtocolError, decode, encode
+
+# A generous high-water mark: dropping control messages is never acceptable; back-pressure is
+# handled by the scheduler (bounded micro-batches in flight), not by the socket.
+_HWM = 100_000
+
+
+@dataclass
+class Incoming:
+    identity: bytes | None
+    message: Message | None
+    error: str | None = None
+    buffers: list[Any] = field(default_factory=list)
+
+
+def make_context() -> zmq.asyncio.Context:
+    return zmq.asyncio.Context.instance()
+
+
+def ensure_ipc_dir(address: str) -> None:
+    """ipc:// endpoints live in a folder that must exist before bind."""
+    if address.startswith("ipc://"):
+        os.makedirs(os.path.dirname(address[len("ipc://"):]) or ".", exist_ok=True)
+
+
+class Endpoint:
+    """One socket carrying framed messages. ROUTER sockets prefix an identity frame."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, kind: int, *, bind: str | None = None,
+                 connect: str | None = None, identity: bytes | None = None,
+                 router_mandatory: bool = False):
+        self.kind = kind
+        self.sock = ctx.socket(kind)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, _HWM)
+        self.sock.setsockopt(zmq.RCVHWM, _HWM)
+        if identity is not None:
+            self.sock.setsockopt(zmq.ROUTING_ID, identity)
+        if router_mandatory:
+            # Sending to a peer that has gone raises EHOSTUNREACH instead of silently dropping:
+            # that is how the ingress notices a vanished client.
+            self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if bind:
+            ensure_ipc_dir(bind)
+            self.sock.bind(bind)
+        if connect:
+            self.sock.connect(connect)
+        self.address = bind or connect
+
+    @property
+    def is_router(self) -> bool:
+        return self.kind == zmq.ROUTER
+
+    async def send(self, msg: Message, identity: bytes | None = None,
+                   buffers: Sequence[Any] = ()) -> None:
+        frames = encode(msg, buffers)
+        if self.is_router:
+            if identity is None:
+                raise ValueError("a ROUTER socket needs the peer's identity to send")
+            frames = [identity, *frames]
+        await self.sock.send_multipart(frames, copy=False)
+
+    def send_nowait(self, msg: Message, identity: bytes | None = None) -> None:
+        """Non-blocking send; raises zmq.Again when the peer's queue is full and
+        zmq.ZMQError(EHOSTUNREACH) on a ROUTER_MANDATORY socket when the peer is gone."""
+        frames = encode(msg)
+        if self.is_router:
+            frames = [identity, *frames]
+        self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+
+    async def recv(self) -> Incoming:
+        frames = await self.sock.recv_multipart(copy=False)
+        identity = None
+        if self.is_router:
+            identity, frames = frames[0].bytes, frames[1:]
+        try:
+            msg, buffers = decode([f.buffer for f in frames])
+        except ProtocolError as e:
+            return Incoming(identity, None, str(e))
+        return Incoming(identity, msg, None, buffers)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class RpcClient:
+    """Calls over a DEALER endpoint: `await call(lambda call_id: Msg(call_id=call_id, ...))`.
+
+    Run `dispatch(incoming)` from the endpoint's receive loop; it resolves the matching call
+    and returns False for messages that are not replies, which the caller handles itself."""
+
+    def __init__(self, endpoint: Endpoint):
+        self.endpoint = endpoint
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+
+    async def call(self, build: Callable[[int], Message], timeout: float | None = None) -> Message:
+        call_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = fut
+        try:
+            await self.endpoint.send(build(call_id))
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(call_id, None)
+
+    def dispatch(self, incoming: Incoming) -> bool:
+        call_id = getattr(incoming.message, "call_id", None)
+        fut = self._pending.get(call_id) if call_id is not None else None
+        if fut is None:
+            return False
+        if not fut.done():
+            fut.set_result(incoming.message)
+        return True
+
+    def fail_all(self, exc: BaseException) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)

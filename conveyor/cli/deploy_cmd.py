@@ -1,0 +1,177 @@
+"""Commands that run Conveyor's processes: serve (all of them), start (one), config, policies."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from common.config import ConfigError, ConveyorConfig, load_config, parse_override, resolve, to_dict
+
+SMOKE_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+class Role(str, Enum):
+    ingress = "ingress"
+    controller = "controller"
+    stage = "stage"
+    kvcache = "kvcache"
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"conveyor: error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def build_config(config: Optional[Path], sets: list[str], **shortcuts) -> ConveyorConfig:
+    """The config file (or defaults), then --set overrides, then the named shortcut options."""
+    names = {"model": "model.source", "stages": "deployment.stages",
+             "instances": "deployment.instances", "policy": "scheduler.policy",
+             "address": "endpoints.ingress", "log_format": "logging.format"}
+    try:
+        overrides = dict(parse_override(s) for s in sets)
+        overrides.update({names[k]: v for k, v in shortcuts.items() if v is not None})
+        return load_config(config, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _sigterm_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(
+    model: Optional[str] = typer.Option(None, help="smollm2 (default), a .gguf file, a Hugging "
+                                        "Face folder, or a named shape with dummy weights."),
+    stages: Optional[int] = typer.Option(None, help="Pipeline stages per instance (default 2)."),
+    instances: Optional[int] = typer.Option(None, help="Model instances (default 1)."),
+    policy: Optional[str] = typer.Option(None, help="Scheduling policy (see `conveyor "
+                                         "policies`)."),
+    address: Optional[str] = typer.Option(None, help="Client address of the ingress, "
+                                          "e.g. tcp://0.0.0.0:7600 (port 0: any free port)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML or JSON config "
+                                          "file; the options above override it."),
+    set_: list[str] = typer.Option([], "--set", help="Override any setting: section.key=value "
+                                   "(repeatable), e.g. --set scheduler.max_num_seqs=64."),
+    log_format: Optional[str] = typer.Option(None, help="console or json."),
+    smoke: bool = typer.Option(True, help="Answer a smoke-test prompt once ready."),
+    ready_timeout: float = typer.Option(600.0, help="Seconds to wait for every stage to load."),
+) -> None:
+    """Start a whole deployment on this machine and serve until Ctrl-C."""
+    from conveyor.client import Client, ConnectionFailed, ConveyorError
+    from conveyor.supervisor import ChildDied, Supervisor
+
+    cfg = resolve(build_config(config, set_, model=model, stages=stages, instances=instances,
+                               policy=policy, address=address, log_format=log_format))
+    dep = cfg.deployment
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    sup = Supervisor(cfg, cfg.logging.format)
+    say = lambda text: typer.secho(f"conveyor: {text}", fg=typer.colors.GREEN, err=True)  # noqa
+    say(f"starting {cfg.model.source}: {dep.stages} stage(s) x {dep.instances} instance(s), "
+        f"policy {cfg.scheduler.policy}, config {sup.config_path}")
+    client = Client(cfg.endpoints.ingress.replace("0.0.0.0", "127.0.0.1").replace("*", "127.0.0.1"),
+                    connect_timeout=2.0)
+    code = 0
+    try:
+        sup.start()
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            sup.check()
+            try:
+                health = client.health(timeout=2.0)
+                if health.ready:
+                    break
+            except (ConnectionFailed, ConveyorError):
+                pass
+            if time.monotonic() > deadline:
+                raise ChildDied(f"deployment not ready after {ready_timeout:g}s")
+            time.sleep(0.5)
+        say(f"ready: {health.model} at {cfg.endpoints.ingress} (max_model_len "
+            f"{health.max_model_len})")
+        if smoke:
+            r = client.generate(SMOKE_PROMPT, max_tokens=48, temperature=0.0, timeout=120)
+            say(f"smoke test: {SMOKE_PROMPT!r} -> {r.text!r} "
+                f"({r.completion_tokens} tokens in {r.e2e_s:.2f}s)")
+        say("serving; Ctrl-C stops")
+        while True:
+            sup.check()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        say("stopping")
+    except (ChildDied, ConveyorError) as e:
+        typer.secho(f"conveyor: error: {e}; stopping the deployment", fg=typer.colors.RED,
+                    err=True)
+        code = 1
+    finally:
+        client.close()
+        sup.stop()
+    raise typer.Exit(code)
+
+
+def start(
+    role: Role = typer.Argument(..., help="Which process to run."),
+    config: Path = typer.Option(..., "--config", "-c", help="The deployment's config file."),
+    instance: int = typer.Option(0, help="Instance of a stage worker."),
+    stage: int = typer.Option(0, help="Pipeline stage of a stage worker."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting: section.key=value."),
+    log_format: Optional[str] = typer.Option(None, help="console or json."),
+) -> None:
+    """Run one process of a deployment (what supervisord or systemd starts)."""
+    from common.log import configure_logging
+    from common.runtime import run_service
+
+    cfg = build_config(config, set_, log_format=log_format)
+    if cfg.deployment.stages > 1 and cfg.endpoints.dist_base_port == 0:
+        _fail("endpoints.dist_base_port must be set when processes are started one by one, "
+              "so that the stages of an instance find each other")
+    cfg = resolve(cfg)
+    dep = cfg.deployment
+    if role is Role.stage and not (0 <= instance < dep.instances and 0 <= stage < dep.stages):
+        _fail(f"stage {instance}.{stage} is outside the deployment "
+              f"({dep.instances} instance(s) x {dep.stages} stage(s))")
+    context = {"instance": instance, "stage": stage} if role is Role.stage else {}
+    configure_logging(role.value, cfg.logging.format, cfg.logging.level, **context)
+    if role is Role.stage:
+        from services.stage.worker import run
+        run(cfg, instance, stage)
+        return
+    if role is Role.controller:
+        from services.controller.service import run as main
+    elif role is Role.ingress:
+        from services.ingress.service import run as main
+    else:
+        from services.kvcache.service import run as main
+    run_service(lambda: main(cfg))
+
+
+def show_config(
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    set_: list[str] = typer.Option([], "--set"),
+    resolved: bool = typer.Option(False, help="Fill in ports and paths as `serve` would."),
+) -> None:
+    """Print the effective configuration as JSON (a starting point for a config file)."""
+    cfg = build_config(config, set_)
+    typer.echo(json.dumps(to_dict(resolve(cfg) if resolved else cfg), indent=2))
+
+
+def policies() -> None:
+    """List the scheduling policies and their parameters."""
+    from common.scheduling import policy_class, policy_names
+
+    for name in policy_names():
+        cls = policy_class(name)
+        typer.echo(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for param, meaning in cls.parameters().items():
+            typer.echo(f"    {param}: {meaning}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
+    app.command()(start)
+    app.command("config")(show_config)
+    app.command()(policies)

@@ -1,0 +1,247 @@
+"""The asyncio client SDK: many concurrent requests over one ZeroMQ connection.
+
+    async with AsyncClient("tcp://127.0.0.1:7600") as client:
+        result = await client.generate("Name three rivers.", max_tokens=64)
+        async with client.stream("Tell me a story.") as stream:
+            async for delta in stream:
+                print(delta.text, end="")
+        print(stream.result.finish_reason)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from common.config import DEFAULT_INGRESS_PORT
+from common.wire import decode, encode
+from common.wire.client_messages import (NO_REQUEST_ID, CancelRequest, ChatMessage, ErrorReply,
+                                         Finished, GenerateRequest, HealthReply, HealthRequest,
+                                         StatsReply, StatsRequest, TokenDelta)
+from conveyor.client.errors import (ConnectionFailed, ProtocolError,
+                                    RequestTimeout, error_from_reply)
+from conveyor.client.types import GenerationResult, Health, StreamDelta
+
+DEFAULT_ADDRESS = f"tcp://127.0.0.1:{DEFAULT_INGRESS_PORT}"
+
+
+class AsyncClient:
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None,
+                 connect_timeout: float = 10.0):
+        """`timeout` bounds every request (None: no bound) unless a call sets its own;
+        `connect_timeout` bounds the first contact with the ingress."""
+        self.address = address
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._ids = itertools.count(1)
+        self._queues: dict[int, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+        self._connected = False
+        self._connecting: asyncio.Lock | None = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- requests -----------------------------------------------------------------------
+
+    async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                       **kwargs: Any) -> GenerationResult:
+        """Generates a completion and returns it whole. Keyword arguments: messages,
+        prompt_token_ids, raw, and the sampling parameters (max_tokens, temperature, top_p,
+        top_k, seed, stop, stop_token_ids, ignore_eos); unknown ones are sent as they are and
+        the server refuses them with InvalidRequestError."""
+        stream = self.stream(prompt, timeout=timeout, _deltas=False, **kwargs)
+        async with stream:
+            async for _ in stream:
+                pass
+        return stream.result
+
+    def stream(self, prompt: str | None = None, *, timeout: float | None = None,
+               _deltas: bool = True, **kwargs: Any) -> "AsyncStream":
+        """Starts a generation and returns an async iterator of StreamDelta; `stream.result`
+        holds the GenerationResult once it is exhausted. Leaving an `async with` block early
+        cancels the request on the server."""
+        req = _build_request(next(self._ids), prompt, kwargs, stream=_deltas)
+        return AsyncStream(self, req, self.timeout if timeout is None else timeout)
+
+    async def health(self, timeout: float = 10.0) -> Health:
+        reply = await self._simple(HealthRequest, HealthReply, timeout)
+        return Health(reply.ready, reply.model, reply.stages, reply.instances, reply.policy,
+                      reply.max_model_len, reply.detail)
+
+    async def stats(self, timeout: float = 10.0) -> dict[str, Any]:
+        return (await self._simple(StatsRequest, StatsReply, timeout)).stats
+
+    async def wait_ready(self, timeout: float = 300.0, poll_s: float = 0.5) -> Health:
+        """Waits until every stage of the deployment has registered."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            health = await self.health()
+            if health.ready:
+                return health
+            if asyncio.get_running_loop().time() > deadline:
+                raise ConnectionFailed(f"deployment not ready after {timeout:g}s: "
+                                       f"{health.detail}")
+            await asyncio.sleep(poll_s)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        self._connected = False
+
+    # ---- plumbing -----------------------------------------------------------------------
+
+    async def _simple(self, request_cls, reply_cls, timeout: float):
+        msg = request_cls(next(self._ids))
+        queue = await self._open(msg, check_connection=False)
+        try:
+            reply = await asyncio.wait_for(queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionFailed(f"no Conveyor ingress answered at {self.address} "
+                                   f"within {timeout:g}s") from None
+        finally:
+            self._queues.pop(msg.id, None)
+        if isinstance(reply, ErrorReply):
+            raise error_from_reply(reply.code, reply.message)
+        if not isinstance(reply, reply_cls):
+            raise ProtocolError(f"expected {reply_cls.__name__}, got {type(reply).__name__}")
+        return reply
+
+    async def _open(self, msg, check_connection: bool = True) -> asyncio.Queue:
+        """Registers a reply queue for `msg.id` and sends it."""
+        if self._sock is None:
+            self._sock = self._ctx.socket(zmq.DEALER)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            # A stable identity across reconnects keeps the server's view of our requests.
+            self._sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+            self._sock.connect(self.address)
+            self._reader = asyncio.create_task(self._read_loop())
+        if check_connection and not self._connected:
+            await self._ensure_connected()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[msg.id] = queue
+        await self._sock.send_multipart(encode(msg))
+        return queue
+
+    async def _ensure_connected(self) -> None:
+        self._connecting = self._connecting or asyncio.Lock()
+        async with self._connecting:
+            if not self._connected:
+                await self.health(self.connect_timeout)
+                self._connected = True
+
+    async def _read_loop(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                msg, _ = decode(frames)
+            except ValueError:  # a frame from an incompatible server: nothing to route it to
+                continue
+            rid = getattr(msg, "id", None)
+            if rid == NO_REQUEST_ID:
+                for queue in self._queues.values():  # the server could not read something
+                    queue.put_nowait(msg)           # we sent: every waiter learns why
+            elif rid in self._queues:
+                self._queues[rid].put_nowait(msg)
+
+    async def _cancel(self, rid: int) -> None:
+        if self._sock is not None:
+            await self._sock.send_multipart(encode(CancelRequest(rid)))
+
+
+class AsyncStream:
+    """One streaming generation; see AsyncClient.stream."""
+
+    def __init__(self, client: AsyncClient, req: GenerateRequest, timeout: float | None):
+        self._client = client
+        self._req = req
+        self._timeout = timeout
+        self._queue: asyncio.Queue | None = None
+        self._deadline: float | None = None
+        self.result: GenerationResult | None = None
+
+    @property
+    def request_id(self) -> int:
+        return self._req.id
+
+    async def __aenter__(self) -> "AsyncStream":
+        await self._start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.result is None:
+            await self.cancel()
+
+    def __aiter__(self) -> "AsyncStream":
+        return self
+
+    async def __anext__(self) -> StreamDelta:
+        await self._start()
+        while self.result is None:
+            msg = await self._next_message()
+            if isinstance(msg, TokenDelta):
+                return StreamDelta(msg.text, list(msg.token_ids))
+            self._close_queue()
+            if isinstance(msg, Finished):
+                self.result = GenerationResult(msg.text, list(msg.token_ids), msg.finish_reason,
+                                               msg.prompt_tokens, msg.completion_tokens,
+                                               msg.ttft_s, msg.e2e_s)
+            elif isinstance(msg, ErrorReply):
+                raise error_from_reply(msg.code, msg.message)
+            else:
+                raise ProtocolError(f"unexpected reply {type(msg).__name__}")
+        raise StopAsyncIteration
+
+    async def cancel(self) -> None:
+        """Cancels the request on the server (its KV is freed); a no-op once finished."""
+        if self._queue is not None and self.result is None:
+            self._close_queue()
+            await self._client._cancel(self._req.id)
+
+    async def _start(self) -> None:
+        if self._queue is None:
+            loop = asyncio.get_running_loop()
+            self._deadline = None if self._timeout is None else loop.time() + self._timeout
+            self._queue = await self._client._open(self._req)
+
+    async def _next_message(self):
+        if self._deadline is None:
+            return await self._queue.get()
+        left = self._deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(self._queue.get(), max(left, 0))
+        except asyncio.TimeoutError:
+            await self.cancel()
+            raise RequestTimeout(f"request {self._req.id} did not finish within "
+                                 f"{self._timeout:g}s; it was cancelled") from None
+
+    def _close_queue(self) -> None:
+        self._client._queues.pop(self._req.id, None)
+
+
+def _build_request(request_id: int, prompt: str | None, kwargs: dict[str, Any], stream: bool
+                   ) -> GenerateRequest:
+    messages = kwargs.pop("messages", None)
+    prompt_token_ids = kwargs.pop("prompt_token_ids", None)
+    raw = bool(kwargs.pop("raw", False))
+    params = {k: v for k, v in kwargs.items() if v is not None}
+    if messages is not None:
+        messages = [m if isinstance(m, ChatMessage) else ChatMessage(m["role"], m["content"])
+                    for m in messages]
+    return GenerateRequest(id=request_id, prompt=prompt, messages=messages,
+                           prompt_token_ids=prompt_token_ids, raw=raw, params=params,
+                           stream=stream)

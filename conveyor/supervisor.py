@@ -1,0 +1,86 @@
+"""`conveyor serve`: starts every process of a one-machine deployment and watches over them.
+
+Children run `conveyor start ROLE` on the resolved config, each in its own session (so Ctrl-C
+reaches only the supervisor, which then stops them in order) and with a parent-death signal (so
+none outlives a supervisor that was killed). If any child exits while serving, the supervisor
+says which one and how, stops the rest, and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import ConveyorConfig, save_config
+
+_PR_SET_PDEATHSIG = 1
+
+
+class ChildDied(RuntimeError):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    proc: subprocess.Popen | None = None
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux: children may outlive a killed supervisor
+        pass
+
+
+class Supervisor:
+    def __init__(self, cfg: ConveyorConfig, log_format: str = "console"):
+        self.cfg = cfg
+        self.config_path = save_config(cfg, Path(cfg.endpoints.run_dir) / "config.json")
+        base = [sys.executable, "-m", "conveyor.cli", "start"]
+        tail = ["--config", str(self.config_path), "--log-format", log_format]
+        dep = cfg.deployment
+        # Start order: what others connect to first. Stop order is the reverse.
+        self.children = [Child("kvcache", base + ["kvcache"] + tail),
+                         Child("controller", base + ["controller"] + tail)]
+        self.children += [
+            Child(f"stage {i}.{s}", base + ["stage", "--instance", str(i), "--stage", str(s)]
+                  + tail)
+            for i in range(dep.instances) for s in range(dep.stages)]
+        self.children.append(Child("ingress", base + ["ingress"] + tail))
+        self.stopping = False
+
+    def start(self) -> None:
+        for child in self.children:
+            child.proc = subprocess.Popen(child.args, start_new_session=True,
+                                          preexec_fn=_die_with_parent)
+
+    def check(self) -> None:
+        """Raises ChildDied if any child has exited."""
+        for child in self.children:
+            code = child.proc.poll() if child.proc else None
+            if code is not None and not self.stopping:
+                how = (f"killed by signal {signal.Signals(-code).name}" if code < 0
+                       else f"exited with code {code}")
+                raise ChildDied(f"{child.name} (pid {child.proc.pid}) {how}")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        self.stopping = True
+        live = [c for c in reversed(self.children) if c.proc and c.proc.poll() is None]
+        for child in live:
+            child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in live:
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"conveyor: {child.name} did not stop in {grace_s:g}s; killing it",
+                      file=sys.stderr)
+                child.proc.kill()
+                child.proc.wait()

@@ -1,0 +1,1 @@
+"""Conveyor's processes, one package each: ingress, controller, stage (worker), kvcache."""

@@ -1,0 +1,1 @@
+"""The controller: request state, scheduling (through a pure policy), micro-batch dispatch."""

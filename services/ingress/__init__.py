@@ -1,0 +1,1 @@
+"""The ingress: client-facing ZeroMQ endpoint, tokenization, validation, streaming."""

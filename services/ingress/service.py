@@ -1,0 +1,236 @@
+"""The ingress process: the front door for the client SDK.
+
+Clients speak the public protocol (common.wire.client_messages) to a ROUTER socket over TCP.
+The ingress validates and tokenizes requests, forwards them to the controller, and streams the
+detokenized text back. A client that vanishes is noticed when a send to it fails (ROUTER in
+mandatory mode, probed with Ping while its requests run) and its requests are aborted, so their
+KV is freed and nobody else waits behind them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from common.config import ConveyorConfig
+from common.log import get_logger
+from common.model import resolve_model
+from common.wire.client_messages import (NO_REQUEST_ID, CancelRequest, ErrorCode, ErrorReply,
+                                         Finished, GenerateRequest, HealthReply, HealthRequest,
+                                         Ping, StatsReply, StatsRequest, TokenDelta)
+from common.wire.framing import Message
+from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, RequestOutput,
+                                           RequestOutputs, RequestSampling, StatusQuery,
+                                           SubmitRequest)
+from common.zmq_io import Endpoint, Incoming, RpcClient, make_context
+from services.ingress.detokenizer import IncrementalDetokenizer
+from services.ingress.tokenizer import load_tokenizer
+from services.ingress.validation import InvalidRequest, Limits, validate
+
+log = get_logger()
+STATUS_TIMEOUT_S = 5.0
+_FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
+                 FinishReason.ABORT: "cancelled"}
+
+
+@dataclass(eq=False)
+class ClientRequest:
+    identity: bytes
+    client_id: int
+    req_id: int
+    stream: bool
+    prompt_tokens: int
+    detok: IncrementalDetokenizer
+    received: float = field(default_factory=time.time)
+    first_token: float | None = None
+
+
+class Ingress:
+    def __init__(self, cfg: ConveyorConfig):
+        self.cfg = cfg
+        src = resolve_model(cfg.model.source, cfg.model.load_format, cfg.model.tokenizer)
+        self.model_name = src.display_name
+        t0 = time.perf_counter()
+        self.tokenizer = load_tokenizer(src)
+        log.info("tokenizer loaded", model=self.model_name,
+                 has_tokenizer=self.tokenizer is not None,
+                 load_s=round(time.perf_counter() - t0, 2))
+        self.limits = Limits(cfg.model.max_model_len, src.shape.vocab_size,
+                             cfg.ingress.default_max_tokens, cfg.ingress.max_stop_strings)
+        ctx = make_context()
+        self.clients = Endpoint(ctx, zmq.ROUTER, bind=cfg.endpoints.ingress,
+                                router_mandatory=True)
+        self.ctrl = Endpoint(ctx, zmq.DEALER, connect=cfg.endpoints.controller,
+                             identity=b"ingress")
+        self.ctrl_rpc = RpcClient(self.ctrl)
+        self.active: dict[int, ClientRequest] = {}
+        self.by_client: dict[tuple[bytes, int], ClientRequest] = {}
+        self._req_ids = itertools.count(1)
+
+    async def serve(self) -> None:
+        await self.ctrl.send(Hello("ingress"))
+        log.info("ingress listening", address=self.clients.address)
+        tasks = [asyncio.create_task(self._controller_loop()),
+                 asyncio.create_task(self._keepalive_loop())]
+        try:
+            while True:
+                await self._on_client(await self.clients.recv())
+        finally:
+            for t in tasks:
+                t.cancel()
+            self.clients.close()
+            self.ctrl.close()
+
+    # ---- clients ------------------------------------------------------------------------
+
+    async def _on_client(self, inc: Incoming) -> None:
+        msg = inc.message
+        if msg is None:
+            log.warning("bad frame from client", error=inc.error)
+            self._send(inc.identity, ErrorReply(NO_REQUEST_ID, ErrorCode.PROTOCOL, inc.error))
+        elif isinstance(msg, GenerateRequest):
+            self._on_generate(inc.identity, msg)
+        elif isinstance(msg, CancelRequest):
+            cr = self.by_client.get((inc.identity, msg.id))
+            if cr is not None:  # unknown ids are fine: the request may just have finished
+                self._abort([cr], "cancelled by the client")
+                self._finish(cr, FinishReason.ABORT)
+        elif isinstance(msg, (HealthRequest, StatsRequest)):
+            asyncio.create_task(self._answer_status(inc.identity, msg))
+        else:
+            self._send(inc.identity, ErrorReply(getattr(msg, "id", NO_REQUEST_ID),
+                                                ErrorCode.PROTOCOL,
+                                                f"{type(msg).__name__} is not a client request"))
+
+    def _on_generate(self, identity: bytes, msg: GenerateRequest) -> None:
+        if (identity, msg.id) in self.by_client:
+            self._send(identity, ErrorReply(msg.id, ErrorCode.INVALID_REQUEST,
+                                            f"request id {msg.id} is already in flight"))
+            return
+        try:
+            valid = validate(msg, self.tokenizer, self.limits)
+        except InvalidRequest as e:
+            log.info("request refused", client_id=msg.id, reason=str(e))
+            self._send(identity, ErrorReply(msg.id, ErrorCode.INVALID_REQUEST, str(e)))
+            return
+        p = valid.params
+        cr = ClientRequest(identity, msg.id, next(self._req_ids), msg.stream,
+                           len(valid.prompt_token_ids), IncrementalDetokenizer(self.tokenizer, p.stop))
+        self.active[cr.req_id] = cr
+        self.by_client[(identity, msg.id)] = cr
+        self.ctrl.send_nowait(SubmitRequest(
+            cr.req_id, valid.prompt_token_ids, valid.max_tokens,
+            RequestSampling(p.temperature, p.top_p, p.top_k, p.seed), p.stop_token_ids,
+            p.ignore_eos, cr.received))
+
+    async def _answer_status(self, identity: bytes, msg: HealthRequest | StatsRequest) -> None:
+        try:
+            status = await self.ctrl_rpc.call(lambda cid: StatusQuery(cid), STATUS_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self._send(identity, ErrorReply(msg.id, ErrorCode.NOT_READY,
+                                            "the controller did not answer within "
+                                            f"{STATUS_TIMEOUT_S:g}s"))
+            return
+        if isinstance(msg, StatsRequest):
+            stats = dict(status.stats, ingress={"active_requests": len(self.active)})
+            self._send(identity, StatsReply(msg.id, stats))
+            return
+        dep = self.cfg.deployment
+        self._send(identity, HealthReply(msg.id, status.ready, self.model_name, dep.stages,
+                                         dep.instances, self.cfg.scheduler.policy,
+                                         self.cfg.model.max_model_len, status.detail))
+
+    def _send(self, identity: bytes, msg: Message) -> bool:
+        """Sends without blocking; a client that is gone or not reading loses its requests."""
+        try:
+            self.clients.send_nowait(msg, identity)
+            return True
+        except zmq.Again:
+            self._client_gone(identity, "client is not reading its replies")
+        except zmq.ZMQError as e:
+            if e.errno != errno.EHOSTUNREACH:
+                raise
+            self._client_gone(identity, "client disconnected")
+        return False
+
+    def _client_gone(self, identity: bytes, reason: str) -> None:
+        victims = [cr for cr in self.active.values() if cr.identity == identity]
+        if victims:
+            log.warning("aborting requests of a lost client", reason=reason,
+                        req_ids=[cr.req_id for cr in victims])
+            self._abort(victims, reason)
+            for cr in victims:
+                self._forget(cr)
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.ingress.keepalive_s)
+            for identity in {cr.identity for cr in self.active.values()}:
+                self._send(identity, Ping())
+
+    # ---- controller ---------------------------------------------------------------------
+
+    async def _controller_loop(self) -> None:
+        while True:
+            inc = await self.ctrl.recv()
+            if inc.message is None:
+                log.error("undecodable frame from the controller", error=inc.error)
+            elif isinstance(inc.message, RequestOutputs):
+                for out in inc.message.outputs:
+                    self._on_output(out)
+            elif not self.ctrl_rpc.dispatch(inc):
+                log.warning("unexpected message from the controller",
+                            type=type(inc.message).__name__)
+
+    def _on_output(self, out: RequestOutput) -> None:
+        cr = self.active.get(out.req_id)
+        if cr is None:
+            return  # cancelled or lost client: late tokens are dropped
+        if out.finish == FinishReason.ERROR:
+            code = out.error_code or ErrorCode.INTERNAL
+            self._send(cr.identity, ErrorReply(cr.client_id, code, out.error))
+            self._forget(cr)
+            return
+        if out.token_ids and cr.first_token is None:
+            cr.first_token = time.time()
+        cr.detok.push(out.token_ids)
+        if cr.detok.stopped:
+            # A stop string ended it: the controller keeps going until told otherwise.
+            self._abort([cr], "stop string")
+            self._finish(cr, FinishReason.STOP)
+        elif out.finish:
+            cr.detok.finish()
+            self._finish(cr, FinishReason(out.finish))
+        elif cr.stream:
+            delta = cr.detok.take_delta()
+            if delta or out.token_ids:
+                self._send(cr.identity, TokenDelta(cr.client_id, delta, out.token_ids))
+
+    def _finish(self, cr: ClientRequest, reason: FinishReason) -> None:
+        now = time.time()
+        d = cr.detok
+        if cr.stream:
+            delta = d.take_delta(final=True)
+            if delta:
+                self._send(cr.identity, TokenDelta(cr.client_id, delta, []))
+        self._send(cr.identity, Finished(
+            cr.client_id, d.text, list(d.token_ids), _FINISH_NAMES[reason], cr.prompt_tokens,
+            len(d.token_ids), round((cr.first_token or now) - cr.received, 6),
+            round(now - cr.received, 6)))
+        self._forget(cr)
+
+    def _abort(self, crs: list[ClientRequest], reason: str) -> None:
+        self.ctrl.send_nowait(AbortRequests([cr.req_id for cr in crs], reason))
+
+    def _forget(self, cr: ClientRequest) -> None:
+        self.active.pop(cr.req_id, None)
+        self.by_client.pop((cr.identity, cr.client_id), None)
+
+
+async def run(cfg: ConveyorConfig) -> None:
+    await Ingress(cfg).serve()

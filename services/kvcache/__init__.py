@@ -1,0 +1,1 @@
+"""The kv-cache manager: owns each instance's logical KV block pool."""

@@ -1,0 +1,70 @@
+"""The kv-cache manager process: one BlockPool per instance behind a ROUTER socket.
+
+The controller is the only allocator (it initializes a pool once all stages of an instance
+have reported their capacity); anyone may ask for pool statistics (tests, tools, dashboards).
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from common.config import ConveyorConfig
+from common.log import get_logger
+from common.wire.internal_messages import (Allocate, FreeBlocks, PoolInfo, PoolInit, PoolReply,
+                                           PoolStats, PoolStatsQuery)
+from common.zmq_io import Endpoint, Incoming, make_context
+from services.kvcache.pool import BlockPool, PoolExhausted
+
+log = get_logger()
+
+
+class KVCacheManager:
+    def __init__(self, address: str):
+        self.pools: dict[int, BlockPool] = {}
+        self.endpoint = Endpoint(make_context(), zmq.ROUTER, bind=address)
+
+    async def serve(self) -> None:
+        log.info("kv-cache manager listening", address=self.endpoint.address)
+        try:
+            while True:
+                await self.handle(await self.endpoint.recv())
+        finally:
+            self.endpoint.close()
+
+    async def handle(self, inc: Incoming) -> None:
+        if inc.message is None:
+            log.warning("dropped undecodable frame", error=inc.error)
+            return
+        reply = self.answer(inc.message)
+        if reply is not None:
+            await self.endpoint.send(reply, inc.identity)
+
+    def answer(self, msg):  # -> reply message or None
+        if isinstance(msg, PoolInit):
+            self.pools[msg.instance] = BlockPool(msg.num_blocks, msg.block_size)
+            log.info("pool initialized", instance=msg.instance, blocks=msg.num_blocks,
+                     block_size=msg.block_size)
+            return PoolReply(msg.call_id, True, [], msg.num_blocks)
+        if isinstance(msg, PoolStatsQuery):
+            return PoolStats(msg.call_id, [
+                PoolInfo(i, p.block_size, p.num_blocks, p.free_blocks, p.num_requests)
+                for i, p in sorted(self.pools.items())])
+        if isinstance(msg, (Allocate, FreeBlocks)):
+            pool = self.pools.get(msg.instance)
+            if pool is None:
+                return PoolReply(msg.call_id, False, [], 0,
+                                 f"no pool for instance {msg.instance}")
+            if isinstance(msg, FreeBlocks):
+                pool.free(msg.req_ids)
+                return PoolReply(msg.call_id, True, [], pool.free_blocks)
+            try:
+                granted = pool.allocate([tuple(w) for w in msg.wants])
+            except (PoolExhausted, ValueError) as e:
+                return PoolReply(msg.call_id, False, [], pool.free_blocks, str(e))
+            return PoolReply(msg.call_id, True, granted, pool.free_blocks)
+        log.warning("unexpected message", type=type(msg).__name__)
+        return None
+
+
+async def run(cfg: ConveyorConfig) -> None:
+    await KVCacheManager(cfg.endpoints.kvcache).serve()

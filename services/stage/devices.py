@@ -1,0 +1,70 @@
+"""Where a stage runs: its device, dtype, CPU threads, and how many KV blocks it can hold."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from common.config import ConveyorConfig
+from common.model import ModelShape, PagedKVCache
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StagePlacement:
+    device: torch.device
+    dtype: torch.dtype
+    shares_device: bool
+    """Another stage of the same instance uses this GPU (activations go through the host)."""
+    kv_num_blocks: int
+    kv_memory_gib: float
+    gpu_memory_utilization: float
+
+    def kv_blocks(self, shape: ModelShape, layers: tuple[int, int], block_size: int) -> int:
+        """The KV blocks this stage can hold: the configured count, else what the memory
+        budget (CPU) or the free GPU memory after the weights (CUDA) allows."""
+        if self.kv_num_blocks:
+            return self.kv_num_blocks
+        per_block = PagedKVCache.bytes_per_block(shape, block_size, layers[1] - layers[0],
+                                                 self.dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = total * self.gpu_memory_utilization - used
+            # Keep room for activations of a full micro-batch and CUDA graphs.
+            budget -= 2 * 1024**3
+        else:
+            budget = self.kv_memory_gib * 1024**3
+        blocks = int(budget // per_block)
+        if blocks < 1:
+            raise RuntimeError(f"no memory left for the KV cache on {self.device} "
+                               f"({budget / 1024**3:.2f} GiB budget)")
+        return blocks
+
+
+def place_stage(cfg: ConveyorConfig, instance: int, stage: int) -> StagePlacement:
+    dep = cfg.deployment
+    use_cuda = dep.device == "cuda" or (dep.device == "auto" and torch.cuda.is_available())
+    if dep.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("deployment.device is cuda but no CUDA device is visible")
+    workers = dep.stages * dep.instances
+    if use_cuda:
+        count = torch.cuda.device_count()
+        slot = instance * dep.stages + stage
+        device = torch.device("cuda", slot % count)
+        torch.cuda.set_device(device)
+        shares = count < dep.stages  # neighbours within the instance on the same GPU
+    else:
+        device, shares = torch.device("cpu"), False
+        threads = dep.threads_per_stage or max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+    name = cfg.model.dtype
+    if name == "auto":
+        dtype = torch.bfloat16 if use_cuda else torch.float32
+    else:
+        dtype = _DTYPES[name]
+    return StagePlacement(device, dtype, shares, cfg.kvcache.num_blocks, cfg.kvcache.memory_gib,
+                          cfg.kvcache.gpu_memory_utilization)

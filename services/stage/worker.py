@@ -1,0 +1,164 @@
+"""The stage worker process: runs its layer slice on every micro-batch the controller plans.
+
+A plain synchronous loop, on purpose: a stage does one thing at a time, in the order the
+controller dispatched the micro-batches, which is also the order activations arrive in. The
+plan arrives ahead of the activations, so a stage builds its inputs (positions, slot mapping,
+block tables) while the previous stage is still computing, then blocks on the activations.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+
+import torch
+import zmq
+
+from common.config import ConveyorConfig
+from common.log import get_logger
+from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepBatch,
+                          resolve_model, sample, split_layers)
+from common.wire import ProtocolError, decode, encode
+from common.wire.internal_messages import Hello, Shutdown, StepDone, StepPlan
+from services.stage.devices import StagePlacement, place_stage
+from services.stage.transport import ActivationLink
+
+log = get_logger()
+
+
+class StageWorker:
+    def __init__(self, cfg: ConveyorConfig, instance: int, stage: int):
+        self.cfg = cfg
+        self.instance = instance
+        self.stage = stage
+        self.num_stages = cfg.deployment.stages
+        self.placement: StagePlacement = place_stage(cfg, instance, stage)
+        self.device, self.dtype = self.placement.device, self.placement.dtype
+        src = resolve_model(cfg.model.source, cfg.model.load_format, cfg.model.tokenizer)
+        self.shape = src.shape
+        self.layers = split_layers(src.shape.num_layers, self.num_stages,
+                                   cfg.model.layer_split)[stage]
+        self.is_first, self.is_last = stage == 0, stage == self.num_stages - 1
+        t0 = time.perf_counter()
+        self.model = StageModel.from_source(src, *self.layers, self.is_first, self.is_last,
+                                            self.dtype, self.device, seed=cfg.model.seed)
+        self.block_size = cfg.kvcache.block_size
+        self.num_blocks = self.placement.kv_blocks(self.shape, self.layers, self.block_size)
+        self.kv = PagedKVCache.for_stage(self.shape, self.layers[1] - self.layers[0],
+                                         self.num_blocks, self.block_size, self.dtype,
+                                         self.device)
+        log.info("model slice loaded", layers=f"{self.layers[0]}..{self.layers[1] - 1}",
+                 device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+                 kv_blocks=self.num_blocks, load_s=round(time.perf_counter() - t0, 2))
+        ep = cfg.endpoints
+        self.link = ActivationLink(stage, self.num_stages, ep.dist_host,
+                                   ep.dist_base_port + instance, self.device,
+                                   self.placement.shares_device)
+        self.tables: dict[int, list[int]] = {}
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, f"stage-{instance}-{stage}".encode())
+        self.sock.connect(ep.controller)
+
+    def serve(self) -> None:
+        detail = {"layers": list(self.layers), "device": str(self.device), "pid": os.getpid()}
+        self.sock.send_multipart(encode(Hello("stage", self.instance, self.stage,
+                                              self.num_blocks, detail)))
+        log.info("stage ready", controller=self.cfg.endpoints.controller)
+        try:
+            while True:
+                try:
+                    msg, _ = decode(self.sock.recv_multipart())
+                except ProtocolError as e:
+                    log.error("dropped undecodable frame from the controller", error=str(e))
+                    continue
+                if isinstance(msg, StepPlan):
+                    self.sock.send_multipart(encode(self.step(msg)))
+                elif isinstance(msg, Shutdown):
+                    log.info("shutdown requested", reason=msg.reason)
+                    return
+        finally:
+            self.link.close()
+            self.sock.close(linger=0)
+
+    def step(self, plan: StepPlan) -> StepDone:
+        t_start = time.perf_counter()
+        error = ""
+        try:
+            batch, specs, x = self._prepare(plan)
+        except Exception as e:  # a bad plan must not desynchronize the pipeline
+            error, batch = f"bad plan: {e!r}", None
+        num_tokens = sum(c.num_new for c in plan.chunks)
+        wait_s = 0.0
+        if not self.is_first:
+            t_wait = time.perf_counter()
+            x = self.link.recv((num_tokens, self.shape.hidden_size), self.dtype)
+            wait_s = time.perf_counter() - t_wait
+        out, sampled = None, []
+        if batch is not None:
+            try:
+                with torch.inference_mode():
+                    out = self.model(batch, self.kv, x)
+                    if self.is_last:
+                        sampled = sample(out, specs)
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+                log.error("micro-batch failed", mb_id=plan.mb_id,
+                          traceback=traceback.format_exc())
+        if not self.is_last:
+            # Downstream stages wait for exactly one tensor per micro-batch; on failure they get
+            # zeros and the controller, told of the error, discards the result.
+            if out is None:
+                out = torch.zeros((num_tokens, self.shape.hidden_size), dtype=self.dtype,
+                                  device=self.device)
+            self.link.send(out)
+        elif self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        compute_s = time.perf_counter() - t_start - wait_s
+        return StepDone(plan.mb_id, self.instance, self.stage, compute_s, wait_s,
+                        sampled if not error else [], error)
+
+    def _prepare(self, plan: StepPlan):
+        for req_id in plan.released:
+            self.tables.pop(req_id, None)
+        seqs, specs, token_ids = [], [], []
+        for ch in plan.chunks:
+            if ch.start == 0:
+                self.tables[ch.req_id] = list(ch.new_blocks)
+            else:
+                table = self.tables.get(ch.req_id)
+                if table is None:
+                    raise ValueError(f"request {ch.req_id} continues at token {ch.start} but "
+                                     f"this stage holds no block table for it")
+                table.extend(ch.new_blocks)
+            seqs.append(SeqSpec(ch.start, ch.num_new, self.tables[ch.req_id],
+                                ch.sample is not None))
+            if ch.sample is not None:
+                s = ch.sample
+                specs.append(SamplingSpec(s.temperature, s.top_p, s.top_k, s.seed, s.step))
+            if self.is_first:
+                if len(ch.token_ids) != ch.num_new:
+                    raise ValueError(f"request {ch.req_id}: {len(ch.token_ids)} token ids for "
+                                     f"{ch.num_new} new tokens")
+                token_ids.extend(ch.token_ids)
+        batch = StepBatch.build(seqs, self.block_size, self.device)
+        x = torch.tensor(token_ids, dtype=torch.long, device=self.device) if self.is_first \
+            else None
+        return batch, specs, x
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def run(cfg: ConveyorConfig, instance: int, stage: int) -> None:
+    # SIGTERM ends the loop through the same path as Ctrl-C, so the link and socket close.
+    signal.signal(signal.SIGTERM, _interrupt)
+    worker = StageWorker(cfg, instance, stage)
+    try:
+        worker.serve()
+    except KeyboardInterrupt:
+        pass
+    log.info("stopped")
