@@ -60,6 +60,9 @@ class Endpoint:
             # Sending to a peer that has gone raises EHOSTUNREACH instead of silently dropping:
             # that is how the ingress notices a vanished client.
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A blocking-API view of the same socket: on a zmq.asyncio socket even a NOBLOCK send
+        # returns a future and its error (peer gone, queue full) would surface nowhere.
+        self._sync = zmq.Socket.shadow(self.sock.underlying)
         if bind:
             ensure_ipc_dir(bind)
             self.sock.bind(bind)
@@ -86,7 +89,7 @@ class Endpoint:
         frames = encode(msg)
         if self.is_router:
             frames = [identity, *frames]
-        self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        self._sync.send_multipart(frames, flags=zmq.NOBLOCK)
 
     async def recv(self) -> Incoming:
         frames = await self.sock.recv_multipart(copy=False)

@@ -43,7 +43,7 @@ def generate(
         prompt = sys.stdin.read()
     params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
     try:
-        with Client(address) as client:
+        with Client(address, connect_timeout=min(timeout or 10.0, 10.0)) as client:
             if as_json:
                 result = client.generate(prompt, raw=raw, timeout=timeout, **params)
                 typer.echo(json.dumps(result.as_json()))

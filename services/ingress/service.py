@@ -48,6 +48,16 @@ class ClientRequest:
     detok: IncrementalDetokenizer
     received: float = field(default_factory=time.time)
     first_token: float | None = None
+    tokens_streamed: int = 0
+
+    def stream_delta(self, final: bool = False) -> TokenDelta | None:
+        """What the client has not seen yet, as one TokenDelta (None when there is nothing)."""
+        text = self.detok.take_delta(final)
+        tokens = self.detok.token_ids[self.tokens_streamed:]
+        if not text and not tokens:
+            return None
+        self.tokens_streamed += len(tokens)
+        return TokenDelta(self.client_id, text, tokens)
 
 
 class Ingress:
@@ -207,17 +217,16 @@ class Ingress:
             cr.detok.finish()
             self._finish(cr, FinishReason(out.finish))
         elif cr.stream:
-            delta = cr.detok.take_delta()
-            if delta or out.token_ids:
-                self._send(cr.identity, TokenDelta(cr.client_id, delta, out.token_ids))
+            delta = cr.stream_delta()
+            if delta is not None:
+                self._send(cr.identity, delta)
 
     def _finish(self, cr: ClientRequest, reason: FinishReason) -> None:
         now = time.time()
         d = cr.detok
-        if cr.stream:
-            delta = d.take_delta(final=True)
-            if delta:
-                self._send(cr.identity, TokenDelta(cr.client_id, delta, []))
+        delta = cr.stream_delta(final=True) if cr.stream else None
+        if delta is not None:
+            self._send(cr.identity, delta)
         self._send(cr.identity, Finished(
             cr.client_id, d.text, list(d.token_ids), _FINISH_NAMES[reason], cr.prompt_tokens,
             len(d.token_ids), round((cr.first_token or now) - cr.received, 6),

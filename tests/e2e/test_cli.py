@@ -1,0 +1,59 @@
+"""The command line against real processes: `generate --json` and the supervisor's failure
+handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from tests.e2e.deployment import REPO, start_deployment, stop_deployment
+
+CLI = [sys.executable, "-m", "conveyor.cli"]
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+
+
+def test_generate_json_prints_the_documented_shape(deployment):
+    out = run_cli("generate", "--address", deployment.address, "--json", "--temperature", "0",
+                  "--max-tokens", "12", "What is 2+2?")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert {"text", "token_ids", "finish_reason"} <= result.keys()
+    assert result["finish_reason"] in ("stop", "length") and 1 <= len(result["token_ids"]) <= 12
+    assert all(isinstance(t, int) for t in result["token_ids"])
+
+
+def test_generate_streams_and_reports_errors(deployment):
+    out = run_cli("generate", "--address", deployment.address, "--max-tokens", "5",
+                  "--temperature", "0", "Hello!")
+    assert out.returncode == 0 and out.stdout.strip() and "tokens" in out.stderr
+    bad = run_cli("generate", "--address", deployment.address, "--top-k", "-1", "Hello!")
+    assert bad.returncode == 1 and "InvalidRequestError: top_k must be >= 0" in bad.stderr
+
+
+def test_generate_without_a_server_fails_clearly():
+    out = run_cli("generate", "--address", "tcp://127.0.0.1:9", "--timeout", "5", "Hi")
+    assert out.returncode == 1
+    assert "ConnectionFailed: no Conveyor ingress answered at tcp://127.0.0.1:9" in out.stderr
+
+
+def test_serve_fails_loudly_when_a_stage_dies():
+    dep = start_deployment(stages=2)
+    try:
+        pids = [int(line.split("pid=")[1].split()[0]) for line in
+                dep.log_path.read_text().splitlines() if "stage registered" in line]
+        assert len(pids) == 2
+        os.kill(pids[1], signal.SIGKILL)
+        dep.proc.wait(timeout=30)
+        assert dep.proc.returncode == 1
+        log = dep.log_tail(40)
+        assert "stage 0.1" in log and "killed by signal SIGKILL" in log
+        assert "stopping the deployment" in log
+    finally:
+        stop_deployment(dep)
