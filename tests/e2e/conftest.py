@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.deployment import Deployment, start_deployment, stop_deployment
+from conveyor.local_deployment import Deployment, start_deployment, stop_deployment
 
 
 @pytest.fixture(scope="module")

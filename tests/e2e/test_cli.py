@@ -9,14 +9,13 @@ import signal
 import subprocess
 import sys
 
-from tests.e2e.deployment import REPO, start_deployment, stop_deployment
+from conveyor.local_deployment import start_deployment, stop_deployment
 
 CLI = [sys.executable, "-m", "conveyor.cli"]
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_generate_json_prints_the_documented_shape(deployment):

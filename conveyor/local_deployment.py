@@ -1,0 +1,109 @@
+"""A deployment on this machine driven from Python: `conveyor serve` in a subprocess, waited
+for until ready, stopped with SIGINT. Used by the end-to-end tests, the benchmark scripts and
+`conveyor bench --sweep` (which restarts deployments with other policies)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from common.config import free_port
+from common.wire import decode, encode
+from common.wire.internal_messages import PoolStats, PoolStatsQuery
+from conveyor.client import Client, ConnectionFailed
+
+
+
+@dataclass
+class Deployment:
+    address: str
+    run_dir: Path
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def kvcache_address(self) -> str:
+        return f"ipc://{self.run_dir}/kvcache"
+
+    def client(self, **kw) -> Client:
+        return Client(self.address, **kw)
+
+    def kv_pools(self, timeout_s: float = 5.0) -> list:
+        """Asks the kv-cache manager itself (not the controller) for its pools."""
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.kvcache_address)
+        try:
+            sock.send_multipart(encode(PoolStatsQuery(1)))
+            if not sock.poll(int(timeout_s * 1000)):
+                raise TimeoutError("kv-cache manager did not answer")
+            msg, _ = decode(sock.recv_multipart())
+            assert isinstance(msg, PoolStats)
+            return msg.pools
+        finally:
+            sock.close()
+
+    def wait_kv_free(self, timeout_s: float = 10.0) -> list:
+        """Polls until every pool has all its blocks free; returns the pools."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            pools = self.kv_pools()
+            if all(p.free_blocks == p.total_blocks for p in pools) or time.monotonic() > deadline:
+                return pools
+            time.sleep(0.05)
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def start_deployment(stages: int = 2, instances: int = 1, sets: tuple[str, ...] = (),
+                     timeout_s: float = 300.0) -> Deployment:
+    port = free_port()
+    run_dir = Path(tempfile.mkdtemp(prefix="cvy-"))
+    log_path = run_dir / "serve.log"
+    cmd = [sys.executable, "-m", "conveyor.cli", "serve", "--stages", str(stages),
+           "--instances", str(instances), "--address", f"tcp://127.0.0.1:{port}", "--no-smoke",
+           "--set", f"endpoints.run_dir={msgspec.json.encode(str(run_dir)).decode()}"]
+    for s in sets:
+        cmd += ["--set", s]
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    dep = Deployment(f"tcp://127.0.0.1:{port}", run_dir, proc, log_path)
+    deadline = time.monotonic() + timeout_s
+    with dep.client(connect_timeout=1.0) as client:
+        while True:
+            if not dep.alive():
+                raise RuntimeError(f"deployment exited during start-up:\n{dep.log_tail()}")
+            try:
+                if client.health(timeout=1.0).ready:
+                    return dep
+            except ConnectionFailed:
+                pass
+            if time.monotonic() > deadline:
+                stop_deployment(dep)
+                raise RuntimeError(f"deployment not ready in {timeout_s}s:\n{dep.log_tail()}")
+            time.sleep(0.3)
+
+
+def stop_deployment(dep: Deployment) -> int:
+    if dep.alive():
+        dep.proc.send_signal(signal.SIGINT)
+        try:
+            dep.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            dep.proc.kill()
+            dep.proc.wait()
+    return dep.proc.returncode
