@@ -74,15 +74,30 @@ class EndpointsConfig(_Section):
     """Instance i rendezvouses at dist_base_port + i; 0 picks free ports when serving."""
     run_dir: str = ""
     """Folder for ipc sockets and the resolved config; empty derives one from the ingress port."""
+    metrics_http: str = "127.0.0.1:0"
+    """host:port of the controller's Prometheus endpoint (GET /metrics); port 0 picks a free
+    port, an empty string turns it off."""
 
 
 class SchedulerConfig(_Section):
+    """Each policy takes the parameters here that it knows (see `conveyor policies`)."""
+
     policy: str = "fcfs"
-    """Scheduling policy (see `conveyor policies`)."""
+    """Scheduling policy: fcfs, sarathi or throttle (see `conveyor policies`)."""
     max_num_seqs: int = 128
     """Most requests running (holding KV) per instance at once."""
     max_num_batched_tokens: int = 512
-    """Token budget of one micro-batch (prefill chunks + decodes)."""
+    """fcfs, sarathi: token budget of one micro-batch (prefill chunks + decodes)."""
+    watermark: float = 0.01
+    """fcfs, sarathi: fraction of KV blocks kept free when admitting new requests."""
+    max_prefill_tokens: int = 2048
+    """throttle: most prefill tokens in one micro-batch (gLLM --maxp)."""
+    min_prefill_tokens: int = 32
+    """throttle: fewest prefill tokens per micro-batch while prompts wait (gLLM --minp)."""
+    prefill_iterations: int = 8
+    """throttle: micro-batches the pending prompt tokens are spread over (gLLM --iterp)."""
+    kv_threshold: float = 0.05
+    """throttle: fraction of KV blocks prefill never takes (gLLM --kvthresh)."""
     max_inflight: int = 0
     """Micro-batches in flight per instance; 0 means the pipeline depth."""
 
@@ -148,6 +163,11 @@ class ConveyorConfig(_Section):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        from common.scheduling import make_policy_from  # pure; imported late to stay light
+        try:
+            make_policy_from(self.scheduler.policy, self.scheduler)
+        except ValueError as e:
+            raise ConfigError(f"scheduler: {e}") from None
         return self
 
     @property
@@ -218,8 +238,12 @@ def resolve(cfg: ConveyorConfig) -> ConveyorConfig:
     run_dir = ep.run_dir or os.path.join(
         os.environ.get("XDG_RUNTIME_DIR") or "/tmp", f"conveyor-{_port_of(ingress)}")
     base = ep.dist_base_port or _free_port_block(cfg.deployment.instances, ep.dist_host)
+    metrics_http = ep.metrics_http
+    if metrics_http.endswith(":0"):
+        host = metrics_http.rsplit(":", 1)[0]
+        metrics_http = f"{host}:{free_port(host)}"
     endpoints = msgspec.structs.replace(
-        ep, ingress=ingress, run_dir=run_dir, dist_base_port=base,
+        ep, ingress=ingress, run_dir=run_dir, dist_base_port=base, metrics_http=metrics_http,
         controller=ep.controller.replace("{run_dir}", run_dir),
         kvcache=ep.kvcache.replace("{run_dir}", run_dir))
     return msgspec.structs.replace(cfg, endpoints=endpoints)

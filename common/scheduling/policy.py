@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -55,9 +56,19 @@ def make_policy(name: str, **params: Any) -> SchedulingPolicy:
     cls = policy_class(name)
     try:
         return cls(**params)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"bad parameters for policy {name!r}: {e}") from None
 
 
+def make_policy_from(name: str, settings: object) -> SchedulingPolicy:
+    """Builds policy `name` from a settings object (the scheduler config section), taking the
+    attributes whose names match the policy's parameters and ignoring the others, which
+    belong to other policies."""
+    cls = policy_class(name)
+    names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    return make_policy(name, **{n: getattr(settings, n) for n in names if hasattr(settings, n)})
+
+
 def _load_builtin() -> None:
-    from common.scheduling import fcfs  # noqa: F401  (registers itself)
+    # Importing a policy module registers it.
+    from common.scheduling import fcfs, sarathi, throttle  # noqa: F401

@@ -32,6 +32,9 @@ class RequestView:
     num_output_tokens: int = 0
     in_flight: bool = False
     """Part of a micro-batch still in the pipeline (its blocks are in use: not preemptible)."""
+    last_scheduled: float = float("-inf")
+    """When the driver last dispatched a chunk of it (-inf: never); lets policies rotate
+    through requests that a budget cannot all take at once."""
 
     @property
     def pending(self) -> int:

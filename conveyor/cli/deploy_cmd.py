@@ -41,6 +41,20 @@ def build_config(config: Optional[Path], sets: list[str], **shortcuts) -> Convey
         _fail(str(e))
 
 
+def _policy_help() -> str:
+    """--policy help naming every policy and parameter with its default (from the policies
+    themselves, so the help cannot drift from the code)."""
+    from common.scheduling import policy_class, policy_names
+
+    parts = ["Scheduling policy (default fcfs). Parameters are set with --set "
+             "scheduler.NAME=VALUE."]
+    for name in policy_names():
+        params = "; ".join(f"{p}: {meaning}" for p, meaning in
+                           policy_class(name).parameters().items())
+        parts.append(f"{name} -- {params}.")
+    return "\n\n".join(parts)
+
+
 def _sigterm_as_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -50,8 +64,7 @@ def serve(
                                         "Face folder, or a named shape with dummy weights."),
     stages: Optional[int] = typer.Option(None, help="Pipeline stages per instance (default 2)."),
     instances: Optional[int] = typer.Option(None, help="Model instances (default 1)."),
-    policy: Optional[str] = typer.Option(None, help="Scheduling policy (see `conveyor "
-                                         "policies`)."),
+    policy: Optional[str] = typer.Option(None, help=_policy_help()),
     address: Optional[str] = typer.Option(None, help="Client address of the ingress, "
                                           "e.g. tcp://0.0.0.0:7600 (port 0: any free port)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML or JSON config "
@@ -93,6 +106,8 @@ def serve(
             time.sleep(0.5)
         say(f"ready: {health.model} at {cfg.endpoints.ingress} (max_model_len "
             f"{health.max_model_len})")
+        if cfg.endpoints.metrics_http:
+            say(f"metrics: http://{cfg.endpoints.metrics_http}/metrics")
         if smoke:
             r = client.generate(SMOKE_PROMPT, max_tokens=48, temperature=0.0, timeout=120)
             say(f"smoke test: {SMOKE_PROMPT!r} -> {r.text!r} "
@@ -165,9 +180,9 @@ def policies() -> None:
 
     for name in policy_names():
         cls = policy_class(name)
-        typer.echo(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        typer.echo(f"{name}: {' '.join((cls.__doc__ or '').split())}")
         for param, meaning in cls.parameters().items():
-            typer.echo(f"    {param}: {meaning}")
+            typer.echo(f"    --set scheduler.{param}=...  {meaning}")
 
 
 def register(app: typer.Typer) -> None:

@@ -111,6 +111,7 @@ class Instance:
                 req.status = Status.RUNNING
             if req.first_scheduled is None:
                 req.first_scheduled = now
+            req.last_scheduled = now
             new_blocks = granted.get(req.req_id, [])
             req.num_blocks += len(new_blocks)
             self.free_blocks -= len(new_blocks)

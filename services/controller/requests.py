@@ -40,6 +40,7 @@ class Request:
     error: str = ""
     preemptions: int = 0
     first_scheduled: float | None = None
+    last_scheduled: float = float("-inf")
     first_token: float | None = None
     last_token: float | None = None
 
@@ -77,7 +78,7 @@ class Request:
     def view(self) -> RequestView:
         return RequestView(self.req_id, self.arrival, len(self.prompt_token_ids),
                            self.num_tokens, self.num_computed, self.num_blocks, self.max_tokens,
-                           len(self.output_token_ids), self.inflight > 0)
+                           len(self.output_token_ids), self.inflight > 0, self.last_scheduled)
 
     def append_token(self, token: int, max_model_len: int) -> None:
         """Records a sampled token and applies the stop conditions the controller owns:

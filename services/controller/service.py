@@ -17,7 +17,7 @@ import zmq
 from common.config import ConveyorConfig
 from common.log import get_logger
 from common.model import resolve_model
-from common.scheduling import make_policy
+from common.scheduling import make_policy_from
 from common.scheduling.types import MicroBatchPlan
 from common.wire.client_messages import ErrorCode
 from common.wire.internal_messages import (AbortRequests, Allocate, FinishReason, FreeBlocks,
@@ -27,6 +27,7 @@ from common.wire.internal_messages import (AbortRequests, Allocate, FinishReason
 from common.zmq_io import Endpoint, Incoming, RpcClient, make_context
 from services.controller.instance import Instance
 from services.controller.metrics import ControllerMetrics
+from services.controller.prometheus import serve_metrics
 from services.controller.requests import Request, Status
 
 log = get_logger()
@@ -45,12 +46,11 @@ class Controller:
                                    cfg.kvcache.block_size)
                           for i in range(cfg.deployment.instances)]
         # One policy object per instance: policies may keep private state between calls.
-        self.policies = [make_policy(sc.policy, max_num_batched_tokens=sc.max_num_batched_tokens,
-                                     max_num_seqs=sc.max_num_seqs)
-                         for _ in self.instances]
+        self.policies = [make_policy_from(sc.policy, sc) for _ in self.instances]
         self.wake = [asyncio.Event() for _ in self.instances]
         self.requests: dict[int, Request] = {}
-        self.metrics = ControllerMetrics(started=time.monotonic())
+        self.metrics = ControllerMetrics(started=time.monotonic(),
+                                         num_instances=len(self.instances))
         ctx = make_context()
         self.endpoint = Endpoint(ctx, zmq.ROUTER, bind=cfg.endpoints.controller,
                                  router_mandatory=True)
@@ -66,6 +66,7 @@ class Controller:
                  policy=self.cfg.scheduler.policy, instances=len(self.instances),
                  stages=self.cfg.deployment.stages)
         tasks = [asyncio.create_task(self._kv_replies())]
+        metrics_server = await self._start_metrics_http()
         tasks += [asyncio.create_task(self._schedule_loop(inst)) for inst in self.instances]
         try:
             while True:
@@ -77,8 +78,23 @@ class Controller:
         finally:
             for t in tasks:
                 t.cancel()
+            if metrics_server is not None:
+                metrics_server.close()
             self.endpoint.close()
             self.kv.close()
+
+    async def _start_metrics_http(self) -> asyncio.AbstractServer | None:
+        address = self.cfg.endpoints.metrics_http
+        if not address:
+            return None
+        host, _, port = address.rpartition(":")
+        try:
+            server = await serve_metrics(host, int(port), lambda: self._stats(time.monotonic()))
+        except (OSError, ValueError) as e:  # metrics are not worth refusing to serve over
+            log.error("cannot serve Prometheus metrics", address=address, error=str(e))
+            return None
+        log.info("prometheus metrics", url=f"http://{address}/metrics")
+        return server
 
     async def _kv_replies(self) -> None:
         while True:
@@ -119,6 +135,7 @@ class Controller:
         self.requests[req.req_id] = req
         self.metrics.prompt_tokens += len(req.prompt_token_ids)
         inst.add(req)
+        self.metrics.pending[inst.index].update(True, req.arrival)
         if inst.pool_ready and not self._fits(inst, req):
             return
         self.wake[inst.index].set()
@@ -149,6 +166,8 @@ class Controller:
             self.metrics.finished[reason.name.lower()] += 1
             if reason in (FinishReason.ABORT, FinishReason.ERROR):
                 self.outputs.append(RequestOutput(req.req_id, [], reason, error, error_code))
+            else:
+                self.metrics.record_request(req.timings())
             log.info("request finished", req_id=req.req_id, finish=reason.name.lower(),
                      prompt_tokens=len(req.prompt_token_ids),
                      output_tokens=len(req.output_token_ids), preemptions=req.preemptions,
@@ -156,6 +175,8 @@ class Controller:
         inst = self.instances[req.instance]
         blocks_held = req.num_blocks > 0
         if inst.remove(req):
+            self.metrics.pending[inst.index].update(bool(inst.waiting or inst.running),
+                                                    time.monotonic())
             self.requests.pop(req.req_id, None)
             if blocks_held:
                 self._send_free(inst, [req.req_id])
@@ -278,6 +299,8 @@ class Controller:
         if not live:
             return True
         first, rest = inst.commit(MicroBatchPlan(live), self.requests, granted, time.monotonic())
+        batch = inst.inflight[first.mb_id]
+        self.metrics.record_batch(batch.num_prefill_tokens, batch.num_decode_tokens)
         for stage, identity in sorted(inst.stage_identities.items()):
             await self.endpoint.send(first if stage == 0 else rest, identity)
         return True
@@ -301,15 +324,24 @@ class Controller:
         missing = [f"instance {i.index}: {len(i.stage_identities)}/{i.num_stages} stages"
                    + ("" if i.pool_ready else ", pool pending")
                    for i in self.instances if not i.ready]
-        stats = self.metrics.as_dict(time.monotonic())
+        return StatusReply(call_id, ready, "; ".join(missing) or "ready",
+                           self._stats(time.monotonic()))
+
+    def _stats(self, now: float) -> dict:
+        """Everything the controller measures (cumulative; see metrics.py) plus live state."""
+        stats = self.metrics.as_dict(now)
         stats["model"] = self.model_name
         stats["policy"] = self.cfg.scheduler.policy
+        stats["pipeline_depth"] = self.cfg.deployment.stages
+        stats["metrics_http"] = self.cfg.endpoints.metrics_http
         stats["instances"] = [{
             "instance": i.index, "ready": i.ready, "waiting": len(i.waiting),
             "running": len(i.running), "inflight": len(i.inflight),
-            "kv_total_blocks": i.total_blocks, "kv_free_blocks": i.free_blocks}
+            "kv_total_blocks": i.total_blocks, "kv_free_blocks": i.free_blocks,
+            "kv_utilization": round(1 - i.free_blocks / i.total_blocks, 6)
+            if i.total_blocks else 0.0}
             for i in self.instances]
-        return StatusReply(call_id, ready, "; ".join(missing) or "ready", stats)
+        return stats
 
 
 class _Gone:

@@ -1,5 +1,5 @@
 """Conveyor's greedy output equals transformers' greedy `generate` on the same GGUF weights,
-token for token, through the SDK against real processes, for 1, 2 and 3 pipeline stages.
+token for token, through the SDK against real processes, for 1, 2 and 3 pipeline stages and under every scheduling policy.
 
 Four requests of very different lengths are sent at once and the micro-batch token budget is
 small, so long prompts are prefilled in chunks that share micro-batches with other requests'
@@ -27,6 +27,8 @@ PROMPTS = [
     [{"role": "user", "content": "Read this and say what the keeper did first: " + STORY * 9}],
 ]
 SMALL_BUDGET = ("scheduler.max_num_batched_tokens=32",)
+SMALL_THROTTLE = ("scheduler.policy=throttle", "scheduler.max_prefill_tokens=48",
+                  "scheduler.min_prefill_tokens=8")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,9 @@ async def _generate_all(address: str) -> list:
     {"stages": 1, "sets": SMALL_BUDGET},
     {"stages": 2, "sets": SMALL_BUDGET},
     {"stages": 3, "sets": SMALL_BUDGET},
-], indirect=True, ids=["1-stage", "2-stage", "3-stage"])
+    {"stages": 2, "sets": SMALL_BUDGET + ("scheduler.policy=sarathi",)},
+    {"stages": 3, "sets": SMALL_THROTTLE},
+], indirect=True, ids=["1-stage", "2-stage", "3-stage", "2-stage-sarathi", "3-stage-throttle"])
 def test_greedy_tokens_equal_transformers(deployment, expected):
     prompts, want = expected
     results = asyncio.run(_generate_all(deployment.address))

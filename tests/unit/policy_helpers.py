@@ -6,12 +6,13 @@ BLOCK = 16
 
 
 def req(rid: int, prompt: int, computed: int = 0, out: int = 0, arrival: float | None = None,
-        in_flight: bool = False, max_tokens: int = 256) -> RequestView:
+        in_flight: bool = False, max_tokens: int = 256,
+        last_scheduled: float = float("-inf")) -> RequestView:
     """A request with `prompt` prompt tokens, `out` generated, `computed` with KV; it holds
     exactly the blocks its computed tokens need."""
     blocks = -(-computed // BLOCK)
     return RequestView(rid, float(rid if arrival is None else arrival), prompt, prompt + out,
-                       computed, blocks, max_tokens, out, in_flight)
+                       computed, blocks, max_tokens, out, in_flight, last_scheduled)
 
 
 def decode(rid: int, prompt: int = 20, out: int = 5, **kw) -> RequestView:

@@ -1,0 +1,84 @@
+"""Sarathi-Serve's stall-free batching under a fixed token budget (Agrawal et al., OSDI '24).
+
+Every micro-batch: first every running decode (so generation never stalls behind a prompt),
+then the chunks of prompts already started, then new requests, each chunk cut to what is left
+of the fixed budget. This is the baseline gLLM is judged against: the budget is constant, so a
+micro-batch's cost depends on how many decodes happen to be ready when it is built, and on a
+pipeline the decodes bunch up in the micro-batches that follow the ones that returned them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.scheduling.policy import SchedulingPolicy, register_policy
+from common.scheduling.types import MicroBatchPlan, PlanBuilder, RequestView, SchedulerSnapshot
+
+
+@register_policy
+@dataclass
+class SarathiPolicy(SchedulingPolicy):
+    """Sarathi-Serve: all ready decodes first, then prefill chunks filling a fixed budget."""
+
+    name = "sarathi"
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 128
+    watermark: float = 0.01
+
+    @classmethod
+    def parameters(cls) -> dict[str, str]:
+        return {
+            "max_num_batched_tokens": "the fixed token budget of every micro-batch, decodes "
+                                      "included (default 512)",
+            "max_num_seqs": "most requests holding KV at once (default 128)",
+            "watermark": "fraction of KV blocks kept free when admitting new requests "
+                         "(default 0.01)",
+        }
+
+    def schedule(self, snap: SchedulerSnapshot) -> MicroBatchPlan:
+        plan = PlanBuilder(snap, self.max_num_batched_tokens, self.max_num_seqs)
+        schedule_decodes(plan, snap, by_readiness(d for d in snap.ready if d.is_decode),
+                         limit=self.max_num_batched_tokens)
+        prefills = [r for r in snap.ready if not r.is_decode]
+        schedule_prefills(plan, snap, prefills, reserve_new=int(self.watermark *
+                                                                snap.kv.total_blocks),
+                          max_num_seqs=self.max_num_seqs)
+        return plan.build()
+
+
+def by_readiness(decodes) -> list[RequestView]:
+    """Decodes in the order they became ready (then arrival): the one that has waited longest
+    for a seat in a micro-batch goes first, so a budget smaller than the ready set rotates
+    through them instead of starving the youngest."""
+    return sorted(decodes, key=lambda r: (r.last_scheduled, r.arrival))
+
+
+def schedule_decodes(plan: PlanBuilder, snap: SchedulerSnapshot, decodes: list[RequestView],
+                     limit: int) -> None:
+    """Adds up to `limit` decodes (and within the token budget), preempting the latest
+    arrivals when a decode needs a block that is not free."""
+    taken = 0
+    for req in decodes:
+        if taken >= limit or plan.token_budget <= 0:
+            break
+        if plan.is_preempted(req):
+            continue
+        if plan.try_add(req, 1) or (plan.preempt_for(req, snap.ready) and plan.try_add(req, 1)):
+            taken += 1
+
+
+def schedule_prefills(plan: PlanBuilder, snap: SchedulerSnapshot, started: list[RequestView],
+                      reserve_new: int, max_num_seqs: int, reserve_started: int = 0) -> None:
+    """Fills what is left of the token budget with prompt chunks: prompts already holding KV
+    first, then waiting requests in arrival order. Nobody overtakes a waiting request that
+    does not fit (first come, first served)."""
+    for req in started:
+        if plan.token_budget <= 0:
+            return
+        if not plan.is_preempted(req):
+            plan.try_add(req, min(req.pending, plan.token_budget), reserve_started)
+    for req in snap.waiting:
+        if plan.token_budget <= 0 or plan.seats_used >= max_num_seqs:
+            return
+        if not plan.try_add(req, min(req.pending, plan.token_budget), reserve_new):
+            return
