@@ -11,29 +11,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.scheduling.policy import SchedulingPolicy, register_policy
+from common.scheduling.fcfs import FCFSPolicy
+from common.scheduling.policy import register_policy
 from common.scheduling.types import MicroBatchPlan, PlanBuilder, RequestView, SchedulerSnapshot
 
 
 @register_policy
 @dataclass
-class SarathiPolicy(SchedulingPolicy):
+class SarathiPolicy(FCFSPolicy):
     """Sarathi-Serve: all ready decodes first, then prefill chunks filling a fixed budget."""
 
     name = "sarathi"
-    max_num_batched_tokens: int = 512
-    max_num_seqs: int = 128
-    watermark: float = 0.01
 
     @classmethod
     def parameters(cls) -> dict[str, str]:
-        return {
-            "max_num_batched_tokens": "the fixed token budget of every micro-batch, decodes "
-                                      "included (default 512)",
-            "max_num_seqs": "most requests holding KV at once (default 128)",
-            "watermark": "fraction of KV blocks kept free when admitting new requests "
-                         "(default 0.01)",
-        }
+        return {**super().parameters(),
+                "max_num_batched_tokens": "the fixed token budget of every micro-batch, "
+                                          "decodes included (default 512)"}
 
     def schedule(self, snap: SchedulerSnapshot) -> MicroBatchPlan:
         plan = PlanBuilder(snap, self.max_num_batched_tokens, self.max_num_seqs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from conveyor.cli import client_cmd, deploy_cmd
+from conveyor.cli import bench_cmd, client_cmd, deploy_cmd
 
 app = typer.Typer(
     name="conveyor", no_args_is_help=True, add_completion=False,
@@ -12,6 +12,7 @@ app = typer.Typer(
          "it with `conveyor generate` or `conveyor chat` (or the Python SDK).")
 deploy_cmd.register(app)
 client_cmd.register(app)
+bench_cmd.register(app)
 
 
 def main() -> None:
