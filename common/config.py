@@ -90,7 +90,7 @@ class SchedulerConfig(_Section):
     """fcfs, sarathi: token budget of one micro-batch (prefill chunks + decodes)."""
     watermark: float = 0.01
     """fcfs, sarathi: fraction of KV blocks kept free when admitting new requests."""
-    max_prefill_tokens: int = 2048
+    max_prefill_tokens: int = 512
     """throttle: most prefill tokens in one micro-batch (gLLM --maxp)."""
     min_prefill_tokens: int = 32
     """throttle: fewest prefill tokens per micro-batch while prompts wait (gLLM --minp)."""

@@ -34,7 +34,7 @@ class ThrottlePolicy(SchedulingPolicy):
     budget from pending prompt tokens, throttled by KV utilization."""
 
     name = "throttle"
-    max_prefill_tokens: int = 2048
+    max_prefill_tokens: int = 512
     min_prefill_tokens: int = 32
     prefill_iterations: int = 8
     kv_threshold: float = 0.05
@@ -53,7 +53,7 @@ class ThrottlePolicy(SchedulingPolicy):
     def parameters(cls) -> dict[str, str]:
         return {
             "max_prefill_tokens": "most prefill tokens in one micro-batch, reached when the KV "
-                                  "cache is empty (gLLM --maxp; default 2048)",
+                                  "cache is empty (gLLM --maxp; default 512)",
             "min_prefill_tokens": "fewest prefill tokens a micro-batch is given while prompts "
                                   "wait (gLLM --minp; default 32)",
             "prefill_iterations": "micro-batches over which the pending prompt tokens are "
