@@ -59,6 +59,14 @@ class Instance:
         return sum(r.num_tokens - r.num_computed + r.max_tokens - len(r.output_token_ids)
                    for r in itertools.chain(self.waiting, self.running))
 
+    def stats(self) -> dict:
+        """Live queue lengths and KV use, for the controller's status and metrics."""
+        used = 1 - self.free_blocks / self.total_blocks if self.total_blocks else 0.0
+        return {"instance": self.index, "ready": self.ready, "waiting": len(self.waiting),
+                "running": len(self.running), "inflight": len(self.inflight),
+                "kv_total_blocks": self.total_blocks, "kv_free_blocks": self.free_blocks,
+                "kv_utilization": round(used, 6)}
+
     def add(self, req: Request) -> None:
         req.instance = self.index
         bisect.insort(self.waiting, req, key=lambda r: r.arrival)

@@ -104,3 +104,19 @@ async def serve_metrics(host: str, port: int, stats: Callable[[], dict]) -> asyn
             writer.close()
 
     return await asyncio.start_server(handle, host, port)
+
+
+async def start_metrics_endpoint(address: str, stats: Callable[[], dict]
+                                 ) -> asyncio.AbstractServer | None:
+    """Serves /metrics on `address` (host:port); None when turned off or it cannot bind,
+    which is logged: metrics are not worth refusing to serve requests over."""
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        server = await serve_metrics(host, int(port), stats)
+    except (OSError, ValueError) as e:
+        log.error("cannot serve Prometheus metrics", address=address, error=str(e))
+        return None
+    log.info("prometheus metrics", url=f"http://{address}/metrics")
+    return server

@@ -27,7 +27,7 @@ from common.wire.internal_messages import (AbortRequests, Allocate, FinishReason
 from common.zmq_io import Endpoint, Incoming, RpcClient, make_context
 from services.controller.instance import Instance
 from services.controller.metrics import ControllerMetrics
-from services.controller.prometheus import serve_metrics
+from services.controller.prometheus import start_metrics_endpoint
 from services.controller.requests import Request, Status
 
 log = get_logger()
@@ -66,7 +66,8 @@ class Controller:
                  policy=self.cfg.scheduler.policy, instances=len(self.instances),
                  stages=self.cfg.deployment.stages)
         tasks = [asyncio.create_task(self._kv_replies())]
-        metrics_server = await self._start_metrics_http()
+        metrics_server = await start_metrics_endpoint(
+            self.cfg.endpoints.metrics_http, lambda: self._stats(time.monotonic()))
         tasks += [asyncio.create_task(self._schedule_loop(inst)) for inst in self.instances]
         try:
             while True:
@@ -82,19 +83,6 @@ class Controller:
                 metrics_server.close()
             self.endpoint.close()
             self.kv.close()
-
-    async def _start_metrics_http(self) -> asyncio.AbstractServer | None:
-        address = self.cfg.endpoints.metrics_http
-        if not address:
-            return None
-        host, _, port = address.rpartition(":")
-        try:
-            server = await serve_metrics(host, int(port), lambda: self._stats(time.monotonic()))
-        except (OSError, ValueError) as e:  # metrics are not worth refusing to serve over
-            log.error("cannot serve Prometheus metrics", address=address, error=str(e))
-            return None
-        log.info("prometheus metrics", url=f"http://{address}/metrics")
-        return server
 
     async def _kv_replies(self) -> None:
         while True:
@@ -334,13 +322,7 @@ class Controller:
         stats["policy"] = self.cfg.scheduler.policy
         stats["pipeline_depth"] = self.cfg.deployment.stages
         stats["metrics_http"] = self.cfg.endpoints.metrics_http
-        stats["instances"] = [{
-            "instance": i.index, "ready": i.ready, "waiting": len(i.waiting),
-            "running": len(i.running), "inflight": len(i.inflight),
-            "kv_total_blocks": i.total_blocks, "kv_free_blocks": i.free_blocks,
-            "kv_utilization": round(1 - i.free_blocks / i.total_blocks, 6)
-            if i.total_blocks else 0.0}
-            for i in self.instances]
+        stats["instances"] = [i.stats() for i in self.instances]
         return stats
 
 
