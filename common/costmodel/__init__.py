@@ -1,0 +1,41 @@
+"""How long a pipeline stage takes for a micro-batch: the contract between `conveyor profile`
+(which measures it) and `conveyor simulate` (which consumes it).
+
+A cost model answers for one stage of a given model shape on one device:
+
+    stage_step_s(StepCost) -> seconds of one micro-batch on that stage
+
+`StepCost` describes the micro-batch the way the controller sees it: prefill tokens, decode
+tokens, their mean context length, how many sequences get a token sampled (the LM head runs
+for those rows on the last stage), the number of decoder layers in the stage and which ends of
+the model it holds (embedding on the first, norm + LM head + sampling on the last).
+`transfer_s(num_tokens)` is the time to hand a micro-batch's activations to the next stage.
+
+Implementations: a measured profile interpolated over its grid (`profile.py`, written by
+`conveyor profile`) and an analytical roofline over FLOPs and bytes for a named device
+(`roofline.py`) where no profile exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class StepCost:
+    prefill_tokens: int
+    decode_tokens: int
+    context_len: float
+    """Mean tokens already in the KV cache per decode (attention reads grow with it)."""
+    sampled_rows: int
+    """Sequences that get a token from this micro-batch (LM head rows on the last stage)."""
+    num_layers: int
+    first_stage: bool
+    last_stage: bool
+
+
+class CostModel(Protocol):
+    def stage_step_s(self, step: StepCost) -> float: ...
+
+    def transfer_s(self, num_tokens: int) -> float: ...

@@ -1,0 +1,415 @@
+"""A measured cost profile (written by `conveyor profile`) and the cost model that reads it.
+
+File format (JSON, `"format": "conveyor-cost-profile"`, `"version": 1`):
+
+    {
+      "format": "conveyor-cost-profile",
+      "version": 1,
+      "model": {"name": "smollm2-135m", "source": "smollm2", "load_format": "auto",
+                "shape": {...every ModelShape field...}},
+      "dtype": "float32",
+      "device": {"type": "cpu", "name": "AMD EPYC ...", "threads": 1, "cpu_count": 2},
+      "torch_version": "2.5.1", "created": "2025-01-01T12:00:00+00:00",
+      "block_size": 16, "repeats": 5, "warmup": 1,
+      "num_layers": 15,
+      "grid": {"prefill_tokens": [0, 16, ...], "decode_tokens": [0, 1, ...],
+               "context_len": [64, 512, 1536]},
+      "samples": [
+        {"prefill_tokens": 16, "decode_tokens": 0, "context_len": 64,
+         "median_s": ..., "p10_s": ..., "p90_s": ..., "prepare_s": ...},
+        ...
+      ],
+      "embedding": {"tokens": [1, 16, ...], "median_s": [...]},
+      "head": {"sampled_rows": [1, 4, 16, 64], "median_s": [...], "p10_s": [...],
+               "p90_s": [...]},
+      "activation_bytes_per_token": 2304,
+      "link": {"bandwidth_bytes_s": 2e9, "latency_s": 5e-5, "source": "measured gloo ..."},
+      "notes": "..."
+    }
+
+What is measured (see conveyor/profile/measure.py):
+
+- `samples`: one forward of a *middle* stage of `num_layers` decoder layers (hidden states in,
+  hidden states out: no embedding, no LM head) for every grid point except the empty step
+  (0 prefill, 0 decode). `median_s`, `p10_s`, `p90_s` summarise the repeats of that forward;
+  `prepare_s` is the median host time to build the step's inputs (`StepBatch.build`: positions,
+  slot mapping, block tables), which every stage pays once per step whatever its layer count.
+  The prefill tokens are ONE sequence's chunk starting at position 0 (a fresh prompt: plain
+  causal attention, no cached prefix); the decodes are `decode_tokens` sequences with
+  `context_len` tokens cached each, one new token each. `context_len` therefore only affects
+  the decodes: prefill-only points (decode 0) are measured once per prefill size and the same
+  numbers are written for every context of the grid.
+- `embedding`: the first stage's token embedding for a number of tokens.
+- `head`: the last stage's final norm + LM head (+ float32 logits) + greedy sampling of
+  `sampled_rows` rows.
+- `activation_bytes_per_token`: hidden_size x dtype bytes, what a stage sends per token.
+- `link` (optional): one-way time of a tensor between two stage processes, as
+  latency_s + bytes / bandwidth_bytes_s. Without it, `DEFAULT_LINK` (CPU gloo on one host:
+  2 GB/s, 50 us, an assumption) is used.
+
+`ProfileCostModel` (a `CostModel`):
+
+    stage_step_s = layers(P, D, C) * step.num_layers / profile.num_layers + prepare(P, D, C)
+                   + embedding(P + D)        if first_stage
+                   + head(sampled_rows)      if last_stage
+
+`layers` and `prepare` are trilinear (multilinear) interpolations over the grid, done axis by
+axis (context, then decode, then prefill), hence exact at grid points and linear between them.
+Beyond the largest grid value of an axis the last segment is extended linearly (more tokens or
+a longer context keep costing what the last measured segment costs per unit; a noisy last
+segment whose slope is negative is extended flat, never downwards). Below the smallest grid
+value (only possible on the context axis: the token axes start at 0) the cost is clamped to the
+smallest measured context. The empty step is never run: its cell is filled with the cheapest
+measured step of the same context (normally one decode), so that a prefill of a few tokens
+interpolates between a one-token step and the smallest measured prefill instead of towards 0.
+`embedding` and `head` are 1-D interpolations with the same rules over their running maxima
+(a noisy small point above a larger one does not make more tokens cheaper; 0 tokens or rows
+cost 0). `transfer_s(n) = latency_s + n * activation_bytes_per_token / bandwidth_bytes_s`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.costmodel import StepCost
+from common.model.shape import ModelShape
+
+FORMAT = "conveyor-cost-profile"
+VERSION = 1
+
+DEFAULT_LINK = {"bandwidth_bytes_s": 2e9, "latency_s": 50e-6,
+                "source": "assumed: CPU gloo between two processes on one host"}
+
+SHAPE_CHECK_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                      "num_heads", "num_kv_heads", "head_dim", "attention_bias",
+                      "tie_word_embeddings")
+"""The ModelShape fields that change a step's cost; a profile of another shape is refused."""
+
+
+class ProfileError(ValueError):
+    """A cost profile that is missing, of another format version, malformed, or of another
+    model than the caller expects."""
+
+
+def shape_to_dict(shape: ModelShape) -> dict[str, Any]:
+    data = dataclasses.asdict(shape)
+    data["eos_token_ids"] = list(shape.eos_token_ids)
+    return data
+
+
+def shape_from_dict(data: dict[str, Any]) -> ModelShape:
+    known = {f.name for f in dataclasses.fields(ModelShape)}
+    values = {k: v for k, v in data.items() if k in known}
+    if "eos_token_ids" in values:
+        values["eos_token_ids"] = tuple(values["eos_token_ids"])
+    return ModelShape(**values)
+
+
+@dataclass
+class Sample:
+    prefill_tokens: int
+    decode_tokens: int
+    context_len: int
+    median_s: float
+    p10_s: float
+    p90_s: float
+    prepare_s: float = 0.0
+
+
+@dataclass
+class Profile:
+    """The contents of a profile file (see the module docstring for each field)."""
+
+    model_name: str
+    shape: ModelShape
+    dtype: str
+    device: dict[str, Any]
+    num_layers: int
+    prefill_axis: list[int]
+    decode_axis: list[int]
+    context_axis: list[int]
+    samples: list[Sample]
+    embedding_tokens: list[int]
+    embedding_s: list[float]
+    head_rows: list[int]
+    head_s: list[float]
+    activation_bytes_per_token: int
+    head_p10_s: list[float] = field(default_factory=list)
+    head_p90_s: list[float] = field(default_factory=list)
+    link: dict[str, Any] | None = None
+    source: str = ""
+    load_format: str = "auto"
+    torch_version: str = ""
+    created: str = ""
+    block_size: int = 16
+    repeats: int = 0
+    warmup: int = 0
+    notes: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": {"name": self.model_name, "source": self.source,
+                      "load_format": self.load_format, "shape": shape_to_dict(self.shape)},
+            "dtype": self.dtype,
+            "device": self.device,
+            "torch_version": self.torch_version,
+            "created": self.created,
+            "block_size": self.block_size,
+            "repeats": self.repeats,
+            "warmup": self.warmup,
+            "num_layers": self.num_layers,
+            "grid": {"prefill_tokens": self.prefill_axis, "decode_tokens": self.decode_axis,
+                     "context_len": self.context_axis},
+            "samples": [{k: _ns(v) for k, v in dataclasses.asdict(s).items()}
+                        for s in self.samples],
+            "embedding": {"tokens": self.embedding_tokens,
+                          "median_s": [_ns(x) for x in self.embedding_s]},
+            "head": {"sampled_rows": self.head_rows, "median_s": [_ns(x) for x in self.head_s],
+                     "p10_s": [_ns(x) for x in self.head_p10_s],
+                     "p90_s": [_ns(x) for x in self.head_p90_s]},
+            "activation_bytes_per_token": self.activation_bytes_per_token,
+            "link": self.link,
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "profile") -> Profile:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ProfileError(f"{where} is not a Conveyor cost profile (no "
+                               f"\"format\": \"{FORMAT}\")")
+        if data.get("version") != VERSION:
+            raise ProfileError(f"{where} is cost-profile version {data.get('version')!r}; this "
+                               f"Conveyor reads version {VERSION}: re-run `conveyor profile`")
+        try:
+            model, grid, head, emb = data["model"], data["grid"], data["head"], data["embedding"]
+            profile = cls(
+                model_name=model["name"], shape=shape_from_dict(model["shape"]),
+                dtype=data["dtype"], device=dict(data["device"]),
+                num_layers=int(data["num_layers"]),
+                prefill_axis=[int(x) for x in grid["prefill_tokens"]],
+                decode_axis=[int(x) for x in grid["decode_tokens"]],
+                context_axis=[int(x) for x in grid["context_len"]],
+                samples=[Sample(**s) for s in data["samples"]],
+                embedding_tokens=[int(x) for x in emb["tokens"]],
+                embedding_s=[float(x) for x in emb["median_s"]],
+                head_rows=[int(x) for x in head["sampled_rows"]],
+                head_s=[float(x) for x in head["median_s"]],
+                head_p10_s=[float(x) for x in head.get("p10_s", [])],
+                head_p90_s=[float(x) for x in head.get("p90_s", [])],
+                activation_bytes_per_token=int(data["activation_bytes_per_token"]),
+                link=data.get("link"), source=model.get("source", ""),
+                load_format=model.get("load_format", "auto"),
+                torch_version=data.get("torch_version", ""), created=data.get("created", ""),
+                block_size=int(data.get("block_size", 16)), repeats=int(data.get("repeats", 0)),
+                warmup=int(data.get("warmup", 0)), notes=data.get("notes", ""))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProfileError(f"{where} is malformed: {type(e).__name__}: {e}") from None
+        return profile
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_dumps(self.to_json()) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> Profile:
+        path = Path(path)
+        if not path.is_file():
+            raise ProfileError(f"no cost profile at {path}: write one with `conveyor profile "
+                               f"--out {path}` (or use the roofline cost model)")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ProfileError(f"cannot read cost profile {path}: {e}") from None
+        return cls.from_json(data, where=str(path))
+
+    def sample_at(self, prefill: int, decode: int, context: int) -> Sample | None:
+        for s in self.samples:
+            if (s.prefill_tokens, s.decode_tokens, s.context_len) == (prefill, decode, context):
+                return s
+        return None
+
+
+def _ns(value: Any) -> Any:
+    """Seconds rounded to the nanosecond for the file (ints, the grid coordinates, untouched)."""
+    return round(value, 9) if isinstance(value, float) else value
+
+
+def _dumps(value: Any, indent: int = 0) -> str:
+    """JSON with one line per flat object or list (a sample, an axis), nested ones indented."""
+    def flat(v: Any) -> bool:
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+        return not any(isinstance(x, (dict, list)) for x in items)
+
+    if not isinstance(value, (dict, list)) or flat(value):
+        return json.dumps(value)
+    pad = " " * (indent + 1)
+    if isinstance(value, dict):
+        body = [f"{pad}{json.dumps(k)}: {_dumps(v, indent + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(body) + "\n" + " " * indent + "}"
+    body = [pad + _dumps(v, indent + 1) for v in value]
+    return "[\n" + ",\n".join(body) + "\n" + " " * indent + "]"
+
+
+def check_shape(profile: Profile, expected: ModelShape, where: str = "profile") -> None:
+    """Raises ProfileError when `profile` was measured on a model of another shape."""
+    diffs = [f"{name} {getattr(profile.shape, name)} (expected {getattr(expected, name)})"
+             for name in SHAPE_CHECK_FIELDS
+             if getattr(profile.shape, name) != getattr(expected, name)]
+    if diffs:
+        raise ProfileError(f"{where} was measured on {profile.model_name} whose shape differs "
+                           f"from {expected.name}: {', '.join(diffs)}")
+
+
+def interp1(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys) (xs increasing): clamped below xs[0], extended
+    linearly beyond xs[-1] with the last segment's slope floored at 0."""
+    if len(xs) == 1 or x <= xs[0]:
+        return float(ys[0])
+    if x >= xs[-1]:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return float(ys[-1] + max(0.0, slope) * (x - xs[-1]))
+    i = bisect_right(xs, x) - 1
+    t = (x - xs[i]) / (xs[i + 1] - xs[i])
+    return float(ys[i] + t * (ys[i + 1] - ys[i]))
+
+
+def _segment(xs: Sequence[float], x: float) -> list[int]:
+    """Indices of the grid values interp1 needs for x along one axis (1 or 2 of them)."""
+    if len(xs) == 1 or x <= xs[0]:
+        return [0]
+    if x >= xs[-1]:
+        return [len(xs) - 2, len(xs) - 1]
+    i = bisect_right(xs, x) - 1
+    return [i, i + 1]
+
+
+class _Grid:
+    """Dense values over (prefill, decode, context) with the empty step filled in."""
+
+    def __init__(self, profile: Profile, attr: str):
+        p_axis, d_axis, c_axis = profile.prefill_axis, profile.decode_axis, profile.context_axis
+        self.axes = (p_axis, d_axis, c_axis)
+        self.values: list[list[list[float]]] = [
+            [[math.nan] * len(c_axis) for _ in d_axis] for _ in p_axis]
+        index = ({v: i for i, v in enumerate(p_axis)}, {v: i for i, v in enumerate(d_axis)},
+                 {v: i for i, v in enumerate(c_axis)})
+        for s in profile.samples:
+            try:
+                i, j, k = (index[0][s.prefill_tokens], index[1][s.decode_tokens],
+                           index[2][s.context_len])
+            except KeyError:
+                continue  # an off-grid sample is kept in the file but not interpolated
+            self.values[i][j][k] = float(getattr(s, attr))
+        for k, c in enumerate(c_axis):
+            measured = [self.values[i][j][k] for i in range(len(p_axis))
+                        for j in range(len(d_axis)) if not math.isnan(self.values[i][j][k])]
+            for i, p in enumerate(p_axis):
+                for j, d in enumerate(d_axis):
+                    if not math.isnan(self.values[i][j][k]):
+                        continue
+                    if p == 0 and d == 0 and measured:
+                        self.values[i][j][k] = min(measured)
+                    else:
+                        raise ProfileError(f"profile has no sample at prefill {p}, decode {d}, "
+                                           f"context {c}")
+
+    def __call__(self, prefill: float, decode: float, context: float) -> float:
+        p_axis, d_axis, c_axis = self.axes
+        pi, di = _segment(p_axis, prefill), _segment(d_axis, decode)
+
+        def along_context(i: int, j: int) -> float:
+            return interp1(c_axis, self.values[i][j], context)
+
+        def along_decode(i: int) -> float:
+            return interp1([d_axis[j] for j in di], [along_context(i, j) for j in di], decode)
+
+        return interp1([p_axis[i] for i in pi], [along_decode(i) for i in pi], prefill)
+
+
+def _check_axis(name: str, values: Sequence[int]) -> None:
+    if not values or any(b <= a for a, b in zip(values, values[1:])) or min(values) < 0:
+        raise ProfileError(f"profile grid axis {name} must be non-empty, increasing and "
+                           f">= 0, got {list(values)}")
+
+
+class ProfileCostModel:
+    """`CostModel` over a measured profile (see the module docstring for the formula)."""
+
+    def __init__(self, profile: Profile):
+        _check_axis("prefill_tokens", profile.prefill_axis)
+        _check_axis("decode_tokens", profile.decode_axis)
+        _check_axis("context_len", profile.context_axis)
+        if profile.num_layers < 1:
+            raise ProfileError(f"profile num_layers must be >= 1, got {profile.num_layers}")
+        for name, xs, ys in (("embedding", profile.embedding_tokens, profile.embedding_s),
+                             ("head", profile.head_rows, profile.head_s)):
+            if not xs or len(xs) != len(ys) or any(b <= a for a, b in zip(xs, xs[1:])):
+                raise ProfileError(f"profile {name} table must have matching, increasing "
+                                   f"entries, got {xs} and {ys}")
+        self.profile = profile
+        self._layers = _Grid(profile, "median_s")
+        self._prepare = _Grid(profile, "prepare_s")
+        # Running maxima: a noisy small measurement above a larger one must not make more
+        # tokens or rows cheaper.
+        self._embedding_s = list(itertools.accumulate(profile.embedding_s, max))
+        self._head_s = list(itertools.accumulate(profile.head_s, max))
+        link = profile.link or DEFAULT_LINK
+        self.link_bandwidth_bytes_s = float(link["bandwidth_bytes_s"])
+        self.link_latency_s = float(link["latency_s"])
+
+    @classmethod
+    def load(cls, path: str | Path, shape: ModelShape | None = None) -> ProfileCostModel:
+        """Reads a profile file; with `shape`, refuses a profile of another model shape."""
+        profile = Profile.read(path)
+        if shape is not None:
+            check_shape(profile, shape, where=str(path))
+        return cls(profile)
+
+    def layers_s(self, prefill_tokens: float, decode_tokens: float, context_len: float,
+                 num_layers: int) -> float:
+        """The decoder layers of a stage (without the per-step host preparation)."""
+        per_profile = self._layers(prefill_tokens, decode_tokens, context_len)
+        return per_profile * num_layers / self.profile.num_layers
+
+    def prepare_s(self, prefill_tokens: float, decode_tokens: float, context_len: float) -> float:
+        return self._prepare(prefill_tokens, decode_tokens, context_len)
+
+    def embedding_s(self, num_tokens: float) -> float:
+        if num_tokens <= 0:
+            return 0.0
+        return interp1(self.profile.embedding_tokens, self._embedding_s, num_tokens)
+
+    def head_s(self, sampled_rows: float) -> float:
+        if sampled_rows <= 0:
+            return 0.0
+        return interp1(self.profile.head_rows, self._head_s, sampled_rows)
+
+    def stage_step_s(self, step: StepCost) -> float:
+        p, d = step.prefill_tokens, step.decode_tokens
+        if p + d <= 0:
+            return 0.0
+        seconds = (self.layers_s(p, d, step.context_len, step.num_layers)
+                   + self.prepare_s(p, d, step.context_len))
+        if step.first_stage:
+            seconds += self.embedding_s(p + d)
+        if step.last_stage:
+            seconds += self.head_s(step.sampled_rows)
+        return seconds
+
+    def transfer_s(self, num_tokens: int) -> float:
+        if num_tokens <= 0:
+            return 0.0
+        nbytes = num_tokens * self.profile.activation_bytes_per_token
+        return self.link_latency_s + nbytes / self.link_bandwidth_bytes_s

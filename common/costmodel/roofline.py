@@ -1,0 +1,165 @@
+"""An analytical cost model from FLOPs and bytes (a roofline), for devices with no profile.
+
+For one stage step of P prefill tokens (one fresh prompt chunk starting at position 0, as in
+the measured profiles) and D decode tokens with a mean of C cached tokens each, T = P + D, per
+decoder layer (b = dtype bytes, params = ModelShape.layer_param_count()):
+
+    FLOPs  = 2 * params * T                               (every matmul, 2 FLOPs per MAC)
+           + 4 * q_size * D * C                           (decode QK^T and PV over the cache)
+           + 2 * q_size * P * (P + 1)                     (causal prefill attention, P^2 / 2
+                                                           query-key pairs, 4 FLOPs each)
+    bytes  = params * b                                   (weights, read once per step)
+           + D * C * kv_size * 2 * b                      (K and V read by the decodes)
+           + T * kv_size * 2 * b                          (the step's new K and V written)
+           + T * 2 * (4 * hidden + 2 * q_size + 2 * kv_size + 3 * intermediate) * b
+                                                          (activations: each intermediate of
+                                                           the layer written once, read once)
+
+and for the ends of the model: the first stage gathers T embedding rows (T * hidden * b read
+and written); the last stage runs the LM head on the sampled rows R (vocab * hidden * b weight
+bytes, 2 * vocab * hidden * R FLOPs, R * vocab * 4 * 2 bytes of float32 logits written and read
+by the sampler). Then
+
+    stage_step_s = max(FLOPs / (peak_flops * mfu), bytes / (memory_bandwidth * mbu))
+                   + step_overhead_s
+
+    transfer_s(n) = link_latency_s + n * hidden * b / link_bandwidth_bytes_s
+
+`mfu` and `mbu` (model FLOPs / memory-bandwidth utilisation) are the fractions of the peaks a
+real kernel reaches; the defaults (0.6, 0.8) are typical of well-tuned serving engines on
+Hopper GEMMs and decode-attention kernels. `step_overhead_s` (default 100 us) stands for the
+host work and kernel launches of one step without CUDA graphs.
+
+Device numbers (`DEVICES`), from the vendors' datasheets, dense (no sparsity):
+- h100 (H100 SXM5 80GB): 989 TFLOP/s BF16/FP16 tensor core, 67 TFLOP/s FP32, 3.35 TB/s HBM3,
+  NVLink 4 900 GB/s total = 450 GB/s each way (NVIDIA H100 Tensor Core GPU datasheet).
+- h100-pcie (H100 PCIe 80GB): 756 TFLOP/s BF16, 51 TFLOP/s FP32, 2.0 TB/s HBM2e; PCIe Gen5 x16
+  64 GB/s each way (NVLink bridges not assumed).
+- h200 (H200 SXM 141GB): 989 TFLOP/s BF16, 67 TFLOP/s FP32, 4.8 TB/s HBM3e, NVLink 900 GB/s
+  total (NVIDIA H200 datasheet).
+- a100 (A100 SXM4 80GB): 312 TFLOP/s BF16, 19.5 TFLOP/s FP32, 2.039 TB/s HBM2e, NVLink 3
+  600 GB/s total = 300 GB/s each way (NVIDIA A100 datasheet).
+FP32 uses the non-tensor-core peak: PyTorch does not use TF32 for matmuls by default. The link
+latency (10 us over NVLink, 20 us over PCIe) is the usual small-message NCCL p2p figure, an
+estimate rather than a datasheet number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.costmodel import StepCost
+from common.model.shape import ModelShape
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    peak_flops_16bit: float
+    """Dense BF16/FP16 tensor-core FLOP/s."""
+    peak_flops_fp32: float
+    """Dense FP32 FLOP/s without TF32."""
+    memory_bandwidth: float
+    """Bytes/s of device memory."""
+    link_bandwidth: float
+    """Bytes/s one way to the next stage's device."""
+    link_latency_s: float
+
+    def peak_flops(self, dtype_bytes: int) -> float:
+        return self.peak_flops_fp32 if dtype_bytes >= 4 else self.peak_flops_16bit
+
+
+DEVICES: dict[str, DeviceSpec] = {
+    spec.name: spec
+    for spec in (
+        DeviceSpec("h100", 989e12, 67e12, 3.35e12, 450e9, 10e-6),
+        DeviceSpec("h100-pcie", 756e12, 51e12, 2.0e12, 64e9, 20e-6),
+        DeviceSpec("h200", 989e12, 67e12, 4.8e12, 450e9, 10e-6),
+        DeviceSpec("a100", 312e12, 19.5e12, 2.039e12, 300e9, 10e-6),
+    )
+}
+
+
+@dataclass(frozen=True)
+class StepBreakdown:
+    flops: float
+    bytes: float
+    compute_s: float
+    """flops / (peak_flops * mfu)"""
+    memory_s: float
+    """bytes / (memory_bandwidth * mbu)"""
+    overhead_s: float
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.compute_s >= self.memory_s else "memory"
+
+    @property
+    def total_s(self) -> float:
+        return max(self.compute_s, self.memory_s) + self.overhead_s
+
+
+class RooflineCostModel:
+    """`CostModel` of `shape` on a named device (or a DeviceSpec), from FLOPs and bytes."""
+
+    def __init__(self, shape: ModelShape, device: str | DeviceSpec = "h100", dtype_bytes: int = 2,
+                 mfu: float = 0.6, mbu: float = 0.8, step_overhead_s: float = 100e-6,
+                 peak_flops: float | None = None, memory_bandwidth: float | None = None,
+                 link_bandwidth: float | None = None, link_latency_s: float | None = None):
+        if isinstance(device, str):
+            if device not in DEVICES:
+                raise ValueError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
+            device = DEVICES[device]
+        if not (0 < mfu <= 1 and 0 < mbu <= 1):
+            raise ValueError(f"mfu and mbu must be in (0, 1], got {mfu} and {mbu}")
+        if dtype_bytes < 1:
+            raise ValueError(f"dtype_bytes must be >= 1, got {dtype_bytes}")
+        self.shape = shape
+        self.device = device
+        self.dtype_bytes = dtype_bytes
+        self.mfu, self.mbu = mfu, mbu
+        self.step_overhead_s = step_overhead_s
+        self.peak_flops = peak_flops or device.peak_flops(dtype_bytes)
+        self.memory_bandwidth = memory_bandwidth or device.memory_bandwidth
+        self.link_bandwidth = link_bandwidth or device.link_bandwidth
+        self.link_latency_s = device.link_latency_s if link_latency_s is None else link_latency_s
+
+    def layer_flops_bytes(self, prefill_tokens: float, decode_tokens: float,
+                          context_len: float) -> tuple[float, float]:
+        """FLOPs and bytes of ONE decoder layer for the step."""
+        s, b = self.shape, self.dtype_bytes
+        p, d, c = prefill_tokens, decode_tokens, context_len
+        t = p + d
+        params = s.layer_param_count()
+        flops = 2 * params * t + 4 * s.q_size * d * c + 2 * s.q_size * p * (p + 1)
+        per_token_act = 2 * (4 * s.hidden_size + 2 * s.q_size + 2 * s.kv_size
+                             + 3 * s.intermediate_size)
+        nbytes = (params * b + d * c * s.kv_size * 2 * b + t * s.kv_size * 2 * b
+                  + t * per_token_act * b)
+        return flops, nbytes
+
+    def breakdown(self, step: StepCost) -> StepBreakdown:
+        s, b = self.shape, self.dtype_bytes
+        t = step.prefill_tokens + step.decode_tokens
+        if t <= 0:
+            return StepBreakdown(0.0, 0.0, 0.0, 0.0, 0.0)
+        flops, nbytes = self.layer_flops_bytes(step.prefill_tokens, step.decode_tokens,
+                                               step.context_len)
+        flops, nbytes = flops * step.num_layers, nbytes * step.num_layers
+        if step.first_stage:
+            nbytes += 2 * t * s.hidden_size * b
+        if step.last_stage and step.sampled_rows > 0:
+            r = step.sampled_rows
+            flops += 2 * s.vocab_size * s.hidden_size * r
+            nbytes += s.vocab_size * s.hidden_size * b + r * s.vocab_size * 4 * 2
+        return StepBreakdown(flops, nbytes, flops / (self.peak_flops * self.mfu),
+                             nbytes / (self.memory_bandwidth * self.mbu), self.step_overhead_s)
+
+    def stage_step_s(self, step: StepCost) -> float:
+        return self.breakdown(step).total_s
+
+    def transfer_s(self, num_tokens: int) -> float:
+        if num_tokens <= 0:
+            return 0.0
+        nbytes = num_tokens * self.shape.hidden_size * self.dtype_bytes
+        return self.link_latency_s + nbytes / self.link_bandwidth
