@@ -18,6 +18,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from common.log import get_logger
 from common.wire import Message, ProtocolError, decode, encode
 
 # A generous high-water mark: dropping control messages is never acceptable; back-pressure is
@@ -43,6 +44,14 @@ def ensure_ipc_dir(address: str) -> None:
         os.makedirs(os.path.dirname(address[len("ipc://"):]) or ".", exist_ok=True)
 
 
+log = get_logger()
+
+
+def _log_failed_send(future: "asyncio.Future") -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("queued non-blocking send failed", error=str(future.exception()))
+
+
 class Endpoint:
     """One socket carrying framed messages. ROUTER sockets prefix an identity frame."""
 
@@ -60,9 +69,6 @@ class Endpoint:
             # Sending to a peer that has gone raises EHOSTUNREACH instead of silently dropping:
             # that is how the ingress notices a vanished client.
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A blocking-API view of the same socket: on a zmq.asyncio socket even a NOBLOCK send
-        # returns a future and its error (peer gone, queue full) would surface nowhere.
-        self._sync = zmq.Socket.shadow(self.sock.underlying)
         if bind:
             ensure_ipc_dir(bind)
             self.sock.bind(bind)
@@ -89,7 +95,16 @@ class Endpoint:
         frames = encode(msg)
         if self.is_router:
             frames = [identity, *frames]
-        self._sync.send_multipart(frames, flags=zmq.NOBLOCK)
+        # Through the asyncio socket, never a synchronous shadow of it: a send can consume the
+        # edge-triggered "readable" notification of ZMQ_FD, and only zmq.asyncio knows to
+        # re-check for messages afterwards; a shadow send left a waiting recv() asleep for
+        # minutes under load. With NOBLOCK the future is settled at once unless earlier sends
+        # are still queued, so errors are raised here, as a synchronous send would.
+        future = self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        if future.done():
+            future.result()
+        else:
+            future.add_done_callback(_log_failed_send)
 
     async def recv(self) -> Incoming:
         frames = await self.sock.recv_multipart(copy=False)
