@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from conveyor.cli import bench_cmd, client_cmd, deploy_cmd
+from conveyor.cli import bench_cmd, client_cmd, deploy_cmd, profile_cmd, simulate_cmd
 
 app = typer.Typer(
     name="conveyor", no_args_is_help=True, add_completion=False,
@@ -13,6 +13,8 @@ app = typer.Typer(
 deploy_cmd.register(app)
 client_cmd.register(app)
 bench_cmd.register(app)
+profile_cmd.register(app)
+simulate_cmd.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,302 @@
+"""Figures of a run: latency distributions, throughput, goodput under SLOs, and what the
+controller's counters say about the pipeline over the measured window.
+
+Times are seconds everywhere in the data (and so in the JSON files); only the printed table
+shows milliseconds. Percentiles interpolate linearly between samples (numpy's default), as
+vLLM's do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conveyor.bench.runner import RequestRecord, RunResult
+
+SLO_METRICS = ("ttft", "tpot", "e2e")
+PERCENTILES = (50, 90, 99)
+WIDTH = 50
+
+
+# ---- per-request metrics --------------------------------------------------------------------
+
+def parse_slo(text: str | None) -> dict[str, float]:
+    """`ttft=0.5,tpot=0.1` (seconds; any of ttft, tpot, e2e) as a dict; "" or None: no SLO."""
+    slo: dict[str, float] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, eq, value = part.partition("=")
+        name = name.strip().lower()
+        if not eq or name not in SLO_METRICS:
+            raise ValueError(f"bad SLO {part.strip()!r}: expected metric=seconds with metric "
+                             f"one of {', '.join(SLO_METRICS)}, e.g. ttft=0.5,tpot=0.1")
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"bad SLO {part.strip()!r}: {value.strip()!r} is not a number "
+                             f"of seconds") from None
+        if not (seconds > 0 and math.isfinite(seconds)):
+            raise ValueError(f"bad SLO {part.strip()!r}: the bound must be > 0 seconds")
+        if name in slo:
+            raise ValueError(f"bad SLO: {name} is given twice")
+        slo[name] = seconds
+    return slo
+
+
+def tpot(rec: RequestRecord) -> float | None:
+    """Time per output token after the first; None for requests with a single token."""
+    if not rec.ok or rec.output_tokens < 2 or rec.e2e_s is None or rec.ttft_s is None:
+        return None
+    return (rec.e2e_s - rec.ttft_s) / (rec.output_tokens - 1)
+
+
+def distribution(values: Sequence[float]) -> dict[str, float] | None:
+    """Mean, std, p50, p90 and p99 of `values`; None when there are none."""
+    if len(values) == 0:
+        return None
+    a = np.asarray(values, dtype=float)
+    out = {"mean": float(a.mean()), "std": float(a.std())}
+    out.update({f"p{p}": float(np.percentile(a, p)) for p in PERCENTILES})
+    return out
+
+
+def meets_slo(rec: RequestRecord, slo: dict[str, float]) -> bool:
+    """Whether a completed request is within every given bound. A one-token request has no
+    TPOT to violate, so it passes a TPOT bound."""
+    if not rec.ok:
+        return False
+    t = tpot(rec)
+    measured = {"ttft": rec.ttft_s, "tpot": 0.0 if t is None else t, "e2e": rec.e2e_s}
+    return all(measured[m] is not None and measured[m] <= bound for m, bound in slo.items())
+
+
+def summarize(records: Sequence[RequestRecord], duration_s: float,
+              slo: dict[str, float] | None = None) -> dict[str, Any]:
+    ok = [r for r in records if r.ok]
+    n_in = sum(r.prompt_tokens for r in ok)
+    n_out = sum(r.output_tokens for r in ok)
+    per_s = (lambda x: x / duration_s) if duration_s > 0 else (lambda x: 0.0)
+    summary: dict[str, Any] = {
+        "completed": len(ok), "failed": len(records) - len(ok), "duration_s": duration_s,
+        "total_input_tokens": n_in, "total_output_tokens": n_out,
+        "request_throughput": per_s(len(ok)), "output_throughput": per_s(n_out),
+        "total_token_throughput": per_s(n_in + n_out),
+        "ttft": distribution([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "tpot": distribution([t for t in map(tpot, ok) if t is not None]),
+        "itl": distribution([gap for r in ok for gap in r.itl_s]),
+        "e2e": distribution([r.e2e_s for r in ok if r.e2e_s is not None]),
+    }
+    if slo:
+        good = sum(meets_slo(r, slo) for r in records)
+        summary["goodput"] = {"slo_s": dict(slo), "requests": good,
+                              "request_goodput": per_s(good),
+                              "fraction": good / len(records) if records else 0.0}
+    return summary
+
+
+# ---- controller counters over the window ----------------------------------------------------
+
+def _delta(before: dict, after: dict, key: str) -> float | None:
+    a, b = after.get(key), before.get(key)
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    return a - b if ok else None
+
+
+def stage_window(before: dict, after: dict) -> list[dict[str, Any]]:
+    """Per stage over the window: steps, busy/pending/idle seconds and the bubble ratio, the
+    share of the time a stage had unfinished requests that it nevertheless sat idle."""
+    start = {(s.get("instance"), s.get("stage")): s for s in before.get("stages") or []}
+    rows = []
+    for s in after.get("stages") or []:
+        b = start.get((s.get("instance"), s.get("stage")))
+        if b is None:
+            continue
+        d = {k: _delta(b, s, k) for k in ("steps", "busy_s", "pending_s", "idle_s")}
+        if d["pending_s"] is None or d["idle_s"] is None:
+            continue  # an older controller without these counters
+        rows.append({"instance": s.get("instance"), "stage": s.get("stage"), **d,
+                     "bubble_ratio": d["idle_s"] / d["pending_s"] if d["pending_s"] > 0
+                     else None})
+    return rows
+
+
+def batch_tokens_window(before: dict, after: dict) -> dict[str, dict[str, Any]]:
+    """Micro-batch count and mean/std of tokens per micro-batch, per phase, from the
+    cumulative count, sum and sum of squares (std is the population one)."""
+    out = {}
+    for phase in ("prefill", "decode"):
+        b = (before.get("batch_tokens") or {}).get(phase) or {}
+        a = (after.get("batch_tokens") or {}).get(phase) or {}
+        d = {k: _delta(b, a, k) for k in ("count", "sum", "sumsq")}
+        if None in d.values():
+            continue
+        n = d["count"]
+        mean = d["sum"] / n if n > 0 else None
+        std = math.sqrt(max(0.0, d["sumsq"] / n - mean * mean)) if n > 0 else None
+        out[phase] = {"count": n, "mean": mean, "std": std}
+    return out
+
+
+def instance_gauges(after: dict, samples: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per instance: its gauges at the end and their peaks among the samples taken during the
+    run (KV use as a fraction of the instance's blocks)."""
+    def kv_used(i: dict) -> float | None:
+        total, free = i.get("kv_total_blocks"), i.get("kv_free_blocks")
+        return 1 - free / total if isinstance(total, int) and total > 0 and \
+            isinstance(free, int) else None
+
+    rows: dict[Any, dict[str, Any]] = {}
+    for pos, inst in enumerate(after.get("instances") or []):
+        key = inst.get("instance", pos)
+        rows[key] = {"instance": key, **{k: inst[k] for k in ("waiting", "running", "inflight",
+                     "kv_total_blocks", "kv_free_blocks") if k in inst}}
+    for sample in samples:
+        for pos, inst in enumerate(sample.get("instances") or []):
+            key = inst.get("instance", pos)
+            row = rows.setdefault(key, {"instance": key})
+            for k in ("waiting", "running", "inflight"):
+                if isinstance(inst.get(k), int):
+                    row[f"peak_{k}"] = max(row.get(f"peak_{k}", 0), inst[k])
+            used = kv_used(inst)
+            if used is not None:
+                row["peak_kv_used"] = max(row.get("peak_kv_used", 0.0), used)
+    return list(rows.values())
+
+
+def controller_window(before: dict | None, after: dict | None,
+                      samples: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
+    """What the controller saw during the window; sections whose keys the controller does not
+    report are left out rather than guessed."""
+    if not after:
+        return {}
+    out: dict[str, Any] = {}
+    if "policy" in after:
+        out["policy"] = after["policy"]
+    if before:
+        counters = {k: _delta(before, after, k) for k in
+                    ("prompt_tokens", "generated_tokens", "micro_batches", "preemptions")}
+        counters = {k: v for k, v in counters.items() if v is not None}
+        if counters:
+            out["counters"] = counters
+        stages = stage_window(before, after)
+        if stages:
+            out["stages"] = stages
+            ratios = [s["bubble_ratio"] for s in stages if s["bubble_ratio"] is not None]
+            out["mean_bubble_ratio"] = sum(ratios) / len(ratios) if ratios else None
+        batches = batch_tokens_window(before, after)
+        if batches:
+            out["batch_tokens"] = batches
+    instances = instance_gauges(after, samples)
+    if instances:
+        out["instances"] = instances
+    return out
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+def build_result(run: RunResult, config: dict[str, Any],
+                 slo: dict[str, float] | None = None) -> dict[str, Any]:
+    summary = summarize(run.records, run.duration_s, slo)
+    summary["controller"] = controller_window(run.stats_before, run.stats_after,
+                                              run.gauge_samples)
+    return {"config": config, "health": run.health, "summary": summary,
+            "warmup_failures": run.warmup_failures,
+            "controller_snapshots": {"before": run.stats_before, "after": run.stats_after},
+            "gauge_samples": run.gauge_samples, "requests": run.records_json()}
+
+
+def result_filename(policy: str, rate: float, stages: int | None = None) -> str:
+    rate_text = "inf" if math.isinf(rate) else f"{rate:g}"
+    stage_text = f"-s{stages}" if stages else ""
+    return f"bench-{policy}{stage_text}-rate{rate_text}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def jsonable(obj: Any) -> Any:
+    """`obj` with infinite or NaN floats (an infinite request rate) written as strings, which
+    strict JSON readers accept, unlike Python's bare Infinity."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def save_result(result: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(jsonable(result), indent=1, allow_nan=False, default=str))
+    return path
+
+
+def _line(label: str, value: Any, fmt: str = "") -> str:
+    text = "n/a" if value is None else format(value, fmt)
+    return f"{label:<40}{text:>{WIDTH - 40}}"
+
+
+def _rule(title: str, fill: str = "-") -> str:
+    return f"{title:{fill}^{WIDTH}}"
+
+
+def format_table(summary: dict[str, Any], title: str = " Serving Benchmark Result ") -> str:
+    """A vLLM-style text summary (milliseconds for latencies)."""
+    lines = [_rule(title, "="), _line("Successful requests:", summary["completed"]),
+             _line("Failed requests:", summary["failed"]),
+             _line("Benchmark duration (s):", summary["duration_s"], ".2f"),
+             _line("Total input tokens:", summary["total_input_tokens"]),
+             _line("Total generated tokens:", summary["total_output_tokens"]),
+             _line("Request throughput (req/s):", summary["request_throughput"], ".2f"),
+             _line("Output token throughput (tok/s):", summary["output_throughput"], ".2f"),
+             _line("Total token throughput (tok/s):", summary["total_token_throughput"], ".2f")]
+    if "goodput" in summary:
+        g = summary["goodput"]
+        slo = ",".join(f"{k}={v:g}" for k, v in g["slo_s"].items())
+        lines += [_line("Goodput SLO (s):", slo),
+                  _line("Request goodput (req/s):", g["request_goodput"], ".2f"),
+                  _line("Requests within SLO (%):", 100 * g["fraction"], ".1f")]
+    for key, name, heading in (("ttft", "TTFT", "Time to First Token"),
+                               ("tpot", "TPOT", "Time per Output Token (excl. 1st token)"),
+                               ("itl", "ITL", "Inter-token Latency"),
+                               ("e2e", "E2E", "End-to-end Latency")):
+        lines.append(_rule(heading))
+        dist = summary.get(key) or {}
+        for stat, label in (("mean", "Mean"), ("std", "Std"), ("p50", "Median"),
+                            ("p90", "P90"), ("p99", "P99")):
+            value = dist.get(stat)
+            lines.append(_line(f"{label} {name} (ms):", None if value is None else 1e3 * value,
+                               ".2f"))
+    lines += _controller_lines(summary.get("controller") or {})
+    lines.append("=" * WIDTH)
+    return "\n".join(lines)
+
+
+def _controller_lines(ctl: dict[str, Any]) -> list[str]:
+    if not ctl:
+        return []
+    lines = [_rule("Controller")]
+    if "policy" in ctl:
+        lines.append(_line("Policy:", ctl["policy"]))
+    for k, v in (ctl.get("counters") or {}).items():
+        lines.append(_line(f"{k.replace('_', ' ').capitalize()}:", v, "g"))
+    for s in ctl.get("stages") or []:
+        lines.append(_line(f"Bubble ratio, stage {s['instance']}.{s['stage']}:",
+                           s["bubble_ratio"], ".3f"))
+    if "mean_bubble_ratio" in ctl:
+        lines.append(_line("Mean bubble ratio:", ctl["mean_bubble_ratio"], ".3f"))
+    for phase, b in (ctl.get("batch_tokens") or {}).items():
+        text = "n/a" if b["mean"] is None else f"{b['mean']:.1f} ± {b['std']:.1f}"
+        lines.append(_line(f"{phase.capitalize()} tokens/micro-batch:", text))
+    for i in ctl.get("instances") or []:
+        if "peak_kv_used" in i:
+            lines.append(_line(f"Peak KV use, instance {i['instance']} (%):",
+                               100 * i["peak_kv_used"], ".1f"))
+        if "peak_waiting" in i:
+            lines.append(_line(f"Peak waiting, instance {i['instance']}:", i["peak_waiting"]))
+    return lines

@@ -1,0 +1,52 @@
+"""`conveyor bench` against a real 2-stage deployment: every request completes with exactly
+the output length it asked for, and the result files have the documented shape."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from conveyor.cli.app import app
+
+
+def test_bench_random_dataset_end_to_end(deployment, tmp_path):
+    result_file = tmp_path / "run.json"
+    out = CliRunner().invoke(app, [
+        "bench", "--address", deployment.address, "--dataset", "random", "--num-prompts", "8",
+        "--random-input-len", "24", "--random-output-len", "8", "--random-range-ratio", "0.25",
+        "--request-rate", "inf", "--num-warmups", "1", "--seed", "5", "--slo", "e2e=120",
+        "--stats-interval", "0.2", "--request-timeout", "60", "--result-file", str(result_file),
+        "--no-progress"])
+    assert out.exit_code == 0, out.output + (deployment.log_tail() if out.exception else "")
+    assert "Serving Benchmark Result" in out.output and "Mean TTFT (ms):" in out.output
+
+    data = json.loads(result_file.read_text())
+    summary = data["summary"]
+    assert {"completed", "failed", "duration_s", "request_throughput", "output_throughput",
+            "total_token_throughput", "ttft", "tpot", "itl", "e2e", "goodput",
+            "controller"} <= summary.keys()
+    assert summary["completed"] == 8 and summary["failed"] == 0
+    assert summary["goodput"]["requests"] == 8
+
+    requests = data["requests"]
+    assert len(requests) == 8
+    for r in requests:
+        assert r["error"] is None
+        assert 18 <= r["prompt_len"] <= 30 and r["prompt_tokens"] == r["prompt_len"]
+        assert 6 <= r["expected_output_len"] <= 10
+        assert r["output_tokens"] == r["expected_output_len"]  # ignore_eos: exact lengths
+        assert r["finish_reason"] == "length"
+        assert 0 < r["ttft_s"] <= r["e2e_s"]
+        assert len(r["itl_s"]) == r["output_tokens"] - 1  # one gap per token after the first
+        assert abs(r["ttft_s"] + sum(r["itl_s"]) - r["e2e_s"]) < 0.5
+    assert summary["total_output_tokens"] == sum(r["expected_output_len"] for r in requests)
+    assert summary["duration_s"] >= max(r["e2e_s"] for r in requests)
+
+    ctl = summary["controller"]
+    assert ctl["policy"] == data["health"]["policy"]
+    if "counters" in ctl and "generated_tokens" in ctl["counters"]:
+        assert ctl["counters"]["generated_tokens"] == summary["total_output_tokens"]
+    for stage in ctl.get("stages", []):  # present once the controller reports them
+        assert stage["bubble_ratio"] is None or 0.0 <= stage["bubble_ratio"] <= 1.0
+    assert result_file.with_name("run-cdf.png").stat().st_size > 1000
