@@ -42,8 +42,14 @@ class ModelConfig(_Section):
     max_model_len: int = 2048
     """Longest sequence (prompt + output) a request may reach, in tokens."""
     layer_split: list[int] = []
-    """Layers per stage, e.g. [16, 14]; empty splits evenly by count (the last stage, which also
-    carries the LM head, takes the smaller share when the count does not divide)."""
+    """Layers per stage, e.g. [17, 13]; empty lets `placement` choose."""
+    placement: Literal["balanced", "even"] = "balanced"
+    """How layers are split when layer_split is empty: "balanced" counts the LM head of the
+    last stage as extra layers and balances stage cost (common/model/placement.py); "even"
+    splits by layer count."""
+    head_weight: float = 0.5
+    """balanced placement: the share of the LM head's full decode cost to plan for (1.0 when
+    every token samples, ~0 for prefill-only work)."""
     tokenizer: str = ""
     """Tokenizer source; empty means the model's own (dummy models borrow SmolLM2's)."""
     seed: int = 0
@@ -143,6 +149,7 @@ class ConveyorConfig(_Section):
             (self.deployment.instances >= 1, "deployment.instances must be >= 1"),
             (self.deployment.threads_per_stage >= 0, "deployment.threads_per_stage must be >= 0"),
             (self.model.max_model_len >= 16, "model.max_model_len must be >= 16"),
+            (0.0 <= self.model.head_weight <= 1.0, "model.head_weight must be in [0, 1]"),
             (all(n >= 1 for n in self.model.layer_split), "model.layer_split entries must be >= 1"),
             (not self.model.layer_split or len(self.model.layer_split) == self.deployment.stages,
              f"model.layer_split has {len(self.model.layer_split)} entries but deployment.stages "

@@ -19,7 +19,8 @@ import zmq
 from common.config import ConveyorConfig
 from common.log import get_logger
 from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepBatch,
-                          resolve_model, sample, split_layers)
+                          resolve_model, sample)
+from common.model.placement import stage_layer_bounds
 from common.wire import ProtocolError, decode, encode
 from common.wire.internal_messages import Hello, Shutdown, StepDone, StepPlan
 from services.stage.devices import StagePlacement, place_stage
@@ -38,8 +39,9 @@ class StageWorker:
         self.device, self.dtype = self.placement.device, self.placement.dtype
         src = resolve_model(cfg.model.source, cfg.model.load_format, cfg.model.tokenizer)
         self.shape = src.shape
-        self.layers = split_layers(src.shape.num_layers, self.num_stages,
-                                   cfg.model.layer_split)[stage]
+        m = cfg.model
+        self.layers = stage_layer_bounds(src.shape, self.num_stages, m.layer_split, m.placement,
+                                         m.head_weight)[stage]
         self.is_first, self.is_last = stage == 0, stage == self.num_stages - 1
         t0 = time.perf_counter()
         self.model = StageModel.from_source(src, *self.layers, self.is_first, self.is_last,
