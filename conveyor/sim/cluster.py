@@ -1,0 +1,412 @@
+"""The simulated cluster: a typed, validated TOML file (see deploy/clusters/*.toml).
+
+    [model]      shape (a NAMED_SHAPES entry), max_model_len, layer_split or placement
+                 (balanced | even, head_weight: as `conveyor serve`), dtype
+    [cluster]    instances, stages, routing
+    [kvcache]    block_size and the pool size per instance: num_blocks, or memory per stage
+                 (memory_gib on CPU, like `conveyor serve`; gpu_memory_gib with
+                 gpu_memory_utilization for GPUs, sized the way services/stage/devices.py does)
+    [scheduler]  policy and its parameters: the very keys of `conveyor serve`'s [scheduler]
+                 (built with `make_policy_from`), plus parameters of any other registered policy
+    [link]       bandwidth_gbps (0: the cost model's transfer_s), latency_us (added per hop)
+    [simulator]  dispatch_latency_us, waiting_head, context_quantum, sample_points
+    [cost]       optional default cost model: device = "h100" (roofline, other keys passed to
+                 RooflineCostModel) or profile = "PATH" (a `conveyor profile` JSON)
+
+Unknown keys and wrong types are errors naming the key, as in common/config.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from common.config import SchedulerConfig
+
+GIB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GPU_RESERVED_BYTES = 2 * GIB
+"""Room devices.py keeps on a GPU for activations of a full micro-batch and CUDA graphs."""
+
+
+class ClusterError(ValueError):
+    """A cluster file is missing, malformed or inconsistent."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ModelSection(_Section):
+    shape: str = "smollm2-135m"
+    """A named model shape (common/model/shape.py NAMED_SHAPES)."""
+    max_model_len: int = 2048
+    """Longest sequence (prompt + output); a request stops there, as in the controller."""
+    layer_split: list[int] = []
+    """Layers per stage; empty lets `placement` choose (as `conveyor serve` does)."""
+    placement: Literal["balanced", "even"] = "balanced"
+    """balanced: the LM head of the last stage counts as extra layers (common/model/placement.py);
+    even: split by layer count."""
+    head_weight: float = 0.5
+    """balanced placement: share of the LM head's full decode cost to plan for."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights, activations and KV dtype: sizes the KV pool and the activations sent."""
+
+
+class ClusterSection(_Section):
+    instances: int = 1
+    stages: int = 2
+    routing: Literal["least-loaded", "round-robin"] = "least-loaded"
+    """least-loaded: the controller's rule (fewest tokens still to process, Instance.load)."""
+
+
+class KVSection(_Section):
+    block_size: int = 16
+    num_blocks: int = 0
+    """Blocks per instance; 0 sizes the pool from the memory below."""
+    memory_gib: float = 0.5
+    """KV memory per stage (CPU sizing, kvcache.memory_gib of `conveyor serve`)."""
+    gpu_memory_gib: float = 0.0
+    """>0: size as on a GPU of this much memory per stage: utilization share, less the stage's
+    weights and 2 GiB of working room, as services/stage/devices.py does."""
+    gpu_memory_utilization: float = 0.9
+
+
+class LinkSection(_Section):
+    bandwidth_gbps: float = 0.0
+    """Gigabytes/s between consecutive stages; 0 uses the cost model's transfer_s."""
+    latency_us: float = 0.0
+    """Added to every stage-to-stage hop."""
+
+
+class SimulatorSection(_Section):
+    dispatch_latency_us: float = 0.0
+    """From the scheduling decision to stage 0 starting (controller and wire overhead)."""
+    waiting_head: int = 0
+    """Waiting requests passed in a snapshot: 0 = auto (as many as the free seats can admit and
+    at least the pending tokens any built-in policy can use: the same plans as with the whole
+    queue), N = the first N, -1 = the whole queue (what the controller passes)."""
+    context_quantum: float = 1.0
+    """Mean decode context is rounded to a multiple of this many tokens before costing (lets the
+    step-cost cache hit); 0 = exact."""
+    sample_points: int = 400
+    """About how many samples of each instance's queue and KV use the time series keep."""
+
+
+class ClusterFile(_Section):
+    name: str = ""
+    model: ModelSection = msgspec.field(default_factory=ModelSection)
+    cluster: ClusterSection = msgspec.field(default_factory=ClusterSection)
+    kvcache: KVSection = msgspec.field(default_factory=KVSection)
+    scheduler: dict[str, Any] = {}
+    link: LinkSection = msgspec.field(default_factory=LinkSection)
+    simulator: SimulatorSection = msgspec.field(default_factory=SimulatorSection)
+    cost: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    num_layers: int
+    first: bool
+    last: bool
+
+
+@dataclass
+class ClusterConfig:
+    """A resolved cluster: everything the simulator needs, validated."""
+
+    name: str
+    shape_name: str
+    shape: Any
+    """common.model.shape.ModelShape"""
+    instances: int
+    stages: list[StageSpec]
+    max_model_len: int
+    dtype: str
+    block_size: int
+    num_blocks: int
+    """KV blocks per instance (the smallest of its stages' pools, as the controller takes)."""
+    policy: str
+    scheduler: Any
+    """Settings object the policy is built from (make_policy_from)."""
+    max_inflight: int
+    routing: str = "least-loaded"
+    link_bandwidth_bytes_s: float = 0.0
+    link_latency_s: float = 0.0
+    dispatch_latency_s: float = 0.0
+    waiting_head: int = 0
+    context_quantum: float = 1.0
+    sample_points: int = 400
+    cost: dict[str, Any] = field(default_factory=dict)
+    kv_sizing: str = ""
+    """How num_blocks was reached (for the report)."""
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def activation_bytes_per_token(self) -> int:
+        return self.shape.hidden_size * DTYPE_BYTES[self.dtype]
+
+    @property
+    def max_num_seqs(self) -> int:
+        return int(getattr(self.scheduler, "max_num_seqs", 128))
+
+    @property
+    def head_tokens(self) -> int:
+        """Auto waiting head: pending prompt tokens it must cover, the most any built-in policy
+        can use: a micro-batch's token budget (fcfs, sarathi) or prefill_iterations x
+        max_prefill_tokens (the point past which throttle's budget no longer grows)."""
+        s = self.scheduler
+        candidates = [getattr(s, "max_num_batched_tokens", 0), getattr(s, "max_prefill_tokens", 0)]
+        if isinstance(getattr(s, "prefill_iterations", None), int):
+            candidates.append(s.prefill_iterations * getattr(s, "max_prefill_tokens", 0))
+        return max([int(c) for c in candidates if isinstance(c, (int, float))] + [1])
+
+    def describe_head(self) -> str:
+        if self.waiting_head < 0:
+            return "the whole queue"
+        if self.waiting_head == 0:
+            return (f"auto: free seats + 1 (at least 2) requests and {self.head_tokens} "
+                    f"pending tokens")
+        return f"{self.waiting_head} requests"
+
+    def make_policy(self):
+        from common.scheduling import make_policy_from
+
+        return make_policy_from(self.policy, self.scheduler)
+
+    def with_policy(self, policy: str, **params: Any) -> "ClusterConfig":
+        """A copy running `policy` (checked), with parameters overridden."""
+        settings = _Settings(vars(self.scheduler) | params)
+        settings.policy = policy
+        cfg = dataclasses.replace(self, policy=policy, scheduler=settings)
+        _check_policy(cfg)
+        return cfg
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved configuration, for result files."""
+        return {"name": self.name, "shape": self.shape_name, "instances": self.instances,
+                "stages": self.num_stages,
+                "layer_split": [s.num_layers for s in self.stages],
+                "max_model_len": self.max_model_len, "dtype": self.dtype,
+                "block_size": self.block_size, "kv_blocks_per_instance": self.num_blocks,
+                "kv_sizing": self.kv_sizing, "policy": self.policy,
+                "scheduler": {k: v for k, v in vars(self.scheduler).items()},
+                "max_inflight": self.max_inflight, "routing": self.routing,
+                "link_bandwidth_bytes_s": self.link_bandwidth_bytes_s,
+                "link_latency_s": self.link_latency_s,
+                "dispatch_latency_s": self.dispatch_latency_s,
+                "waiting_head": self.describe_head(), "context_quantum": self.context_quantum,
+                "cost": dict(self.cost)}
+
+
+class _Settings:
+    """Scheduler settings: `conveyor serve`'s SchedulerConfig fields plus extra parameters."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.__dict__.update(values)
+
+
+def named_shape(name: str) -> Any:
+    from common.model.shape import NAMED_SHAPES
+
+    try:
+        return NAMED_SHAPES[name]
+    except KeyError:
+        raise ClusterError(f"unknown model shape {name!r}; choose from "
+                           f"{', '.join(sorted(NAMED_SHAPES))}") from None
+
+
+def _stage_weight_bytes(shape: Any, spec: StageSpec, dtype_bytes: int) -> int:
+    params = spec.num_layers * shape.layer_param_count()
+    if spec.first:
+        params += shape.vocab_size * shape.hidden_size
+    if spec.last:
+        params += shape.hidden_size + shape.vocab_size * shape.hidden_size
+    return params * dtype_bytes
+
+
+def kv_blocks_per_instance(shape: Any, stages: list[StageSpec], kv: KVSection,
+                           dtype: str) -> tuple[int, str]:
+    """The pool of one instance: the configured count, else the smallest stage's pool by the
+    memory rule of services/stage/devices.py."""
+    if kv.num_blocks:
+        return kv.num_blocks, "kvcache.num_blocks"
+    b = DTYPE_BYTES[dtype]
+    counts = []
+    for spec in stages:
+        per_block = 2 * spec.num_layers * kv.block_size * shape.kv_size * b
+        if kv.gpu_memory_gib > 0:
+            total = kv.gpu_memory_gib * GIB
+            budget = (total * kv.gpu_memory_utilization - _stage_weight_bytes(shape, spec, b)
+                      - GPU_RESERVED_BYTES)
+        else:
+            budget = kv.memory_gib * GIB
+        counts.append(int(budget // per_block))
+    blocks = min(counts)
+    how = (f"gpu_memory_gib={kv.gpu_memory_gib:g} x {kv.gpu_memory_utilization:g} less weights"
+           if kv.gpu_memory_gib > 0 else f"memory_gib={kv.memory_gib:g} per stage")
+    if blocks < 1:
+        raise ClusterError(f"no memory left for the KV cache ({how}): give kvcache more memory "
+                           f"or set kvcache.num_blocks")
+    return blocks, how
+
+
+def _check_policy(cfg: ClusterConfig) -> None:
+    try:
+        cfg.make_policy()
+    except ValueError as e:
+        raise ClusterError(f"scheduler: {e}") from None
+
+
+def _scheduler_settings(raw: dict[str, Any]) -> _Settings:
+    """SchedulerConfig's fields (type-checked, with their defaults) plus keys that some other
+    registered policy takes as a parameter; anything else is an error."""
+    from common.scheduling import policy_class, policy_names
+
+    known = {f for f in SchedulerConfig.__struct_fields__}
+    extra_ok: set[str] = set()
+    for name in policy_names():
+        cls = policy_class(name)
+        if dataclasses.is_dataclass(cls):
+            extra_ok.update(f.name for f in dataclasses.fields(cls))
+    base = {k: v for k, v in raw.items() if k in known}
+    unknown = sorted(k for k in raw if k not in known and k not in extra_ok)
+    if unknown:
+        raise ClusterError(f"scheduler: unknown key(s) {', '.join(unknown)}; known: "
+                           f"{', '.join(sorted(known | extra_ok))}")
+    try:
+        sc = msgspec.convert(base, SchedulerConfig)
+    except msgspec.ValidationError as e:
+        raise ClusterError(f"scheduler: {e}") from None
+    values = {f: getattr(sc, f) for f in SchedulerConfig.__struct_fields__}
+    values.update({k: v for k, v in raw.items() if k not in known})
+    return _Settings(values)
+
+
+def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
+    """A ClusterConfig from the parsed TOML (a dict); raises ClusterError naming the problem."""
+    try:
+        f = msgspec.convert(raw, ClusterFile)
+    except msgspec.ValidationError as e:
+        raise ClusterError(f"invalid cluster file: {e}") from None
+    m, c, kv, sim = f.model, f.cluster, f.kvcache, f.simulator
+    checks = [
+        (c.instances >= 1, "cluster.instances must be >= 1"),
+        (c.stages >= 1, "cluster.stages must be >= 1"),
+        (m.max_model_len >= 16, "model.max_model_len must be >= 16"),
+        (kv.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
+         "kvcache.block_size must be a power of two up to 256"),
+        (kv.num_blocks >= 0, "kvcache.num_blocks must be >= 0"),
+        (kv.memory_gib > 0, "kvcache.memory_gib must be > 0"),
+        (kv.gpu_memory_gib >= 0, "kvcache.gpu_memory_gib must be >= 0"),
+        (0 < kv.gpu_memory_utilization <= 1, "kvcache.gpu_memory_utilization must be in (0, 1]"),
+        (f.link.bandwidth_gbps >= 0, "link.bandwidth_gbps must be >= 0"),
+        (f.link.latency_us >= 0, "link.latency_us must be >= 0"),
+        (sim.dispatch_latency_us >= 0, "simulator.dispatch_latency_us must be >= 0"),
+        (sim.waiting_head >= -1, "simulator.waiting_head must be -1, 0 or a positive count"),
+        (sim.context_quantum >= 0, "simulator.context_quantum must be >= 0"),
+        (sim.sample_points >= 2, "simulator.sample_points must be >= 2"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ClusterError(message)
+    shape = named_shape(m.shape)
+    from common.model.placement import stage_layer_bounds
+
+    if m.layer_split and len(m.layer_split) != c.stages:
+        raise ClusterError(f"model.layer_split has {len(m.layer_split)} entries but "
+                           f"cluster.stages is {c.stages}")
+    if not 0.0 <= m.head_weight <= 1.0:
+        raise ClusterError("model.head_weight must be in [0, 1]")
+    try:  # the very split the stage workers and the profiler use
+        bounds = stage_layer_bounds(shape, c.stages, m.layer_split, m.placement, m.head_weight)
+    except ValueError as e:
+        raise ClusterError(f"model.layer_split: {e} ({m.shape} has {shape.num_layers} "
+                           f"layers)") from None
+    stages = [StageSpec(end - start, i == 0, i == c.stages - 1)
+              for i, (start, end) in enumerate(bounds)]
+    num_blocks, how = kv_blocks_per_instance(shape, stages, kv, m.dtype)
+    settings = _scheduler_settings(dict(f.scheduler))
+    if settings.max_num_seqs < 1:
+        raise ClusterError("scheduler.max_num_seqs must be >= 1")
+    if settings.max_inflight < 0:
+        raise ClusterError("scheduler.max_inflight must be >= 0")
+    cost = dict(f.cost)
+    if cost.get("device") and cost.get("profile"):
+        raise ClusterError("cost: give device or profile, not both")
+    cfg = ClusterConfig(
+        name=f.name or name, shape_name=m.shape, shape=shape, instances=c.instances,
+        stages=stages, max_model_len=m.max_model_len, dtype=m.dtype, block_size=kv.block_size,
+        num_blocks=num_blocks, policy=settings.policy, scheduler=settings,
+        max_inflight=settings.max_inflight or c.stages, routing=c.routing,
+        link_bandwidth_bytes_s=f.link.bandwidth_gbps * 1e9,
+        link_latency_s=f.link.latency_us * 1e-6,
+        dispatch_latency_s=sim.dispatch_latency_us * 1e-6, waiting_head=sim.waiting_head,
+        context_quantum=sim.context_quantum, sample_points=sim.sample_points, cost=cost,
+        kv_sizing=how)
+    _check_policy(cfg)
+    return cfg
+
+
+def load_cluster(path: str | Path, overrides: dict[str, Any] | None = None) -> ClusterConfig:
+    """Reads a cluster TOML (or JSON) file and applies dotted overrides such as
+    {"scheduler.policy": "throttle", "cluster.instances": 4}."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ClusterError(f"cannot read cluster file {p}: {e.strerror}") from None
+    try:
+        import json
+
+        raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        kind = "JSON" if p.suffix == ".json" else "TOML"
+        raise ClusterError(f"cluster file {p} is not valid {kind}: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ClusterError(f"override {dotted!r} must be section.key")
+        raw.setdefault(section, {})[key] = value
+    try:
+        return build_cluster(raw, name=p.stem)
+    except ClusterError as e:
+        raise ClusterError(f"{p}: {e}") from None
+
+
+# ---- cost models --------------------------------------------------------------------------------
+
+def build_cost_model(cfg: ClusterConfig, profile: str | Path | None = None,
+                     device: str | None = None) -> Any:
+    """The cost model named on the command line (--profile or --device), else the cluster's
+    [cost] section. The implementations are imported only when asked for."""
+    if profile and device:
+        raise ClusterError("give --profile or --device, not both")
+    extra = {k: v for k, v in cfg.cost.items() if k not in ("device", "profile")}
+    if not profile and not device:
+        profile, device = cfg.cost.get("profile") or None, cfg.cost.get("device") or None
+    if profile:
+        from common.costmodel.profile import ProfileCostModel
+
+        try:
+            return ProfileCostModel.load(profile, cfg.shape)
+        except (OSError, ValueError) as e:
+            raise ClusterError(f"cost profile {profile}: {e}") from None
+    if device:
+        from common.costmodel.roofline import RooflineCostModel
+
+        try:
+            return RooflineCostModel(cfg.shape, device=device,
+                                     dtype_bytes=DTYPE_BYTES[cfg.dtype], **extra)
+        except (TypeError, ValueError) as e:
+            raise ClusterError(f"cost model for device {device!r}: {e}") from None
+    raise ClusterError("no cost model: pass --profile FILE (from `conveyor profile`) or "
+                       "--device NAME (roofline), or give the cluster file a [cost] section")

@@ -1,0 +1,418 @@
+"""The event loop and the cluster driver.
+
+`EventQueue` is a heap of (time, seq, handler, arg): events at the same time run in the order
+they were pushed. The only events are micro-batch completions (pipeline.py explains why one per
+micro-batch gives the same timings as one per stage). Request arrivals come from the workload,
+already in time order, and the driver interleaves them: it runs every event up to a request's
+arrival time (an arrival at the same time as a completion comes after it), routes the request,
+and the instance's scheduling loop runs, as the controller's wakes on a submit. Requests
+arriving at the very same instant (a burst; rate inf) are all queued first and the loop runs
+once after them, as the controller reads the submits already waiting on its socket before its
+scheduling task gets a turn.
+
+Routing is the controller's: the instance with the least load (tokens still to process,
+`Instance.load`, kept incrementally here), the lowest index on a tie; or round-robin.
+
+Instances interact only through routing. With `workers` > 1 the instances are split between
+processes (forked), each running its instances' events; before every arrival each process runs
+up to the arrival time and sends every other one its least-loaded instance (load, index) over
+a pipe, so all agree on the winner, which takes the request. Results are identical for any
+number of workers; the processes run in parallel between arrivals, so a burst (rate inf) or
+sparse arrivals parallelize best.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import multiprocessing as mp
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from conveyor.sim.cluster import ClusterConfig
+from conveyor.sim.pipeline import Pipeline, StepTimer
+from conveyor.sim.state import SimInstance, SimRequest
+from conveyor.sim.workload import Workload
+from services.controller.metrics import ControllerMetrics, Histogram, Moments
+
+
+class EventQueue:
+    """A heap of (time, seq, handler, arg); `handler(arg, time)` runs each event."""
+
+    __slots__ = ("heap", "seq", "now", "processed")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[float, int, Callable[[Any, float], None], Any]] = []
+        self.seq = 0
+        self.now = 0.0
+        self.processed = 0
+
+    def push(self, t: float, handler: Callable[[Any, float], None], arg: Any = None) -> None:
+        if t < self.now:
+            raise ValueError(f"event at {t} is in the past (now {self.now})")
+        heapq.heappush(self.heap, (t, self.seq, handler, arg))
+        self.seq += 1
+
+    def run_until(self, t: float) -> None:
+        """Runs every event with time <= t (including those they push), in order."""
+        heap = self.heap
+        pop = heapq.heappop
+        n = 0
+        while heap and heap[0][0] <= t:
+            when, _, handler, arg = pop(heap)
+            self.now = when
+            handler(arg, when)
+            n += 1
+        self.processed += n
+        if t > self.now and not math.isinf(t):
+            self.now = t
+
+    def run(self) -> None:
+        self.run_until(math.inf)
+
+    def __len__(self) -> int:
+        return len(self.heap)
+
+
+# ---- one process's share of the cluster ---------------------------------------------------------
+
+class Shard:
+    """Instances `indices` of the cluster with their event queue, step timer and metrics."""
+
+    def __init__(self, cfg: ClusterConfig, cost: Any, indices: list[int]):
+        self.cfg = cfg
+        self.queue = EventQueue()
+        self.timer = StepTimer.for_cluster(cfg, cost)
+        self.metrics = ControllerMetrics(started=0.0, num_instances=cfg.instances)
+        self.instances = [SimInstance(i, cfg, cfg.make_policy(), self.timer,
+                                      Pipeline(cfg.num_stages), self.metrics, self.queue.push,
+                                      cfg.sample_points) for i in indices]
+        self.by_index = {inst.index: inst for inst in self.instances}
+
+
+def _load(inst: SimInstance) -> int:
+    return inst.load
+
+
+# ---- results ------------------------------------------------------------------------------------
+
+@dataclass
+class SimResult:
+    cfg: ClusterConfig
+    requests: list[SimRequest]
+    """Every request of the workload, in workload order."""
+    metrics: ControllerMetrics
+    """The controller's counters over the run (same definitions as `conveyor stats`)."""
+    instances: list[dict[str, Any]]
+    stage_busy: dict[tuple[int, int], tuple[int, float, float]]
+    """(instance, stage) -> (steps, busy seconds, input-wait seconds)."""
+    end_s: float
+    """Simulated time when the last event ran."""
+    wall_s: float
+    events: int
+    policy_calls: int
+    cost_cache: dict[str, int] = field(default_factory=dict)
+    workers: int = 1
+
+    @property
+    def first_arrival_s(self) -> float:
+        return min((r.arrival for r in self.requests), default=0.0)
+
+
+def _instance_raw(inst: SimInstance) -> dict[str, Any]:
+    count, s, sq = inst.tokens_per_batch
+    mean = s / count if count else None
+    std = math.sqrt(max(0.0, sq / count - mean * mean)) if count else None
+    return {"instance": inst.index, "kv_total_blocks": inst.total_blocks,
+            "wait_area": inst.wait_area, "used_area": inst.used_area,
+            "inflight_area": inst.inflight_area, "max_inflight": inst.max_inflight_seen,
+            "max_waiting": inst.max_waiting, "max_used_blocks": inst.max_used,
+            "micro_batches": count,
+            "tokens_per_batch": {"count": count, "sum": s, "sumsq": sq, "mean": mean, "std": std},
+            "preemptions": inst.preemptions, "finished": inst.finished,
+            "policy_calls": inst.policy_calls, "samples": inst.samples}
+
+
+def _shard_results(shard: Shard) -> dict[str, Any]:
+    busy = {}
+    for inst in shard.instances:
+        p = inst.pipeline
+        for s in range(p.num_stages):
+            busy[(inst.index, s)] = (p.steps, p.busy[s], p.wait[s])
+    return {"metrics": shard.metrics, "instances": [_instance_raw(i) for i in shard.instances],
+            "busy": busy, "events": shard.queue.processed, "end": shard.queue.now,
+            "policy_calls": sum(i.policy_calls for i in shard.instances),
+            "cache": {"hits": shard.timer.hits, "misses": shard.timer.misses}}
+
+
+def _merge_metrics(parts: list[dict[str, Any]], num_instances: int) -> ControllerMetrics:
+    out = ControllerMetrics(started=0.0, num_instances=num_instances)
+    for part in parts:
+        m: ControllerMetrics = part["metrics"]
+        out.finished.update(m.finished)
+        out.prompt_tokens += m.prompt_tokens
+        out.generated_tokens += m.generated_tokens
+        out.micro_batches += m.micro_batches
+        out.preemptions += m.preemptions
+        for mine, theirs in ((out.prefill_per_batch, m.prefill_per_batch),
+                             (out.decode_per_batch, m.decode_per_batch)):
+            _add_moments(mine, theirs)
+        for mine_h, theirs_h in ((out.ttft, m.ttft), (out.tpot, m.tpot), (out.e2e, m.e2e)):
+            _add_hist(mine_h, theirs_h)
+        for inst in part["instances"]:  # pending clocks live with the shard of the instance
+            out.pending[inst["instance"]] = m.pending[inst["instance"]]
+    return out
+
+
+def _add_moments(a: Moments, b: Moments) -> None:
+    a.count += b.count
+    a.sum += b.sum
+    a.sumsq += b.sumsq
+
+
+def _add_hist(a: Histogram, b: Histogram) -> None:
+    a.counts = [x + y for x, y in zip(a.counts, b.counts)]
+    _add_moments(a.total, b.total)
+
+
+def _finalize(cfg: ClusterConfig, requests: list[SimRequest], parts: list[dict[str, Any]],
+              wall: float, workers: int) -> SimResult:
+    from services.controller.metrics import StageCounters
+
+    end = max(p["end"] for p in parts)
+    metrics = _merge_metrics(parts, cfg.instances)
+    for clock in metrics.pending:
+        clock.update(False, end)  # open only where requests never finished
+    busy: dict = {}
+    for p in parts:
+        busy.update(p["busy"])
+    # Stage counters in the controller's form (what StepDone reports per stage).
+    for (i, s), (steps, b, w) in sorted(busy.items()):
+        metrics.stages[(i, s)] = StageCounters(steps=steps, busy_s=b, wait_s=w)
+    span = end if end > 0 else 1.0
+    instances = []
+    for raw in sorted((x for p in parts for x in p["instances"]), key=lambda d: d["instance"]):
+        total = raw["kv_total_blocks"]
+        wait_area, used_area, max_used = (raw.pop("wait_area"), raw.pop("used_area"),
+                                          raw.pop("max_used_blocks"))
+        instances.append({**raw, "mean_waiting": wait_area / span,
+                          "mean_inflight": raw.pop("inflight_area") / span,
+                          "mean_kv_used": used_area / span / total if total else 0.0,
+                          "max_kv_used": max_used / total if total else 0.0})
+    requests.sort(key=lambda r: r.index)
+    for r in requests:
+        if not r.finished and r.error is None:
+            r.error = ("never finished: the policy returned empty plans with nothing in flight "
+                       "(stalled)")
+            metrics.finished["error"] += 1
+    cache = {"hits": sum(p["cache"]["hits"] for p in parts),
+             "misses": sum(p["cache"]["misses"] for p in parts)}
+    return SimResult(cfg, requests, metrics, instances, busy, end, wall,
+                     sum(p["events"] for p in parts), sum(p["policy_calls"] for p in parts),
+                     cache, workers)
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+
+def make_request(cfg: ClusterConfig, index: int, arrival: float, prompt: int, output: int
+                 ) -> SimRequest:
+    """A request as the ingress and controller take it: max_tokens is the output length
+    (EOS ignored), clamped to the context left; requests that cannot run are failed up front
+    (prompt beyond the context, or more KV than the whole pool: Controller._fits)."""
+    output = max(1, int(output))
+    prompt = int(prompt)
+    max_tokens = min(output, cfg.max_model_len - prompt)
+    req = SimRequest(index + 1, index, float(arrival), prompt, max(max_tokens, 1), output)
+    if prompt < 1:
+        req.error = "empty prompt"
+    elif prompt >= cfg.max_model_len:
+        req.error = (f"prompt of {prompt} tokens leaves no room in the context "
+                     f"(max_model_len {cfg.max_model_len})")
+    else:
+        need = -(-(prompt + req.max_tokens) // cfg.block_size)
+        if need > cfg.num_blocks:
+            req.error = (f"request needs {need} KV blocks ({prompt} prompt + {req.max_tokens} "
+                         f"max_tokens) but the pool holds {cfg.num_blocks}")
+    return req
+
+
+ProgressFn = Callable[[float, int, int, int], None]
+"""progress(simulated seconds, requests arrived, requests finished, total)."""
+
+_MSG = struct.Struct("qqq")  # least load, its instance, requests finished
+
+
+def _partition(num_instances: int, workers: int, w: int) -> list[int]:
+    lo = num_instances * w // workers
+    hi = num_instances * (w + 1) // workers
+    return list(range(lo, hi))
+
+
+def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers: int,
+              links: list[tuple[int, int]], progress: ProgressFn | None,
+              progress_every_s: float) -> tuple[dict[str, Any], list[SimRequest]]:
+    """Worker `w` of `workers`: runs its instances' events and takes the arrivals routed to
+    them. `links` are (read fd, write fd) pipes to every other worker, over which the workers
+    agree on the least-loaded instance before each arrival."""
+    shard = Shard(cfg, cost, _partition(cfg.instances, workers, w))
+    owned = set(shard.by_index)
+    instances = shard.instances
+    metrics = shard.metrics
+    finished = metrics.finished
+    requests: list[SimRequest] = []
+    round_robin = cfg.routing == "round-robin"
+    advance = shard.queue.run_until
+    pack, unpack, size = _MSG.pack, _MSG.unpack, _MSG.size
+    write, read = os.write, os.read
+    n = len(workload)
+    clock = time.perf_counter
+    next_report = clock() + progress_every_s
+    accepted = 0
+    others_done = 0
+    touched: list[SimInstance] = []  # got requests at instant `touched_t`, to schedule
+    touched_t = 0.0
+    for i, (t, p, o) in enumerate(zip(workload.arrival_s, workload.prompt_len,
+                                      workload.output_len)):
+        if touched and t > touched_t:
+            for inst in touched:
+                inst.schedule(touched_t)
+            touched.clear()
+        advance(t)
+        req = make_request(cfg, i, t, p, o)
+        if req.error is not None:
+            if w == 0:
+                requests.append(req)
+                metrics.finished["error"] += 1
+            continue
+        if round_robin:
+            target = accepted % cfg.instances
+        else:
+            best = min(instances, key=_load) if instances else None
+            load, target = (best.load, best.index) if best is not None else (1 << 62, 1 << 62)
+            if links:
+                msg = pack(load, target, finished["length"])
+                for _, wfd in links:
+                    write(wfd, msg)
+                others_done = 0
+                for rfd, _ in links:
+                    data = read(rfd, size)
+                    if len(data) != size:
+                        raise RuntimeError("a simulation worker stopped")
+                    other = unpack(data)
+                    others_done += other[2]
+                    if other[0] < load or (other[0] == load and other[1] < target):
+                        load, target = other[0], other[1]
+        accepted += 1
+        if target in owned:
+            metrics.prompt_tokens += req.prompt
+            requests.append(req)
+            inst = shard.by_index[target]
+            inst.add(req, t, schedule=False)
+            touched_t = t
+            if inst not in touched:
+                touched.append(inst)
+        if progress is not None and (i & 127) == 0:
+            now = clock()
+            if now >= next_report:
+                next_report = now + progress_every_s
+                progress(t, i + 1, finished["length"] + others_done, n)
+    for inst in touched:
+        inst.schedule(touched_t)
+    shard.queue.run()
+    for inst in instances:
+        inst.close_gauges(shard.queue.now)
+    if progress is not None:  # the other workers may still be draining theirs
+        progress(shard.queue.now, n, finished["length"] + others_done, n)
+    for r in requests:
+        r.view = None
+    return _shard_results(shard), requests
+
+
+def simulate(cfg: ClusterConfig, cost: Any, workload: Workload, workers: int = 1,
+             progress: ProgressFn | None = None, progress_every_s: float = 0.5) -> SimResult:
+    """Runs `workload` on the cluster `cfg` with stage times from `cost`, on `workers`
+    processes (0: one per CPU core, at most 8; results do not depend on the count)."""
+    if workers <= 0:
+        workers = min(os.cpu_count() or 1, 8)
+    workers = max(1, min(int(workers), cfg.instances))
+    if workers > 1 and "fork" not in mp.get_all_start_methods():
+        workers = 1
+    t0 = time.perf_counter()
+    if workers == 1:
+        part, requests = _run_part(cfg, cost, workload, 0, 1, [], progress, progress_every_s)
+        return _finalize(cfg, requests, [part], time.perf_counter() - t0, 1)
+    return _simulate_forked(cfg, cost, workload, workers, progress, progress_every_s, t0)
+
+
+def _simulate_forked(cfg: ClusterConfig, cost: Any, workload: Workload, workers: int,
+                     progress: ProgressFn | None, progress_every_s: float,
+                     t0: float) -> SimResult:
+    ctx = mp.get_context("fork")
+    # pipes[a][b]: a writes, b reads
+    pipes = {(a, b): os.pipe() for a in range(workers) for b in range(workers) if a != b}
+
+    def links_of(w: int) -> list[tuple[int, int]]:
+        return [(pipes[(o, w)][0], pipes[(w, o)][1]) for o in range(workers) if o != w]
+
+    def close_others(w: int) -> None:
+        mine = {fd for pair in links_of(w) for fd in pair}
+        for r, wr in pipes.values():
+            for fd in (r, wr):
+                if fd not in mine:
+                    os.close(fd)
+
+    procs, conns = [], []
+    try:
+        for w in range(1, workers):
+            parent_end, child_end = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child_main, daemon=True,
+                               args=(child_end, cfg, cost, workload, w, workers, links_of,
+                                     close_others))
+            proc.start()
+            child_end.close()
+            procs.append(proc)
+            conns.append(parent_end)
+        close_others(0)
+        try:
+            part, requests = _run_part(cfg, cost, workload, 0, workers, links_of(0), progress,
+                                       progress_every_s)
+        finally:
+            for fd in {fd for pair in links_of(0) for fd in pair}:
+                os.close(fd)
+        parts = [part]
+        for conn in conns:
+            kind, payload = conn.recv()
+            if kind == "error":
+                raise RuntimeError(f"a simulation worker failed:\n{payload}")
+            parts.append(payload[0])
+            requests += payload[1]
+    except (EOFError, OSError) as e:
+        raise RuntimeError(f"a simulation worker died: {e}") from None
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+    return _finalize(cfg, requests, parts, time.perf_counter() - t0, workers)
+
+
+def _child_main(conn: Any, cfg: ClusterConfig, cost: Any, workload: Workload, w: int,
+                workers: int, links_of: Callable, close_others: Callable) -> None:
+    close_others(w)
+    try:
+        result = _run_part(cfg, cost, workload, w, workers, links_of(w), None, 0.5)
+    except BaseException:  # report it; closing the pipes wakes the other workers
+        import traceback
+
+        for fd in {fd for pair in links_of(w) for fd in pair}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ok", result))

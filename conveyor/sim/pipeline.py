@@ -1,0 +1,121 @@
+"""One instance's pipeline: P stages as FIFO servers, timed by a cost model.
+
+A micro-batch enters stage s when stage s is free and its activations have arrived from stage
+s-1 (that stage's finish plus the hop's transfer time); stage 0 starts it when it is free and
+the controller has dispatched it. Every micro-batch crosses the same stages in the order it was
+dispatched and nothing else competes for them, so its whole path is fixed the moment it is
+dispatched: `Pipeline.run` computes every stage's start and finish right then, and the
+simulator needs a single event per micro-batch (its completion on the last stage) instead of
+one per stage, with identical timings.
+
+Stage times come from `CostModel.stage_step_s(StepCost)` with the micro-batch's prefill and
+decode tokens, the mean context of its decodes, the rows it samples, and the stage's layer
+count and first/last flags; hops from `CostModel.transfer_s` (or the cluster's link settings).
+`StepTimer` caches them: a steady decode phase repeats the same inputs over and over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from common.costmodel import StepCost
+from conveyor.sim.cluster import ClusterConfig, StageSpec
+
+CACHE_LIMIT = 1 << 20
+
+
+class StepTimer:
+    """(prefill, decode, context, sampled) -> (per-stage seconds, per-hop seconds), cached.
+
+    Stages of equal layer count and flags are costed once per micro-batch. The mean decode
+    context is rounded to a multiple of `context_quantum` tokens (0: exact) first, so that
+    repeated micro-batches hit the cache."""
+
+    def __init__(self, cost: Any, stages: Sequence[StageSpec], link_bandwidth_bytes_s: float = 0.0,
+                 link_latency_s: float = 0.0, activation_bytes_per_token: int = 0,
+                 context_quantum: float = 1.0):
+        self.cost = cost
+        self.stages = list(stages)
+        kinds: dict[StageSpec, int] = {}
+        self._kind_of = [kinds.setdefault(s, len(kinds)) for s in self.stages]
+        self._kinds = list(kinds)
+        self.bandwidth = link_bandwidth_bytes_s
+        self.latency = link_latency_s
+        self.act_bytes = activation_bytes_per_token
+        self.quantum = context_quantum
+        self._cache: dict[tuple, tuple[tuple[float, ...], float]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @classmethod
+    def for_cluster(cls, cfg: ClusterConfig, cost: Any) -> "StepTimer":
+        return cls(cost, cfg.stages, cfg.link_bandwidth_bytes_s, cfg.link_latency_s,
+                   cfg.activation_bytes_per_token, cfg.context_quantum)
+
+    def __call__(self, prefill: int, decode: int, context: float, sampled: int
+                 ) -> tuple[tuple[float, ...], float]:
+        q = self.quantum
+        if q and decode:
+            context = round(context / q) * q
+        key = (prefill, decode, context, sampled)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        self.misses += 1
+        per_kind = [self.cost.stage_step_s(StepCost(prefill, decode, float(context), sampled,
+                                                    s.num_layers, s.first, s.last))
+                    for s in self._kinds]
+        durations = tuple(float(per_kind[k]) for k in self._kind_of)
+        if any(not d >= 0 for d in durations):
+            raise ValueError(f"the cost model gave a negative or NaN stage time {durations} for "
+                             f"{prefill} prefill + {decode} decode tokens")
+        tokens = prefill + decode
+        if self.bandwidth > 0:
+            hop = self.latency + tokens * self.act_bytes / self.bandwidth
+        else:
+            hop = float(self.cost.transfer_s(tokens)) + self.latency
+        if len(self._cache) >= CACHE_LIMIT:
+            self._cache.clear()
+        value = (durations, hop)
+        self._cache[key] = value
+        return value
+
+
+class Pipeline:
+    """The P stages of one instance as FIFO servers, with per-stage busy and wait time."""
+
+    __slots__ = ("free", "busy", "wait", "steps", "num_stages")
+
+    def __init__(self, num_stages: int):
+        self.num_stages = num_stages
+        self.free = [0.0] * num_stages
+        """When each stage finishes the last micro-batch given to it."""
+        self.busy = [0.0] * num_stages
+        self.wait = [0.0] * num_stages
+        """Time a stage, free and holding the plan, waited for its input activations."""
+        self.steps = 0
+
+    def run(self, now: float, durations: tuple[float, ...], hop: float) -> float:
+        """Sends a micro-batch dispatched at `now` through every stage; returns when the last
+        stage finishes it."""
+        free, busy, wait = self.free, self.busy, self.wait
+        t = now  # when the input reaches the stage
+        end = now
+        s = 0
+        for d in durations:
+            f = free[s]
+            if t > f:
+                start = t
+                if s:
+                    wait[s] += t - (f if f > now else now)
+            else:
+                start = f
+            end = start + d
+            free[s] = end
+            busy[s] += d
+            t = end + hop
+            s += 1
+        self.steps += 1
+        return end

@@ -1,0 +1,270 @@
+"""The simulator's event loop and timing: hand-computed latencies, pipelining, transfers,
+preemption under KV exhaustion, and agreement with the policy tests' driver."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from common.scheduling import make_policy
+from common.scheduling.types import InflightView, KVView, RequestView, SchedulerSnapshot
+from conveyor.sim.cluster import build_cluster
+from conveyor.sim.engine import EventQueue, simulate
+from conveyor.sim.report import summarize
+from conveyor.sim.state import SimRequest, _view, make_kv, make_snapshot
+from conveyor.sim.workload import Workload
+from tests.unit.policy_driver import MiniDriver
+
+
+class LinearCost:
+    """A test double of the CostModel protocol: linear in the micro-batch's tokens."""
+
+    def __init__(self, base: float = 1e-3, per_prefill: float = 1e-5, per_decode: float = 1e-4,
+                 hop: float = 0.0):
+        self.base, self.per_prefill, self.per_decode, self.hop = (base, per_prefill,
+                                                                  per_decode, hop)
+
+    def stage_step_s(self, s) -> float:
+        return self.base + self.per_prefill * s.prefill_tokens + self.per_decode * s.decode_tokens
+
+    def transfer_s(self, num_tokens: int) -> float:
+        return self.hop
+
+
+def cluster(stages: int = 1, instances: int = 1, policy: str = "fcfs", blocks: int = 4096,
+            link_latency_us: float = 0.0, dispatch_latency_us: float = 0.0, **sched):
+    return build_cluster({
+        "model": {"shape": "tiny", "max_model_len": 2048},
+        "cluster": {"instances": instances, "stages": stages},
+        "kvcache": {"num_blocks": blocks, "block_size": 16},
+        "scheduler": {"policy": policy, **sched},
+        "link": {"latency_us": link_latency_us},
+        "simulator": {"dispatch_latency_us": dispatch_latency_us, "waiting_head": -1},
+    })
+
+
+def burst(n: int, prompt: int, output: int) -> Workload:
+    return Workload([0.0] * n, [prompt] * n, [output] * n)
+
+
+# ---- the event queue ----------------------------------------------------------------------------
+
+def test_events_run_in_time_order_then_push_order():
+    q = EventQueue()
+    seen = []
+
+    def note(tag, t):
+        seen.append((t, tag))
+        if tag == "a":  # an event pushed while running runs in its place in time
+            q.push(2.5, note, "from-a")
+
+    q.push(3.0, note, "c")
+    q.push(1.0, note, "a")
+    q.push(2.0, note, "b1")
+    q.push(2.0, note, "b2")
+    q.run_until(2.0)  # inclusive
+    assert seen == [(1.0, "a"), (2.0, "b1"), (2.0, "b2")]
+    assert q.now == 2.0
+    q.run()
+    assert seen[3:] == [(2.5, "from-a"), (3.0, "c")]
+    with pytest.raises(ValueError, match="past"):
+        q.push(1.0, note, "late")
+
+
+def test_fast_views_equal_constructed_ones():
+    r = SimRequest(7, 6, 0.5, 100, 20, 20)
+    r.out, r.computed, r.blocks, r.inflight, r.last_scheduled = 3, 102, 7, 1, 4.0
+    assert _view(r) == RequestView(7, 0.5, 100, 103, 102, 7, 20, 3, True, 4.0)
+    kv = make_kv(100, 40, 16)
+    assert kv == KVView(100, 40, 16)
+    snap = make_snapshot(1.0, 4, (), (_view(r),), 1, (InflightView(1, 0),), kv)
+    assert snap == SchedulerSnapshot(1.0, 4, (), (_view(r),), 1, (InflightView(1, 0),),
+                                     KVView(100, 40, 16))
+
+
+# ---- exact timings ------------------------------------------------------------------------------
+
+def test_one_stage_one_request_matches_the_hand_calculation():
+    cost = LinearCost(base=1e-3, per_prefill=1e-5, per_decode=1e-4)
+    res = simulate(cluster(), cost, Workload([0.25], [100], [5]))
+    (r,) = res.requests
+    prefill = 1e-3 + 100 * 1e-5       # the whole prompt in one micro-batch, samples token 1
+    decode = 1e-3 + 1 * 1e-4          # each further token: a one-decode micro-batch
+    assert r.first_token - r.arrival == pytest.approx(prefill, rel=1e-12)
+    assert r.last_token - r.arrival == pytest.approx(prefill + 4 * decode, rel=1e-12)
+    assert list(r.itl) == pytest.approx([decode] * 4, rel=1e-12)
+    summary = summarize(res)
+    assert summary["ttft"]["mean"] == pytest.approx(prefill, rel=1e-12)
+    assert summary["tpot"]["mean"] == pytest.approx(decode, rel=1e-12)
+    assert summary["e2e"]["mean"] == pytest.approx(prefill + 4 * decode, rel=1e-12)
+    assert summary["completed"] == 1 and summary["total_output_tokens"] == 5
+    assert res.metrics.micro_batches == 5
+
+
+def test_a_long_prompt_is_chunked_under_the_token_budget():
+    cost = LinearCost(base=1e-3, per_prefill=1e-5)
+    res = simulate(cluster(max_num_batched_tokens=512), cost, Workload([0.0], [1000], [1]))
+    (r,) = res.requests
+    # One stage, one micro-batch in flight: 512 tokens, then the last 488 (which samples).
+    assert r.first_token == pytest.approx(2 * 1e-3 + 1000 * 1e-5, rel=1e-12)
+
+
+def test_a_non_final_chunk_in_flight_leaves_the_prompt_schedulable():
+    # Two stages of a constant 1 ms: chunk 2 enters stage 0 while chunk 1 is in stage 1.
+    cost = LinearCost(base=1e-3, per_prefill=0.0)
+    res = simulate(cluster(stages=2, max_num_batched_tokens=512), cost,
+                   Workload([0.0], [1000], [1]))
+    assert res.requests[0].first_token == pytest.approx(3e-3, rel=1e-12)
+
+
+@pytest.mark.parametrize("via", ["link", "cost-model"])
+def test_transfer_time_adds_per_stage_hop(via):
+    d, hop, stages = 2e-3, 5e-4, 4
+    if via == "link":
+        cfg, cost = cluster(stages=stages, link_latency_us=hop * 1e6), LinearCost(d, 0, 0)
+    else:
+        cfg, cost = cluster(stages=stages), LinearCost(d, 0, 0, hop=hop)
+    res = simulate(cfg, cost, Workload([0.0], [10], [3]))
+    (r,) = res.requests
+    step = stages * d + (stages - 1) * hop
+    assert r.first_token == pytest.approx(step, rel=1e-12)
+    assert r.last_token == pytest.approx(3 * step, rel=1e-12)
+
+
+def test_dispatch_latency_delays_every_micro_batch():
+    cost = LinearCost(1e-3, 0, 0)
+    res = simulate(cluster(dispatch_latency_us=200), cost, Workload([0.0], [10], [2]))
+    assert res.requests[0].last_token == pytest.approx(2 * (1e-3 + 2e-4), rel=1e-12)
+
+
+# ---- pipelining ---------------------------------------------------------------------------------
+
+def test_a_busy_pipeline_keeps_depth_micro_batches_in_flight_without_bubbles():
+    stages = 4
+    res = simulate(cluster(stages=stages), LinearCost(1e-3, 0, 0), burst(64, 32, 64))
+    assert all(r.finished for r in res.requests)
+    inst = res.instances[0]
+    assert inst["max_inflight"] == stages
+    assert inst["mean_inflight"] > stages - 0.1
+    ctl = summarize(res)["controller"]
+    assert ctl["mean_bubble_ratio"] < 0.03
+    assert all(s["bubble_ratio"] < 0.03 for s in ctl["stages"])
+    # Each of the 64 requests is in every 4th micro-batch: 16 decodes each.
+    decode = ctl["batch_tokens"]["decode"]
+    assert decode["mean"] == pytest.approx(16, abs=1.0)
+
+
+def test_an_idle_pipeline_is_not_counted_as_bubbles():
+    # One request every second, each done in a few ms: the stages idle most of the wall time,
+    # but bubbles count only while requests are pending.
+    res = simulate(cluster(stages=2), LinearCost(1e-3, 0, 0),
+                   Workload([0.0, 1.0, 2.0], [10] * 3, [2] * 3))
+    stats = res.metrics.as_dict(res.end_s)
+    for s in stats["stages"]:
+        assert s["pending_s"] == pytest.approx(3 * 2 * 2e-3 + 3 * 1e-3, rel=1e-9) or \
+            s["pending_s"] < 0.05
+    assert res.end_s > 2.0
+
+
+# ---- memory pressure ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["fcfs", "sarathi", "throttle"])
+def test_kv_exhaustion_preempts_and_still_completes_everything(policy):
+    # 40 blocks of 16 tokens; each request grows to 64 + 200 tokens = 17 blocks.
+    cfg = cluster(stages=2, blocks=40, policy=policy)
+    res = simulate(cfg, LinearCost(1e-3, 1e-6, 1e-5), burst(10, 64, 200))
+    assert all(r.finished and r.out == 200 for r in res.requests)
+    assert res.metrics.preemptions > 0
+    assert sum(r.preemptions for r in res.requests) == res.metrics.preemptions
+    assert res.instances[0]["max_kv_used"] <= 1.0
+    # All blocks came back.
+    assert res.metrics.finished["length"] == 10
+
+
+def test_requests_that_cannot_fit_the_pool_fail_up_front():
+    res = simulate(cluster(blocks=8), LinearCost(), Workload([0.0, 0.0], [64, 200], [10, 10]))
+    ok, too_big = res.requests
+    assert ok.finished and ok.error is None
+    assert too_big.error and "KV blocks" in too_big.error
+    assert summarize(res)["failed"] == 1
+
+
+# ---- the same semantics as the policy tests' driver ---------------------------------------------
+
+@pytest.mark.parametrize("policy, blocks", [("fcfs", 1000), ("sarathi", 1000),
+                                            ("throttle", 1000), ("fcfs", 40),
+                                            ("sarathi", 40), ("throttle", 40)])
+def test_plans_match_the_policy_driver_step_for_step(policy, blocks):
+    """With equal stage times the pipeline completes one micro-batch per stage time, oldest
+    first, and refills after each: the MiniDriver's model. Both must see the same plans."""
+    depth, n, prompt, out = 3, 12, 40, 30
+    params = {"max_num_batched_tokens": 64} if policy != "throttle" else \
+        {"max_prefill_tokens": 64}
+    plans_driver: list = []
+    plans_sim: list = []
+
+    class Recording:
+        def __init__(self, inner, log):
+            self.inner, self.log = inner, log
+
+        def schedule(self, snap):
+            plan = self.inner.schedule(snap)
+            if not plan.empty:
+                self.log.append((tuple((c.req_id, c.num_tokens) for c in plan.chunks),
+                                 plan.preempt))
+            return plan
+
+    driver = MiniDriver(Recording(make_policy(policy, **params), plans_driver), depth, blocks)
+    for _ in range(n):
+        driver.add(prompt, out)
+    driver.run()
+
+    cfg = cluster(stages=depth, blocks=blocks, policy=policy, **params)
+    cfg.make_policy = lambda: Recording(make_policy(policy, **params), plans_sim)
+    res = simulate(cfg, LinearCost(1e-3, 0, 0), burst(n, prompt, out))
+    assert all(r.finished for r in res.requests)
+    assert plans_sim == plans_driver
+    if blocks == 40:
+        assert any(p for _, p in plans_sim), "the tight pool should have preempted"
+
+
+def test_worker_processes_give_identical_results():
+    cfg = cluster(stages=2, instances=4, policy="throttle")
+    wl = Workload([0.01 * i for i in range(40)], [30 + 7 * (i % 5) for i in range(40)],
+                  [20 + 3 * (i % 7) for i in range(40)])
+    one = simulate(cfg, LinearCost(), wl, workers=1)
+    two = simulate(cfg, LinearCost(), wl, workers=2)
+    assert two.workers == 2
+    key = [(r.instance, r.first_token, r.last_token, r.out) for r in one.requests]
+    assert key == [(r.instance, r.first_token, r.last_token, r.out) for r in two.requests]
+    assert len({r.instance for r in one.requests}) == 4
+    assert one.metrics.as_dict(one.end_s)["stages"] == two.metrics.as_dict(two.end_s)["stages"]
+    assert not math.isnan(one.end_s)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "sarathi", "throttle"])
+def test_the_bounded_waiting_head_plans_as_the_whole_queue(policy):
+    """A long queue (rate inf, few seats): the default head (seats + pending tokens) must give
+    exactly the run that passing the whole waiting queue gives."""
+    import random
+
+    rng = random.Random(5)
+    n = 150
+    wl = Workload([0.0] * 100 + [0.01 * i for i in range(50)],
+                  [rng.randint(4, 120) for _ in range(n)], [rng.randint(2, 40) for _ in range(n)])
+    runs = []
+    for head in (0, -1, 1):
+        cfg = build_cluster({
+            "model": {"shape": "tiny"}, "cluster": {"stages": 3},
+            "kvcache": {"num_blocks": 300},
+            "scheduler": {"policy": policy, "max_num_seqs": 12, "max_num_batched_tokens": 96,
+                          "max_prefill_tokens": 96, "prefill_iterations": 4},
+            "simulator": {"waiting_head": head}})
+        res = simulate(cfg, LinearCost(1e-3, 1e-5, 1e-4), wl)
+        assert all(r.finished for r in res.requests)
+        runs.append([(r.first_token, r.last_token, r.preemptions) for r in res.requests])
+        if head == 0:
+            assert res.instances[0]["max_waiting"] > 50  # the head really was a small part
+    assert runs[0] == runs[1]
+    assert runs[2] != runs[1]  # a head too short does change the plans: the check has teeth
