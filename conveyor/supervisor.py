@@ -62,13 +62,21 @@ class Supervisor:
                                           preexec_fn=_die_with_parent)
 
     def check(self) -> None:
-        """Raises ChildDied if any child has exited."""
-        for child in self.children:
-            code = child.proc.poll() if child.proc else None
-            if code is not None and not self.stopping:
-                how = (f"killed by signal {signal.Signals(-code).name}" if code < 0
-                       else f"exited with code {code}")
-                raise ChildDied(f"{child.name} (pid {child.proc.pid}) {how}")
+        """Raises ChildDied naming every child that has exited. One death often takes its
+        peers down within a poll interval (a stage's gloo link breaks), so all are named,
+        those killed by a signal first: they are the likelier cause."""
+        if self.stopping:
+            return
+        dead = [(child, code) for child in self.children
+                if child.proc and (code := child.proc.poll()) is not None]
+        if not dead:
+            return
+        dead.sort(key=lambda item: item[1] >= 0)
+        raise ChildDied("; ".join(
+            f"{child.name} (pid {child.proc.pid}) "
+            + (f"killed by signal {signal.Signals(-code).name}" if code < 0
+               else f"exited with code {code}")
+            for child, code in dead))
 
     def stop(self, grace_s: float = 10.0) -> None:
         self.stopping = True

@@ -10,10 +10,12 @@ pipeline the decodes bunch up in the micro-batches that follow the ones that ret
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 from common.scheduling.fcfs import FCFSPolicy
 from common.scheduling.policy import register_policy
-from common.scheduling.types import MicroBatchPlan, PlanBuilder, RequestView, SchedulerSnapshot
+from common.scheduling.types import (MicroBatchPlan, PlanBuilder, RequestView, SchedulerSnapshot,
+                                     split_ready)
 
 
 @register_policy
@@ -31,20 +33,22 @@ class SarathiPolicy(FCFSPolicy):
 
     def schedule(self, snap: SchedulerSnapshot) -> MicroBatchPlan:
         plan = PlanBuilder(snap, self.max_num_batched_tokens, self.max_num_seqs)
-        schedule_decodes(plan, snap, by_readiness(d for d in snap.ready if d.is_decode),
-                         limit=self.max_num_batched_tokens)
-        prefills = [r for r in snap.ready if not r.is_decode]
+        decodes, prefills = split_ready(snap.ready)
+        schedule_decodes(plan, snap, by_readiness(decodes), limit=self.max_num_batched_tokens)
         schedule_prefills(plan, snap, prefills, reserve_new=int(self.watermark *
                                                                 snap.kv.total_blocks),
                           max_num_seqs=self.max_num_seqs)
         return plan.build()
 
 
+_READINESS = attrgetter("last_scheduled", "arrival")
+
+
 def by_readiness(decodes) -> list[RequestView]:
     """Decodes in the order they became ready (then arrival): the one that has waited longest
     for a seat in a micro-batch goes first, so a budget smaller than the ready set rotates
     through them instead of starving the youngest."""
-    return sorted(decodes, key=lambda r: (r.last_scheduled, r.arrival))
+    return sorted(decodes, key=_READINESS)
 
 
 def schedule_decodes(plan: PlanBuilder, snap: SchedulerSnapshot, decodes: list[RequestView],
@@ -55,7 +59,7 @@ def schedule_decodes(plan: PlanBuilder, snap: SchedulerSnapshot, decodes: list[R
     for req in decodes:
         if taken >= limit or plan.token_budget <= 0:
             break
-        if plan.is_preempted(req):
+        if plan.preempt and plan.is_preempted(req):
             continue
         if plan.try_add(req, 1) or (plan.preempt_for(req, snap.ready) and plan.try_add(req, 1)):
             taken += 1

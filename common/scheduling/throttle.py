@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from common.scheduling.policy import SchedulingPolicy, register_policy
 from common.scheduling.sarathi import by_readiness, schedule_decodes, schedule_prefills
-from common.scheduling.types import MicroBatchPlan, PlanBuilder, SchedulerSnapshot
+from common.scheduling.types import MicroBatchPlan, PlanBuilder, SchedulerSnapshot, split_ready
 
 
 @register_policy
@@ -65,8 +65,8 @@ class ThrottlePolicy(SchedulingPolicy):
         }
 
     def schedule(self, snap: SchedulerSnapshot) -> MicroBatchPlan:
-        decodes = by_readiness(r for r in snap.ready if r.is_decode)
-        prefills = [r for r in snap.ready if not r.is_decode]
+        decodes, prefills = split_ready(snap.ready)
+        decodes = by_readiness(decodes)
         decode_budget = self.decode_budget(snap, len(decodes))
         prefill_budget = self.prefill_budget(snap, prefills)
         plan = PlanBuilder(snap, decode_budget + prefill_budget, self.max_num_seqs)
@@ -108,8 +108,20 @@ class ThrottlePolicy(SchedulingPolicy):
         budget = min(round(ratio * self.max_prefill_tokens), budget)
         candidates = len(started_prefills) + len(snap.waiting)
         if candidates > 1:
-            pending = (sum(r.pending for r in started_prefills)
-                       + sum(r.pending for r in snap.waiting))
+            pending = pending_prompt_tokens(started_prefills, snap.waiting,
+                                            enough=budget * self.prefill_iterations)
             budget = min(max(pending // self.prefill_iterations, self.min_prefill_tokens),
                          budget)
         return budget
+
+
+def pending_prompt_tokens(started: list, waiting: tuple, enough: int) -> int:
+    """Pending prompt tokens of the started prefills and the waiting requests, counted until
+    `enough`: past it the budget is capped anyway, and a long queue need not be walked."""
+    pending = 0
+    for group in (started, waiting):
+        for r in group:
+            pending += r.num_tokens - r.num_computed
+            if pending >= enough:
+                return pending
+    return pending
