@@ -186,24 +186,33 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
                 ) -> ConveyorConfig:
     """Reads a TOML/JSON file (or the defaults when `path` is None) and applies dotted overrides
     such as {"deployment.stages": 3}. Raises ConfigError naming the bad key."""
+    raw = read_settings(path, overrides)
+    try:
+        cfg = msgspec.convert(raw, ConveyorConfig)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid configuration: {e}") from e
+    return cfg.validate()
+
+
+def read_settings(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None,
+                  what: str = "config file") -> dict[str, Any]:
+    """The tables of a TOML (or .json) file, `{}` without one, with dotted overrides such as
+    {"deployment.stages": 3} applied. Raises ConfigError naming the file or the key."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         try:
             text = p.read_text()
         except OSError as e:
-            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from e
+            raise ConfigError(f"cannot read {what} {p}: {e.strerror}") from e
         try:
             raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
         except (ValueError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"config file {p} is not valid {p.suffix or 'TOML'}: {e}") from e
+            kind = "JSON" if p.suffix == ".json" else "TOML"
+            raise ConfigError(f"{what} {p} is not valid {kind}: {e}") from e
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
-    try:
-        cfg = msgspec.convert(raw, ConveyorConfig)
-    except msgspec.ValidationError as e:
-        raise ConfigError(f"invalid configuration: {e}") from e
-    return cfg.validate()
+    return raw
 
 
 def parse_override(assignment: str) -> tuple[str, Any]:

@@ -16,6 +16,7 @@ comparison.png (SLO attainment, output throughput and bubble ratio against the r
 
     .venv/bin/python scripts/sim_gllm_comparison.py                       # both clusters
     .venv/bin/python scripts/sim_gllm_comparison.py --num-prompts 500 --rates 1,2,4,inf
+    .venv/bin/python scripts/sim_gllm_comparison.py --load-fractions 0.8,0.9,1.0
     .venv/bin/python scripts/sim_gllm_comparison.py --profile deploy/profiles/X.json
 """
 
@@ -132,8 +133,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clusters", default=DEFAULT_CLUSTERS, help="comma-separated cluster files")
     ap.add_argument("--policies", default="sarathi,throttle")
-    ap.add_argument("--rates", default="0.5,1,1.5,2,3,4,6,8,inf",
-                    help="Poisson request rates (req/s), inf: all at t=0")
+    ap.add_argument("--rates", default=None,
+                    help="Poisson request rates (req/s), inf: all at t=0 (default: "
+                         "--load-fractions of each cluster's capacity)")
+    ap.add_argument("--load-fractions", default="0.6,0.8,1.0,1.1,1.2,1.3,1.4,1.5,1.7",
+                    help="without --rates: rates as fractions of the cluster's capacity, the "
+                         "request throughput of the first policy with every request at t=0")
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--slo", default="ttft=5,tpot=0.1", help="seconds (default ttft=5,tpot=0.1)")
     ap.add_argument("--attainment", type=float, default=0.9,
@@ -150,21 +155,35 @@ def main() -> None:
     from conveyor.sim.workload import make_workload
 
     slo = parse_slo(args.slo)
-    rates = [parse_rate(r) for r in args.rates.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    workloads = {rate: make_workload("sharegpt", args.num_prompts, rate, seed=args.seed)
-                 for rate in rates}
+    workloads: dict[float, Any] = {}
+
+    def workload(rate: float) -> Any:  # the same requests at every rate, arrivals rescaled
+        if rate not in workloads:
+            workloads[rate] = make_workload("sharegpt", args.num_prompts, rate, seed=args.seed)
+        return workloads[rate]
+
     results = []
     t0 = time.perf_counter()
     for path in args.clusters.split(","):
         base = load_cluster(ROOT / path if not Path(path).is_absolute() else path)
         cost = build_cost_model(base, args.profile)
-        for policy in args.policies.split(","):
+        policies = args.policies.split(",")
+        if args.rates:
+            rates = [parse_rate(r) for r in args.rates.split(",")]
+        else:
+            full = run_point(base.with_policy(policies[0]), cost, workload(math.inf), slo)
+            capacity = full["request_throughput"]
+            rates = [round(float(f) * capacity, 2) for f in args.load_fractions.split(",")]
+            rates.append(math.inf)
+            print(f"{base.name}: capacity {capacity:.2f} req/s ({policies[0]}, all at t=0); "
+                  f"rates {rates}", file=sys.stderr, flush=True)
+        for policy in policies:
             cfg = base.with_policy(policy)
             points = {}
             for rate in rates:
-                points[rate] = run_point(cfg, cost, workloads[rate], slo)
+                points[rate] = run_point(cfg, cost, workload(rate), slo)
                 p = points[rate]
                 print(f"[{time.perf_counter() - t0:6.0f}s] {base.name} {policy} rate {rate:g}: "
                       f"{p['output_throughput']:.0f} out tok/s, SLO {p['attainment']:.0%}, "

@@ -55,14 +55,7 @@ def schedule_decodes(plan: PlanBuilder, snap: SchedulerSnapshot, decodes: list[R
                      limit: int) -> None:
     """Adds up to `limit` decodes (and within the token budget), preempting the latest
     arrivals when a decode needs a block that is not free."""
-    taken = 0
-    for req in decodes:
-        if taken >= limit or plan.token_budget <= 0:
-            break
-        if plan.preempt and plan.is_preempted(req):
-            continue
-        if plan.try_add(req, 1) or (plan.preempt_for(req, snap.ready) and plan.try_add(req, 1)):
-            taken += 1
+    plan.add_decodes(decodes, limit)
 
 
 def schedule_prefills(plan: PlanBuilder, snap: SchedulerSnapshot, started: list[RequestView],

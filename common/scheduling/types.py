@@ -144,6 +144,31 @@ class PlanBuilder:
         self.add(req, num_tokens, blocks)
         return True
 
+    def add_decodes(self, decodes: list[RequestView], limit: int) -> int:
+        """Adds up to `limit` of `decodes` (one token each, in order) within the token budget;
+        a decode whose next token needs a block that is not free preempts later arrivals
+        (`preempt_for`) or is skipped. Returns how many were added. This is try_add and add
+        for the one-token case, inlined: it runs once per running request per micro-batch."""
+        taken = 0
+        bs = self._block_size
+        append = self.chunks.append
+        preempted = self.preempt
+        for req in decodes:
+            if taken >= limit or self.token_budget <= 0:
+                break
+            if preempted and req.req_id in preempted:
+                continue
+            blocks = -(-(req.num_computed + 1) // bs) - req.num_blocks
+            if blocks > self.free_blocks and not (self.preempt_for(req, self.snap.ready)
+                                                  and blocks <= self.free_blocks):
+                continue
+            append(ScheduledChunk(req.req_id, 1))
+            self.token_budget -= 1
+            if blocks > 0:
+                self.free_blocks -= blocks
+            taken += 1
+        return taken
+
     def preempt_for(self, req: RequestView, candidates: tuple[RequestView, ...]) -> bool:
         """Preempts requests that arrived after `req` (latest first, skipping those in flight)
         until `req`'s next token fits; never an earlier one, so the oldest request always makes

@@ -45,7 +45,7 @@ def short_error(error: str) -> str:
     return (errors or lines or ["failed"])[-1].replace("|", "/")
 
 
-def _one_line(summary: dict[str, Any]) -> str:
+def one_line(summary: dict[str, Any]) -> str:
     ttft, tpot = summary.get("ttft") or {}, summary.get("tpot") or {}
     bubble = (summary.get("controller") or {}).get("mean_bubble_ratio")
     parts = [f"{summary['completed']} ok, {summary['failed']} failed",
@@ -126,7 +126,7 @@ def _one_run(samples: list[Sample], cfg: RunConfig, config: dict[str, Any],
     result = build_result(run, {**config, "address": cfg.address}, slo)
     path = save_result(result, folder / result_filename(config["policy"], cfg.request_rate,
                                                         config["stages"]))
-    say(f"  {_one_line(result['summary'])}")
+    say(f"  {one_line(result['summary'])}")
     return {"summary": result["summary"], "error": None, "file": str(path)}
 
 

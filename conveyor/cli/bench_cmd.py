@@ -10,38 +10,19 @@ from typing import Any, Optional
 
 import typer
 
+from conveyor.cli.params import bad, comma_list, rate_option
 from conveyor.client import DEFAULT_ADDRESS, ConveyorError
 
 ADDRESS_HELP = "Ingress address of the deployment to load (ignored with --sweep)."
 
 
-def _bad(param: str, message: str) -> typer.BadParameter:
-    return typer.BadParameter(message, param_hint=param)
-
-
-def _rate(text: str, param: str = "--request-rate") -> float:
-    from conveyor.bench.arrivals import parse_rate
-
-    try:
-        return parse_rate(text.strip())
-    except ValueError as e:
-        raise _bad(param, str(e)) from None
-
-
-def _list(text: str, param: str) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        raise _bad(param, "give at least one value (comma-separated)")
-    return items
-
-
 def _stage_counts(text: str) -> list[int]:
     try:
-        counts = [int(x) for x in _list(text, "--stages")]
+        counts = [int(x) for x in comma_list(text, "--stages")]
     except ValueError:
-        raise _bad("--stages", f"{text!r} is not a comma-separated list of integers") from None
+        raise bad("--stages", f"{text!r} is not a comma-separated list of integers") from None
     if any(c < 1 for c in counts):
-        raise _bad("--stages", "stage counts must be >= 1")
+        raise bad("--stages", "stage counts must be >= 1")
     return counts
 
 
@@ -65,7 +46,7 @@ def _samples(dataset: str, num_prompts: int, seed: int, tokenizer: Any, sharegpt
         return datasets.sample_random(num_prompts, input_len, output_len, range_ratio,
                                       tokenizer, seed, random_prompt)
     except ValueError as e:
-        raise _bad(f"--dataset {dataset}", str(e)) from None
+        raise bad(f"--dataset {dataset}", str(e)) from None
 
 
 def _note(text: str) -> None:
@@ -129,28 +110,28 @@ def bench(
     from conveyor.bench.report import parse_slo
 
     if dataset not in ("sharegpt", "random"):
-        raise _bad("--dataset", f"unknown dataset {dataset!r} (sharegpt or random)")
+        raise bad("--dataset", f"unknown dataset {dataset!r} (sharegpt or random)")
     if random_prompt not in ("ids", "words"):
-        raise _bad("--random-prompt", f"{random_prompt!r} is not ids or words")
+        raise bad("--random-prompt", f"{random_prompt!r} is not ids or words")
     if not 0.0 <= random_range_ratio < 1.0:
-        raise _bad("--random-range-ratio", f"must be in [0, 1), got {random_range_ratio}")
+        raise bad("--random-range-ratio", f"must be in [0, 1), got {random_range_ratio}")
     if not (burstiness > 0 and math.isfinite(burstiness)):
-        raise _bad("--burstiness", f"must be > 0, got {burstiness}")
+        raise bad("--burstiness", f"must be > 0, got {burstiness}")
     if not request_timeout > 0:
-        raise _bad("--request-timeout", "must be > 0")
-    rate = _rate(request_rate)
+        raise bad("--request-timeout", "must be > 0")
+    rate = rate_option(request_rate)
     try:
         slo_s = parse_slo(slo)
     except ValueError as e:
-        raise _bad("--slo", str(e)) from None
+        raise bad("--slo", str(e)) from None
     try:
         for s in set_:
             parse_override(s)
     except ConfigError as e:
-        raise _bad("--set", str(e)) from None
-    sweep_rates = [_rate(r, "--rates") for r in _list(rates, "--rates")] if sweep else []
+        raise bad("--set", str(e)) from None
+    sweep_rates = [rate_option(r, "--rates") for r in comma_list(rates, "--rates")] if sweep else []
     sweep_stages = _stage_counts(stages) if sweep else []
-    sweep_policies = _list(policies, "--policies") if sweep else []
+    sweep_policies = comma_list(policies, "--policies") if sweep else []
 
     from conveyor.bench.datasets import load_bench_tokenizer
     from conveyor.bench.runner import RunConfig
@@ -163,7 +144,7 @@ def bench(
     samples = _samples(dataset, num_prompts, seed, tok, sharegpt_max_len, random_input_len,
                        random_output_len, random_range_ratio, random_prompt)
     if not samples:
-        raise _bad("--dataset", "the dataset yielded no prompts")
+        raise bad("--dataset", "the dataset yielded no prompts")
     if len(samples) < num_prompts:
         _note(f"only {len(samples)} prompts fit the filters (asked for {num_prompts})")
     cfg = RunConfig(address=address, request_rate=rate, burstiness=burstiness,

@@ -10,18 +10,16 @@ from typing import Optional
 
 import typer
 
-
-def _bad(param: str, message: str) -> typer.BadParameter:
-    return typer.BadParameter(message, param_hint=param)
+from conveyor.cli.params import bad
 
 
 def _ints(text: str, param: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise _bad(param, f"{text!r} is not a comma-separated list of integers") from None
+        raise bad(param, f"{text!r} is not a comma-separated list of integers") from None
     if not values or min(values) < 0:
-        raise _bad(param, "give at least one value, all >= 0 (comma-separated)")
+        raise bad(param, "give at least one value, all >= 0 (comma-separated)")
     return sorted(set(values))
 
 
@@ -101,7 +99,7 @@ def profile(
                                           model_slug)
 
     if link not in ("auto", "measure", "assume"):
-        raise _bad("--link", "one of auto, measure, assume")
+        raise bad("--link", "one of auto, measure, assume")
     cfg = MeasureConfig(
         source=model, load_format=load_format, stages=stages, num_layers=layers, device=device,
         dtype=dtype, threads=threads, prefill=_ints(prefill, "--prefill"),

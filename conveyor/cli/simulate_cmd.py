@@ -13,9 +13,7 @@ from typing import Any, Optional
 
 import typer
 
-
-def _bad(param: str, message: str) -> typer.BadParameter:
-    return typer.BadParameter(message, param_hint=param)
+from conveyor.cli.params import bad, comma_list, rate_option
 
 
 def _note(text: str) -> None:
@@ -25,22 +23,6 @@ def _note(text: str) -> None:
 def _fail(message: str) -> None:
     typer.secho(f"conveyor simulate: error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
-
-
-def _rate(text: str, param: str) -> float:
-    from conveyor.bench.arrivals import parse_rate
-
-    try:
-        return parse_rate(text.strip())
-    except ValueError as e:
-        raise _bad(param, str(e)) from None
-
-
-def _list(text: str, param: str) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        raise _bad(param, "give at least one value (comma-separated)")
-    return items
 
 
 class _Progress:
@@ -132,30 +114,30 @@ def simulate(
     from conveyor.sim.workload import WORKLOADS, WorkloadError, make_workload, save_trace as save
 
     if workload not in WORKLOADS:
-        raise _bad("--workload", f"unknown workload {workload!r} ({', '.join(WORKLOADS)})")
+        raise bad("--workload", f"unknown workload {workload!r} ({', '.join(WORKLOADS)})")
     if workload == "trace" and trace is None:
-        raise _bad("--trace", "--workload trace needs --trace FILE")
+        raise bad("--trace", "--workload trace needs --trace FILE")
     if records not in ("auto", "full", "lite", "none"):
-        raise _bad("--records", f"{records!r} is not auto, full, lite or none")
+        raise bad("--records", f"{records!r} is not auto, full, lite or none")
     if not (burstiness > 0 and math.isfinite(burstiness)):
-        raise _bad("--burstiness", f"must be > 0, got {burstiness}")
+        raise bad("--burstiness", f"must be > 0, got {burstiness}")
     if not 0.0 <= random_range_ratio < 1.0:
-        raise _bad("--random-range-ratio", f"must be in [0, 1), got {random_range_ratio}")
+        raise bad("--random-range-ratio", f"must be in [0, 1), got {random_range_ratio}")
     if profile is not None and device is not None:
-        raise _bad("--profile/--device", "give one cost model, not both")
-    rate = _rate(request_rate, "--request-rate")
+        raise bad("--profile/--device", "give one cost model, not both")
+    rate = rate_option(request_rate, "--request-rate")
     try:
         slo_s = parse_slo(slo)
     except ValueError as e:
-        raise _bad("--slo", str(e)) from None
+        raise bad("--slo", str(e)) from None
     try:
         overrides = dict(parse_override(s) for s in set_)
     except ConfigError as e:
-        raise _bad("--set", str(e)) from None
+        raise bad("--set", str(e)) from None
     if policy:
         overrides["scheduler.policy"] = policy
-    sweep_rates = [_rate(r, "--rates") for r in _list(rates, "--rates")] if sweep else [rate]
-    sweep_policies = _list(policies, "--policies") if sweep else []
+    sweep_rates = [rate_option(r, "--rates") for r in comma_list(rates, "--rates")] if sweep else [rate]
+    sweep_policies = comma_list(policies, "--policies") if sweep else []
     try:
         cfg = load_cluster(config, overrides)
         for name in sweep_policies:
@@ -231,7 +213,8 @@ def _run_sweep(cfg: Any, cost: Any, workloads: list, rates: list[float], policie
                config_doc: dict[str, Any], slo_s: dict, workers: int, result_dir: Path,
                plots: bool, progress: bool) -> None:
     from conveyor.bench.sweep import markdown_table
-    from conveyor.sim.report import build_result, one_line, result_filename, save_result
+    from conveyor.bench.sweep import one_line
+    from conveyor.sim.report import build_result, result_filename, save_result
 
     folder = result_dir / f"sim-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     folder.mkdir(parents=True, exist_ok=True)

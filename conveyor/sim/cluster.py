@@ -19,7 +19,6 @@ Unknown keys and wrong types are errors naming the key, as in common/config.py.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -359,23 +358,13 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
 def load_cluster(path: str | Path, overrides: dict[str, Any] | None = None) -> ClusterConfig:
     """Reads a cluster TOML (or JSON) file and applies dotted overrides such as
     {"scheduler.policy": "throttle", "cluster.instances": 4}."""
+    from common.config import ConfigError, read_settings
+
     p = Path(path)
     try:
-        text = p.read_text()
-    except OSError as e:
-        raise ClusterError(f"cannot read cluster file {p}: {e.strerror}") from None
-    try:
-        import json
-
-        raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as e:
-        kind = "JSON" if p.suffix == ".json" else "TOML"
-        raise ClusterError(f"cluster file {p} is not valid {kind}: {e}") from None
-    for dotted, value in (overrides or {}).items():
-        section, _, key = dotted.partition(".")
-        if not key:
-            raise ClusterError(f"override {dotted!r} must be section.key")
-        raw.setdefault(section, {})[key] = value
+        raw = read_settings(p, overrides, what="cluster file")
+    except ConfigError as e:
+        raise ClusterError(str(e)) from None
     try:
         return build_cluster(raw, name=p.stem)
     except ClusterError as e:

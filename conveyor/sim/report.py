@@ -196,21 +196,6 @@ def format_summary(summary: dict[str, Any], title: str = " Simulation Result ") 
     return "\n".join(lines)
 
 
-def one_line(summary: dict[str, Any]) -> str:
-    ttft, tpot = summary.get("ttft") or {}, summary.get("tpot") or {}
-    parts = [f"{summary['completed']} ok, {summary['failed']} failed",
-             f"{summary['request_throughput']:.2f} req/s",
-             f"{summary['output_throughput']:.1f} tok/s"]
-    if "p99" in ttft:
-        parts.append(f"p99 TTFT {1e3 * ttft['p99']:.0f} ms")
-    if "p99" in tpot:
-        parts.append(f"p99 TPOT {1e3 * tpot['p99']:.0f} ms")
-    bubble = (summary.get("controller") or {}).get("mean_bubble_ratio")
-    if bubble is not None:
-        parts.append(f"bubble {bubble:.3f}")
-    return ", ".join(parts)
-
-
 # ---- files --------------------------------------------------------------------------------------
 
 def result_filename(policy: str, rate: float, stages: int, instances: int) -> str:

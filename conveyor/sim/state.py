@@ -29,98 +29,27 @@ Two liberties, neither visible to a policy:
   waiting_head = N passes the first N, -1 the whole queue.
 * When nothing is waiting and every running request awaits a token, the policy is not asked:
   it could only return an empty plan (a plan may name only requests of the snapshot).
-
-Views are built without the frozen dataclasses' `__init__` (which sets each field through
-object.__setattr__, about 3 us a view): `_view` fills a plain object of the same slot layout
-and turns it into a genuine, frozen RequestView by `__class__` assignment (equal to one its
-constructor builds), and a request's view is cached until its state changes.
+Views of requests and snapshots come from `views.py`, cached on the request until its state
+changes.
 """
 
 from __future__ import annotations
 
 import bisect
-import dataclasses
 from array import array
 from collections import deque
 from collections.abc import Callable
 from operator import attrgetter
 from typing import Any
 
-from common.scheduling.types import (InflightView, KVView, MicroBatchPlan, RequestView,
-                                     SchedulerSnapshot)
+from common.scheduling.types import MicroBatchPlan, RequestView, SchedulerSnapshot
+from conveyor.sim.views import make_inflight, make_kv, make_snapshot, view as _view
+from services.controller.requests import latency_timings
 
 
 class SimulationError(RuntimeError):
     """A policy asked for something the controller would refuse (unknown request, blocks that
     are not free)."""
-
-
-def _twin(cls: type) -> type:
-    """A plain class with `cls`'s slots: an instance is filled by ordinary attribute writes and
-    then becomes a genuine `cls` by `__class__` assignment (same layout), skipping the frozen
-    dataclass's __init__, which sets each field through object.__setattr__ (~3x slower)."""
-    assert tuple(cls.__slots__) == tuple(f.name for f in dataclasses.fields(cls))
-    return type(f"_Building{cls.__name__}", (object,), {"__slots__": cls.__slots__})
-
-
-_new = object.__new__
-_RVB = _twin(RequestView)
-_SSB = _twin(SchedulerSnapshot)
-_KVB = _twin(KVView)
-_IVB = _twin(InflightView)
-
-
-def _view(r: "SimRequest", _n=_new, _b=_RVB, _c=RequestView) -> RequestView:
-    """RequestView(rid, arrival, prompt, prompt + out, computed, blocks, max_tokens, out,
-    inflight > 0, last_scheduled), cached on the request."""
-    v = _n(_b)
-    v.req_id = r.rid
-    v.arrival = r.arrival
-    v.num_prompt_tokens = r.prompt
-    v.num_tokens = r.prompt + r.out
-    v.num_computed = r.computed
-    v.num_blocks = r.blocks
-    v.max_tokens = r.max_tokens
-    v.num_output_tokens = r.out
-    v.in_flight = r.inflight > 0
-    v.last_scheduled = r.last_scheduled
-    v.__class__ = _c
-    r.view = v
-    return v
-
-
-def make_snapshot(now: float, depth: int, waiting: tuple, ready: tuple, num_running: int,
-                  inflight: tuple, kv: KVView, _n=_new, _b=_SSB,
-                  _c=SchedulerSnapshot) -> SchedulerSnapshot:
-    """SchedulerSnapshot(now, depth, waiting, ready, num_running, inflight, kv)."""
-    v = _n(_b)
-    v.now = now
-    v.pipeline_depth = depth
-    v.waiting = waiting
-    v.ready = ready
-    v.num_running = num_running
-    v.inflight = inflight
-    v.kv = kv
-    v.__class__ = _c
-    return v
-
-
-def make_kv(total: int, free: int, block_size: int, _n=_new, _b=_KVB, _c=KVView) -> KVView:
-    v = _n(_b)
-    v.total_blocks = total
-    v.free_blocks = free
-    v.block_size = block_size
-    v.__class__ = _c
-    return v
-
-
-def make_inflight(decode: int, prefill: int, _n=_new, _b=_IVB,
-                  _c=InflightView) -> InflightView:
-    v = _n(_b)
-    v.num_decode_tokens = decode
-    v.num_prefill_tokens = prefill
-    v.__class__ = _c
-    return v
 
 
 class SimRequest:
@@ -162,16 +91,8 @@ class SimRequest:
 
     def timings(self) -> dict[str, float]:
         """As services/controller/requests.py Request.timings (unrounded)."""
-        out: dict[str, float] = {}
-        if self.first_scheduled is not None:
-            out["queue_s"] = self.first_scheduled - self.arrival
-        if self.first_token is not None:
-            out["ttft_s"] = self.first_token - self.arrival
-        if self.last_token is not None:
-            out["e2e_s"] = self.last_token - self.arrival
-            if self.out > 1 and self.first_token is not None:
-                out["tpot_s"] = (self.last_token - self.first_token) / (self.out - 1)
-        return out
+        return latency_timings(self.arrival, self.first_scheduled, self.first_token,
+                               self.last_token, self.out)
 
 
 class SimBatch:

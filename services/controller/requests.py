@@ -99,14 +99,22 @@ class Request:
 
     def timings(self) -> dict[str, float]:
         """Latencies in seconds on the controller's clock (queueing included)."""
-        out: dict[str, float] = {}
-        if self.first_scheduled is not None:
-            out["queue_s"] = self.first_scheduled - self.arrival
-        if self.first_token is not None:
-            out["ttft_s"] = self.first_token - self.arrival
-        if self.last_token is not None:
-            out["e2e_s"] = self.last_token - self.arrival
-            if len(self.output_token_ids) > 1 and self.first_token is not None:
-                out["tpot_s"] = ((self.last_token - self.first_token)
-                                 / (len(self.output_token_ids) - 1))
+        out = latency_timings(self.arrival, self.first_scheduled, self.first_token,
+                              self.last_token, len(self.output_token_ids))
         return {k: round(v, 6) for k, v in out.items()}
+
+
+def latency_timings(arrival: float, first_scheduled: float | None, first_token: float | None,
+                    last_token: float | None, num_output: int) -> dict[str, float]:
+    """queue_s, ttft_s, e2e_s and tpot_s of a request, each once it is known: the one
+    definition the controller and the simulator report."""
+    out: dict[str, float] = {}
+    if first_scheduled is not None:
+        out["queue_s"] = first_scheduled - arrival
+    if first_token is not None:
+        out["ttft_s"] = first_token - arrival
+    if last_token is not None:
+        out["e2e_s"] = last_token - arrival
+        if num_output > 1 and first_token is not None:
+            out["tpot_s"] = (last_token - first_token) / (num_output - 1)
+    return out

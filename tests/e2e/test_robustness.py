@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
 
 import msgspec
 import pytest
@@ -14,7 +13,7 @@ import zmq
 
 from common.wire import PROTOCOL_VERSION, encode
 from common.wire.client_messages import GenerateRequest
-from conveyor.client import Client, InvalidRequestError, RequestTimeout
+from conveyor.client import InvalidRequestError, RequestTimeout
 
 GOOD = dict(max_tokens=8, temperature=0)
 

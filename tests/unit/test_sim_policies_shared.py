@@ -149,3 +149,90 @@ def test_throttle_evens_out_decode_work_per_micro_batch_where_sarathi_bunches_it
         steady[policy] = math.sqrt(sum((c - m) ** 2 for c in window) / len(window)) / m
     assert spread["throttle"] < 0.6 * spread["sarathi"], spread
     assert steady["throttle"] < 0.1 < 0.5 < steady["sarathi"], steady
+
+
+def controller_plans(policy, n: int, prompt: int, out: int, depth: int, blocks: int) -> list:
+    """Drives the controller's own Instance and Request (services/controller) as its scheduling
+    loop and step-done handler do, without sockets: fill the pipeline, complete the oldest
+    micro-batch, append a token to each sampled request, finish and free at max_tokens."""
+    import itertools
+
+    from common.wire.internal_messages import RequestSampling
+    from services.controller.instance import Instance
+    from services.controller.requests import Request, Status
+
+    inst = Instance(index=0, num_stages=depth, max_inflight=depth, block_size=16,
+                    total_blocks=blocks, free_blocks=blocks, pool_ready=True)
+    by_id = {}
+    for rid in range(1, n + 1):  # the simulator numbers requests from 1
+        req = Request(req_id=rid, prompt_token_ids=[1] * prompt, max_tokens=out,
+                      sampling=RequestSampling(0.0, 1.0, 0, None), stop_token_ids=frozenset(),
+                      arrival_wall=0.0, arrival=rid * 1e-9)  # a monotonic clock never ties
+        inst.add(req)
+        by_id[rid] = req
+    block_ids = itertools.count()
+    now, plans = 0.0, []
+    while inst.waiting or inst.running:
+        while len(inst.inflight) < inst.max_inflight:
+            plan = policy.schedule(inst.snapshot(now))
+            if not plan.empty:
+                plans.append((tuple((c.req_id, c.num_tokens) for c in plan.chunks),
+                              plan.preempt))
+            inst.preempt(plan.preempt)
+            if not plan.chunks:
+                if plan.preempt:
+                    continue
+                break
+            granted = {rid: [next(block_ids) for _ in range(k)]
+                       for rid, k in inst.block_wants(plan, by_id)}
+            inst.commit(plan, by_id, granted, now)
+        now += 1.0
+        batch = inst.complete(next(iter(inst.inflight)))
+        for req in batch.sampling:
+            req.append_token(7, max_model_len=1 << 30)
+            if req.finish:
+                req.status = Status.FINISHED
+                assert inst.remove(req)
+    return plans
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "sarathi", "throttle", OneDecodePolicy.name])
+@pytest.mark.parametrize("blocks", [4096, 48])
+def test_the_controller_and_the_simulator_make_the_same_plans(policy, blocks):
+    """The controller's Instance and the simulator's SimInstance, given a fresh object of the
+    same policy and the same requests (all at t=0, equal stage times so micro-batches complete
+    oldest first), ask it the same questions and carry out the same plans, micro-batch after
+    micro-batch — preemptions in a tight pool included. A policy change (the test-only
+    one-decode policy) changes both alike."""
+    from common.scheduling import make_policy
+
+    depth, n, prompt, out = 3, 12, 40, 30
+    key = "max_prefill_tokens" if policy == "throttle" else "max_num_batched_tokens"
+    params = {key: 64}
+    ctl = controller_plans(make_policy(policy, **params), n, prompt, out, depth, blocks)
+
+    sim: list = []
+    cfg = build_cluster({"model": {"shape": "tiny", "max_model_len": 4096},
+                         "cluster": {"instances": 1, "stages": depth},
+                         "kvcache": {"num_blocks": blocks},
+                         "scheduler": {"policy": policy, **params}})
+    make = cfg.make_policy
+
+    class Recording:
+        def __init__(self):
+            self.inner = make()
+
+        def schedule(self, snap):
+            plan = self.inner.schedule(snap)
+            if not plan.empty:
+                sim.append((tuple((c.req_id, c.num_tokens) for c in plan.chunks), plan.preempt))
+            return plan
+
+    cfg.make_policy = Recording
+    res = simulate(cfg, LinearCost(1e-3, 0, 0), Workload([0.0] * n, [prompt] * n, [out] * n))
+    assert all(r.finished for r in res.requests)
+    assert len(ctl) > n * out / 12 and sim == ctl
+    if policy == OneDecodePolicy.name:
+        assert all(sum(k == 1 for _, k in chunks) <= 1 for chunks, _ in sim)
+    if blocks == 48 and policy != OneDecodePolicy.name:
+        assert any(pre for _, pre in sim), "the tight pool should have preempted"

@@ -1,0 +1,27 @@
+"""Option parsing shared by the commands: errors that name the option, rates, lists."""
+
+from __future__ import annotations
+
+import typer
+
+
+def bad(param: str, message: str) -> typer.BadParameter:
+    """A usage error that typer prints with the option's name (exit code 2)."""
+    return typer.BadParameter(message, param_hint=param)
+
+
+def rate_option(text: str, param: str = "--request-rate") -> float:
+    """Requests per second, or inf."""
+    from conveyor.bench.arrivals import parse_rate
+
+    try:
+        return parse_rate(text.strip())
+    except ValueError as e:
+        raise bad(param, str(e)) from None
+
+
+def comma_list(text: str, param: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise bad(param, "give at least one value (comma-separated)")
+    return items
