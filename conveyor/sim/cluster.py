@@ -62,6 +62,9 @@ class ClusterSection(_Section):
     stages: int = 2
     routing: Literal["least-loaded", "round-robin"] = "least-loaded"
     """least-loaded: the controller's rule (fewest tokens still to process, Instance.load)."""
+    host_cores: int = 0
+    """CPU cores an instance's stage processes share (a CPU deployment on one machine); 0: a
+    device each (pipeline.py explains the sharing model)."""
 
 
 class KVSection(_Section):
@@ -135,6 +138,7 @@ class ClusterConfig:
     """Settings object the policy is built from (make_policy_from)."""
     max_inflight: int
     routing: str = "least-loaded"
+    host_cores: int = 0
     link_bandwidth_bytes_s: float = 0.0
     link_latency_s: float = 0.0
     dispatch_latency_s: float = 0.0
@@ -199,6 +203,7 @@ class ClusterConfig:
                 "kv_sizing": self.kv_sizing, "policy": self.policy,
                 "scheduler": {k: v for k, v in vars(self.scheduler).items()},
                 "max_inflight": self.max_inflight, "routing": self.routing,
+                "host_cores": self.host_cores,
                 "link_bandwidth_bytes_s": self.link_bandwidth_bytes_s,
                 "link_latency_s": self.link_latency_s,
                 "dispatch_latency_s": self.dispatch_latency_s,
@@ -300,6 +305,7 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
     checks = [
         (c.instances >= 1, "cluster.instances must be >= 1"),
         (c.stages >= 1, "cluster.stages must be >= 1"),
+        (c.host_cores >= 0, "cluster.host_cores must be >= 0"),
         (m.max_model_len >= 16, "model.max_model_len must be >= 16"),
         (kv.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
          "kvcache.block_size must be a power of two up to 256"),
@@ -346,6 +352,7 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
         stages=stages, max_model_len=m.max_model_len, dtype=m.dtype, block_size=kv.block_size,
         num_blocks=num_blocks, policy=settings.policy, scheduler=settings,
         max_inflight=settings.max_inflight or c.stages, routing=c.routing,
+        host_cores=c.host_cores,
         link_bandwidth_bytes_s=f.link.bandwidth_gbps * 1e9,
         link_latency_s=f.link.latency_us * 1e-6,
         dispatch_latency_s=sim.dispatch_latency_us * 1e-6, waiting_head=sim.waiting_head,

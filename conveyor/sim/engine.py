@@ -89,7 +89,7 @@ class Shard:
         self.timer = StepTimer.for_cluster(cfg, cost)
         self.metrics = ControllerMetrics(started=0.0, num_instances=cfg.instances)
         self.instances = [SimInstance(i, cfg, cfg.make_policy(), self.timer,
-                                      Pipeline(cfg.num_stages), self.metrics, self.queue.push,
+                                      Pipeline(cfg.num_stages, cfg.host_cores), self.metrics, self.queue.push,
                                       cfg.sample_points) for i in indices]
         self.by_index = {inst.index: inst for inst in self.instances}
 

@@ -8,6 +8,14 @@ dispatched: `Pipeline.run` computes every stage's start and finish right then, a
 simulator needs a single event per micro-batch (its completion on the last stage) instead of
 one per stage, with identical timings.
 
+When the stages of an instance are processes sharing `host_cores` CPU cores (the default CPU
+deployment: 2 or 3 stage processes on one 2-core machine), a step is stretched by processor
+sharing: it starts with k stages busy (itself and those whose committed work runs past its
+start) and runs k / cores times longer when k exceeds the cores. The other stages' load is read
+from the micro-batches already dispatched; one dispatched later that would overlap is not
+foreseen, which keeps the single event per micro-batch at the price of underestimating
+contention a little.
+
 Stage times come from `CostModel.stage_step_s(StepCost)` with the micro-batch's prefill and
 decode tokens, the mean context of its decodes, the rows it samples, and the stage's layer
 count and first/last flags; hops from `CostModel.transfer_s` (or the cluster's link settings).
@@ -86,10 +94,12 @@ class StepTimer:
 class Pipeline:
     """The P stages of one instance as FIFO servers, with per-stage busy and wait time."""
 
-    __slots__ = ("free", "busy", "wait", "steps", "num_stages")
+    __slots__ = ("free", "busy", "wait", "steps", "num_stages", "cores")
 
-    def __init__(self, num_stages: int):
+    def __init__(self, num_stages: int, host_cores: int = 0):
         self.num_stages = num_stages
+        self.cores = host_cores if 0 < host_cores < num_stages else 0
+        """Cores the stages share; 0 when each has its own (or there are enough cores)."""
         self.free = [0.0] * num_stages
         """When each stage finishes the last micro-batch given to it."""
         self.busy = [0.0] * num_stages
@@ -112,6 +122,8 @@ class Pipeline:
                     wait[s] += t - (f if f > now else now)
             else:
                 start = f
+            if self.cores:
+                d *= self._sharing(s, start)
             end = start + d
             free[s] = end
             busy[s] += d
@@ -119,3 +131,8 @@ class Pipeline:
             s += 1
         self.steps += 1
         return end
+
+    def _sharing(self, stage: int, start: float) -> float:
+        """How much longer a step of `stage` starting at `start` takes on the shared cores."""
+        busy = 1 + sum(1 for j, f in enumerate(self.free) if j != stage and f > start)
+        return busy / self.cores if busy > self.cores else 1.0
