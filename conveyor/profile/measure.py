@@ -286,7 +286,7 @@ def measure_profile(cfg: MeasureConfig, progress: Callable[[str], None] | None =
             else:
                 samples.append(s)
     say(f"grid done in {time.perf_counter() - t_grid:.1f}s")
-    del model, kv
+    model = kv = None  # free the slice before loading the ends (closures above hold names only)
 
     # The ends of the model: embedding (first stage), norm + LM head + sampling (last stage).
     ends = StageModel.from_source(src, 0, 1, True, True, dtype, device, cfg.seed)
@@ -314,7 +314,7 @@ def measure_profile(cfg: MeasureConfig, progress: Callable[[str], None] | None =
         head_p10.append(p10)
         head_p90.append(p90)
         say(f"norm + LM head + greedy sampling, {rows:3d} rows: {median * 1e3:9.3f} ms")
-    del ends
+    ends = None  # free the ends before timing the link
 
     link = _link(cfg, device, say)
     if "measured" in str(link.get("source", "")):
