@@ -38,7 +38,9 @@ def replay(bench_path: Path, cluster: str, profile: str | None, device: str | No
     from conveyor.sim.workload import load_trace
 
     doc = json.loads(bench_path.read_text())
-    conf = doc["config"]
+    # A sweep's runs name policy and stages in their config; a plain run has them from the
+    # deployment's health reply.
+    conf = {**(doc.get("health") or {}), **doc["config"]}
     cfg = load_cluster(cluster, {"scheduler.policy": conf["policy"],
                                  "cluster.stages": int(conf["stages"]),
                                  "cluster.instances": int(conf.get("instances", 1))})
