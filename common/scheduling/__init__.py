@@ -6,5 +6,5 @@ from common.scheduling.types import (InflightView, KVView, MicroBatchPlan, Reque
                                      ScheduledChunk, SchedulerSnapshot)
 
 __all__ = ["InflightView", "KVView", "MicroBatchPlan", "RequestView", "ScheduledChunk",
-           "SchedulerSnapshot", "SchedulingPolicy", "make_policy", "make_policy_from", "policy_class", "policy_names",
-           "register_policy"]
+           "SchedulerSnapshot", "SchedulingPolicy", "make_policy", "make_policy_from",
+           "policy_class", "policy_names", "register_policy"]

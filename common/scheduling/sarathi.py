@@ -34,7 +34,7 @@ class SarathiPolicy(FCFSPolicy):
     def schedule(self, snap: SchedulerSnapshot) -> MicroBatchPlan:
         plan = PlanBuilder(snap, self.max_num_batched_tokens, self.max_num_seqs)
         decodes, prefills = split_ready(snap.ready)
-        schedule_decodes(plan, snap, by_readiness(decodes), limit=self.max_num_batched_tokens)
+        plan.add_decodes(by_readiness(decodes), limit=self.max_num_batched_tokens)
         schedule_prefills(plan, snap, prefills, reserve_new=int(self.watermark *
                                                                 snap.kv.total_blocks),
                           max_num_seqs=self.max_num_seqs)
@@ -49,13 +49,6 @@ def by_readiness(decodes) -> list[RequestView]:
     for a seat in a micro-batch goes first, so a budget smaller than the ready set rotates
     through them instead of starving the youngest."""
     return sorted(decodes, key=_READINESS)
-
-
-def schedule_decodes(plan: PlanBuilder, snap: SchedulerSnapshot, decodes: list[RequestView],
-                     limit: int) -> None:
-    """Adds up to `limit` decodes (and within the token budget), preempting the latest
-    arrivals when a decode needs a block that is not free."""
-    plan.add_decodes(decodes, limit)
 
 
 def schedule_prefills(plan: PlanBuilder, snap: SchedulerSnapshot, started: list[RequestView],

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.scheduling.policy import SchedulingPolicy, register_policy
-from common.scheduling.sarathi import by_readiness, schedule_decodes, schedule_prefills
+from common.scheduling.sarathi import by_readiness, schedule_prefills
 from common.scheduling.types import MicroBatchPlan, PlanBuilder, SchedulerSnapshot, split_ready
 
 
@@ -72,7 +72,7 @@ class ThrottlePolicy(SchedulingPolicy):
         plan = PlanBuilder(snap, decode_budget + prefill_budget, self.max_num_seqs)
         # Decodes first: their blocks come before any prompt's, so prefill can never take the
         # memory a running request needs for its next token.
-        schedule_decodes(plan, snap, decodes, limit=decode_budget)
+        plan.add_decodes(decodes, limit=decode_budget)
         plan.token_budget = prefill_budget
         reserve = self.reserved_blocks(snap)
         schedule_prefills(plan, snap, prefills, reserve_new=reserve,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from conveyor.bench.runner import RequestRecord, RunResult
+from services.controller.metrics import mean_std
 
 SLO_METRICS = ("ttft", "tpot", "e2e")
 PERCENTILES = (50, 90, 99)
@@ -137,10 +138,8 @@ def batch_tokens_window(before: dict, after: dict) -> dict[str, dict[str, Any]]:
         d = {k: _delta(b, a, k) for k in ("count", "sum", "sumsq")}
         if None in d.values():
             continue
-        n = d["count"]
-        mean = d["sum"] / n if n > 0 else None
-        std = math.sqrt(max(0.0, d["sumsq"] / n - mean * mean)) if n > 0 else None
-        out[phase] = {"count": n, "mean": mean, "std": std}
+        mean, std = mean_std(d["count"], d["sum"], d["sumsq"])
+        out[phase] = {"count": d["count"], "mean": mean, "std": std}
     return out
 
 
@@ -212,10 +211,14 @@ def build_result(run: RunResult, config: dict[str, Any],
             "gauge_samples": run.gauge_samples, "requests": run.records_json()}
 
 
-def result_filename(policy: str, rate: float, stages: int | None = None) -> str:
+def result_filename(policy: str, rate: float, stages: int | None = None, kind: str = "bench",
+                    shape: str = "") -> str:
+    """KIND-POLICY-SHAPE-rateRATE-TIME.json; SHAPE defaults to sSTAGES (bench's deployments),
+    the simulator passes INSTANCESxSTAGES."""
     rate_text = "inf" if math.isinf(rate) else f"{rate:g}"
-    stage_text = f"-s{stages}" if stages else ""
-    return f"bench-{policy}{stage_text}-rate{rate_text}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    shape = shape or (f"s{stages}" if stages else "")
+    shape_text = f"-{shape}" if shape else ""
+    return f"{kind}-{policy}{shape_text}-rate{rate_text}-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
 
 def jsonable(obj: Any) -> Any:

@@ -171,6 +171,12 @@ def simulate(
               result_file, records, plots, progress, rate)
 
 
+def _result_name(policy: str, rate: float, cfg: Any) -> str:
+    from conveyor.bench.report import result_filename
+
+    return result_filename(policy, rate, kind="sim", shape=f"{cfg.instances}x{cfg.num_stages}")
+
+
 def _simulate(cfg: Any, cost: Any, wl: Any, workers: int, progress: bool, label: str) -> Any:
     from conveyor.sim.engine import simulate as run
     from conveyor.sim.state import SimulationError
@@ -187,16 +193,15 @@ def _simulate(cfg: Any, cost: Any, wl: Any, workers: int, progress: bool, label:
 def _run_once(cfg: Any, cost: Any, wl: Any, config_doc: dict[str, Any], slo_s: dict,
               workers: int, result_dir: Path, result_file: Optional[Path], records: str,
               plots: bool, progress: bool, rate: float) -> None:
-    from conveyor.sim.report import (build_result, format_summary, plot_run, result_filename,
-                                     save_result)
+    from conveyor.bench.report import save_result
+    from conveyor.sim.report import build_result, format_summary, plot_run
 
     _note(f"{len(wl)} requests on {cfg.instances} x {cfg.num_stages}-stage {cfg.shape_name} "
           f"({cfg.policy}), rate {rate:g}/s")
     result = _simulate(cfg, cost, wl, workers, progress, "simulating")
     doc, recs = build_result(result, config_doc, wl.summary(), slo_s, records)
     typer.echo(format_summary(doc["summary"]))
-    path = result_file or result_dir / result_filename(cfg.policy, rate, cfg.num_stages,
-                                                       cfg.instances)
+    path = result_file or result_dir / _result_name(cfg.policy, rate, cfg)
     save_result(doc, path)
     _note(f"results: {path}")
     if plots:
@@ -214,7 +219,8 @@ def _run_sweep(cfg: Any, cost: Any, workloads: list, rates: list[float], policie
                plots: bool, progress: bool) -> None:
     from conveyor.bench.sweep import markdown_table
     from conveyor.bench.sweep import one_line
-    from conveyor.sim.report import build_result, result_filename, save_result
+    from conveyor.bench.report import save_result
+    from conveyor.sim.report import build_result
 
     folder = result_dir / f"sim-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,14 +236,11 @@ def _run_sweep(cfg: Any, cost: Any, workloads: list, rates: list[float], policie
             result = _simulate(pcfg, cost, wl, workers, progress, label)
             doc, _ = build_result(result, {**config_doc, "policy": name, "request_rate": rate},
                                   wl.summary(), slo_s, "lite")
-            path = save_result(doc, folder / result_filename(name, rate, cfg.num_stages,
-                                                             cfg.instances))
+            path = save_result(doc, folder / _result_name(name, rate, cfg))
             typer.echo(f"{label}: {one_line(doc['summary'])}", err=True)
             runs.append({"stages": cfg.num_stages, "policy": name, "rate": rate,
                          "summary": doc["summary"], "error": None, "file": str(path)})
-    from conveyor.bench.report import save_result as save_json
-
-    save_json({"config": config_doc, "cluster": cfg.describe(), "runs": runs},
+    save_result({"config": config_doc, "cluster": cfg.describe(), "runs": runs},
               folder / "sweep.json")
     table = markdown_table(runs).replace("# Conveyor benchmark sweep",
                                          "# Conveyor simulation sweep", 1)

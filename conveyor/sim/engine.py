@@ -37,7 +37,7 @@ from conveyor.sim.cluster import ClusterConfig
 from conveyor.sim.pipeline import Pipeline, StepTimer
 from conveyor.sim.state import SimInstance, SimRequest
 from conveyor.sim.workload import Workload
-from services.controller.metrics import ControllerMetrics, Histogram, Moments
+from services.controller.metrics import ControllerMetrics, Histogram, Moments, mean_std
 
 
 class EventQueue:
@@ -124,9 +124,9 @@ class SimResult:
 
 
 def _instance_raw(inst: SimInstance) -> dict[str, Any]:
-    count, s, sq = inst.tokens_per_batch
-    mean = s / count if count else None
-    std = math.sqrt(max(0.0, sq / count - mean * mean)) if count else None
+    tpb = inst.tokens_per_batch
+    count, s, sq = tpb.count, tpb.sum, tpb.sumsq
+    mean, std = mean_std(count, s, sq)
     return {"instance": inst.index, "kv_total_blocks": inst.total_blocks,
             "wait_area": inst.wait_area, "used_area": inst.used_area,
             "inflight_area": inst.inflight_area, "max_inflight": inst.max_inflight_seen,

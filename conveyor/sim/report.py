@@ -11,14 +11,13 @@ over time, tokens per micro-batch (prefill + decode), and its own speed.
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from conveyor.sim.engine import SimResult
+from services.controller.metrics import mean_std
 
 RECORDS_AUTO_TOKEN_LIMIT = 1_000_000
 """--records auto keeps the per-token gaps in the result file up to this many tokens."""
@@ -112,8 +111,7 @@ def simulator_section(result: SimResult) -> dict[str, Any]:
     m = result.metrics
     total = sum(i["tokens_per_batch"]["sum"] for i in inst)
     sq = sum(i["tokens_per_batch"]["sumsq"] for i in inst)
-    mean = total / count if count else None
-    std = math.sqrt(max(0.0, sq / count - mean * mean)) if count else None
+    mean, std = mean_std(count, total, sq)
     per_stage = []
     for s in range(result.cfg.num_stages):
         rows = [(b, result.metrics.pending[i].read(result.end_s))
@@ -198,12 +196,6 @@ def format_summary(summary: dict[str, Any], title: str = " Simulation Result ") 
 
 # ---- files --------------------------------------------------------------------------------------
 
-def result_filename(policy: str, rate: float, stages: int, instances: int) -> str:
-    rate_text = "inf" if math.isinf(rate) else f"{rate:g}"
-    return (f"sim-{policy}-{instances}x{stages}-rate{rate_text}-"
-            f"{time.strftime('%Y%m%d-%H%M%S')}.json")
-
-
 def build_result(result: SimResult, config: dict[str, Any], workload: dict[str, Any],
                  slo: dict[str, float] | None = None, records: str = "auto"
                  ) -> tuple[dict[str, Any], list]:
@@ -229,12 +221,6 @@ def gauge_samples(result: SimResult) -> list[dict[str, Any]]:
     return [{"instance": i["instance"], "t": [s[0] for s in i["samples"]],
              "waiting": [s[1] for s in i["samples"]], "running": [s[2] for s in i["samples"]],
              "kv_used_blocks": [s[3] for s in i["samples"]]} for i in result.instances]
-
-
-def save_result(result: dict[str, Any], path: Path) -> Path:
-    from conveyor.bench.report import save_result as bench_save
-
-    return bench_save(result, path)
 
 
 # ---- charts -------------------------------------------------------------------------------------

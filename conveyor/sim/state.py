@@ -44,6 +44,7 @@ from typing import Any
 
 from common.scheduling.types import MicroBatchPlan, RequestView, SchedulerSnapshot
 from conveyor.sim.views import make_inflight, make_kv, make_snapshot, view as _view
+from services.controller.metrics import Moments
 from services.controller.requests import latency_timings
 
 
@@ -58,7 +59,7 @@ class SimRequest:
     __slots__ = ("rid", "index", "arrival", "prompt", "max_tokens", "expected_output", "out",
                  "computed", "blocks", "inflight", "awaiting", "running", "finished",
                  "last_scheduled", "first_scheduled", "first_token", "last_token", "itl",
-                 "view", "preemptions", "instance", "error", "stop_at")
+                 "view", "preemptions", "instance", "error")
 
     def __init__(self, rid: int, index: int, arrival: float, prompt: int, max_tokens: int,
                  expected_output: int):
@@ -85,9 +86,6 @@ class SimRequest:
         self.preemptions = 0
         self.instance = -1
         self.error: str | None = None
-        self.stop_at = max_tokens
-        """Output tokens at which it stops: max_tokens, or the context length (set by the
-        instance it is routed to)."""
 
     def timings(self) -> dict[str, float]:
         """As services/controller/requests.py Request.timings (unrounded)."""
@@ -98,19 +96,15 @@ class SimRequest:
 class SimBatch:
     """A micro-batch in the pipeline."""
 
-    __slots__ = ("sampling", "partial", "decode", "prefill", "iview", "dispatched", "done_at")
+    __slots__ = ("sampling", "partial", "iview")
 
-    def __init__(self, sampling: list, partial: list, decode: int, prefill: int,
-                 dispatched: float):
+    def __init__(self, sampling: list, partial: list, decode: int, prefill: int):
         self.sampling = sampling
         """Requests that get a token from this micro-batch, in chunk order."""
         self.partial = partial
         """Requests with a non-final prefill chunk here (ready while it is in flight)."""
-        self.decode = decode
-        self.prefill = prefill
         self.iview = make_inflight(decode, prefill)
-        self.dispatched = dispatched
-        self.done_at = 0.0
+        """What the policy sees of it while it is in flight."""
 
 
 _rid = attrgetter("rid")
@@ -137,7 +131,6 @@ class SimInstance:
         self.block_size = cfg.block_size
         self.total_blocks = cfg.num_blocks
         self.free_blocks = cfg.num_blocks
-        self.max_model_len = cfg.max_model_len
         self.dispatch_latency = cfg.dispatch_latency_s
         # The waiting head (see the module docstring): by seats and tokens, fixed, or all.
         self.head_seats = cfg.waiting_head == 0
@@ -162,7 +155,9 @@ class SimInstance:
         self.finished = 0
         self.preemptions = 0
         self.policy_calls = 0
-        self.tokens_per_batch = [0, 0, 0]  # count, sum, sumsq of prefill + decode tokens
+        self.tokens_per_batch = Moments()
+        """Prefill plus decode tokens of each micro-batch (their sum's spread: not derivable
+        from the per-phase moments the metrics keep)."""
         # Gauges: time integrals since 0 and peaks of the waiting queue and the blocks in use.
         self._g_t = 0.0
         self.wait_area = 0.0
@@ -210,7 +205,6 @@ class SimInstance:
         unless more requests arrive at the same instant (then it runs once after them)."""
         self._gauge(now)
         req.instance = self.index
-        req.stop_at = min(req.max_tokens, self.max_model_len - req.prompt)
         self.by_id[req.rid] = req
         self.load += req.prompt + req.max_tokens
         self._enqueue(req)
@@ -381,20 +375,16 @@ class SimInstance:
             self.ready = [r for r in self.ready if not r.awaiting]
         tokens = prefill + decode
         self.load -= tokens
-        batch = SimBatch(sampling, partial, decode, prefill, now)
+        batch = SimBatch(sampling, partial, decode, prefill)
         inflight = self.inflight
         inflight.append(batch)
         if len(inflight) > self.max_inflight_seen:
             self.max_inflight_seen = len(inflight)
         self.metrics.record_batch(prefill, decode)
-        tpb = self.tokens_per_batch
-        tpb[0] += 1
-        tpb[1] += tokens
-        tpb[2] += tokens * tokens
+        self.tokens_per_batch.add(tokens)
         durations, hop = self.timer(prefill, decode, context / decode if decode else 0.0,
                                     len(sampling))
         done = self.pipeline.run(now + self.dispatch_latency, durations, hop)
-        batch.done_at = done
         self.push(done, self.on_complete, batch)
 
     def _start(self, started: list[SimRequest], now: float) -> None:
@@ -439,7 +429,7 @@ class SimInstance:
             else:
                 r.itl.append(now - last)
             r.last_token = now
-            if out < r.stop_at:
+            if out < r.max_tokens:  # make_request clamped it to the context left
                 keep(r)
             elif finished is None:
                 finished = [r]

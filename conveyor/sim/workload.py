@@ -70,13 +70,6 @@ class Workload:
                 "last_arrival_s": self.arrival_s[-1] if n else 0.0}
 
 
-def arrivals(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
-    """Send times exactly as `conveyor bench` draws them."""
-    from conveyor.bench.arrivals import arrival_times
-
-    return arrival_times(n, rate, burstiness, seed)
-
-
 # ---- ShareGPT -----------------------------------------------------------------------------------
 
 def _cache_dir() -> Path:
@@ -256,6 +249,8 @@ def make_workload(kind: str, num_prompts: int, request_rate: float = math.inf,
                 "random_output_len": random_output_len, "random_range_ratio": random_range_ratio}
     else:
         raise WorkloadError(f"unknown workload {kind!r} ({', '.join(WORKLOADS)})")
-    times = arrivals(len(lengths), request_rate, burstiness, seed)
+    from conveyor.bench.arrivals import arrival_times  # bench's send times, exactly
+
+    times = arrival_times(len(lengths), request_rate, burstiness, seed)
     return Workload.from_lengths(lengths, times, **desc, request_rate=request_rate,
                                  burstiness=burstiness, seed=seed)

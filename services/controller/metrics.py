@@ -10,6 +10,7 @@ gLLM and Planck report). Time with nothing to serve is not counted as a bubble.
 from __future__ import annotations
 
 import bisect
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -32,6 +33,14 @@ class Moments:
 
     def as_dict(self) -> dict:
         return {"count": self.count, "sum": self.sum, "sumsq": self.sumsq}
+
+
+def mean_std(count: float, total: float, sumsq: float) -> tuple[float | None, float | None]:
+    """Mean and population standard deviation from a count, sum and sum of squares."""
+    if count <= 0:
+        return None, None
+    mean = total / count
+    return mean, math.sqrt(max(0.0, sumsq / count - mean * mean))
 
 
 @dataclass

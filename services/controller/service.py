@@ -152,14 +152,15 @@ class Controller:
             req.finish = reason
             req.error = error
             self.metrics.finished[reason.name.lower()] += 1
+            timings = req.timings()
             if reason in (FinishReason.ABORT, FinishReason.ERROR):
                 self.outputs.append(RequestOutput(req.req_id, [], reason, error, error_code))
             else:
-                self.metrics.record_request(req.timings())
+                self.metrics.record_request(timings)
             log.info("request finished", req_id=req.req_id, finish=reason.name.lower(),
                      prompt_tokens=len(req.prompt_token_ids),
                      output_tokens=len(req.output_token_ids), preemptions=req.preemptions,
-                     instance=req.instance, **req.timings(), **({"error": error} if error else {}))
+                     instance=req.instance, **timings, **({"error": error} if error else {}))
         inst = self.instances[req.instance]
         blocks_held = req.num_blocks > 0
         if inst.remove(req):
