@@ -41,13 +41,11 @@ def run_point(cfg: Any, cost: Any, wl: Any, slo: dict[str, float]) -> dict[str, 
     from conveyor.sim.report import summarize
 
     s = summarize(simulate(cfg, cost, wl), slo)
-    bubbles = [row["bubble_ratio"] for row in s["controller"].get("stages") or []
-               if row.get("bubble_ratio") is not None]
     return {"output_throughput": s["output_throughput"],
             "request_throughput": s["request_throughput"],
             "attainment": s["goodput"]["fraction"],
             "p99_ttft_s": s["ttft"]["p99"], "p99_tpot_s": s["tpot"]["p99"],
-            "bubble_ratio": sum(bubbles) / len(bubbles) if bubbles else None}
+            "bubble_ratio": s["controller"].get("mean_bubble_ratio")}
 
 
 def sustainable(points: dict[float, dict[str, Any]], attainment: float

@@ -107,9 +107,10 @@ def bench(
     """Benchmark a deployment: latency (TTFT, TPOT, ITL, E2E), throughput, goodput and the
     pipeline's bubble ratio, in the manner of `vllm bench serve`."""
     from common.config import ConfigError, parse_override
+    from conveyor.bench.datasets import DATASETS
     from conveyor.bench.report import parse_slo
 
-    if dataset not in ("sharegpt", "random"):
+    if dataset not in DATASETS:
         raise bad("--dataset", f"unknown dataset {dataset!r} (sharegpt or random)")
     if random_prompt not in ("ids", "words"):
         raise bad("--random-prompt", f"{random_prompt!r} is not ids or words")

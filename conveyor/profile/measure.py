@@ -41,7 +41,8 @@ import torch
 
 from common.costmodel.profile import DEFAULT_LINK, Profile, Sample
 from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepBatch,
-                          resolve_model, sample, split_layers)
+                          resolve_model, sample)
+from common.model.placement import stage_layer_bounds
 from common.model.source import DEFAULT_SOURCE, ModelSource
 
 DEFAULT_PREFILL = (0, 16, 64, 256, 512)
@@ -213,7 +214,8 @@ def measure_profile(cfg: MeasureConfig, progress: Callable[[str], None] | None =
     src = resolve_model(cfg.source, cfg.load_format)
     shape = src.shape
     if cfg.num_layers is None:
-        start, end = split_layers(shape.num_layers, cfg.stages)[0]
+        # The first stage's share as the workers place layers (balanced by default).
+        start, end = stage_layer_bounds(shape, cfg.stages)[0]
         num_layers = end - start
     else:
         num_layers = cfg.num_layers

@@ -106,7 +106,9 @@ class ControllerMetrics:
         self.pending = [PendingClock() for _ in range(self.num_instances)]
 
     def record_step(self, instance: int, stage: int, compute_s: float, wait_s: float) -> None:
-        c = self.stages.setdefault((instance, stage), StageCounters())
+        c = self.stages.get((instance, stage))
+        if c is None:  # once per stage: this runs on every StepDone
+            c = self.stages[(instance, stage)] = StageCounters()
         c.steps += 1
         c.busy_s += compute_s
         c.wait_s += wait_s

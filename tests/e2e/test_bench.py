@@ -45,8 +45,8 @@ def test_bench_random_dataset_end_to_end(deployment, tmp_path):
 
     ctl = summary["controller"]
     assert ctl["policy"] == data["health"]["policy"]
-    if "counters" in ctl and "generated_tokens" in ctl["counters"]:
-        assert ctl["counters"]["generated_tokens"] == summary["total_output_tokens"]
-    for stage in ctl.get("stages", []):  # present once the controller reports them
-        assert stage["bubble_ratio"] is None or 0.0 <= stage["bubble_ratio"] <= 1.0
+    assert ctl["counters"]["generated_tokens"] == summary["total_output_tokens"]
+    assert len(ctl["stages"]) == data["health"]["stages"]
+    for stage in ctl["stages"]:
+        assert stage["bubble_ratio"] is not None and 0.0 <= stage["bubble_ratio"] <= 1.0
     assert result_file.with_name("run-cdf.png").stat().st_size > 1000

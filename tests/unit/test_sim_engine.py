@@ -163,10 +163,11 @@ def test_an_idle_pipeline_is_not_counted_as_bubbles():
     res = simulate(cluster(stages=2), LinearCost(1e-3, 0, 0),
                    Workload([0.0, 1.0, 2.0], [10] * 3, [2] * 3))
     stats = res.metrics.as_dict(res.end_s)
+    assert res.end_s > 2.0 and len(stats["stages"]) == 2
     for s in stats["stages"]:
-        assert s["pending_s"] == pytest.approx(3 * 2 * 2e-3 + 3 * 1e-3, rel=1e-9) or \
-            s["pending_s"] < 0.05
-    assert res.end_s > 2.0
+        # Pending only while each request runs (a few ms each), not the 2 s between them.
+        assert 0 < s["pending_s"] < 0.05
+        assert s["idle_s"] < 0.05 and s["idle_s"] <= s["pending_s"]
 
 
 # ---- memory pressure ----------------------------------------------------------------------------
@@ -180,8 +181,9 @@ def test_kv_exhaustion_preempts_and_still_completes_everything(policy):
     assert res.metrics.preemptions > 0
     assert sum(r.preemptions for r in res.requests) == res.metrics.preemptions
     assert res.instances[0]["max_kv_used"] <= 1.0
-    # All blocks came back.
     assert res.metrics.finished["length"] == 10
+    # All blocks came back: the last gauge sample (time, waiting, running, blocks in use).
+    assert res.instances[0]["samples"][-1][1:] == (0, 0, 0)
 
 
 def test_requests_that_cannot_fit_the_pool_fail_up_front():
