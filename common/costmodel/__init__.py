@@ -6,7 +6,7 @@ A cost model answers for one stage of a given model shape on one device:
     stage_step_s(StepCost) -> seconds of one micro-batch on that stage
 
 `StepCost` describes the micro-batch the way the controller sees it: prefill tokens, decode
-tokens, their mean context length, how many sequences get a token sampled (the LM head runs
+tokens, their mean context lengths, how many sequences get a token sampled (the LM head runs
 for those rows on the last stage), the number of decoder layers in the stage and which ends of
 the model it holds (embedding on the first, norm + LM head + sampling on the last).
 `transfer_s(num_tokens)` is the time to hand a micro-batch's activations to the next stage.
@@ -33,6 +33,17 @@ class StepCost:
     num_layers: int
     first_stage: bool
     last_stage: bool
+    prefill_context: float | None = None
+    """Mean number of keys a prefill token attends to (its position + 1, averaged over the
+    prefill tokens): what the prefill attention costs per token. Many short prompts attend far
+    less than one long one of the same total. None: one fresh chunk of prefill_tokens,
+    (prefill_tokens + 1) / 2, as the profiles measure."""
+
+    @property
+    def prefill_pairs(self) -> float:
+        """Causal (query, key) pairs of the prefill attention."""
+        p = self.prefill_tokens
+        return p * (p + 1) / 2 if self.prefill_context is None else p * self.prefill_context
 
 
 class CostModel(Protocol):

@@ -23,6 +23,7 @@ File format (JSON, `"format": "conveyor-cost-profile"`, `"version": 1`):
       "head": {"sampled_rows": [1, 4, 16, 64], "median_s": [...], "p10_s": [...],
                "p90_s": [...]},
       "activation_bytes_per_token": 2304,
+      "prefill_split": {"tokens": 512, "sequences": [1, 4, 16, 64], "median_s": [...]},
       "link": {"bandwidth_bytes_s": 2e9, "latency_s": 5e-5, "source": "measured gloo ..."},
       "notes": "..."
     }
@@ -43,15 +44,25 @@ What is measured (see conveyor/profile/measure.py):
 - `head`: the last stage's final norm + LM head (+ float32 logits) + greedy sampling of
   `sampled_rows` rows.
 - `activation_bytes_per_token`: hidden_size x dtype bytes, what a stage sends per token.
+- `prefill_split` (optional): the same middle stage with `tokens` prefill tokens as 1, 4, ...
+  fresh prompts of equal length. Only the attention differs between them (`tokens` x
+  (n + 1) / 2 query-key pairs for prompts of n tokens), so the slope of time over pairs is
+  the prefill attention's cost per pair.
 - `link` (optional): one-way time of a tensor between two stage processes, as
   latency_s + bytes / bandwidth_bytes_s. Without it, `DEFAULT_LINK` (CPU gloo on one host:
   2 GB/s, 50 us, an assumption) is used.
 
 `ProfileCostModel` (a `CostModel`):
 
-    stage_step_s = layers(P, D, C) * step.num_layers / profile.num_layers + prepare(P, D, C)
+    stage_step_s = (layers(P, D, C) + pair_s * (Q - P (P + 1) / 2))
+                       * step.num_layers / profile.num_layers + prepare(P, D, C)
                    + embedding(P + D)        if first_stage
                    + head(sampled_rows)      if last_stage
+
+where Q is the step's prefill attention pairs (`StepCost.prefill_pairs`) and pair_s the
+least-squares slope of `prefill_split` (0 without one): the grid measured one fresh prompt
+per step, a micro-batch of many short prompts attends to far fewer pairs. The layers' part
+never goes below 0.
 
 `layers` and `prepare` are trilinear (multilinear) interpolations over the grid, done axis by
 axis (context, then decode, then prefill), hence exact at grid points and linear between them.
@@ -145,6 +156,7 @@ class Profile:
     head_p10_s: list[float] = field(default_factory=list)
     head_p90_s: list[float] = field(default_factory=list)
     link: dict[str, Any] | None = None
+    prefill_split: dict[str, Any] | None = None
     source: str = ""
     load_format: str = "auto"
     torch_version: str = ""
@@ -178,6 +190,7 @@ class Profile:
                      "p10_s": [_ns(x) for x in self.head_p10_s],
                      "p90_s": [_ns(x) for x in self.head_p90_s]},
             "activation_bytes_per_token": self.activation_bytes_per_token,
+            "prefill_split": self.prefill_split,
             "link": self.link,
             "notes": self.notes,
         }
@@ -207,7 +220,8 @@ class Profile:
                 head_p10_s=[float(x) for x in head.get("p10_s", [])],
                 head_p90_s=[float(x) for x in head.get("p90_s", [])],
                 activation_bytes_per_token=int(data["activation_bytes_per_token"]),
-                link=data.get("link"), source=model.get("source", ""),
+                link=data.get("link"), prefill_split=_split_table(data.get("prefill_split")),
+                source=model.get("source", ""),
                 load_format=model.get("load_format", "auto"),
                 torch_version=data.get("torch_version", ""), created=data.get("created", ""),
                 block_size=int(data.get("block_size", 16)), repeats=int(data.get("repeats", 0)),
@@ -215,6 +229,20 @@ class Profile:
         except (KeyError, TypeError, ValueError) as e:
             raise ProfileError(f"{where} is malformed: {type(e).__name__}: {e}") from None
         return profile
+
+    def attention_pair_s(self) -> float:
+        """Prefill attention seconds per query-key pair for `num_layers` layers: the slope of
+        `prefill_split` over pairs (least squares, never negative); 0 without one."""
+        split = self.prefill_split
+        if not split or len(split["sequences"]) < 2:
+            return 0.0
+        tokens = split["tokens"]
+        xs = [tokens * (tokens // k + 1) / 2 for k in split["sequences"]]
+        ys = split["median_s"]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+        return max(slope, 0.0)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -239,6 +267,19 @@ class Profile:
             if (s.prefill_tokens, s.decode_tokens, s.context_len) == (prefill, decode, context):
                 return s
         return None
+
+
+def _split_table(raw: Any) -> dict[str, Any] | None:
+    """The optional prefill_split table, checked: equal-length prompts that divide `tokens`."""
+    if raw is None:
+        return None
+    tokens = int(raw["tokens"])
+    sequences = [int(k) for k in raw["sequences"]]
+    median_s = [float(x) for x in raw["median_s"]]
+    if len(sequences) != len(median_s) or any(k < 1 or tokens % k for k in sequences):
+        raise ValueError(f"prefill_split: {len(sequences)} prompt counts that must divide "
+                         f"{tokens} tokens, and {len(median_s)} times")
+    return {"tokens": tokens, "sequences": sequences, "median_s": median_s}
 
 
 def _ns(value: Any) -> Any:
@@ -359,6 +400,7 @@ class ProfileCostModel:
                 raise ProfileError(f"profile {name} table must have matching, increasing "
                                    f"entries, got {xs} and {ys}")
         self.profile = profile
+        self.pair_s = profile.attention_pair_s()
         self._layers = _Grid(profile, "median_s")
         self._prepare = _Grid(profile, "prepare_s")
         # Running maxima: a noisy small measurement above a larger one must not make more
@@ -378,9 +420,13 @@ class ProfileCostModel:
         return cls(profile)
 
     def layers_s(self, prefill_tokens: float, decode_tokens: float, context_len: float,
-                 num_layers: int) -> float:
-        """The decoder layers of a stage (without the per-step host preparation)."""
+                 num_layers: int, prefill_pairs: float | None = None) -> float:
+        """The decoder layers of a stage (without the per-step host preparation);
+        prefill_pairs None: one fresh prompt, as measured."""
         per_profile = self._layers(prefill_tokens, decode_tokens, context_len)
+        if prefill_pairs is not None and self.pair_s:
+            fresh = prefill_tokens * (prefill_tokens + 1) / 2
+            per_profile = max(per_profile + self.pair_s * (prefill_pairs - fresh), 0.0)
         return per_profile * num_layers / self.profile.num_layers
 
     def prepare_s(self, prefill_tokens: float, decode_tokens: float, context_len: float) -> float:
@@ -400,7 +446,7 @@ class ProfileCostModel:
         p, d = step.prefill_tokens, step.decode_tokens
         if p + d <= 0:
             return 0.0
-        seconds = (self.layers_s(p, d, step.context_len, step.num_layers)
+        seconds = (self.layers_s(p, d, step.context_len, step.num_layers, step.prefill_pairs)
                    + self.prepare_s(p, d, step.context_len))
         if step.first_stage:
             seconds += self.embedding_s(p + d)

@@ -1,13 +1,13 @@
 """An analytical cost model from FLOPs and bytes (a roofline), for devices with no profile.
 
-For one stage step of P prefill tokens (one fresh prompt chunk starting at position 0, as in
-the measured profiles) and D decode tokens with a mean of C cached tokens each, T = P + D, per
-decoder layer (b = dtype bytes, params = ModelShape.layer_param_count()):
+For one stage step of P prefill tokens whose causal attention spans Q query-key pairs
+(`StepCost.prefill_pairs`: P (P + 1) / 2 for one fresh prompt chunk, far fewer for many short
+prompts) and D decode tokens with a mean of C cached tokens each, T = P + D, per decoder layer
+(b = dtype bytes, params = ModelShape.layer_param_count()):
 
     FLOPs  = 2 * params * T                               (every matmul, 2 FLOPs per MAC)
            + 4 * q_size * D * C                           (decode QK^T and PV over the cache)
-           + 2 * q_size * P * (P + 1)                     (causal prefill attention, P^2 / 2
-                                                           query-key pairs, 4 FLOPs each)
+           + 4 * q_size * Q                               (prefill QK^T and PV, 4 FLOPs a pair)
     bytes  = params * b                                   (weights, read once per step)
            + D * C * kv_size * 2 * b                      (K and V read by the decodes)
            + T * kv_size * 2 * b                          (the step's new K and V written)
@@ -125,13 +125,16 @@ class RooflineCostModel:
         self.link_latency_s = device.link_latency_s if link_latency_s is None else link_latency_s
 
     def layer_flops_bytes(self, prefill_tokens: float, decode_tokens: float,
-                          context_len: float) -> tuple[float, float]:
-        """FLOPs and bytes of ONE decoder layer for the step."""
+                          context_len: float, prefill_pairs: float | None = None
+                          ) -> tuple[float, float]:
+        """FLOPs and bytes of ONE decoder layer for the step (prefill_pairs None: one fresh
+        chunk)."""
         s, b = self.shape, self.dtype_bytes
         p, d, c = prefill_tokens, decode_tokens, context_len
         t = p + d
+        pairs = p * (p + 1) / 2 if prefill_pairs is None else prefill_pairs
         params = s.layer_param_count()
-        flops = 2 * params * t + 4 * s.q_size * d * c + 2 * s.q_size * p * (p + 1)
+        flops = 2 * params * t + 4 * s.q_size * d * c + 4 * s.q_size * pairs
         per_token_act = 2 * (4 * s.hidden_size + 2 * s.q_size + 2 * s.kv_size
                              + 3 * s.intermediate_size)
         nbytes = (params * b + d * c * s.kv_size * 2 * b + t * s.kv_size * 2 * b
@@ -144,7 +147,7 @@ class RooflineCostModel:
         if t <= 0:
             return StepBreakdown(0.0, 0.0, 0.0, 0.0, 0.0)
         flops, nbytes = self.layer_flops_bytes(step.prefill_tokens, step.decode_tokens,
-                                               step.context_len)
+                                               step.context_len, step.prefill_pairs)
         flops, nbytes = flops * step.num_layers, nbytes * step.num_layers
         if step.first_stage:
             nbytes += 2 * t * s.hidden_size * b

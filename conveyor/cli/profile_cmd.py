@@ -48,6 +48,11 @@ def _summary(profile) -> str:
         if s is not None:
             rate = s.prefill_tokens / s.median_s
             lines.append(f"  {p:4d} tokens  {_ms(s.median_s)}  ({rate:8.0f} tokens/s)")
+    split = profile.prefill_split
+    if split:
+        lines.append(f"  {split['tokens']:4d} tokens as " + ", ".join(
+            f"{k} prompts {t * 1e3:.2f}" for k, t in zip(split["sequences"], split["median_s"]))
+            + f" ms: attention {profile.attention_pair_s() * 1e9:.2f} ns per query-key pair")
     emb = profile.embedding_s[-1] / profile.embedding_tokens[-1]
     lines.append(f"embedding: {emb * 1e6:.2f} us/token (at {profile.embedding_tokens[-1]} tokens)")
     lines.append("norm + LM head + sampling: " + ", ".join(

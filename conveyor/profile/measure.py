@@ -3,7 +3,7 @@
     profile = measure_profile(MeasureConfig(source="smollm2", stages=2), progress=print)
     profile.save("deploy/profiles/smollm2-135m-cpu.json")
 
-Three measurements, each the median (and p10/p90) of `repeats` runs after `warmup` runs
+Four measurements, each the median (and p10/p90) of `repeats` runs after `warmup` runs
 (`torch.cuda.synchronize()` around each run on CUDA):
 
 1. The decoder layers of a *middle* stage (hidden states in and out) over a grid of
@@ -16,6 +16,8 @@ Three measurements, each the median (and p10/p90) of `repeats` runs after `warmu
    and copied along the context axis.
 2. The first stage's embedding of a number of tokens.
 3. The last stage's final norm + LM head + float32 logits + greedy sampling of 1..64 rows.
+4. The largest prefill split into 1, 4, 16, 64 equal prompts: the prefill attention's cost
+   (prefill_split.py).
 
 CPU threads default to what a stage of a `stages`-way deployment gets (os.cpu_count() //
 stages, at least 1), the dtype to float32 on CPU and bfloat16 on CUDA, as the stage workers do
@@ -44,6 +46,7 @@ from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepB
                           resolve_model, sample)
 from common.model.placement import stage_layer_bounds
 from common.model.source import DEFAULT_SOURCE, ModelSource
+from conveyor.profile.prefill_split import DEFAULT_SPLITS, time_prefill_split
 
 DEFAULT_PREFILL = (0, 16, 64, 256, 512)
 DEFAULT_DECODE = (0, 1, 4, 16, 64)
@@ -74,6 +77,8 @@ class MeasureConfig:
     decode: list[int] = field(default_factory=lambda: list(DEFAULT_DECODE))
     context: list[int] = field(default_factory=lambda: list(DEFAULT_CONTEXT))
     head_rows: list[int] = field(default_factory=lambda: list(DEFAULT_HEAD_ROWS))
+    prefill_splits: tuple[int, ...] = DEFAULT_SPLITS
+    """The largest prefill is also timed as that many equal prompts (prefill_split.py)."""
     repeats: int = 5
     warmup: int = 1
     block_size: int = 16
@@ -288,6 +293,8 @@ def measure_profile(cfg: MeasureConfig, progress: Callable[[str], None] | None =
             else:
                 samples.append(s)
     say(f"grid done in {time.perf_counter() - t_grid:.1f}s")
+    split = time_prefill_split(model, kv, shape.hidden_size, max(cfg.prefill),
+                               cfg.prefill_splits, timer, say)
     model = kv = None  # free the slice before loading the ends (closures above hold names only)
 
     # The ends of the model: embedding (first stage), norm + LM head + sampling (last stage).
@@ -331,6 +338,7 @@ def measure_profile(cfg: MeasureConfig, progress: Callable[[str], None] | None =
         embedding_s=embedding_s, head_rows=list(cfg.head_rows), head_s=head_s,
         head_p10_s=head_p10, head_p90_s=head_p90,
         activation_bytes_per_token=shape.hidden_size * dtype.itemsize, link=link,
+        prefill_split=split,
         source=cfg.source, load_format=cfg.load_format, torch_version=torch.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         block_size=bs, repeats=cfg.repeats, warmup=cfg.warmup,

@@ -9,7 +9,7 @@
     [scheduler]  policy and its parameters: the very keys of `conveyor serve`'s [scheduler]
                  (built with `make_policy_from`), plus parameters of any other registered policy
     [link]       bandwidth_gbps (0: the cost model's transfer_s), latency_us (added per hop)
-    [simulator]  dispatch_latency_us, waiting_head, context_quantum, sample_points
+    [simulator]  dispatch_latency_us, ingress_us, waiting_head, context_quantum, sample_points
     [cost]       optional default cost model: device = "h100" (roofline, other keys passed to
                  RooflineCostModel) or profile = "PATH" (a `conveyor profile` JSON)
 
@@ -88,7 +88,12 @@ class LinkSection(_Section):
 
 class SimulatorSection(_Section):
     dispatch_latency_us: float = 0.0
-    """From the scheduling decision to stage 0 starting (controller and wire overhead)."""
+    """From the scheduling decision to stage 0 starting (the KV allocation round trip and the
+    plan's sends). The instance's scheduling loop waits it out, as the controller's awaits the
+    allocation, so requests arriving meanwhile can join the next micro-batch."""
+    ingress_us: float = 0.0
+    """Ingress time per request (validation, tokenization, forwarding), one request at a time:
+    a burst reaches the controller spread out. Latencies still count from the client's send."""
     waiting_head: int = 0
     """Waiting requests passed in a snapshot: 0 = auto (as many as the free seats can admit and
     at least the pending tokens any built-in policy can use: the same plans as with the whole
@@ -142,6 +147,7 @@ class ClusterConfig:
     link_bandwidth_bytes_s: float = 0.0
     link_latency_s: float = 0.0
     dispatch_latency_s: float = 0.0
+    ingress_s: float = 0.0
     waiting_head: int = 0
     context_quantum: float = 1.0
     sample_points: int = 400
@@ -206,7 +212,7 @@ class ClusterConfig:
                 "host_cores": self.host_cores,
                 "link_bandwidth_bytes_s": self.link_bandwidth_bytes_s,
                 "link_latency_s": self.link_latency_s,
-                "dispatch_latency_s": self.dispatch_latency_s,
+                "dispatch_latency_s": self.dispatch_latency_s, "ingress_s": self.ingress_s,
                 "waiting_head": self.describe_head(), "context_quantum": self.context_quantum,
                 "cost": dict(self.cost)}
 
@@ -316,6 +322,7 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
         (f.link.bandwidth_gbps >= 0, "link.bandwidth_gbps must be >= 0"),
         (f.link.latency_us >= 0, "link.latency_us must be >= 0"),
         (sim.dispatch_latency_us >= 0, "simulator.dispatch_latency_us must be >= 0"),
+        (sim.ingress_us >= 0, "simulator.ingress_us must be >= 0"),
         (sim.waiting_head >= -1, "simulator.waiting_head must be -1, 0 or a positive count"),
         (sim.context_quantum >= 0, "simulator.context_quantum must be >= 0"),
         (sim.sample_points >= 2, "simulator.sample_points must be >= 2"),
@@ -355,7 +362,8 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
         host_cores=c.host_cores,
         link_bandwidth_bytes_s=f.link.bandwidth_gbps * 1e9,
         link_latency_s=f.link.latency_us * 1e-6,
-        dispatch_latency_s=sim.dispatch_latency_us * 1e-6, waiting_head=sim.waiting_head,
+        dispatch_latency_s=sim.dispatch_latency_us * 1e-6, ingress_s=sim.ingress_us * 1e-6,
+        waiting_head=sim.waiting_head,
         context_quantum=sim.context_quantum, sample_points=sim.sample_points, cost=cost,
         kv_sizing=how)
     _check_policy(cfg)

@@ -2,7 +2,8 @@
 
 `EventQueue` is a heap of (time, seq, handler, arg): events at the same time run in the order
 they were pushed. The only events are micro-batch completions (pipeline.py explains why one per
-micro-batch gives the same timings as one per stage). Request arrivals come from the workload,
+micro-batch gives the same timings as one per stage; stages sharing a host's cores step stage by
+stage, sharing.py). Request arrivals come from the workload,
 already in time order, and the driver interleaves them: it runs every event up to a request's
 arrival time (an arrival at the same time as a completion comes after it), routes the request,
 and the instance's scheduling loop runs, as the controller's wakes on a submit. Requests
@@ -35,6 +36,7 @@ from typing import Any
 
 from conveyor.sim.cluster import ClusterConfig
 from conveyor.sim.pipeline import Pipeline, StepTimer
+from conveyor.sim.sharing import SharedHostPipeline
 from conveyor.sim.state import SimInstance, SimRequest
 from conveyor.sim.workload import Workload
 from services.controller.metrics import ControllerMetrics, Histogram, Moments, mean_std
@@ -89,9 +91,14 @@ class Shard:
         self.timer = StepTimer.for_cluster(cfg, cost)
         self.metrics = ControllerMetrics(started=0.0, num_instances=cfg.instances)
         self.instances = [SimInstance(i, cfg, cfg.make_policy(), self.timer,
-                                      Pipeline(cfg.num_stages, cfg.host_cores), self.metrics, self.queue.push,
+                                      self._pipeline(cfg), self.metrics, self.queue.push,
                                       cfg.sample_points) for i in indices]
         self.by_index = {inst.index: inst for inst in self.instances}
+
+    def _pipeline(self, cfg: ClusterConfig) -> Pipeline | SharedHostPipeline:
+        if 0 < cfg.host_cores < cfg.num_stages:
+            return SharedHostPipeline(cfg.num_stages, cfg.host_cores, self.queue.push)
+        return Pipeline(cfg.num_stages, self.queue.push)
 
 
 def _load(inst: SimInstance) -> int:
@@ -275,14 +282,22 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
     others_done = 0
     touched: list[SimInstance] = []  # got requests at instant `touched_t`, to schedule
     touched_t = 0.0
-    for i, (t, p, o) in enumerate(zip(workload.arrival_s, workload.prompt_len,
-                                      workload.output_len)):
+    ingress_s = cfg.ingress_s
+    ingress_free = 0.0
+    for i, (sent, p, o) in enumerate(zip(workload.arrival_s, workload.prompt_len,
+                                         workload.output_len)):
+        # The controller gets the request once the ingress, one request at a time, is done
+        # with it; its latencies still count from `sent`.
+        if ingress_s:
+            t = ingress_free = (sent if sent > ingress_free else ingress_free) + ingress_s
+        else:
+            t = sent
         if touched and t > touched_t:
             for inst in touched:
                 inst.schedule(touched_t)
             touched.clear()
         advance(t)
-        req = make_request(cfg, i, t, p, o)
+        req = make_request(cfg, i, sent, p, o)
         if req.error is not None:
             if w == 0:
                 requests.append(req)

@@ -8,23 +8,19 @@ dispatched: `Pipeline.run` computes every stage's start and finish right then, a
 simulator needs a single event per micro-batch (its completion on the last stage) instead of
 one per stage, with identical timings.
 
-When the stages of an instance are processes sharing `host_cores` CPU cores (the default CPU
-deployment: 2 or 3 stage processes on one 2-core machine), a step is stretched by processor
-sharing: it starts with k stages busy (itself and those whose committed work runs past its
-start) and runs k / cores times longer when k exceeds the cores. The other stages' load is read
-from the micro-batches already dispatched; one dispatched later that would overlap is not
-foreseen, which keeps the single event per micro-batch at the price of underestimating
-contention a little.
+When the stages are processes sharing a machine's cores (`cluster.host_cores`, the default CPU
+deployment) a later micro-batch slows down earlier ones, so the path is not fixed at dispatch:
+sharing.py's `SharedHostPipeline` steps through those stage by stage instead.
 
 Stage times come from `CostModel.stage_step_s(StepCost)` with the micro-batch's prefill and
-decode tokens, the mean context of its decodes, the rows it samples, and the stage's layer
+decode tokens, the mean context of its decodes and of its prefill tokens, the rows it samples, and the stage's layer
 count and first/last flags; hops from `CostModel.transfer_s` (or the cluster's link settings).
 `StepTimer` caches them: a steady decode phase repeats the same inputs over and over.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from common.costmodel import StepCost
@@ -34,11 +30,12 @@ CACHE_LIMIT = 1 << 20
 
 
 class StepTimer:
-    """(prefill, decode, context, sampled) -> (per-stage seconds, per-hop seconds), cached.
+    """(prefill, decode, context, sampled, prefill context) -> (per-stage seconds, per-hop
+    seconds), cached.
 
-    Stages of equal layer count and flags are costed once per micro-batch. The mean decode
-    context is rounded to a multiple of `context_quantum` tokens (0: exact) first, so that
-    repeated micro-batches hit the cache."""
+    Stages of equal layer count and flags are costed once per micro-batch. The mean decode and
+    prefill contexts are rounded to a multiple of `context_quantum` tokens (0: exact) first, so
+    that repeated micro-batches hit the cache."""
 
     def __init__(self, cost: Any, stages: Sequence[StageSpec], link_bandwidth_bytes_s: float = 0.0,
                  link_latency_s: float = 0.0, activation_bytes_per_token: int = 0,
@@ -61,19 +58,25 @@ class StepTimer:
         return cls(cost, cfg.stages, cfg.link_bandwidth_bytes_s, cfg.link_latency_s,
                    cfg.activation_bytes_per_token, cfg.context_quantum)
 
-    def __call__(self, prefill: int, decode: int, context: float, sampled: int
-                 ) -> tuple[tuple[float, ...], float]:
+    def __call__(self, prefill: int, decode: int, context: float, sampled: int,
+                 prefill_context: float | None = None) -> tuple[tuple[float, ...], float]:
+        """prefill_context: the mean keys a prefill token attends to (None: one fresh prompt
+        of `prefill` tokens)."""
         q = self.quantum
-        if q and decode:
-            context = round(context / q) * q
-        key = (prefill, decode, context, sampled)
+        if q:
+            if decode:
+                context = round(context / q) * q
+            if prefill_context:
+                prefill_context = round(prefill_context / q) * q
+        key = (prefill, decode, context, sampled, prefill_context)
         hit = self._cache.get(key)
         if hit is not None:
             self.hits += 1
             return hit
         self.misses += 1
         per_kind = [self.cost.stage_step_s(StepCost(prefill, decode, float(context), sampled,
-                                                    s.num_layers, s.first, s.last))
+                                                    s.num_layers, s.first, s.last,
+                                                    prefill_context if prefill else None))
                     for s in self._kinds]
         durations = tuple(float(per_kind[k]) for k in self._kind_of)
         if any(not d >= 0 for d in durations):
@@ -94,18 +97,25 @@ class StepTimer:
 class Pipeline:
     """The P stages of one instance as FIFO servers, with per-stage busy and wait time."""
 
-    __slots__ = ("free", "busy", "wait", "steps", "num_stages", "cores")
+    __slots__ = ("free", "busy", "wait", "steps", "num_stages", "push")
 
-    def __init__(self, num_stages: int, host_cores: int = 0):
+    def __init__(self, num_stages: int,
+                 push: Callable[[float, Callable[[Any, float], None], Any], None] | None = None):
         self.num_stages = num_stages
-        self.cores = host_cores if 0 < host_cores < num_stages else 0
-        """Cores the stages share; 0 when each has its own (or there are enough cores)."""
+        self.push = push
+        """The event queue's push, for `submit`."""
         self.free = [0.0] * num_stages
         """When each stage finishes the last micro-batch given to it."""
         self.busy = [0.0] * num_stages
         self.wait = [0.0] * num_stages
         """Time a stage, free and holding the plan, waited for its input activations."""
         self.steps = 0
+
+    def submit(self, now: float, durations: tuple[float, ...], hop: float,
+               on_done: Callable[[Any, float], None], arg: Any) -> None:
+        """A micro-batch dispatched at `now`; `on_done(arg, t)` runs when the last stage
+        finishes it (one event, its path being fixed now)."""
+        self.push(self.run(now, durations, hop), on_done, arg)
 
     def run(self, now: float, durations: tuple[float, ...], hop: float) -> float:
         """Sends a micro-batch dispatched at `now` through every stage; returns when the last
@@ -122,8 +132,6 @@ class Pipeline:
                     wait[s] += t - (f if f > now else now)
             else:
                 start = f
-            if self.cores:
-                d *= self._sharing(s, start)
             end = start + d
             free[s] = end
             busy[s] += d
@@ -131,8 +139,3 @@ class Pipeline:
             s += 1
         self.steps += 1
         return end
-
-    def _sharing(self, stage: int, start: float) -> float:
-        """How much longer a step of `stage` starting at `start` takes on the shared cores."""
-        busy = 1 + sum(1 for j, f in enumerate(self.free) if j != stage and f > start)
-        return busy / self.cores if busy > self.cores else 1.0

@@ -132,6 +132,8 @@ class SimInstance:
         self.total_blocks = cfg.num_blocks
         self.free_blocks = cfg.num_blocks
         self.dispatch_latency = cfg.dispatch_latency_s
+        self.busy_until = 0.0
+        """The scheduling loop awaits a dispatch's allocation until then (dispatch_latency)."""
         # The waiting head (see the module docstring): by seats and tokens, fixed, or all.
         self.head_seats = cfg.waiting_head == 0
         self.head_min = 2 if cfg.waiting_head == 0 else (
@@ -271,7 +273,11 @@ class SimInstance:
                              make_kv(self.total_blocks, self.free_blocks, self.block_size))
 
     def schedule(self, now: float) -> None:
-        """Controller._schedule_loop for one wake-up."""
+        """Controller._schedule_loop for one wake-up. With a dispatch latency the loop stops
+        after each dispatch and goes on when it is over (`_resume`), as the controller's awaits
+        the KV allocation; a wake-up meanwhile is left to that."""
+        if now < self.busy_until:
+            return
         inflight = self.inflight
         policy = self.policy
         while len(inflight) < self.max_inflight and (self.ready or self.waiting):
@@ -283,8 +289,15 @@ class SimInstance:
                     continue
                 break
             self._dispatch(plan.chunks, now)
+            if self.dispatch_latency:
+                self.busy_until = now + self.dispatch_latency
+                self.push(self.busy_until, self._resume, None)
+                break
         if now >= self._next_sample:
             self._sample(now)
+
+    def _resume(self, _: Any, now: float) -> None:
+        self.schedule(now)
 
     def _preempt(self, req_ids: tuple[int, ...], now: float) -> int:
         """Instance.preempt: victims lose their KV and wait to be recomputed."""
@@ -325,7 +338,7 @@ class SimInstance:
         partial: list[SimRequest] = []
         started: list[SimRequest] = []
         to_sample = sampling.append
-        decode = prefill = context = 0
+        decode = prefill = context = keys = 0
         for c in chunks:
             r = by_id.get(c.req_id)
             if r is None:
@@ -358,6 +371,7 @@ class SimInstance:
                 context += start
             else:
                 prefill += n
+                keys += n * start + n * (n + 1) // 2  # each token attends to its prefix
             r.inflight += 1
             r.last_scheduled = now
             r.view = None
@@ -383,9 +397,8 @@ class SimInstance:
         self.metrics.record_batch(prefill, decode)
         self.tokens_per_batch.add(tokens)
         durations, hop = self.timer(prefill, decode, context / decode if decode else 0.0,
-                                    len(sampling))
-        done = self.pipeline.run(now + self.dispatch_latency, durations, hop)
-        self.push(done, self.on_complete, batch)
+                                    len(sampling), keys / prefill if prefill else 0.0)
+        self.pipeline.submit(now + self.dispatch_latency, durations, hop, self.on_complete, batch)
 
     def _start(self, started: list[SimRequest], now: float) -> None:
         """Waiting requests given their first chunk take a seat (WAITING -> RUNNING)."""

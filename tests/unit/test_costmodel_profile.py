@@ -199,3 +199,47 @@ def test_missing_grid_point_is_an_error():
                                                       s.context_len) != (16, 1, 512)]
     with pytest.raises(ProfileError, match="no sample at prefill 16, decode 1, context 512"):
         ProfileCostModel(profile)
+
+
+# ---- prefill attention: one long prompt against many short ones -------------------------------
+
+SPLIT = {"tokens": 64, "sequences": [1, 4, 16, 64], "median_s": []}
+PAIR_S = 2e-8
+
+
+def split_profile(pair_s: float = PAIR_S) -> Profile:
+    """A profile whose prefill_split differs only by pair_s per attention pair."""
+    base = nonlinear(64, 0, 64)
+    pairs = [64 * (64 // k + 1) / 2 for k in SPLIT["sequences"]]
+    split = {**SPLIT, "median_s": [base + pair_s * (q - pairs[0]) for q in pairs]}
+    return make_profile(prefill_split=split)
+
+
+def test_the_split_gives_the_attention_cost_per_pair():
+    assert split_profile().attention_pair_s() == pytest.approx(PAIR_S)
+    assert make_profile().attention_pair_s() == 0.0  # no split measured: no correction
+    # Noise making more prompts slower is no negative attention cost.
+    assert split_profile(-PAIR_S).attention_pair_s() == 0.0
+
+
+def test_many_short_prompts_cost_less_than_one_long_prompt_of_the_same_tokens():
+    model = ProfileCostModel(split_profile())
+    one = middle(64, 0, 64)
+    assert model.stage_step_s(one) == pytest.approx(  # as measured on the grid
+        model.stage_step_s(dataclasses.replace(one, prefill_context=32.5)))
+    eight = dataclasses.replace(one, prefill_context=4.5)  # eight prompts of 8 tokens
+    saved = PAIR_S * 64 * (32.5 - 4.5)  # the pairs they do not attend to, per profile layers
+    assert model.stage_step_s(one) - model.stage_step_s(eight) == pytest.approx(saved)
+    # A chunk after a cached prefix attends to more than a fresh prompt.
+    assert model.stage_step_s(dataclasses.replace(one, prefill_context=300.0)) > \
+        model.stage_step_s(one)
+
+
+def test_the_split_survives_the_file_and_a_bad_one_is_refused(tmp_path):
+    path = split_profile().save(tmp_path / "p.json")
+    assert ProfileCostModel.load(path).pair_s == pytest.approx(PAIR_S)
+    data = json.loads(path.read_text())
+    data["prefill_split"]["sequences"] = [1, 5, 16, 64]  # 5 does not divide 64
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="prefill_split"):
+        ProfileCostModel.load(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from common.costmodel import CostModel, StepCost
@@ -98,3 +100,14 @@ def test_devices_and_transfer():
         RooflineCostModel(LLAMA, "tpu")
     fp32 = RooflineCostModel(LLAMA, "h100", dtype_bytes=4)
     assert fp32.peak_flops == DEVICES["h100"].peak_flops_fp32
+
+
+def test_prefill_attention_counts_the_pairs_prompts_attend_to():
+    m = ideal()
+    one = whole_model(4096, 0)  # one fresh prompt: 4096 * 4097 / 2 pairs
+    assert m.breakdown(one).flops == pytest.approx(
+        m.breakdown(dataclasses.replace(one, prefill_context=4097 / 2)).flops)
+    # 32 prompts of 128 tokens: each token attends to 64.5 keys on average, not 2048.5.
+    short = StepCost(4096, 0, 0.0, 1, LLAMA.num_layers, True, True, prefill_context=64.5)
+    saved = 4 * LLAMA.q_size * 4096 * (4097 / 2 - 64.5) * LLAMA.num_layers
+    assert m.breakdown(one).flops - m.breakdown(short).flops == pytest.approx(saved)

@@ -49,6 +49,9 @@ def test_tiny_measurement_round_trip(tmp_path):
     for s in p.samples:
         assert 0 < s.p10_s <= s.median_s <= s.p90_s and s.prepare_s > 0
     assert min(p.embedding_s) > 0 and min(p.head_s) > 0
+    # The largest prefill (16) was also timed as 4 and 16 prompts (64 does not divide 16).
+    assert p.prefill_split["tokens"] == 16 and p.prefill_split["sequences"] == [1, 4, 16]
+    assert min(p.prefill_split["median_s"]) > 0 and p.attention_pair_s() >= 0
 
     def cost(prefill: int, decode: int, first: bool = False, last: bool = False) -> float:
         return model.stage_step_s(StepCost(prefill, decode, 64, decode, 2, first, last))
@@ -71,6 +74,7 @@ def test_cli_writes_the_profile_and_a_summary(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output
     assert "decode step (ms)" in result.output and "prefill step (ms)" in result.output
+    assert "16 tokens as 1 prompts" in result.output and "per query-key pair" in result.output
     data = json.loads(out.read_text())
     assert data["format"] == "conveyor-cost-profile" and data["num_layers"] == 1
 

@@ -274,30 +274,23 @@ def test_the_bounded_waiting_head_plans_as_the_whole_queue(policy):
     assert runs[2] != runs[1]  # a head too short does change the plans: the check has teeth
 
 
-def test_stages_sharing_cores_slow_each_other_down():
-    """Three stage processes on two cores: a step that starts while both other stages are busy
-    takes 3/2 as long; one that starts alone, or on a host with a core per stage, does not."""
-    from conveyor.sim.pipeline import Pipeline
+def test_the_cost_model_sees_how_far_prefill_tokens_attend():
+    """Two fresh 16-token prompts in one micro-batch attend to 8.5 keys per token on
+    average; a 40-token prompt chunked 32 + 8 attends to 16.5, then 32 + 4.5."""
+    seen: list = []
 
-    shared, own = Pipeline(3, host_cores=2), Pipeline(3, host_cores=4)
-    # First micro-batch: every stage starts with the others idle (their work is not yet
-    # committed), so nothing is stretched.
-    assert shared.run(0.0, (1.0, 1.0, 1.0), 0.0) == pytest.approx(3.0)
-    assert own.run(0.0, (1.0, 1.0, 1.0), 0.0) == pytest.approx(3.0)
-    # Second, dispatched at once: stage 0 starts at 1.0 while stage 1 (until 2.0) and stage 2
-    # (until 3.0) are busy -> 3 busy on 2 cores, 1.5 s; stage 1 starts at 2.5 with stage 2 busy
-    # until 3.0 -> 2 busy, no stretch; stage 2 starts at 3.5 alone.
-    assert shared.run(0.0, (1.0, 1.0, 1.0), 0.0) == pytest.approx(4.5)
-    assert shared.busy == pytest.approx([2.5, 2.0, 2.0])
-    assert own.run(0.0, (1.0, 1.0, 1.0), 0.0) == pytest.approx(4.0)
+    class Recording(LinearCost):
+        def stage_step_s(self, s) -> float:
+            seen.append((s.prefill_tokens, s.prefill_context))
+            return super().stage_step_s(s)
 
-
-def test_a_shared_host_lowers_simulated_throughput():
-    wl = burst(24, 64, 40)
-    base = {"model": {"shape": "tiny", "max_model_len": 2048},
-            "kvcache": {"num_blocks": 4096, "block_size": 16}, "scheduler": {"policy": "fcfs"}}
-    alone = simulate(build_cluster({**base, "cluster": {"stages": 3}}), LinearCost(), wl)
-    shared = simulate(build_cluster({**base, "cluster": {"stages": 3, "host_cores": 2}}),
-                      LinearCost(), wl)
-    assert all(r.finished for r in shared.requests)
-    assert 1.1 * alone.end_s < shared.end_s < 1.5 * alone.end_s + 1e-9
+    cfg = build_cluster({"model": {"shape": "tiny", "max_model_len": 2048},
+                         "cluster": {"stages": 1},  # one cost call per micro-batch
+                         "kvcache": {"num_blocks": 4096, "block_size": 16},
+                         "scheduler": {"policy": "sarathi", "max_num_batched_tokens": 32},
+                         "simulator": {"context_quantum": 0}})
+    simulate(cfg, Recording(), burst(2, 16, 1))
+    assert seen[0] == (32, pytest.approx(8.5))
+    seen.clear()
+    simulate(cfg, Recording(), Workload([0.0], [40], [1]))
+    assert seen[:2] == [(32, pytest.approx(16.5)), (8, pytest.approx(36.5))]
