@@ -12,8 +12,12 @@ setup:
 serve: setup
 	$(VENV)/bin/conveyor serve
 
-test: setup
+# Lint first (pyflakes: unused imports, undefined names), then every test.
+test: lint
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -157,9 +157,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     workloads: dict[float, Any] = {}
 
-    def workload(rate: float) -> Any:  # the same requests at every rate, arrivals rescaled
+    base = make_workload("sharegpt", args.num_prompts, seed=args.seed)
+
+    def workload(rate: float) -> Any:  # the same requests at every rate
         if rate not in workloads:
-            workloads[rate] = make_workload("sharegpt", args.num_prompts, rate, seed=args.seed)
+            workloads[rate] = base.at_rate(rate, seed=args.seed)
         return workloads[rate]
 
     results = []

@@ -147,10 +147,11 @@ def simulate(
         _fail(str(e))
     tok = None if tokenizer.lower() in ("none", "") else tokenizer
     try:
-        reqs = [make_workload(workload, num_prompts, r, burstiness, seed, trace,
+        rates = sweep_rates if workload != "trace" else [rate]
+        first = make_workload(workload, num_prompts, rates[0], burstiness, seed, trace,
                               sharegpt_max_len, tok, random_input_len, random_output_len,
                               random_range_ratio, say=_note)
-                for r in (sweep_rates if workload != "trace" else [rate])]
+        reqs = [first] + [first.at_rate(r, burstiness, seed) for r in rates[1:]]
     except WorkloadError as e:
         _fail(str(e))
     if workload != "trace" and len(reqs[0]) < num_prompts:
@@ -207,7 +208,8 @@ def _run_once(cfg: Any, cost: Any, wl: Any, config_doc: dict[str, Any], slo_s: d
     if plots:
         title = (f"{cfg.policy}, {cfg.instances}x{cfg.num_stages} {cfg.shape_name}, "
                  f"rate {rate:g}/s, {len(wl)} requests (simulated)")
-        for chart in plot_run(result, recs, path.with_suffix(""), title):
+        stage_rows = doc["summary"]["controller"].get("stages") or []
+        for chart in plot_run(result, recs, path.with_suffix(""), stage_rows, title):
             _note(f"chart: {chart}")
     failed = [r.error for r in result.requests if r.error]
     if failed:

@@ -39,7 +39,7 @@ from conveyor.sim.pipeline import Pipeline, StepTimer
 from conveyor.sim.sharing import SharedHostPipeline
 from conveyor.sim.state import SimInstance, SimRequest
 from conveyor.sim.workload import Workload
-from services.controller.metrics import ControllerMetrics, Histogram, Moments, mean_std
+from services.controller.metrics import ControllerMetrics, mean_std
 
 
 class EventQueue:
@@ -159,31 +159,8 @@ def _shard_results(shard: Shard) -> dict[str, Any]:
 def _merge_metrics(parts: list[dict[str, Any]], num_instances: int) -> ControllerMetrics:
     out = ControllerMetrics(started=0.0, num_instances=num_instances)
     for part in parts:
-        m: ControllerMetrics = part["metrics"]
-        out.finished.update(m.finished)
-        out.prompt_tokens += m.prompt_tokens
-        out.generated_tokens += m.generated_tokens
-        out.micro_batches += m.micro_batches
-        out.preemptions += m.preemptions
-        for mine, theirs in ((out.prefill_per_batch, m.prefill_per_batch),
-                             (out.decode_per_batch, m.decode_per_batch)):
-            _add_moments(mine, theirs)
-        for mine_h, theirs_h in ((out.ttft, m.ttft), (out.tpot, m.tpot), (out.e2e, m.e2e)):
-            _add_hist(mine_h, theirs_h)
-        for inst in part["instances"]:  # pending clocks live with the shard of the instance
-            out.pending[inst["instance"]] = m.pending[inst["instance"]]
+        out.merge(part["metrics"])
     return out
-
-
-def _add_moments(a: Moments, b: Moments) -> None:
-    a.count += b.count
-    a.sum += b.sum
-    a.sumsq += b.sumsq
-
-
-def _add_hist(a: Histogram, b: Histogram) -> None:
-    a.counts = [x + y for x, y in zip(a.counts, b.counts)]
-    _add_moments(a.total, b.total)
 
 
 def _finalize(cfg: ClusterConfig, requests: list[SimRequest], parts: list[dict[str, Any]],

@@ -82,22 +82,39 @@ def final_stats(result: SimResult) -> dict[str, Any]:
     return stats
 
 
+def stage_bubbles(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per stage index over every instance: busy, idle and pending seconds summed, and the
+    bubble ratio of the sums (idle / pending). The one way this report, its compact table and
+    its chart fold instances together."""
+    sums: dict[int, list[float]] = {}
+    for row in rows:
+        acc = sums.setdefault(row["stage"], [0.0, 0.0, 0.0])
+        acc[0] += row["busy_s"]
+        acc[1] += row["idle_s"]
+        acc[2] += row["pending_s"]
+    return [{"stage": s, "busy_s": busy, "idle_s": idle, "pending_s": pending,
+             "bubble_ratio": idle / pending if pending else None}
+            for s, (busy, idle, pending) in sorted(sums.items())]
+
+
 def summarize(result: SimResult, slo: dict[str, float] | None = None,
-              records: list | None = None) -> dict[str, Any]:
-    """bench's summary of the run, plus the simulator's own section."""
+              records: list | None = None, stats: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
+    """bench's summary of the run, plus the simulator's own section (`stats`: final_stats,
+    when the caller has it already)."""
     from conveyor.bench.report import controller_window, distribution
     from conveyor.bench.report import summarize as bench_summarize
 
     recs = records if records is not None else request_records(result, with_itl=False)
     summary = bench_summarize(recs, duration_s(result), slo)
     summary["itl"] = distribution(all_itl(result))  # the same gaps, without a Python list
-    ctl = controller_window(zero_stats(result), final_stats(result))
+    ctl = controller_window(zero_stats(result), stats or final_stats(result))
     for row in ctl.get("instances") or []:
         inst = result.instances[row["instance"]]
         row["peak_waiting"] = inst["max_waiting"]
         row["peak_kv_used"] = inst["max_kv_used"]
     summary["controller"] = ctl
-    summary["simulator"] = simulator_section(result)
+    summary["simulator"] = simulator_section(result, ctl.get("stages") or [])
     return summary
 
 
@@ -105,22 +122,14 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def simulator_section(result: SimResult) -> dict[str, Any]:
+def simulator_section(result: SimResult, stage_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The simulator's own figures; `stage_rows` are the controller section's per-stage rows."""
     inst = result.instances
     count = sum(i["tokens_per_batch"]["count"] for i in inst)
     m = result.metrics
     total = sum(i["tokens_per_batch"]["sum"] for i in inst)
     sq = sum(i["tokens_per_batch"]["sumsq"] for i in inst)
     mean, std = mean_std(count, total, sq)
-    per_stage = []
-    for s in range(result.cfg.num_stages):
-        rows = [(b, result.metrics.pending[i].read(result.end_s))
-                for (i, st), (_, b, _) in result.stage_busy.items() if st == s]
-        busy = sum(b for b, _ in rows)
-        pending = sum(p for _, p in rows)
-        per_stage.append({"stage": s, "busy_s": busy, "idle_s": max(pending - busy, 0.0),
-                          "pending_s": pending,
-                          "bubble_ratio": max(pending - busy, 0.0) / pending if pending else None})
     wall = result.wall_s
     return {
         "simulated_s": result.end_s, "wall_s": wall, "workers": result.workers,
@@ -133,7 +142,7 @@ def simulator_section(result: SimResult) -> dict[str, Any]:
         "mean_kv_used": _mean([i["mean_kv_used"] for i in inst]),
         "max_kv_used": max((i["max_kv_used"] for i in inst), default=0.0),
         "preemptions": m.preemptions,
-        "stages": per_stage,
+        "stages": stage_bubbles(stage_rows),
         "instances": [{k: v for k, v in i.items() if k != "samples"} for i in inst],
     }
 
@@ -146,16 +155,8 @@ def _compact_controller(ctl: dict[str, Any], max_rows: int = 8) -> dict[str, Any
     out = dict(ctl)
     stages = ctl.get("stages") or []
     if len(stages) > max_rows:
-        by_stage: dict[int, list[dict]] = {}
-        for s in stages:
-            by_stage.setdefault(s["stage"], []).append(s)
-        rows = []
-        for s, group in sorted(by_stage.items()):
-            pending = sum(g["pending_s"] for g in group)
-            idle = sum(g["idle_s"] for g in group)
-            rows.append({"instance": "*", "stage": s,
-                         "bubble_ratio": idle / pending if pending else None})
-        out["stages"] = rows
+        out["stages"] = [{"instance": "*", "stage": row["stage"],
+                          "bubble_ratio": row["bubble_ratio"]} for row in stage_bubbles(stages)]
     instances = ctl.get("instances") or []
     if len(instances) > max_rows:
         out["instances"] = [{"instance": "max",
@@ -204,12 +205,13 @@ def build_result(result: SimResult, config: dict[str, Any], workload: dict[str, 
     tokens = sum(r.out for r in result.requests)
     with_itl = records == "full" or (records == "auto" and tokens <= RECORDS_AUTO_TOKEN_LIMIT)
     recs = request_records(result, with_itl=with_itl)
-    summary = summarize(result, slo, recs)
+    stats = final_stats(result)
+    summary = summarize(result, slo, recs, stats)
     from dataclasses import asdict
 
     out = {"config": config, "cluster": result.cfg.describe(), "workload": workload,
            "summary": summary,
-           "controller_snapshots": {"before": zero_stats(result), "after": final_stats(result)},
+           "controller_snapshots": {"before": zero_stats(result), "after": stats},
            "gauge_samples": gauge_samples(result),
            "requests": [] if records == "none" else [asdict(r) for r in recs],
            "requests_itl": with_itl}
@@ -249,9 +251,10 @@ def _grid_mean(result: SimResult, column: int, points: int = 400,
     return grid, a.mean(axis=0), a.max(axis=0)
 
 
-def plot_run(result: SimResult, records: list, stem: Path, title: str = "") -> list[Path]:
+def plot_run(result: SimResult, records: list, stem: Path, stage_rows: list[dict[str, Any]],
+             title: str = "") -> list[Path]:
     """bench's latency CDFs, plus queue length and KV use over time and the bubble ratio of each
-    stage. Returns the files written."""
+    stage (`stage_rows`: the summary's controller rows). Returns the files written."""
     from conveyor.bench.plots import plot_latency_cdfs
 
     written = [plot_latency_cdfs(records, stem.with_name(f"{stem.name}-cdf.png"), title)]
@@ -271,14 +274,9 @@ def plot_run(result: SimResult, records: list, stem: Path, title: str = "") -> l
     axes[1].plot(grid, 100 * max_kv, label="max", alpha=0.6)
     axes[1].set(title="KV cache use", xlabel="simulated time (s)", ylabel="% of blocks",
                 ylim=(0, 102))
-    stats = final_stats(result)
-    ratios: dict[int, list[float]] = {}
-    for s in stats["stages"]:
-        if s["pending_s"] > 0:
-            ratios.setdefault(s["stage"], []).append(s["idle_s"] / s["pending_s"])
-    stages = sorted(ratios)
-    axes[2].bar([str(s) for s in stages], [sum(ratios[s]) / len(ratios[s]) for s in stages])
-    axes[2].set(title="Bubble ratio per stage (mean over instances)", xlabel="stage",
+    bubbles = [row for row in stage_bubbles(stage_rows) if row["bubble_ratio"] is not None]
+    axes[2].bar([str(row["stage"]) for row in bubbles], [row["bubble_ratio"] for row in bubbles])
+    axes[2].set(title="Bubble ratio per stage (all instances)", xlabel="stage",
                 ylabel="idle / pending", ylim=(0, 1))
     for ax in axes[:2]:
         ax.legend(fontsize=8)

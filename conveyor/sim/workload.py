@@ -62,6 +62,17 @@ class Workload:
         return cls(list(arrivals), [p for p, _ in lengths], [o for _, o in lengths],
                    dict(description))
 
+    def at_rate(self, request_rate: float, burstiness: float = 1.0, seed: int = 0
+                ) -> "Workload":
+        """The same requests sent at another rate: bench's arrival times for it, the lengths
+        kept (what make_workload gives for that rate, without sampling the lengths again)."""
+        from conveyor.bench.arrivals import arrival_times
+
+        times = arrival_times(len(self), request_rate, burstiness, seed)
+        return Workload(list(times), list(self.prompt_len), list(self.output_len),
+                        {**self.description, "request_rate": request_rate,
+                         "burstiness": burstiness, "seed": seed})
+
     def summary(self) -> dict[str, Any]:
         n = len(self)
         return {**self.description, "num_requests": n,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass, field
 
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0,
@@ -30,6 +31,11 @@ class Moments:
         self.count += 1
         self.sum += x
         self.sumsq += x * x
+
+    def merge(self, other: Moments) -> None:
+        self.count += other.count
+        self.sum += other.sum
+        self.sumsq += other.sumsq
 
     def as_dict(self) -> dict:
         return {"count": self.count, "sum": self.sum, "sumsq": self.sumsq}
@@ -54,6 +60,10 @@ class Histogram:
         self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
         self.total.add(seconds)
 
+    def merge(self, other: Histogram) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.total.merge(other.total)
+
     def as_dict(self) -> dict:
         return {"buckets": list(LATENCY_BUCKETS_S), "counts": list(self.counts),
                 **self.total.as_dict()}
@@ -65,6 +75,11 @@ class StageCounters:
     busy_s: float = 0.0
     wait_s: float = 0.0
     """Time the stage reported waiting for its input activations (stage > 0)."""
+
+    def merge(self, other: StageCounters) -> None:
+        self.steps += other.steps
+        self.busy_s += other.busy_s
+        self.wait_s += other.wait_s
 
 
 @dataclass
@@ -83,6 +98,12 @@ class PendingClock:
 
     def read(self, now: float) -> float:
         return self.total_s + (now - self.since if self.since is not None else 0.0)
+
+    def merge(self, other: PendingClock) -> None:
+        """Adds a clock kept elsewhere for the same instance (only one of them ever ran)."""
+        self.total_s += other.total_s
+        if self.since is None:
+            self.since = other.since
 
 
 @dataclass
@@ -104,6 +125,32 @@ class ControllerMetrics:
 
     def __post_init__(self) -> None:
         self.pending = [PendingClock() for _ in range(self.num_instances)]
+
+    def merge(self, other: ControllerMetrics) -> None:
+        """Adds `other`'s counters, kept for a disjoint share of the instances and requests
+        (the simulator's worker processes). Field by field over the dataclass, so a field
+        added later cannot be dropped silently: an unknown kind is an error."""
+        if other.num_instances != self.num_instances:
+            raise ValueError(f"cannot merge metrics of {other.num_instances} instances into "
+                             f"{self.num_instances}")
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name in ("started", "num_instances"):
+                continue
+            if isinstance(mine, Counter):
+                mine.update(theirs)
+            elif isinstance(mine, (Moments, Histogram)):
+                mine.merge(theirs)
+            elif f.name == "stages":
+                for key, counters in theirs.items():
+                    mine.setdefault(key, StageCounters()).merge(counters)
+            elif f.name == "pending":
+                for clock, other_clock in zip(mine, theirs):
+                    clock.merge(other_clock)
+            elif isinstance(mine, (int, float)):
+                setattr(self, f.name, mine + theirs)
+            else:
+                raise TypeError(f"ControllerMetrics.merge does not know how to merge {f.name}")
 
     def record_step(self, instance: int, stage: int, compute_s: float, wait_s: float) -> None:
         c = self.stages.get((instance, stage))

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from conveyor.sim.cluster import ClusterError, build_cluster, build_cost_model, load_cluster
 from conveyor.sim.engine import simulate
-from conveyor.sim.workload import Workload, WorkloadError, load_trace, sharegpt_lengths
+from conveyor.sim.workload import (Workload, WorkloadError, load_trace, make_workload,
+                                   sharegpt_lengths)
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTERS = ROOT / "deploy" / "clusters"
@@ -180,6 +182,17 @@ def test_sharegpt_lengths_follow_bench_then_resample():
     assert set(more) <= set(pairs[:50])
 
 
+def test_a_workload_at_another_rate_is_the_one_made_for_that_rate():
+    made = make_workload("random", 40, 2.0, burstiness=0.5, seed=3, random_input_len=64,
+                         random_output_len=16, random_range_ratio=0.5)
+    moved = make_workload("random", 40, 8.0, burstiness=0.5, seed=3, random_input_len=64,
+                          random_output_len=16, random_range_ratio=0.5).at_rate(2.0, 0.5, 3)
+    assert (moved.arrival_s, moved.prompt_len, moved.output_len) == (
+        made.arrival_s, made.prompt_len, made.output_len)
+    assert moved.description == made.description
+    assert moved.at_rate(math.inf).arrival_s == [0.0] * 40
+
+
 # ---- the command --------------------------------------------------------------------------------
 
 def test_simulate_command_writes_bench_shaped_results(tmp_path):
@@ -245,3 +258,16 @@ def test_a_measured_profile_drives_the_stage_times(tmp_path):
     r = res.requests[0]
     assert r.first_token == pytest.approx(2 * prefill + hop_prefill, rel=1e-6)
     assert r.last_token - r.first_token == pytest.approx(2 * decode + hop_decode, rel=1e-6)
+
+
+def test_stage_bubbles_fold_instances_as_a_ratio_of_sums():
+    from conveyor.sim.report import stage_bubbles
+
+    rows = [{"instance": 0, "stage": 0, "busy_s": 9.0, "idle_s": 1.0, "pending_s": 10.0},
+            {"instance": 1, "stage": 0, "busy_s": 5.0, "idle_s": 15.0, "pending_s": 20.0},
+            {"instance": 0, "stage": 1, "busy_s": 0.0, "idle_s": 0.0, "pending_s": 0.0}]
+    folded = stage_bubbles(rows)
+    assert [r["stage"] for r in folded] == [0, 1]
+    # The busy instance weighs by its pending time: 16 / 30, not the mean of 0.1 and 0.75.
+    assert folded[0]["bubble_ratio"] == pytest.approx(16 / 30)
+    assert folded[1]["bubble_ratio"] is None
