@@ -80,6 +80,17 @@ DEVICES: dict[str, DeviceSpec] = {
 }
 
 
+def device_for_gpu(name: str) -> DeviceSpec | None:
+    """The DEVICES entry of a CUDA device name (torch.cuda.get_device_name), e.g.
+    "NVIDIA H100 80GB HBM3" -> h100, "NVIDIA H100 PCIe" -> h100-pcie; None when unknown."""
+    upper = name.upper()
+    for key in ("H200", "H100", "A100"):
+        if key in upper:
+            pcie = "PCIE" in upper and f"{key.lower()}-pcie" in DEVICES
+            return DEVICES[f"{key.lower()}-pcie" if pcie else key.lower()]
+    return None
+
+
 @dataclass(frozen=True)
 class StepBreakdown:
     flops: float

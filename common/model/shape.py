@@ -66,10 +66,24 @@ class ModelShape:
         lm_head = 0 if self.tie_word_embeddings else embedding
         return embedding + self.num_layers * self.layer_param_count() + self.hidden_size + lm_head
 
-    def kv_bytes_per_block(self, block_size: int, num_layers: int, dtype: torch.dtype) -> int:
+    def stage_param_count(self, num_layers: int, first: bool, last: bool) -> int:
+        """Parameters a pipeline stage holds: its layers, the embedding on the first stage,
+        the final norm and LM head on the last. A tied LM head is the embedding matrix, held
+        once when one stage has both ends (on separate stages each needs its own copy)."""
+        embedding = self.vocab_size * self.hidden_size
+        params = num_layers * self.layer_param_count()
+        if first:
+            params += embedding
+        if last:
+            params += self.hidden_size + (0 if first and self.tie_word_embeddings else embedding)
+        return params
+
+    def kv_bytes_per_block(self, block_size: int, num_layers: int,
+                           dtype: torch.dtype | int) -> int:
         """Bytes of K and V for `block_size` tokens over `num_layers` layers (one stage's share
-        of a block when `num_layers` is the stage's layer count)."""
-        return 2 * num_layers * block_size * self.kv_size * dtype.itemsize
+        of a block when `num_layers` is the stage's layer count); dtype or its size in bytes."""
+        itemsize = dtype if isinstance(dtype, int) else dtype.itemsize
+        return 2 * num_layers * block_size * self.kv_size * itemsize
 
 
 # Published configurations (config.json of each model) for dummy-weight benchmarks; only the

@@ -99,9 +99,7 @@ def profile(
 ) -> None:
     """Time a pipeline stage's step over a grid of batch compositions and write a cost
     profile (for ProfileCostModel and `conveyor simulate`)."""
-    from common.model.source import resolve_model
-    from conveyor.profile.measure import (MeasureConfig, default_out_path, measure_profile,
-                                          model_slug)
+    from conveyor.profile.measure import MeasureConfig, default_out_path, measure_profile
 
     if link not in ("auto", "measure", "assume"):
         raise bad("--link", "one of auto, measure, assume")
@@ -112,10 +110,6 @@ def profile(
         head_rows=_ints(head_rows, "--head-rows"), repeats=repeats, warmup=warmup,
         block_size=block_size, link=link, seed=seed)
     try:
-        cfg.validate()
-        src = resolve_model(model, load_format)
-        path = out or Path(default_out_path(model_slug(model, load_format, src), device))
-
         def progress(line: str) -> None:
             print(f"conveyor profile: {line}", file=sys.stderr, flush=True)
 
@@ -124,6 +118,7 @@ def profile(
     except (ValueError, RuntimeError) as e:
         typer.secho(f"conveyor: error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
+    path = out or Path(default_out_path(result.model_name, device))
     result.save(path)
     typer.echo(_summary(result))
     typer.echo(f"wrote {path} ({time.perf_counter() - start:.0f}s)")

@@ -42,8 +42,10 @@ import numpy as np
 import torch
 
 from common.costmodel.profile import DEFAULT_LINK, Profile, Sample
+from common.costmodel.roofline import device_for_gpu
 from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepBatch,
                           resolve_model, sample)
+from common.model.dtypes import DTYPES, resolve_dtype
 from common.model.placement import stage_layer_bounds
 from common.model.source import DEFAULT_SOURCE, ModelSource
 from conveyor.profile.prefill_split import DEFAULT_SPLITS, time_prefill_split
@@ -52,13 +54,10 @@ DEFAULT_PREFILL = (0, 16, 64, 256, 512)
 DEFAULT_DECODE = (0, 1, 4, 16, 64)
 DEFAULT_CONTEXT = (64, 512, 1536)
 DEFAULT_HEAD_ROWS = (1, 4, 16, 64)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Link figures assumed for CUDA stages (not measured: that needs two GPUs), matched on the GPU
-# name; see common/costmodel/roofline.py for their sources.
-_GPU_LINKS = (("H200", 450e9, 10e-6, "NVLink 4"), ("H100", 450e9, 10e-6, "NVLink 4"),
-              ("A100", 300e9, 10e-6, "NVLink 3"))
-_PCIE_LINK = (25e9, 20e-6, "PCIe Gen4 x16")
+# The link assumed for a CUDA stage on a GPU that common/costmodel/roofline.py does not know
+# (the known ones take its DEVICES figures; measuring needs two GPUs).
+_UNKNOWN_GPU_LINK = (25e9, 20e-6, "PCIe Gen4 x16")
 
 
 @dataclass
@@ -179,8 +178,10 @@ def _link(cfg: MeasureConfig, device: torch.device,
           progress: Callable[[str], None]) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        bandwidth, latency, what = next(((b, lat, w) for key, b, lat, w in _GPU_LINKS
-                                         if key in name), _PCIE_LINK)
+        spec = device_for_gpu(name)
+        bandwidth, latency, what = ((spec.link_bandwidth, spec.link_latency_s,
+                                     f"the {spec.name} link of roofline.DEVICES") if spec
+                                    else _UNKNOWN_GPU_LINK)
         return {"bandwidth_bytes_s": bandwidth, "latency_s": latency,
                 "source": f"assumed: {what} between two {name} (see common/costmodel/"
                           f"roofline.py)"}
@@ -207,9 +208,8 @@ def measure_profile(cfg: MeasureConfig, progress: Callable[[str], None] | None =
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda asked for, but no CUDA device is visible")
-    dtype_name = cfg.dtype if cfg.dtype != "auto" else (
-        "bfloat16" if device.type == "cuda" else "float32")
-    dtype = DTYPES[dtype_name]
+    dtype = resolve_dtype(cfg.dtype, device.type == "cuda")
+    dtype_name = str(dtype).removeprefix("torch.")
     threads = cfg.threads or default_threads(cfg.stages)
     if device.type == "cpu":
         torch.set_num_threads(threads)

@@ -29,8 +29,6 @@ from common.config import SchedulerConfig
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-GPU_RESERVED_BYTES = 2 * GIB
-"""Room devices.py keeps on a GPU for activations of a full micro-batch and CUDA graphs."""
 
 
 class ClusterError(ValueError):
@@ -234,29 +232,23 @@ def named_shape(name: str) -> Any:
                            f"{', '.join(sorted(NAMED_SHAPES))}") from None
 
 
-def _stage_weight_bytes(shape: Any, spec: StageSpec, dtype_bytes: int) -> int:
-    params = spec.num_layers * shape.layer_param_count()
-    if spec.first:
-        params += shape.vocab_size * shape.hidden_size
-    if spec.last:
-        params += shape.hidden_size + shape.vocab_size * shape.hidden_size
-    return params * dtype_bytes
-
-
 def kv_blocks_per_instance(shape: Any, stages: list[StageSpec], kv: KVSection,
                            dtype: str) -> tuple[int, str]:
     """The pool of one instance: the configured count, else the smallest stage's pool by the
-    memory rule of services/stage/devices.py."""
+    memory rule of services/stage/devices.py (on a GPU the weights are estimated from the
+    shape, where a worker reads the memory it really uses)."""
+    from common.model.kv_cache import GPU_RESERVED_BYTES
+
     if kv.num_blocks:
         return kv.num_blocks, "kvcache.num_blocks"
     b = DTYPE_BYTES[dtype]
     counts = []
     for spec in stages:
-        per_block = 2 * spec.num_layers * kv.block_size * shape.kv_size * b
+        per_block = shape.kv_bytes_per_block(kv.block_size, spec.num_layers, b)
         if kv.gpu_memory_gib > 0:
             total = kv.gpu_memory_gib * GIB
-            budget = (total * kv.gpu_memory_utilization - _stage_weight_bytes(shape, spec, b)
-                      - GPU_RESERVED_BYTES)
+            weights = shape.stage_param_count(spec.num_layers, spec.first, spec.last) * b
+            budget = total * kv.gpu_memory_utilization - weights - GPU_RESERVED_BYTES
         else:
             budget = kv.memory_gib * GIB
         counts.append(int(budget // per_block))

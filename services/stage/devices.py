@@ -9,8 +9,8 @@ import torch
 
 from common.config import ConveyorConfig
 from common.model import ModelShape, PagedKVCache
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from common.model.dtypes import resolve_dtype
+from common.model.kv_cache import GPU_RESERVED_BYTES
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,7 @@ class StagePlacement:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
-            budget = total * self.gpu_memory_utilization - used
-            # Keep room for activations of a full micro-batch and CUDA graphs.
-            budget -= 2 * 1024**3
+            budget = total * self.gpu_memory_utilization - used - GPU_RESERVED_BYTES
         else:
             budget = self.kv_memory_gib * 1024**3
         blocks = int(budget // per_block)
@@ -61,10 +59,6 @@ def place_stage(cfg: ConveyorConfig, instance: int, stage: int) -> StagePlacemen
         device, shares = torch.device("cpu"), False
         threads = dep.threads_per_stage or max(1, (os.cpu_count() or 1) // workers)
         torch.set_num_threads(threads)
-    name = cfg.model.dtype
-    if name == "auto":
-        dtype = torch.bfloat16 if use_cuda else torch.float32
-    else:
-        dtype = _DTYPES[name]
+    dtype = resolve_dtype(cfg.model.dtype, use_cuda)
     return StagePlacement(device, dtype, shares, cfg.kvcache.num_blocks, cfg.kvcache.memory_gib,
                           cfg.kvcache.gpu_memory_utilization)

@@ -111,3 +111,13 @@ def test_prefill_attention_counts_the_pairs_prompts_attend_to():
     short = StepCost(4096, 0, 0.0, 1, LLAMA.num_layers, True, True, prefill_context=64.5)
     saved = 4 * LLAMA.q_size * 4096 * (4097 / 2 - 64.5) * LLAMA.num_layers
     assert m.breakdown(one).flops - m.breakdown(short).flops == pytest.approx(saved)
+
+
+def test_gpu_names_map_to_their_devices():
+    from common.costmodel.roofline import device_for_gpu
+
+    assert device_for_gpu("NVIDIA H100 80GB HBM3").name == "h100"
+    assert device_for_gpu("NVIDIA H100 PCIe").name == "h100-pcie"
+    assert device_for_gpu("NVIDIA H200").name == "h200"
+    assert device_for_gpu("NVIDIA A100-SXM4-80GB").name == "a100"
+    assert device_for_gpu("NVIDIA GeForce RTX 4090") is None

@@ -73,6 +73,17 @@ def test_kv_bytes_per_block():
     assert shape.kv_bytes_per_block(16, 1, torch.bfloat16) == 65536
     assert PagedKVCache.bytes_per_block(shape, 16, 32, torch.bfloat16) == 32 * 65536
     assert PagedKVCache.num_blocks_for_memory(2**30, shape, 16, 16, torch.bfloat16) == 1024
+    assert shape.kv_bytes_per_block(16, 1, 2) == 65536  # a dtype's size in bytes will do
+
+
+def test_stage_params_add_up_and_a_tied_head_is_copied_only_across_stages():
+    llama, smol = NAMED_SHAPES["llama3-8b"], NAMED_SHAPES["smollm2-135m"]
+    split = [(20, True, False), (12, False, True)]
+    assert sum(llama.stage_param_count(*s) for s in split) == llama.param_count()
+    assert smol.stage_param_count(30, True, True) == smol.param_count()  # one stage: once
+    embedding = smol.vocab_size * smol.hidden_size
+    two = sum(smol.stage_param_count(*s) for s in [(17, True, False), (13, False, True)])
+    assert two == smol.param_count() + embedding  # the last stage holds its own copy
 
 
 def test_resolve_default_model_reads_metadata_only():
