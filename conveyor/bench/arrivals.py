@@ -24,6 +24,11 @@ def parse_rate(text: str | float) -> float:
     return rate
 
 
+def rate_text(rate: float) -> str:
+    """How a rate is written in labels and file names: 4, 0.5, inf."""
+    return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
 def arrival_gaps(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
     """`n` gaps in seconds between successive requests; all zero for an infinite rate."""
     if n < 0:

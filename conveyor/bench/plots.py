@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from conveyor.bench.arrivals import rate_text
 from conveyor.bench.report import tpot
 from conveyor.bench.runner import RequestRecord
 
@@ -77,7 +78,7 @@ def _plot_metric(ax: Any, runs: Sequence[dict[str, Any]], metric: Callable[[dict
     for label, points in lines.items():
         points.sort()
         ax.plot([p for p, _ in points], [v for _, v in points], marker="o", label=label)
-    ax.set_xticks(range(len(rates)), ["inf" if math.isinf(r) else f"{r:g}" for r in rates])
+    ax.set_xticks(range(len(rates)), [rate_text(r) for r in rates])
     ax.set(xlabel="request rate (req/s)", ylabel=ylabel)
     ax.grid(alpha=0.3)
     if lines:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from conveyor.bench.arrivals import rate_text
 from conveyor.bench.runner import RequestRecord, RunResult
 from services.controller.metrics import mean_std
 
@@ -215,10 +216,9 @@ def result_filename(policy: str, rate: float, stages: int | None = None, kind: s
                     shape: str = "") -> str:
     """KIND-POLICY-SHAPE-rateRATE-TIME.json; SHAPE defaults to sSTAGES (bench's deployments),
     the simulator passes INSTANCESxSTAGES."""
-    rate_text = "inf" if math.isinf(rate) else f"{rate:g}"
     shape = shape or (f"s{stages}" if stages else "")
     shape_text = f"-{shape}" if shape else ""
-    return f"{kind}-{policy}{shape_text}-rate{rate_text}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    return f"{kind}-{policy}{shape_text}-rate{rate_text(rate)}-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
 
 def jsonable(obj: Any) -> Any:

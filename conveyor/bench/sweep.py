@@ -9,13 +9,13 @@ the next one: a long sweep should not be lost to one bad configuration.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from conveyor.bench.arrivals import rate_text
 from conveyor.bench.datasets import Sample
 from conveyor.bench.report import build_result, result_filename, save_result
 from conveyor.bench.runner import RunConfig, run_benchmark
@@ -32,10 +32,6 @@ class SweepConfig:
     out_dir: Path = Path("bench-results")
     plots: bool = True
     start_timeout_s: float = 300.0
-
-
-def _rate_text(rate: float) -> str:
-    return "inf" if math.isinf(rate) else f"{rate:g}"
 
 
 def short_error(error: str) -> str:
@@ -86,14 +82,14 @@ def run_sweep(samples: list[Sample], base: RunConfig, sweep: SweepConfig,
                 for rate in sweep.rates:
                     step += 1
                     say(f"[{step}/{total}] stages={stages} policy={policy} "
-                        f"rate={_rate_text(rate)} skipped")
+                        f"rate={rate_text(rate)} skipped")
                     runs.append({**entry, "rate": rate, "summary": None, "error": error})
                 continue
             try:
                 for rate in sweep.rates:
                     step += 1
                     say(f"[{step}/{total}] stages={stages} policy={policy} "
-                        f"rate={_rate_text(rate)} ...")
+                        f"rate={rate_text(rate)} ...")
                     runs.append({**entry, "rate": rate,
                                  **_one_run(samples, replace(base, address=dep.address,
                                                              request_rate=rate),
@@ -153,7 +149,7 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
         bubbles = [b for b in bubbles if b is not None]
         best_rows.append(
             f"| {stages} | {policy} | {_fmt(s['output_throughput'])} | "
-            f"{_rate_text(best['rate'])} | "
+            f"{rate_text(best['rate'])} | "
             f"{_fmt(max(r['summary']['request_throughput'] for r in done), digits=2)} | "
             f"{_fmt((s.get('ttft') or {}).get('p99'), 1e3)} | "
             f"{_fmt((s.get('tpot') or {}).get('p99'), 1e3)} | "
@@ -163,11 +159,11 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
     for r in runs:
         s = r["summary"]
         if not s:
-            all_rows.append(f"| {r['stages']} | {r['policy']} | {_rate_text(r['rate'])} | "
+            all_rows.append(f"| {r['stages']} | {r['policy']} | {rate_text(r['rate'])} | "
                             f"failed | | | | | | |")
             continue
         all_rows.append(
-            f"| {r['stages']} | {r['policy']} | {_rate_text(r['rate'])} | {s['completed']} | "
+            f"| {r['stages']} | {r['policy']} | {rate_text(r['rate'])} | {s['completed']} | "
             f"{s['failed']} | {_fmt(s['request_throughput'], digits=2)} | "
             f"{_fmt(s['output_throughput'])} | {_fmt((s.get('ttft') or {}).get('p99'), 1e3)} | "
             f"{_fmt((s.get('tpot') or {}).get('p99'), 1e3)} | "

@@ -10,20 +10,10 @@ from typing import Any, Optional
 
 import typer
 
-from conveyor.cli.params import bad, comma_list, rate_option
+from conveyor.cli.params import bad, comma_list, int_list, rate_option
 from conveyor.client import DEFAULT_ADDRESS, ConveyorError
 
 ADDRESS_HELP = "Ingress address of the deployment to load (ignored with --sweep)."
-
-
-def _stage_counts(text: str) -> list[int]:
-    try:
-        counts = [int(x) for x in comma_list(text, "--stages")]
-    except ValueError:
-        raise bad("--stages", f"{text!r} is not a comma-separated list of integers") from None
-    if any(c < 1 for c in counts):
-        raise bad("--stages", "stage counts must be >= 1")
-    return counts
 
 
 def _tokenizer_source(explicit: Optional[str], sets: list[str]) -> str:
@@ -131,7 +121,7 @@ def bench(
     except ConfigError as e:
         raise bad("--set", str(e)) from None
     sweep_rates = [rate_option(r, "--rates") for r in comma_list(rates, "--rates")] if sweep else []
-    sweep_stages = _stage_counts(stages) if sweep else []
+    sweep_stages = int_list(stages, "--stages", minimum=1) if sweep else []
     sweep_policies = comma_list(policies, "--policies") if sweep else []
 
     from conveyor.bench.datasets import load_bench_tokenizer

@@ -25,3 +25,14 @@ def comma_list(text: str, param: str) -> list[str]:
     if not items:
         raise bad(param, "give at least one value (comma-separated)")
     return items
+
+
+def int_list(text: str, param: str, minimum: int = 0) -> list[int]:
+    """A comma-separated list of integers, each >= minimum."""
+    try:
+        values = [int(x) for x in comma_list(text, param)]
+    except ValueError:
+        raise bad(param, f"{text!r} is not a comma-separated list of integers") from None
+    if min(values) < minimum:
+        raise bad(param, f"every value must be >= {minimum}")
+    return values

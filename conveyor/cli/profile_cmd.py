@@ -10,17 +10,7 @@ from typing import Optional
 
 import typer
 
-from conveyor.cli.params import bad
-
-
-def _ints(text: str, param: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise bad(param, f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 0:
-        raise bad(param, "give at least one value, all >= 0 (comma-separated)")
-    return sorted(set(values))
+from conveyor.cli.params import bad, int_list
 
 
 def _ms(seconds: float) -> str:
@@ -105,9 +95,9 @@ def profile(
         raise bad("--link", "one of auto, measure, assume")
     cfg = MeasureConfig(
         source=model, load_format=load_format, stages=stages, num_layers=layers, device=device,
-        dtype=dtype, threads=threads, prefill=_ints(prefill, "--prefill"),
-        decode=_ints(decode, "--decode"), context=_ints(context, "--context"),
-        head_rows=_ints(head_rows, "--head-rows"), repeats=repeats, warmup=warmup,
+        dtype=dtype, threads=threads, prefill=int_list(prefill, "--prefill"),
+        decode=int_list(decode, "--decode"), context=int_list(context, "--context"),
+        head_rows=int_list(head_rows, "--head-rows"), repeats=repeats, warmup=warmup,
         block_size=block_size, link=link, seed=seed)
     try:
         def progress(line: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import typer
 
+from conveyor.bench.arrivals import rate_text
 from conveyor.cli.params import bad, comma_list, rate_option
 
 
@@ -234,7 +235,7 @@ def _run_sweep(cfg: Any, cost: Any, workloads: list, rates: list[float], policie
         for rate, wl in zip(rates, workloads if len(workloads) == len(rates)
                             else workloads * len(rates)):
             step += 1
-            label = f"[{step}/{total}] {name} rate={'inf' if math.isinf(rate) else f'{rate:g}'}"
+            label = f"[{step}/{total}] {name} rate={rate_text(rate)}"
             result = _simulate(pcfg, cost, wl, workers, progress, label)
             doc, _ = build_result(result, {**config_doc, "policy": name, "request_rate": rate},
                                   wl.summary(), slo_s, "lite")

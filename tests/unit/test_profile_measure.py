@@ -58,10 +58,11 @@ def test_tiny_measurement_round_trip(tmp_path):
 
     for args in [(16, 0), (0, 4), (16, 4), (8, 2), (32, 8)]:
         assert cost(*args) > 0
-    # more tokens are never cheaper by a wide margin (the machine is shared: noisy)
-    assert cost(16, 4) > 0.5 * max(cost(16, 0), cost(0, 4))
-    assert cost(32, 8) > 0.5 * cost(16, 4)
-    assert cost(16, 4, first=True, last=True) > cost(16, 4)
+    # At grid points the model gives what was measured (no timing is compared: this machine
+    # is shared, and speed belongs in benchmarks).
+    point = p.sample_at(16, 4, 64)
+    assert cost(16, 4) == pytest.approx(point.median_s + point.prepare_s)
+    assert cost(16, 4, first=True, last=True) > cost(16, 4)  # embedding and head added
     assert model.transfer_s(16) > 0
 
 
