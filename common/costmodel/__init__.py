@@ -19,7 +19,7 @@ Implementations: a measured profile interpolated over its grid (`profile.py`, wr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +46,7 @@ class StepCost:
         return p * (p + 1) / 2 if self.prefill_context is None else p * self.prefill_context
 
 
+@runtime_checkable
 class CostModel(Protocol):
     def stage_step_s(self, step: StepCost) -> float: ...
 

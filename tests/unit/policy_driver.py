@@ -47,6 +47,7 @@ class MiniDriver:
     inflight: list[Batch] = field(default_factory=list)
     history: list[Batch] = field(default_factory=list)
     now: float = 0.0
+    preemptions: int = 0
 
     def __post_init__(self) -> None:
         self.free = self.total_blocks
@@ -76,6 +77,7 @@ class MiniDriver:
             for rid in plan.preempt:
                 victim = by_id[rid]
                 assert victim.inflight == 0, "a policy preempted a request in flight"
+                self.preemptions += 1
                 self.free += victim.blocks
                 victim.blocks = victim.computed = 0
             if not plan.chunks:

@@ -43,8 +43,17 @@ def test_the_packaged_file_is_read_to_its_cut(tokenizer):
         tail = f.read().decode("utf-8", "replace")
         assert not tail.rstrip().endswith("]"), "the file is expected to be truncated"
         f.seek(0)
-        count = sum(1 for _ in iter_json_array(f))
+        count, last = 0, None
+        for last in iter_json_array(f):
+            count += 1
+    with open(sharegpt_path(), "rb") as f:
+        data = f.read()
     assert count > 10000
+    # The last record yielded is whole (its final reply is all there) and is the one right
+    # before the cut: after it the file starts exactly one more record, never finished.
+    after = data[data.rfind(json.dumps(last["id"]).encode()):]
+    assert json.dumps(last["conversations"][-1]["value"]).encode()[-60:] in after
+    assert after.count(b'"id":') == 1
 
 
 def _records(n: int) -> list[dict]:

@@ -24,9 +24,7 @@ def ideal(device: str = "h100") -> RooflineCostModel:
 
 
 def test_implements_the_protocol():
-    cm: CostModel = RooflineCostModel(LLAMA)
-    assert cm.stage_step_s(whole_model(0, 1, 100)) > 0
-    assert cm.transfer_s(16) > 0
+    assert isinstance(RooflineCostModel(LLAMA), CostModel)
 
 
 def test_decode_batch_64_is_the_weights_over_the_bandwidth():

@@ -127,6 +127,10 @@ def test_every_request_finishes_under_memory_pressure_and_without(name, total_bl
     driver = MiniDriver(make_policy(name), depth=4, total_blocks=total_blocks)
     workload(driver, 60, seed=7)
     driver.run()
+    assert all(r.out == r.max_out for r in driver.requests)
+    # 60 prompts of up to 300 tokens need far more than 80 blocks of 16 at once: the policy
+    # must preempt to make room (and the requests still finish); 2000 blocks hold them all.
+    assert (driver.preemptions > 0) == (total_blocks == 80), driver.preemptions
 
 
 def test_steady_decode_work_per_micro_batch_is_even_with_throttle_not_sarathi():
