@@ -8,9 +8,9 @@ by recompute, stop at max_tokens, blocks freed on finish), while a cost model
 
 Modules: `cluster` (the cluster file), `workload` (bench's datasets and arrivals, traces),
 `state` (requests and instances as the controller keeps them), `pipeline` (FIFO stages and the
-step-cost cache), `sharing` (stage processes sharing a host's cores), `engine` (the event loop, routing, worker processes), `results` (the workers' counters merged)
-and `report` (bench's
-figures and charts, plus the simulator's own).
+step-cost cache), `sharing` (stage processes sharing a host's cores), `engine` (the event
+loop, routing, worker processes), `results` (the workers' counters merged) and `report`
+(bench's figures and charts, plus the simulator's own).
 
     from conveyor.sim import load_cluster, build_cost_model, make_workload, simulate
     cfg = load_cluster("deploy/clusters/h100-4stage.toml")
