@@ -1,21 +1,26 @@
 #!/usr/bin/env python
 """How close is `conveyor simulate` to the real thing? Replays `conveyor bench` runs in the
 simulator — the same requests (arrival offsets, prompt and output lengths from the bench JSON's
-per-request records), the same policy and stage count — and prints a side-by-side table of
-mean TTFT, mean TPOT, output throughput and bubble ratio, with the simulator's error.
+per-request records), the same policy and stage count — and prints, per configuration (policy,
+stages), the bench figures averaged over its repeated runs with their spread, the simulator's,
+and the simulator's error against the mean: mean TTFT, mean TPOT, output throughput and bubble
+ratio. The runs' own scatter around their mean is printed too: an error below it cannot be
+told from noise.
 
-    .venv/bin/python scripts/sim_fidelity.py bench-results/issue3-final/sweep-*/bench-*.json
+    .venv/bin/python scripts/sim_fidelity.py bench-results/fidelity/sweep-*/bench-*.json
     .venv/bin/python scripts/sim_fidelity.py RUN.json --profile deploy/profiles/X.json \\
         --config deploy/clusters/default-cpu.toml
 
-The cluster file describes everything bench's JSON does not (model, KV pool, layer placement);
-its policy and stage count are replaced by the bench run's.
+The cluster file describes everything bench's JSON does not (model, KV pool, layer placement,
+the host's cores, the ingress and dispatch times); its policy and stage count are replaced by
+the bench run's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,15 +28,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METRICS = (("mean TTFT (s)", lambda s: s["ttft"].get("mean")),
-           ("mean TPOT (ms)", lambda s: 1e3 * s["tpot"]["mean"] if "mean" in s["tpot"] else None),
-           ("output tok/s", lambda s: s["output_throughput"]),
-           ("bubble ratio", lambda s: (s.get("controller") or {}).get("mean_bubble_ratio")))
+METRICS = (("TTFT s", lambda s: s["ttft"].get("mean")),
+           ("TPOT ms", lambda s: 1e3 * s["tpot"]["mean"] if "mean" in s["tpot"] else None),
+           ("out tok/s", lambda s: s["output_throughput"]),
+           ("bubble", lambda s: (s.get("controller") or {}).get("mean_bubble_ratio")))
 
 
 def replay(bench_path: Path, cluster: str, profile: str | None, device: str | None
-           ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(bench config, bench summary, simulated summary) of one bench result file."""
+           ) -> tuple[tuple[str, int], dict[str, Any], dict[str, Any]]:
+    """((policy, stages), bench summary, simulated summary) of one bench result file."""
     from conveyor.sim.cluster import build_cost_model, load_cluster
     from conveyor.sim.engine import simulate
     from conveyor.sim.report import summarize
@@ -45,13 +50,12 @@ def replay(bench_path: Path, cluster: str, profile: str | None, device: str | No
                                  "cluster.stages": int(conf["stages"]),
                                  "cluster.instances": int(conf.get("instances", 1))})
     cost = build_cost_model(cfg, profile, device)
-    return conf, doc["summary"], summarize(simulate(cfg, cost, load_trace(bench_path)))
+    sim = summarize(simulate(cfg, cost, load_trace(bench_path)))
+    return (conf["policy"], int(conf["stages"])), doc["summary"], sim
 
 
-def error(real: float | None, sim: float | None) -> str:
-    if real is None or sim is None or real == 0:
-        return "-"
-    return f"{100 * (sim - real) / real:+.1f}%"
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
 
 
 def main() -> None:
@@ -65,25 +69,40 @@ def main() -> None:
     args = ap.parse_args()
     profile = None if args.device else args.profile
 
-    head = ["run"] + [f"{name} {kind}" for name, _ in METRICS for kind in ("bench", "sim", "err")]
+    groups: dict[tuple[str, int], list[tuple[dict, dict]]] = {}
+    for path in args.bench_json:
+        key, real, sim = replay(path, args.config, profile, args.device)
+        groups.setdefault(key, []).append((real, sim))
+
+    head = ["policy, stages", "runs"] + [f"{name} {kind}" for name, _ in METRICS
+                                         for kind in ("bench mean (min-max)", "sim", "err")]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     errors: dict[str, list[float]] = {name: [] for name, _ in METRICS}
-    for path in args.bench_json:
-        conf, real, sim = replay(path, args.config, profile, args.device)
-        cells = [f"{conf['policy']}, {conf['stages']} stages"]
+    scatter: dict[str, list[float]] = {name: [] for name, _ in METRICS}
+    for (policy, stages), runs in sorted(groups.items()):
+        cells = [f"{policy}, {stages}", str(len(runs))]
         for name, get in METRICS:
-            r, s = get(real), get(sim)
-            cells += ["-" if r is None else f"{r:.3g}", "-" if s is None else f"{s:.3g}",
-                      error(r, s)]
-            if r and s is not None:
-                errors[name].append(abs(s - r) / r)
+            reals = [v for v in (get(r) for r, _ in runs) if v is not None]
+            sims = [v for v in (get(s) for _, s in runs) if v is not None]
+            if not reals or not sims:
+                cells += ["-", "-", "-"]
+                continue
+            mean, sim = statistics.fmean(reals), statistics.fmean(sims)
+            cells += [f"{_fmt(mean)} ({_fmt(min(reals))}-{_fmt(max(reals))})", _fmt(sim),
+                      f"{100 * (sim - mean) / mean:+.1f}%" if mean else "-"]
+            if mean:
+                errors[name].append(abs(sim - mean) / mean)
+                if len(reals) > 1:
+                    scatter[name] += [abs(v - mean) / mean for v in reals]
         print("| " + " | ".join(cells) + " |", flush=True)
     print()
     for name, errs in errors.items():
         if errs:
-            print(f"{name}: mean |error| {100 * sum(errs) / len(errs):.1f}%, "
-                  f"max {100 * max(errs):.1f}% over {len(errs)} run(s)")
+            noise = (f"; one bench run's mean |deviation| from its configuration's mean "
+                     f"{100 * statistics.fmean(scatter[name]):.1f}%" if scatter[name] else "")
+            print(f"{name}: simulator mean |error| {100 * statistics.fmean(errs):.1f}%, "
+                  f"max {100 * max(errs):.1f}% over {len(errs)} configuration(s){noise}")
 
 
 if __name__ == "__main__":
