@@ -62,7 +62,10 @@ class ClusterSection(_Section):
     """least-loaded: the controller's rule (fewest tokens still to process, Instance.load)."""
     host_cores: int = 0
     """CPU cores an instance's stage processes share (a CPU deployment on one machine); 0: a
-    device each (pipeline.py explains the sharing model)."""
+    device each (sharing.py explains the sharing model)."""
+    host_corun_speed: float = 1.0
+    """With host_cores: the speed of a stage while another one computes too (shared caches and
+    memory bandwidth), as a fraction of its speed alone, on top of the sharing of cores."""
 
 
 class KVSection(_Section):
@@ -142,6 +145,7 @@ class ClusterConfig:
     max_inflight: int
     routing: str = "least-loaded"
     host_cores: int = 0
+    host_corun_speed: float = 1.0
     link_bandwidth_bytes_s: float = 0.0
     link_latency_s: float = 0.0
     dispatch_latency_s: float = 0.0
@@ -207,7 +211,7 @@ class ClusterConfig:
                 "kv_sizing": self.kv_sizing, "policy": self.policy,
                 "scheduler": {k: v for k, v in vars(self.scheduler).items()},
                 "max_inflight": self.max_inflight, "routing": self.routing,
-                "host_cores": self.host_cores,
+                "host_cores": self.host_cores, "host_corun_speed": self.host_corun_speed,
                 "link_bandwidth_bytes_s": self.link_bandwidth_bytes_s,
                 "link_latency_s": self.link_latency_s,
                 "dispatch_latency_s": self.dispatch_latency_s, "ingress_s": self.ingress_s,
@@ -304,6 +308,7 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
         (c.instances >= 1, "cluster.instances must be >= 1"),
         (c.stages >= 1, "cluster.stages must be >= 1"),
         (c.host_cores >= 0, "cluster.host_cores must be >= 0"),
+        (0 < c.host_corun_speed <= 1, "cluster.host_corun_speed must be in (0, 1]"),
         (m.max_model_len >= 16, "model.max_model_len must be >= 16"),
         (kv.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
          "kvcache.block_size must be a power of two up to 256"),
@@ -351,7 +356,7 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
         stages=stages, max_model_len=m.max_model_len, dtype=m.dtype, block_size=kv.block_size,
         num_blocks=num_blocks, policy=settings.policy, scheduler=settings,
         max_inflight=settings.max_inflight or c.stages, routing=c.routing,
-        host_cores=c.host_cores,
+        host_cores=c.host_cores, host_corun_speed=c.host_corun_speed,
         link_bandwidth_bytes_s=f.link.bandwidth_gbps * 1e9,
         link_latency_s=f.link.latency_us * 1e-6,
         dispatch_latency_s=sim.dispatch_latency_us * 1e-6, ingress_s=sim.ingress_us * 1e-6,

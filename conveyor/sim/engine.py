@@ -96,8 +96,10 @@ class Shard:
         self.by_index = {inst.index: inst for inst in self.instances}
 
     def _pipeline(self, cfg: ClusterConfig) -> Pipeline | SharedHostPipeline:
-        if 0 < cfg.host_cores < cfg.num_stages:
-            return SharedHostPipeline(cfg.num_stages, cfg.host_cores, self.queue.push)
+        shared = cfg.host_cores < cfg.num_stages or cfg.host_corun_speed < 1
+        if cfg.host_cores > 0 and cfg.num_stages > 1 and shared:
+            return SharedHostPipeline(cfg.num_stages, cfg.host_cores, self.queue.push,
+                                      cfg.host_corun_speed)
         return Pipeline(cfg.num_stages, self.queue.push)
 
 

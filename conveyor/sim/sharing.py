@@ -4,7 +4,9 @@ The default CPU deployment runs every stage as a single-threaded process (device
 each `cpu_count // stages` threads, at least one) on one machine: two or three stage processes
 on two cores, next to the controller and the ingress. The kernel shares the cores fairly, so
 while k stages are computing each advances at min(1, cores / k) of its own speed — processor
-sharing. A stage's step is not a fixed duration any more: a micro-batch dispatched later slows
+sharing; and while two or more compute, each also runs at `corun_speed` of its speed alone
+(shared caches and memory bandwidth: a measured property of the machine, 1 when unknown). A
+stage's step is not a fixed duration any more: a micro-batch dispatched later slows
 down one already running. So, unlike `Pipeline`, this one cannot fix a micro-batch's path at
 dispatch; it keeps each stage's remaining work (in seconds of a dedicated core, what the cost
 model gives) and steps from event to event: an input arriving at a stage, or the running step
@@ -42,11 +44,13 @@ class _Job:
 class SharedHostPipeline:
     """The P stages of one instance as single-threaded processes on `cores` shared cores."""
 
-    def __init__(self, num_stages: int, cores: int, push: Push):
+    def __init__(self, num_stages: int, cores: int, push: Push, corun_speed: float = 1.0):
         if cores < 1:
             raise ValueError("a shared host needs at least one core")
         self.num_stages = num_stages
         self.cores = cores
+        self.corun_speed = corun_speed
+        """Speed of each stage while two or more compute (caches, memory bandwidth)."""
         self.push = push
         self.queued: list[deque[_Job]] = [deque() for _ in range(num_stages)]
         """Micro-batches whose input reached the stage while it was busy, in order."""
@@ -112,7 +116,9 @@ class SharedHostPipeline:
 
     def _speed(self) -> tuple[list[int], float]:
         active = [s for s, job in enumerate(self.running) if job is not None]
-        return active, min(1.0, self.cores / len(active)) if active else 1.0
+        if len(active) < 2:
+            return active, 1.0
+        return active, min(1.0, self.cores / len(active)) * self.corun_speed
 
     def _advance(self, now: float) -> None:
         elapsed = now - self.updated

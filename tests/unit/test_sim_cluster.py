@@ -86,6 +86,8 @@ def test_gpu_pool_leaves_room_for_weights():
     ({"kvcache": {"num_blocks": 0, "memory_gib": 1e-9}}, "no memory left for the KV cache"),
     ({"linkz": {"latency_us": 1}}, "linkz"),
     ({"cluster": {"instances": 0}}, "cluster.instances must be >= 1"),
+    ({"cluster": {"host_corun_speed": 0.0}}, "host_corun_speed must be in (0, 1]"),
+    ({"simulator": {"ingress_us": -1.0}}, "simulator.ingress_us must be >= 0"),
 ])
 def test_bad_cluster_files_are_refused_with_the_reason(section, message):
     with pytest.raises(ClusterError) as e:

@@ -13,12 +13,12 @@ from conveyor.sim.workload import Workload
 from tests.unit.test_sim_engine import LinearCost, burst
 
 
-def run_pipeline(stages: int, cores: int, dispatches: list[tuple[float, tuple[float, ...]]]
-                 ) -> tuple[list[float], SharedHostPipeline]:
+def run_pipeline(stages: int, cores: int, dispatches: list[tuple[float, tuple[float, ...]]],
+                 corun_speed: float = 1.0) -> tuple[list[float], SharedHostPipeline]:
     """Dispatches (time, stage durations) to a shared-host pipeline; returns completion times
     in completion order."""
     queue = EventQueue()
-    pipe = SharedHostPipeline(stages, cores, queue.push)
+    pipe = SharedHostPipeline(stages, cores, queue.push, corun_speed)
     done: list[float] = []
     for at, durations in dispatches:
         queue.run_until(at)
@@ -65,6 +65,12 @@ def test_a_shared_host_lowers_simulated_throughput():
     assert 1.1 * alone.end_s < shared.end_s < 1.5 * alone.end_s + 1e-9
 
 
+def with_cluster(**cluster: float) -> ClusterConfig:
+    return build_cluster({"model": {"shape": "tiny", "max_model_len": 2048},
+                          "cluster": cluster, "kvcache": {"num_blocks": 4096, "block_size": 16},
+                          "scheduler": {"policy": "fcfs"}})
+
+
 def with_sim(stages: int, **simulator: float) -> ClusterConfig:
     """A tiny fcfs cluster with [simulator] settings."""
     return build_cluster({"model": {"shape": "tiny", "max_model_len": 2048},
@@ -100,3 +106,21 @@ def test_the_scheduling_loop_waits_out_each_dispatch():
     # and the third waits for the first to finish at 20 ms.
     res = simulate(with_sim(2), cost, arrivals)
     assert [r.first_scheduled for r in res.requests] == pytest.approx([0.0, 0.001, 0.020])
+
+
+def test_stages_computing_together_run_at_the_corun_speed():
+    # Two stages on two cores: no sharing of cores, but at 0.8 speed while both compute.
+    # Second micro-batch's stage 0 overlaps the first's stage 1 from 1 s: both 1 s steps take
+    # 1.25 s (done 2.25), then the second's stage 1 runs alone (1 s).
+    done, _ = run_pipeline(2, 2, [(0.0, (1.0, 1.0)), (0.0, (1.0, 1.0))], corun_speed=0.8)
+    assert done == pytest.approx([2.25, 3.25])
+    # The same through the simulator: two requests 1 ms apart, a micro-batch each, 10 ms per
+    # stage. Alone: the second's stage 0 runs 10-20 ms, its stage 1 20-30 ms. At 0.8: the
+    # first's stage 1 and the second's stage 0 share 10-22.5 ms, then the second's stage 1
+    # runs alone until 32.5 ms.
+    two = Workload([0.0, 0.001], [8, 8], [1, 1])
+    alone = simulate(with_cluster(stages=2, host_cores=2), LinearCost(10e-3, 0, 0), two)
+    assert alone.end_s == pytest.approx(0.030)
+    res = simulate(with_cluster(stages=2, host_cores=2, host_corun_speed=0.8),
+                   LinearCost(10e-3, 0, 0), two)
+    assert res.end_s == pytest.approx(0.0325)
