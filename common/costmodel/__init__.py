@@ -33,6 +33,9 @@ class StepCost:
     num_layers: int
     first_stage: bool
     last_stage: bool
+    max_context_len: float | None = None
+    """Longest context among the decodes (None: context_len). Attention that pads every decode
+    to the longest one (the CPU backend) costs by it."""
     prefill_context: float | None = None
     """Mean number of keys a prefill token attends to (its position + 1, averaged over the
     prefill tokens): what the prefill attention costs per token. Many short prompts attend far

@@ -24,6 +24,7 @@ File format (JSON, `"format": "conveyor-cost-profile"`, `"version": 1`):
                "p90_s": [...]},
       "activation_bytes_per_token": 2304,
       "prefill_split": {"tokens": 512, "sequences": [1, 4, 16, 64], "median_s": [...]},
+      "decode_context": "max",
       "link": {"bandwidth_bytes_s": 2e9, "latency_s": 5e-5, "source": "measured gloo ..."},
       "notes": "..."
     }
@@ -48,6 +49,9 @@ What is measured (see conveyor/profile/measure.py):
   fresh prompts of equal length. Only the attention differs between them (`tokens` x
   (n + 1) / 2 query-key pairs for prompts of n tokens), so the slope of time over pairs is
   the prefill attention's cost per pair.
+- `decode_context` (optional, default mean): "max" when the measured attention backend pads a
+  step's decodes to its longest context (the CPU backend does): a real micro-batch of mixed
+  contexts then costs what the grid says at its longest one, and the cost model reads it there.
 - `link` (optional): one-way time of a tensor between two stage processes, as
   latency_s + bytes / bandwidth_bytes_s. Without it, `DEFAULT_LINK` (CPU gloo on one host:
   2 GB/s, 50 us, an assumption) is used.
@@ -62,7 +66,8 @@ What is measured (see conveyor/profile/measure.py):
 where Q is the step's prefill attention pairs (`StepCost.prefill_pairs`) and pair_s the
 least-squares slope of `prefill_split` (0 without one): the grid measured one fresh prompt
 per step, a micro-batch of many short prompts attends to far fewer pairs. The layers' part
-never goes below 0.
+never goes below 0. C is the decodes' mean context, or their longest with `decode_context`
+"max".
 
 `layers` and `prepare` are trilinear (multilinear) interpolations over the grid, done axis by
 axis (context, then decode, then prefill), hence exact at grid points and linear between them.
@@ -157,6 +162,9 @@ class Profile:
     head_p90_s: list[float] = field(default_factory=list)
     link: dict[str, Any] | None = None
     prefill_split: dict[str, Any] | None = None
+    decode_context: str = "mean"
+    """"max" when the measured backend pads decodes to the longest context of the step
+    (AttentionBackend.pads_decode_context): the grid is then read at the longest context."""
     source: str = ""
     load_format: str = "auto"
     torch_version: str = ""
@@ -191,6 +199,7 @@ class Profile:
                      "p90_s": [_ns(x) for x in self.head_p90_s]},
             "activation_bytes_per_token": self.activation_bytes_per_token,
             "prefill_split": self.prefill_split,
+            "decode_context": self.decode_context,
             "link": self.link,
             "notes": self.notes,
         }
@@ -221,6 +230,7 @@ class Profile:
                 head_p90_s=[float(x) for x in head.get("p90_s", [])],
                 activation_bytes_per_token=int(data["activation_bytes_per_token"]),
                 link=data.get("link"), prefill_split=_split_table(data.get("prefill_split")),
+                decode_context=_decode_context(data.get("decode_context", "mean")),
                 source=model.get("source", ""),
                 load_format=model.get("load_format", "auto"),
                 torch_version=data.get("torch_version", ""), created=data.get("created", ""),
@@ -267,6 +277,12 @@ class Profile:
             if (s.prefill_tokens, s.decode_tokens, s.context_len) == (prefill, decode, context):
                 return s
         return None
+
+
+def _decode_context(raw: Any) -> str:
+    if raw not in ("mean", "max"):
+        raise ValueError(f"decode_context must be mean or max, got {raw!r}")
+    return raw
 
 
 def _split_table(raw: Any) -> dict[str, Any] | None:
@@ -401,6 +417,7 @@ class ProfileCostModel:
                                    f"entries, got {xs} and {ys}")
         self.profile = profile
         self.pair_s = profile.attention_pair_s()
+        self.pads_decode_context = profile.decode_context == "max"
         self._layers = _Grid(profile, "median_s")
         self._prepare = _Grid(profile, "prepare_s")
         # Running maxima: a noisy small measurement above a larger one must not make more
@@ -446,8 +463,11 @@ class ProfileCostModel:
         p, d = step.prefill_tokens, step.decode_tokens
         if p + d <= 0:
             return 0.0
-        seconds = (self.layers_s(p, d, step.context_len, step.num_layers, step.prefill_pairs)
-                   + self.prepare_s(p, d, step.context_len))
+        c = step.context_len
+        if self.pads_decode_context and step.max_context_len is not None:
+            c = step.max_context_len
+        seconds = (self.layers_s(p, d, c, step.num_layers, step.prefill_pairs)
+                   + self.prepare_s(p, d, c))
         if step.first_stage:
             seconds += self.embedding_s(p + d)
         if step.last_stage:

@@ -29,6 +29,10 @@ MetadataT = TypeVar("MetadataT")
 
 
 class AttentionBackend(ABC, Generic[MetadataT]):
+    pads_decode_context = False
+    """True when a step's decodes all attend over its longest context (padded and masked):
+    their cost then grows with the longest context, not the mean. Cost profiles record it."""
+
     @abstractmethod
     def prepare(self, batch: StepBatch) -> MetadataT:
         """Per-step metadata shared by every layer of the step (built once, not per layer)."""
@@ -69,6 +73,7 @@ class SDPAMetadata:
 
 
 class TorchSDPABackend(AttentionBackend[SDPAMetadata]):
+    pads_decode_context = True  # one masked SDPA over every decode's blocks, padded
     def prepare(self, batch: StepBatch) -> SDPAMetadata:
         device = batch.positions.device
         decode_seqs = [i for i, n in enumerate(batch.query_lens) if n == 1]

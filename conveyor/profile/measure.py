@@ -234,6 +234,7 @@ def measure_profile(cfg: MeasureConfig, progress: Callable[[str], None] | None =
     # Middle stage: layers only. Any `num_layers` layers have the same shapes; the first ones
     # are loaded.
     model = StageModel.from_source(src, 0, num_layers, False, False, dtype, device, cfg.seed)
+    decode_context = "max" if model.attention.pads_decode_context else "mean"
     bs = cfg.block_size
     prefill_blocks = -(-max(cfg.prefill) // bs)
     decode_blocks = -(-(max(cfg.context) + 1) // bs)
@@ -339,6 +340,7 @@ def measure_profile(cfg: MeasureConfig, progress: Callable[[str], None] | None =
         head_p10_s=head_p10, head_p90_s=head_p90,
         activation_bytes_per_token=shape.hidden_size * dtype.itemsize, link=link,
         prefill_split=split,
+        decode_context=decode_context,
         source=cfg.source, load_format=cfg.load_format, torch_version=torch.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         block_size=bs, repeats=cfg.repeats, warmup=cfg.warmup,

@@ -13,7 +13,8 @@ deployment) a later micro-batch slows down earlier ones, so the path is not fixe
 sharing.py's `SharedHostPipeline` steps through those stage by stage instead.
 
 Stage times come from `CostModel.stage_step_s(StepCost)` with the micro-batch's prefill and
-decode tokens, the mean context of its decodes and of its prefill tokens, the rows it samples, and the stage's layer
+decode tokens, the mean context of its decodes (and their longest, for a profile whose
+attention pads to it) and of its prefill tokens, the rows it samples, and the stage's layer
 count and first/last flags; hops from `CostModel.transfer_s` (or the cluster's link settings).
 `StepTimer` caches them: a steady decode phase repeats the same inputs over and over.
 """
@@ -49,6 +50,8 @@ class StepTimer:
         self.latency = link_latency_s
         self.act_bytes = activation_bytes_per_token
         self.quantum = context_quantum
+        self.pads = bool(getattr(cost, "pads_decode_context", False))
+        """The cost model's attention pads decodes to the longest context (CPU profiles)."""
         self._cache: dict[tuple, tuple[tuple[float, ...], float]] = {}
         self.hits = 0
         self.misses = 0
@@ -59,16 +62,22 @@ class StepTimer:
                    cfg.activation_bytes_per_token, cfg.context_quantum)
 
     def __call__(self, prefill: int, decode: int, context: float, sampled: int,
-                 prefill_context: float | None = None) -> tuple[tuple[float, ...], float]:
+                 prefill_context: float | None = None, longest: float = 0.0
+                 ) -> tuple[tuple[float, ...], float]:
         """prefill_context: the mean keys a prefill token attends to (None: one fresh prompt
-        of `prefill` tokens)."""
+        of `prefill` tokens); longest: the longest decode context, passed on only to a cost
+        model whose attention pads to it (and only then part of the cache key)."""
         q = self.quantum
         if q:
             if decode:
                 context = round(context / q) * q
             if prefill_context:
                 prefill_context = round(prefill_context / q) * q
-        key = (prefill, decode, context, sampled, prefill_context)
+        if not (self.pads and decode):
+            longest = 0.0
+        elif q:
+            longest = round(longest / q) * q
+        key = (prefill, decode, context, sampled, prefill_context, longest)
         hit = self._cache.get(key)
         if hit is not None:
             self.hits += 1
@@ -76,6 +85,7 @@ class StepTimer:
         self.misses += 1
         per_kind = [self.cost.stage_step_s(StepCost(prefill, decode, float(context), sampled,
                                                     s.num_layers, s.first, s.last,
+                                                    float(longest) if longest else None,
                                                     prefill_context if prefill else None))
                     for s in self._kinds]
         durations = tuple(float(per_kind[k]) for k in self._kind_of)

@@ -338,7 +338,7 @@ class SimInstance:
         partial: list[SimRequest] = []
         started: list[SimRequest] = []
         to_sample = sampling.append
-        decode = prefill = context = keys = 0
+        decode = prefill = context = keys = longest = 0
         for c in chunks:
             r = by_id.get(c.req_id)
             if r is None:
@@ -369,6 +369,8 @@ class SimInstance:
             if n == 1 and start:  # counted as the controller counts InflightView tokens
                 decode += 1
                 context += start
+                if start > longest:
+                    longest = start
             else:
                 prefill += n
                 keys += n * start + n * (n + 1) // 2  # each token attends to its prefix
@@ -397,7 +399,7 @@ class SimInstance:
         self.metrics.record_batch(prefill, decode)
         self.tokens_per_batch.add(tokens)
         durations, hop = self.timer(prefill, decode, context / decode if decode else 0.0,
-                                    len(sampling), keys / prefill if prefill else 0.0)
+                                    len(sampling), keys / prefill if prefill else 0.0, longest)
         self.pipeline.submit(now + self.dispatch_latency, durations, hop, self.on_complete, batch)
 
     def _start(self, started: list[SimRequest], now: float) -> None:

@@ -243,3 +243,45 @@ def test_the_split_survives_the_file_and_a_bad_one_is_refused(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ProfileError, match="prefill_split"):
         ProfileCostModel.load(path)
+
+
+def test_merged_profiles_take_the_median_scaled_to_the_first_layer_count():
+    from conveyor.profile.merge import merge_profiles
+
+    fast = split_profile()
+    # Twice as many layers, each as fast: per layer it is the same machine, 20% slower.
+    slow = dataclasses.replace(
+        make_profile(lambda p, d, c: 2.4 * nonlinear(p, d, c)), num_layers=2 * PROFILE_LAYERS)
+    merged = ProfileCostModel(merge_profiles([fast, slow]))
+    point = merged.profile.sample_at(16, 1, 512)
+    assert point.median_s == pytest.approx(1.1 * nonlinear(16, 1, 512))
+    assert merged.profile.num_layers == PROFILE_LAYERS
+    assert merged.pair_s == pytest.approx(PAIR_S)  # only the first timed the split
+    with pytest.raises(ProfileError, match="at least two"):
+        merge_profiles([fast])
+    with pytest.raises(ProfileError, match="another grid"):
+        merge_profiles([fast, make_profile(prefill_axis=[0, 16, 128])])
+
+
+def test_a_padding_backend_is_costed_at_the_longest_decode_context():
+    mean_model = ProfileCostModel(make_profile())
+    padded = ProfileCostModel(make_profile(decode_context="max"))
+    step = dataclasses.replace(middle(0, 8, 100), max_context_len=900.0)
+    # A backend that pads costs the 8 decodes as if all had the longest context.
+    assert padded.stage_step_s(step) == pytest.approx(padded.stage_step_s(middle(0, 8, 900)))
+    assert mean_model.stage_step_s(step) == pytest.approx(mean_model.stage_step_s(
+        middle(0, 8, 100)))
+    assert padded.stage_step_s(middle(0, 8, 100)) == mean_model.stage_step_s(middle(0, 8, 100))
+
+
+def test_decode_context_survives_the_file_and_a_bad_one_is_refused(tmp_path):
+    path = make_profile(decode_context="max").save(tmp_path / "p.json")
+    assert ProfileCostModel.load(path).pads_decode_context
+    data = json.loads(path.read_text())
+    del data["decode_context"]  # profiles written before it: the mean
+    path.write_text(json.dumps(data))
+    assert not ProfileCostModel.load(path).pads_decode_context
+    data["decode_context"] = "median"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="decode_context must be mean or max"):
+        ProfileCostModel.load(path)

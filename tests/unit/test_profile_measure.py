@@ -52,6 +52,7 @@ def test_tiny_measurement_round_trip(tmp_path):
     # The largest prefill (16) was also timed as 4 and 16 prompts (64 does not divide 16).
     assert p.prefill_split["tokens"] == 16 and p.prefill_split["sequences"] == [1, 4, 16]
     assert min(p.prefill_split["median_s"]) > 0 and p.attention_pair_s() >= 0
+    assert p.decode_context == "max"  # the CPU backend pads a step's decodes to the longest
 
     def cost(prefill: int, decode: int, first: bool = False, last: bool = False) -> float:
         return model.stage_step_s(StepCost(prefill, decode, 64, decode, 2, first, last))

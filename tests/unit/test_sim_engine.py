@@ -294,3 +294,28 @@ def test_the_cost_model_sees_how_far_prefill_tokens_attend():
     seen.clear()
     simulate(cfg, Recording(), Workload([0.0], [40], [1]))
     assert seen[:2] == [(32, pytest.approx(16.5)), (8, pytest.approx(36.5))]
+
+
+def test_the_longest_decode_context_reaches_only_a_cost_model_that_pads():
+    """Decodes with contexts 20 and 60 (prompts 20 and 60, one token each so far): the
+    mean is 40, the longest 60; a model whose attention pads is told the longest."""
+    seen: dict[bool, list] = {True: [], False: []}
+
+    class Recording(LinearCost):
+        def __init__(self, pads: bool):
+            super().__init__()
+            self.pads_decode_context = pads
+
+        def stage_step_s(self, s) -> float:
+            if s.decode_tokens:
+                seen[self.pads_decode_context].append((s.context_len, s.max_context_len))
+            return super().stage_step_s(s)
+
+    cfg = build_cluster({"model": {"shape": "tiny", "max_model_len": 2048},
+                         "cluster": {"stages": 1},
+                         "kvcache": {"num_blocks": 4096, "block_size": 16},
+                         "scheduler": {"policy": "fcfs"}, "simulator": {"context_quantum": 0}})
+    for pads in (True, False):
+        simulate(cfg, Recording(pads), Workload([0.0, 0.0], [20, 60], [2, 2]))
+    assert seen[True][0] == (pytest.approx(40.0), pytest.approx(60.0))
+    assert seen[False][0] == (pytest.approx(40.0), None)
