@@ -157,11 +157,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     workloads: dict[float, Any] = {}
 
-    base = make_workload("sharegpt", args.num_prompts, seed=args.seed)
+    requests = make_workload("sharegpt", args.num_prompts, seed=args.seed)
 
     def workload(rate: float) -> Any:  # the same requests at every rate
         if rate not in workloads:
-            workloads[rate] = base.at_rate(rate, seed=args.seed)
+            workloads[rate] = requests.at_rate(rate, seed=args.seed)
         return workloads[rate]
 
     results = []

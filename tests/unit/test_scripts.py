@@ -1,0 +1,44 @@
+"""The measurement scripts under scripts/ run end to end on small inputs (they are how the
+figures in BENCHMARKS.md are made; a script that breaks silently breaks those)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_script(name: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_gllm_comparison_writes_its_table_and_json(tmp_path):
+    out = run_script("sim_gllm_comparison.py", "--clusters", "deploy/clusters/h100-4stage.toml",
+                     "--num-prompts", "60", "--load-fractions", "0.5,1.0", "--out",
+                     str(tmp_path))
+    assert "h100-4stage" in out and "throttle / sarathi" in out
+    doc = json.loads((tmp_path / "comparison.json").read_text())
+    assert {r["policy"] for r in doc["results"]} == {"sarathi", "throttle"}
+    assert (tmp_path / "comparison.png").is_file()
+
+
+def test_fidelity_replays_a_bench_run(tmp_path):
+    """A bench result file (its per-request records and summary) replayed on the CPU cluster:
+    the table has the run's configuration, its figures and the simulator's."""
+    records = [{"index": i, "prompt_len": 20 + i, "expected_output_len": 8, "start_s": 0.0}
+               for i in range(4)]
+    summary = {"ttft": {"mean": 0.5}, "tpot": {"mean": 0.2}, "output_throughput": 10.0,
+               "controller": {"mean_bubble_ratio": 0.1}}
+    bench = tmp_path / "bench-fcfs.json"
+    bench.write_text(json.dumps({"config": {"policy": "fcfs", "stages": 2},
+                                 "summary": summary, "requests": records}))
+    out = run_script("sim_fidelity.py", str(bench))
+    row = next(line for line in out.splitlines() if line.startswith("| fcfs, 2 | 1 |"))
+    assert "0.5 (0.5-0.5)" in row and "200 (200-200)" in row
+    assert "TPOT ms: simulator mean |error|" in out
