@@ -205,6 +205,8 @@ class Controller:
 
     def _on_step_done(self, msg: StepDone) -> None:
         self.metrics.record_step(msg.instance, msg.stage, msg.compute_s, msg.wait_s)
+        log.debug("step done", instance=msg.instance, stage=msg.stage, mb_id=msg.mb_id,
+                  compute_s=round(msg.compute_s, 6), wait_s=round(msg.wait_s, 6))
         inst = self.instances[msg.instance]
         if msg.error:
             log.error("stage failed a micro-batch", instance=msg.instance, stage=msg.stage,
@@ -290,6 +292,9 @@ class Controller:
         first, rest = inst.commit(MicroBatchPlan(live), self.requests, granted, time.monotonic())
         batch = inst.inflight[first.mb_id]
         self.metrics.record_batch(batch.num_prefill_tokens, batch.num_decode_tokens)
+        log.debug("dispatched", instance=inst.index, mb_id=first.mb_id,
+                  prefill_tokens=batch.num_prefill_tokens, decode_tokens=batch.num_decode_tokens,
+                  requests=len(batch.requests))
         for stage, identity in sorted(inst.stage_identities.items()):
             await self.endpoint.send(first if stage == 0 else rest, identity)
         return True
