@@ -1,5 +1,5 @@
 """A deployment on this machine driven from Python: `conveyor serve` in a subprocess, waited
-for until ready, stopped with SIGINT. Used by the end-to-end tests, the benchmark scripts and
+for until ready, stopped with SIGTERM. Used by the end-to-end tests, the benchmark scripts and
 `conveyor bench --sweep` (which restarts deployments with other policies)."""
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ class Deployment:
 
 
 def start_deployment(stages: int = 2, instances: int = 1, sets: tuple[str, ...] = (),
-                     timeout_s: float = 300.0) -> Deployment:
+                     timeout_s: float = 300.0, sigint_ignored: bool = False) -> Deployment:
+    """`conveyor serve` in a child process, returned once ready. sigint_ignored: start it the
+    way a background job of a non-interactive shell starts, with SIGINT ignored."""
     port = free_port()
     run_dir = Path(tempfile.mkdtemp(prefix="cvy-"))
     log_path = run_dir / "serve.log"
@@ -79,8 +81,10 @@ def start_deployment(stages: int = 2, instances: int = 1, sets: tuple[str, ...] 
     for s in sets:
         cmd += ["--set", s]
     with open(log_path, "w") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored
+            else None)
     dep = Deployment(f"tcp://127.0.0.1:{port}", run_dir, proc, log_path)
     deadline = time.monotonic() + timeout_s
     with dep.client(connect_timeout=1.0) as client:
@@ -100,7 +104,7 @@ def start_deployment(stages: int = 2, instances: int = 1, sets: tuple[str, ...] 
 
 def stop_deployment(dep: Deployment) -> int:
     if dep.alive():
-        dep.proc.send_signal(signal.SIGINT)
+        dep.proc.send_signal(signal.SIGTERM)
         try:
             dep.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

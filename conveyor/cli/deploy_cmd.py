@@ -55,7 +55,7 @@ def _policy_help() -> str:
     return "\n\n".join(parts)
 
 
-def _sigterm_as_interrupt(signum, frame) -> None:
+def _stop_signal(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
@@ -82,7 +82,11 @@ def serve(
     cfg = resolve(build_config(config, set_, model=model, stages=stages, instances=instances,
                                policy=policy, address=address, log_format=log_format))
     dep = cfg.deployment
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    # SIGTERM (systemd, supervisord) and SIGINT both stop the deployment cleanly. SIGINT is set
+    # explicitly: a process started in the background of a non-interactive shell (nohup, CI
+    # runners) inherits it ignored, and `kill -INT` would then do nothing.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_signal)
     sup = Supervisor(cfg, cfg.logging.format)
     say = lambda text: typer.secho(f"conveyor: {text}", fg=typer.colors.GREEN, err=True)  # noqa
     say(f"starting {cfg.model.source}: {dep.stages} stage(s) x {dep.instances} instance(s), "

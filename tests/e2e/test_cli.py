@@ -57,3 +57,18 @@ def test_serve_fails_loudly_when_a_stage_dies():
         assert "stopping the deployment" in log
     finally:
         stop_deployment(dep)
+
+
+def test_serve_stops_on_sigint_even_when_started_with_it_ignored():
+    """A background job of a non-interactive shell (nohup, a CI runner) inherits SIGINT
+    ignored; `conveyor serve` must still stop cleanly on it, every process with it."""
+    dep = start_deployment(stages=2, sigint_ignored=True)
+    try:
+        dep.proc.send_signal(signal.SIGINT)
+        dep.proc.wait(timeout=30)
+        assert dep.proc.returncode == 0, dep.log_tail()
+        log = dep.log_path.read_text(errors="replace")
+        assert "conveyor: stopping" in log
+        assert log.count("stopped") >= 5, log  # kv-cache, controller, ingress, two stages
+    finally:
+        stop_deployment(dep)
