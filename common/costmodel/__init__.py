@@ -22,6 +22,12 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 
+def fresh_prefill_pairs(tokens: float) -> float:
+    """Causal (query, key) pairs of one fresh prompt chunk of `tokens` tokens: what the
+    profiles measure, and every prefill cost's reference point."""
+    return tokens * (tokens + 1) / 2
+
+
 @dataclass(frozen=True, slots=True)
 class StepCost:
     prefill_tokens: int
@@ -46,7 +52,7 @@ class StepCost:
     def prefill_pairs(self) -> float:
         """Causal (query, key) pairs of the prefill attention."""
         p = self.prefill_tokens
-        return p * (p + 1) / 2 if self.prefill_context is None else p * self.prefill_context
+        return fresh_prefill_pairs(p) if self.prefill_context is None else p * self.prefill_context
 
 
 @runtime_checkable

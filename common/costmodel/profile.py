@@ -95,7 +95,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.costmodel import StepCost
+from common.costmodel import StepCost, fresh_prefill_pairs
 from common.model.shape import ModelShape
 
 FORMAT = "conveyor-cost-profile"
@@ -247,7 +247,7 @@ class Profile:
         if not split or len(split["sequences"]) < 2:
             return 0.0
         tokens = split["tokens"]
-        xs = [tokens * (tokens // k + 1) / 2 for k in split["sequences"]]
+        xs = [k * fresh_prefill_pairs(tokens // k) for k in split["sequences"]]
         ys = split["median_s"]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         var = sum((x - mx) ** 2 for x in xs)
@@ -442,8 +442,8 @@ class ProfileCostModel:
         prefill_pairs None: one fresh prompt, as measured."""
         per_profile = self._layers(prefill_tokens, decode_tokens, context_len)
         if prefill_pairs is not None and self.pair_s:
-            fresh = prefill_tokens * (prefill_tokens + 1) / 2
-            per_profile = max(per_profile + self.pair_s * (prefill_pairs - fresh), 0.0)
+            extra = prefill_pairs - fresh_prefill_pairs(prefill_tokens)
+            per_profile = max(per_profile + self.pair_s * extra, 0.0)
         return per_profile * num_layers / self.profile.num_layers
 
     def prepare_s(self, prefill_tokens: float, decode_tokens: float, context_len: float) -> float:

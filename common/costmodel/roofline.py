@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.costmodel import StepCost
+from common.costmodel import StepCost, fresh_prefill_pairs
 from common.model.shape import ModelShape
 
 
@@ -143,7 +143,7 @@ class RooflineCostModel:
         s, b = self.shape, self.dtype_bytes
         p, d, c = prefill_tokens, decode_tokens, context_len
         t = p + d
-        pairs = p * (p + 1) / 2 if prefill_pairs is None else prefill_pairs
+        pairs = fresh_prefill_pairs(p) if prefill_pairs is None else prefill_pairs
         params = s.layer_param_count()
         flops = 2 * params * t + 4 * s.q_size * d * c + 4 * s.q_size * pairs
         per_token_act = 2 * (4 * s.hidden_size + 2 * s.q_size + 2 * s.kv_size

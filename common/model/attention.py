@@ -74,6 +74,7 @@ class SDPAMetadata:
 
 class TorchSDPABackend(AttentionBackend[SDPAMetadata]):
     pads_decode_context = True  # one masked SDPA over every decode's blocks, padded
+
     def prepare(self, batch: StepBatch) -> SDPAMetadata:
         device = batch.positions.device
         decode_seqs = [i for i, n in enumerate(batch.query_lens) if n == 1]

@@ -17,10 +17,10 @@ import torch
 
 from common.model.shape import ModelShape
 
-
 GPU_RESERVED_BYTES = 2 * 1024**3
 """Room a GPU stage leaves free after its weights and KV cache: activations of a full
 micro-batch and CUDA graphs."""
+
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,

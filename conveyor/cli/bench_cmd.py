@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from conveyor.cli.params import bad, comma_list, int_list, rate_option
+from conveyor.cli.params import bad, comma_list, int_list, rate_list, rate_option
 from conveyor.client import DEFAULT_ADDRESS, ConveyorError
 
 ADDRESS_HELP = "Ingress address of the deployment to load (ignored with --sweep)."
@@ -120,7 +120,7 @@ def bench(
             parse_override(s)
     except ConfigError as e:
         raise bad("--set", str(e)) from None
-    sweep_rates = [rate_option(r, "--rates") for r in comma_list(rates, "--rates")] if sweep else []
+    sweep_rates = rate_list(rates) if sweep else []
     sweep_stages = int_list(stages, "--stages", minimum=1) if sweep else []
     sweep_policies = comma_list(policies, "--policies") if sweep else []
 

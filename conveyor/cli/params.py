@@ -20,6 +20,11 @@ def rate_option(text: str, param: str = "--request-rate") -> float:
         raise bad(param, str(e)) from None
 
 
+def rate_list(text: str, param: str = "--rates") -> list[float]:
+    """Comma-separated request rates, each a number or inf."""
+    return [rate_option(r, param) for r in comma_list(text, param)]
+
+
 def comma_list(text: str, param: str) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import typer
 
 from conveyor.bench.arrivals import rate_text
-from conveyor.cli.params import bad, comma_list, rate_option
+from conveyor.cli.params import bad, comma_list, rate_list, rate_option
 
 
 def _note(text: str) -> None:
@@ -137,7 +137,7 @@ def simulate(
         raise bad("--set", str(e)) from None
     if policy:
         overrides["scheduler.policy"] = policy
-    sweep_rates = [rate_option(r, "--rates") for r in comma_list(rates, "--rates")] if sweep else [rate]
+    sweep_rates = rate_list(rates) if sweep else [rate]
     sweep_policies = comma_list(policies, "--policies") if sweep else []
     try:
         cfg = load_cluster(config, overrides)

@@ -31,7 +31,7 @@ def time_prefill_split(model: StageModel, kv: PagedKVCache, hidden_size: int, to
     for k in splits:
         n = tokens // k
         per_seq = -(-n // bs)
-        if tokens % k or k * per_seq > kv.num_blocks:
+        if n < 1 or tokens % k or k * per_seq > kv.num_blocks:
             continue
         seqs = [SeqSpec(0, n, list(range(i * per_seq, (i + 1) * per_seq))) for i in range(k)]
         batch = StepBatch.build(seqs, bs, device)

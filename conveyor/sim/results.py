@@ -9,7 +9,7 @@ from typing import Any
 
 from conveyor.sim.cluster import ClusterConfig
 from conveyor.sim.state import SimInstance, SimRequest
-from services.controller.metrics import ControllerMetrics, mean_std
+from services.controller.metrics import ControllerMetrics, StageCounters, mean_std
 
 
 @dataclass
@@ -61,19 +61,12 @@ def shard_results(shard: Any) -> dict[str, Any]:
             "cache": {"hits": shard.timer.hits, "misses": shard.timer.misses}}
 
 
-def _merge_metrics(parts: list[dict[str, Any]], num_instances: int) -> ControllerMetrics:
-    out = ControllerMetrics(started=0.0, num_instances=num_instances)
-    for part in parts:
-        out.merge(part["metrics"])
-    return out
-
-
 def finalize(cfg: ClusterConfig, requests: list[SimRequest], parts: list[dict[str, Any]],
               wall: float, workers: int) -> SimResult:
-    from services.controller.metrics import StageCounters
-
     end = max(p["end"] for p in parts)
-    metrics = _merge_metrics(parts, cfg.instances)
+    metrics = ControllerMetrics(started=0.0, num_instances=cfg.instances)
+    for part in parts:
+        metrics.merge(part["metrics"])
     for clock in metrics.pending:
         clock.update(False, end)  # open only where requests never finished
     busy: dict = {}

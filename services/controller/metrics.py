@@ -10,9 +10,9 @@ gLLM and Planck report). Time with nothing to serve is not counted as a bubble.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections import Counter
-import dataclasses
 from dataclasses import dataclass, field
 
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0,

@@ -42,3 +42,20 @@ def test_fidelity_replays_a_bench_run(tmp_path):
     row = next(line for line in out.splitlines() if line.startswith("| fcfs, 2 | 1 |"))
     assert "0.5 (0.5-0.5)" in row and "200 (200-200)" in row
     assert "TPOT ms: simulator mean |error|" in out
+
+
+def test_step_timeline_pairs_each_dispatch_with_its_stage_steps(tmp_path):
+    def event(**kw) -> str:
+        return json.dumps({"timestamp": "2026-11-23T18:45:29.003000", "instance": 0, **kw})
+
+    log = tmp_path / "serve.log"
+    log.write_text("\n".join([
+        "conveyor: ready",  # a console line of the supervisor
+        event(event="dispatched", mb_id=1, prefill_tokens=500, decode_tokens=2, requests=9),
+        event(event="dispatched", mb_id=2, prefill_tokens=0, decode_tokens=9, requests=9),
+        event(event="step done", mb_id=1, stage=1, compute_s=1.25, wait_s=0.5),
+        event(event="step done", mb_id=1, stage=0, compute_s=1.5, wait_s=0.0)]))
+    out = run_script("step_timeline.py", str(log), "--min-prefill", "100")
+    rows = [line for line in out.splitlines() if line.startswith("18:45")]
+    assert len(rows) == 1 and "500" in rows[0]
+    assert rows[0].endswith("0: 1.500 (0.000)  1: 1.250 (0.500)")
