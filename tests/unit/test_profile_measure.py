@@ -97,3 +97,8 @@ def test_defaults():
     assert default_out_path("llama3-8b", "cuda:1") == "deploy/profiles/llama3-8b-cuda.json"
     with pytest.raises(ValueError, match="layers"):
         measure_profile(tiny_config(num_layers=9))
+
+
+def test_a_decode_only_grid_has_no_prefill_split():
+    profile = measure_profile(tiny_config(prefill=[0], decode=[0, 2]))
+    assert profile.prefill_split is None and profile.attention_pair_s() == 0.0
