@@ -9,12 +9,15 @@ import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
+_level = logging.INFO
 
 
 def configure_logging(role: str, fmt: str = "console", level: str = "info",
                       **context: object) -> structlog.stdlib.BoundLogger:
     """Configures structlog for this process and returns a logger bound to its role
     (and e.g. instance/stage), so interleaved output from many processes stays attributable."""
+    global _level
+    _level = _LEVELS[level]
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
     structlog.configure(
@@ -36,3 +39,8 @@ def configure_logging(role: str, fmt: str = "console", level: str = "info",
 
 def get_logger() -> structlog.stdlib.BoundLogger:
     return structlog.get_logger()
+
+
+def debug_enabled() -> bool:
+    """Whether debug lines are written: lets a hot path skip building a debug line's fields."""
+    return _level <= logging.DEBUG

@@ -88,12 +88,55 @@ def warm(with_warmup: bool) -> None:
           + ", ".join(f"{t * 1e3:.0f}" for t in times) + " ms")
 
 
+def _decode_s(shape, model, kv, decodes: int, context: int, first_block: int) -> float:
+    """Seconds of one forward of `decodes` decode tokens at `context` tokens each."""
+    import torch
+
+    from common.model import SeqSpec, StepBatch
+
+    count = -(-(context + 1) // 16)
+    seqs = [SeqSpec(context, 1, list(range(first_block + i * count,
+                                           first_block + (i + 1) * count)))
+            for i in range(decodes)]
+    batch = StepBatch.build(seqs, 16, torch.device("cpu"))
+    x = torch.randn(decodes, shape.hidden_size)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model(batch, kv, x)
+    return time.perf_counter() - t0
+
+
+def interleave(rounds: int = 8, decode_steps: int = 6) -> None:
+    shape, model, kv = _setup(0, 17)
+    prefill = [32] * 16
+
+    def run(mixed: bool) -> tuple[list[float], list[float]]:
+        pre, dec = [], []
+        for _ in range(rounds):
+            if mixed:
+                dec += [_decode_s(shape, model, kv, 16, 300, 100) for _ in range(decode_steps)]
+            pre.append(_prefill_s(shape, model, kv, prefill))
+        if not mixed:
+            dec = [_decode_s(shape, model, kv, 16, 300, 100) for _ in range(rounds)]
+        return pre, dec
+
+    _prefill_s(shape, model, kv, prefill)
+    for case in ("back to back", "interleaved", "back to back", "interleaved"):
+        pre, dec = run(case == "interleaved")
+        print(f"{case:13s}: prefill 512 tokens as 16 prompts median "
+              f"{statistics.median(pre) * 1e3:.0f} ms (min {min(pre) * 1e3:.0f}, max "
+              f"{max(pre) * 1e3:.0f}); decode 16 at context 300 median "
+              f"{statistics.median(dec) * 1e3:.1f} ms")
+
+
 def main() -> None:
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what == "shapes":
         shapes()
     elif what == "layers":
         layers()
+    elif what == "interleave":
+        interleave()
     elif what == "warm":  # each case in a fresh process, twice, alternating
         for case in ("cold", "warm", "cold", "warm"):
             subprocess.run([sys.executable, __file__, f"warm-{case}"], check=True)

@@ -1,28 +1,36 @@
 #!/usr/bin/env python
 """Each micro-batch of a run, from the controller's debug log: what was dispatched (prefill
-and decode tokens) and what every stage reported for it (compute and input-wait seconds).
+and decode tokens) and what every stage reported for it (compute and input-wait seconds);
+with --config and --profile, also what that cost model predicts for each stage, and a summary
+of measured over predicted compute by kind of micro-batch — where a simulator's step times
+part from the deployment's.
 
     conveyor serve --log-format json --set logging.level=debug 2> serve.log &
     conveyor bench ...
     .venv/bin/python scripts/step_timeline.py serve.log [--min-prefill 200]
+        [--config deploy/clusters/default-cpu.toml --profile deploy/profiles/smollm2-135m-cpu.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("log", type=Path, help="a JSON-format serve log at debug level")
-    ap.add_argument("--min-prefill", type=int, default=0,
-                    help="only micro-batches with at least this many prefill tokens")
-    args = ap.parse_args()
+SHAPE_FIELDS = ("prefill_tokens", "decode_tokens", "context_len", "max_context_len",
+                "prefill_context", "sampled_rows")
+
+
+def read_log(path: Path) -> tuple[dict, dict]:
+    """(instance, mb_id) -> its 'dispatched' event, and -> its stages' 'step done' events."""
     dispatched: dict[tuple[int, int], dict] = {}
     steps: dict[tuple[int, int], list[dict]] = {}
-    for line in args.log.read_text(errors="replace").splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             event = json.loads(line)
         except ValueError:
@@ -33,16 +41,76 @@ def main() -> None:
             dispatched[(event["instance"], event["mb_id"])] = event
         elif event.get("event") == "step done":
             steps.setdefault((event["instance"], event["mb_id"]), []).append(event)
+    return dispatched, steps
+
+
+def predictor(config: Path, profile: Path):
+    """The stage times the simulator would use: event -> seconds per stage."""
+    from common.costmodel import BatchShape
+    from conveyor.sim.cluster import build_cost_model, load_cluster
+
+    cfg = load_cluster(config)
+    cost = build_cost_model(cfg, profile)
+
+    def predict(event: dict) -> list[float] | None:
+        if any(f not in event for f in SHAPE_FIELDS):
+            return None  # a log from before the dispatch line carried the batch's shape
+        shape = BatchShape(*(event[f] for f in SHAPE_FIELDS))
+        return [cost.stage_step_s(shape.at_stage(s.num_layers, s.first, s.last))
+                for s in cfg.stages]
+
+    return predict
+
+
+def kind(event: dict, min_prefill: int) -> str:
+    if event["prefill_tokens"] >= max(min_prefill, 1):
+        return f"prefill >= {max(min_prefill, 1)}"
+    return "decode only" if event["prefill_tokens"] == 0 else "small prefill"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("log", type=Path, help="a JSON-format serve log at debug level")
+    ap.add_argument("--min-prefill", type=int, default=0,
+                    help="only micro-batches with at least this many prefill tokens")
+    ap.add_argument("--config", type=Path, help="cluster file of the deployment (simulate's)")
+    ap.add_argument("--profile", type=Path, help="cost profile to set against the log")
+    args = ap.parse_args()
+    if (args.config is None) != (args.profile is None):
+        ap.error("give --config and --profile together")
+    dispatched, steps = read_log(args.log)
     if not dispatched:
         raise SystemExit(f"{args.log}: no 'dispatched' lines (was logging.level debug?)")
-    print("time          inst    mb  prefill decode  stage: compute s (wait s)")
+    predict = predictor(args.config, args.profile) if args.profile else None
+    ratios: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    print("time          inst    mb  prefill decode  stage: compute s (wait s)"
+          + ("  [predicted s]" if predict else ""))
     for key, d in dispatched.items():
+        done = sorted(steps.get(key, []), key=lambda s: s["stage"])
+        predicted = predict(d) if predict else None
+        if predicted:
+            for s in done:
+                ratios.setdefault((kind(d, args.min_prefill), s["stage"]), []).append(
+                    (s["compute_s"], predicted[s["stage"]]))
         if d["prefill_tokens"] < args.min_prefill:
             continue
-        stages = "  ".join(f"{s['stage']}: {s['compute_s']:.3f} ({s['wait_s']:.3f})"
-                           for s in sorted(steps.get(key, []), key=lambda s: s["stage"]))
+        stages = "  ".join(
+            f"{s['stage']}: {s['compute_s']:.3f} ({s['wait_s']:.3f})"
+            + (f" [{predicted[s['stage']]:.3f}]" if predicted else "") for s in done)
         print(f"{d['timestamp'][11:23]}  {key[0]:4d} {key[1]:5d} {d['prefill_tokens']:8d} "
               f"{d['decode_tokens']:6d}  {stages}")
+    if predict:
+        if not ratios:
+            raise SystemExit(f"{args.log}: the dispatch lines carry no batch shape (a log from "
+                             f"an older controller); nothing to predict")
+        print("\nmeasured / predicted compute, by kind of micro-batch and stage:")
+        print(f"{'kind':18s} stage  steps  sum ratio  median ratio  measured s  predicted s")
+        for (k, stage), pairs in sorted(ratios.items()):
+            measured = sum(m for m, _ in pairs)
+            expected = sum(p for _, p in pairs)
+            median = statistics.median(m / p for m, p in pairs if p > 0)
+            print(f"{k:18s} {stage:5d} {len(pairs):6d} {measured / expected:10.3f} "
+                  f"{median:13.3f} {measured:11.2f} {expected:12.2f}")
 
 
 if __name__ == "__main__":

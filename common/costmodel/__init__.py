@@ -18,6 +18,7 @@ Implementations: a measured profile interpolated over its grid (`profile.py`, wr
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -53,6 +54,47 @@ class StepCost:
         """Causal (query, key) pairs of the prefill attention."""
         p = self.prefill_tokens
         return fresh_prefill_pairs(p) if self.prefill_context is None else p * self.prefill_context
+
+
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    """A micro-batch as every stage's cost sees it: `StepCost` without the stage. The
+    controller logs it for each dispatch (debug level), so a run's measured step times can be
+    set against a cost model's (scripts/step_timeline.py)."""
+
+    prefill_tokens: int
+    decode_tokens: int
+    context_len: float
+    """Mean context of the decodes (0 without decodes)."""
+    max_context_len: float
+    """Longest context of the decodes (0 without decodes)."""
+    prefill_context: float
+    """Mean keys a prefill token attends to (0 without prefill tokens)."""
+    sampled_rows: int
+
+    @classmethod
+    def of_chunks(cls, chunks: Iterable[tuple[int, int]], sampled_rows: int) -> "BatchShape":
+        """chunks: (start, new tokens) of each request in the micro-batch. A one-token chunk
+        after the prompt is a decode; anything else is prefill, each of its tokens attending to
+        its prefix (the simulator counts the same way, inline in its hot loop)."""
+        prefill = decode = 0
+        context = longest = keys = 0
+        for start, n in chunks:
+            if n == 1 and start:
+                decode += 1
+                context += start
+                longest = max(longest, start)
+            else:
+                prefill += n
+                keys += n * start + n * (n + 1) // 2
+        return cls(prefill, decode, context / decode if decode else 0.0, float(longest),
+                   keys / prefill if prefill else 0.0, sampled_rows)
+
+    def at_stage(self, num_layers: int, first: bool, last: bool) -> StepCost:
+        return StepCost(self.prefill_tokens, self.decode_tokens, self.context_len,
+                        self.sampled_rows, num_layers, first, last,
+                        self.max_context_len if self.decode_tokens else None,
+                        self.prefill_context if self.prefill_tokens else None)
 
 
 @runtime_checkable

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import asdict
 
 import zmq
 
 from common.config import ConveyorConfig
-from common.log import get_logger
+from common.costmodel import BatchShape
+from common.log import debug_enabled, get_logger
 from common.model import resolve_model
 from common.scheduling import make_policy_from
 from common.scheduling.types import MicroBatchPlan
@@ -205,8 +207,9 @@ class Controller:
 
     def _on_step_done(self, msg: StepDone) -> None:
         self.metrics.record_step(msg.instance, msg.stage, msg.compute_s, msg.wait_s)
-        log.debug("step done", instance=msg.instance, stage=msg.stage, mb_id=msg.mb_id,
-                  compute_s=round(msg.compute_s, 6), wait_s=round(msg.wait_s, 6))
+        if debug_enabled():
+            log.debug("step done", instance=msg.instance, stage=msg.stage, mb_id=msg.mb_id,
+                      compute_s=round(msg.compute_s, 6), wait_s=round(msg.wait_s, 6))
         inst = self.instances[msg.instance]
         if msg.error:
             log.error("stage failed a micro-batch", instance=msg.instance, stage=msg.stage,
@@ -292,9 +295,11 @@ class Controller:
         first, rest = inst.commit(MicroBatchPlan(live), self.requests, granted, time.monotonic())
         batch = inst.inflight[first.mb_id]
         self.metrics.record_batch(batch.num_prefill_tokens, batch.num_decode_tokens)
-        log.debug("dispatched", instance=inst.index, mb_id=first.mb_id,
-                  prefill_tokens=batch.num_prefill_tokens, decode_tokens=batch.num_decode_tokens,
-                  requests=len(batch.requests))
+        if debug_enabled():  # the micro-batch's shape, for scripts/step_timeline.py
+            shape = BatchShape.of_chunks(((c.start, c.num_new) for c in first.chunks),
+                                         len(batch.sampling))
+            log.debug("dispatched", instance=inst.index, mb_id=first.mb_id,
+                      requests=len(batch.requests), **asdict(shape))
         for stage, identity in sorted(inst.stage_identities.items()):
             await self.endpoint.send(first if stage == 0 else rest, identity)
         return True

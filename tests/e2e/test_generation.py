@@ -22,6 +22,15 @@ def test_health_describes_the_deployment(client):
     assert health.model.startswith("SmolLM2-135M-Instruct") and health.max_model_len == 2048
 
 
+def test_each_stage_warms_up_with_a_full_micro_batch_before_ready(deployment, client):
+    # Ready implies warmed up: the stages ran one micro-batch of the default budget first.
+    assert client.health().ready
+    warmed = [line for line in deployment.log_path.read_text().splitlines()
+              if "warmed up" in line]
+    assert len(warmed) == 2, warmed
+    assert all("tokens=512" in line for line in warmed), warmed
+
+
 def test_stream_deltas_add_up_to_the_result(client):
     with client.stream("List four fruits.", max_tokens=30, temperature=0) as stream:
         deltas = list(stream)

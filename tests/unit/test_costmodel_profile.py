@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from common.costmodel import CostModel, StepCost
+from common.costmodel import BatchShape, CostModel, StepCost
 from common.costmodel.profile import (DEFAULT_LINK, VERSION, Profile, ProfileCostModel,
                                       ProfileError, Sample, interp1)
 from common.model import NAMED_SHAPES
@@ -285,3 +285,16 @@ def test_decode_context_survives_the_file_and_a_bad_one_is_refused(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ProfileError, match="decode_context must be mean or max"):
         ProfileCostModel.load(path)
+
+
+def test_batch_shape_counts_chunks_as_the_simulator_does():
+    # Two prompt chunks (a fresh one of 4 tokens, one of 3 after 8 cached) and two decodes.
+    shape = BatchShape.of_chunks([(0, 4), (10, 1), (20, 1), (8, 3)], sampled_rows=3)
+    assert (shape.prefill_tokens, shape.decode_tokens) == (7, 2)
+    assert shape.prefill_context == pytest.approx((4 * 5 / 2 + 3 * 8 + 3 * 4 / 2) / 7)
+    assert (shape.context_len, shape.max_context_len) == (15.0, 20.0)
+    step = shape.at_stage(17, True, False)
+    assert (step.num_layers, step.first_stage, step.sampled_rows) == (17, True, 3)
+    assert step.prefill_pairs == pytest.approx(40.0)
+    only_decodes = BatchShape.of_chunks([(5, 1)], 1).at_stage(13, False, True)
+    assert only_decodes.prefill_context is None and only_decodes.max_context_len == 5.0

@@ -59,3 +59,33 @@ def test_step_timeline_pairs_each_dispatch_with_its_stage_steps(tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("18:45")]
     assert len(rows) == 1 and "500" in rows[0]
     assert rows[0].endswith("0: 1.500 (0.000)  1: 1.250 (0.500)")
+
+
+def test_step_timeline_sets_the_log_against_a_profile(tmp_path):
+    """With the batch shape on each dispatch line, the timeline prints the profile's stage
+    times beside the measured ones and sums measured over predicted per kind of step."""
+    from common.costmodel import BatchShape
+    from conveyor.sim.cluster import build_cost_model, load_cluster
+
+    config = ROOT / "deploy/clusters/default-cpu.toml"
+    profile = ROOT / "deploy/profiles/smollm2-135m-cpu.json"
+    cfg = load_cluster(config)
+    cost = build_cost_model(cfg, profile)
+    shape = BatchShape.of_chunks([(0, 300), (0, 200), (40, 1)], 3)
+    predicted = [cost.stage_step_s(shape.at_stage(s.num_layers, s.first, s.last))
+                 for s in cfg.stages]
+    fields = {k: getattr(shape, k) for k in shape.__slots__}
+    lines = [json.dumps({"timestamp": "2026-11-23T18:45:29.003000", "instance": 0,
+                         "event": "dispatched", "mb_id": 1, "requests": 3, **fields})]
+    for stage, factor in ((0, 1.0), (1, 1.5)):  # stage 1 ran 1.5x slower than predicted
+        lines.append(json.dumps({"timestamp": "2026-11-23T18:45:30.000000", "instance": 0,
+                                 "event": "step done", "mb_id": 1, "stage": stage,
+                                 "compute_s": predicted[stage] * factor, "wait_s": 0.0}))
+    log = tmp_path / "serve.log"
+    log.write_text("\n".join(lines))
+    out = run_script("step_timeline.py", str(log), "--min-prefill", "200", "--config",
+                     str(config), "--profile", str(profile))
+    row = next(line for line in out.splitlines() if line.startswith("18:45"))
+    assert f"[{predicted[0]:.3f}]" in row and f"[{predicted[1]:.3f}]" in row
+    summary = [line.split() for line in out.splitlines() if line.startswith("prefill >= 200")]
+    assert [(r[3], r[4], r[5]) for r in summary] == [("0", "1", "1.000"), ("1", "1", "1.500")]
