@@ -9,6 +9,7 @@ the next one: a long sweep should not be lost to one bad configuration.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -100,6 +101,9 @@ def run_sweep(samples: list[Sample], base: RunConfig, sweep: SweepConfig,
                         break
             finally:
                 stop_deployment(dep)
+                # The deployment's log beside its results (with --set logging.level=debug and
+                # logging.format=json it is what scripts/step_timeline.py reads).
+                shutil.copyfile(dep.log_path, folder / f"serve-{policy}-s{stages}.log")
     comparison = {"config": config, "runs": runs}
     save_result(comparison, folder / "sweep.json")
     (folder / "sweep.md").write_text(markdown_table(runs))

@@ -50,3 +50,26 @@ def test_bench_random_dataset_end_to_end(deployment, tmp_path):
     for stage in ctl["stages"]:
         assert stage["bubble_ratio"] is not None and 0.0 <= stage["bubble_ratio"] <= 1.0
     assert result_file.with_name("run-cdf.png").stat().st_size > 1000
+
+
+def test_bench_sweep_starts_each_deployment_and_keeps_its_log(tmp_path):
+    """A one-point sweep: it starts its own deployment (with the --set given), benchmarks it,
+    and leaves the results, the table and that deployment's log in a new folder."""
+    out = CliRunner().invoke(app, [
+        "bench", "--sweep", "--stages", "2", "--policies", "throttle", "--rates", "inf",
+        "--dataset", "random", "--num-prompts", "4", "--random-input-len", "16",
+        "--random-output-len", "4", "--seed", "1", "--set", "logging.level=debug",
+        "--set", "logging.format=json", "--result-dir", str(tmp_path), "--no-progress"])
+    assert out.exit_code == 0, out.output
+    (folder,) = tmp_path.glob("sweep-*")
+    sweep = json.loads((folder / "sweep.json").read_text())
+    (run,) = sweep["runs"]
+    assert (run["stages"], run["policy"]) == (2, "throttle")
+    assert run["summary"]["completed"] == 4 and run["summary"]["failed"] == 0
+    assert "| 2 | throttle |" in (folder / "sweep.md").read_text()
+    events = [json.loads(line) for line in (folder / "serve-throttle-s2.log").read_text()
+              .splitlines() if line.startswith("{")]
+    dispatched = [e for e in events if e.get("event") == "dispatched"]
+    # The warm-up request is not measured; the four measured prompts of 16 tokens are.
+    assert sum(e["prefill_tokens"] for e in dispatched) >= 4 * 16
+    assert all({"context_len", "prefill_context", "sampled_rows"} <= e.keys() for e in dispatched)
