@@ -11,9 +11,9 @@ for those rows on the last stage), the number of decoder layers in the stage and
 the model it holds (embedding on the first, norm + LM head + sampling on the last).
 `transfer_s(num_tokens)` is the time to hand a micro-batch's activations to the next stage.
 
-Implementations: a measured profile interpolated over its grid (`profile.py`, written by
-`conveyor profile`) and an analytical roofline over FLOPs and bytes for a named device
-(`roofline.py`) where no profile exists.
+Implementations: a measured profile interpolated over its grid (`profile_model.py`; the file
+`conveyor profile` writes is `profile.py`'s) and an analytical roofline over FLOPs and bytes for
+a named device (`roofline.py`) where no profile exists.
 """
 
 from __future__ import annotations

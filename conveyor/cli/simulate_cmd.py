@@ -181,7 +181,7 @@ def _result_name(policy: str, rate: float, cfg: Any) -> str:
 
 def _simulate(cfg: Any, cost: Any, wl: Any, workers: int, progress: bool, label: str) -> Any:
     from conveyor.sim.engine import simulate as run
-    from conveyor.sim.state import SimulationError
+    from conveyor.sim.requests import SimulationError
 
     bar = _Progress(label, progress)
     try:

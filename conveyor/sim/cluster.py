@@ -395,7 +395,7 @@ def build_cost_model(cfg: ClusterConfig, profile: str | Path | None = None,
     if not profile and not device:
         profile, device = cfg.cost.get("profile") or None, cfg.cost.get("device") or None
     if profile:
-        from common.costmodel.profile import ProfileCostModel
+        from common.costmodel.profile_model import ProfileCostModel
 
         try:
             return ProfileCostModel.load(profile, cfg.shape)

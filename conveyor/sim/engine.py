@@ -37,7 +37,8 @@ from conveyor.sim.cluster import ClusterConfig
 from conveyor.sim.pipeline import Pipeline, StepTimer
 from conveyor.sim.results import SimResult, finalize, shard_results
 from conveyor.sim.sharing import SharedHostPipeline
-from conveyor.sim.state import SimInstance, SimRequest
+from conveyor.sim.requests import SimRequest
+from conveyor.sim.state import SimInstance
 from conveyor.sim.workload import Workload
 from services.controller.metrics import ControllerMetrics
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conveyor.sim.cluster import ClusterConfig
-from conveyor.sim.state import SimInstance, SimRequest
+from conveyor.sim.requests import SimRequest
+from conveyor.sim.state import SimInstance
 from services.controller.metrics import ControllerMetrics, StageCounters, mean_std
 
 

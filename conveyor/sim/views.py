@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from common.scheduling.types import InflightView, KVView, RequestView, SchedulerSnapshot
 
 if TYPE_CHECKING:
-    from conveyor.sim.state import SimRequest
+    from conveyor.sim.requests import SimRequest
 
 
 def _twin(cls: type) -> type:

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from common.costmodel import BatchShape, CostModel, StepCost
-from common.costmodel.profile import (DEFAULT_LINK, VERSION, Profile, ProfileCostModel,
-                                      ProfileError, Sample, interp1)
+from common.costmodel.profile import DEFAULT_LINK, VERSION, Profile, ProfileError, Sample
+from common.costmodel.profile_model import ProfileCostModel, interp1
 from common.model import NAMED_SHAPES
 
 SHAPE = NAMED_SHAPES["tiny"]

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from common.costmodel import StepCost
-from common.costmodel.profile import ProfileCostModel
+from common.costmodel.profile_model import ProfileCostModel
 from common.model import NAMED_SHAPES
 from conveyor.cli.app import app
 from conveyor.profile.measure import (MeasureConfig, default_out_path, measure_profile,

@@ -89,3 +89,11 @@ def test_step_timeline_sets_the_log_against_a_profile(tmp_path):
     assert f"[{predicted[0]:.3f}]" in row and f"[{predicted[1]:.3f}]" in row
     summary = [line.split() for line in out.splitlines() if line.startswith("prefill >= 200")]
     assert [(r[3], r[4], r[5]) for r in summary] == [("0", "1", "1.000"), ("1", "1", "1.500")]
+
+    # Several logs: a table each, then the steps of all of them pooled.
+    out = run_script("step_timeline.py", str(log), str(log), "--summary", "--min-prefill",
+                     "200", "--config", str(config), "--profile", str(profile))
+    assert "18:45" not in out and "all 2 logs" in out
+    pooled = out.split("all 2 logs")[1]
+    rows = [line.split() for line in pooled.splitlines() if line.startswith("prefill >= 200")]
+    assert [(r[3], r[4], r[5]) for r in rows] == [("0", "2", "1.000"), ("1", "2", "1.500")]

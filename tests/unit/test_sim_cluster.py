@@ -238,7 +238,8 @@ def test_simulate_command_writes_bench_shaped_results(tmp_path):
 
 def test_a_measured_profile_drives_the_stage_times(tmp_path):
     """--profile: `conveyor profile`'s file format through ProfileCostModel (lazily imported)."""
-    from common.costmodel.profile import Profile, ProfileCostModel, Sample
+    from common.costmodel.profile import Profile, Sample
+    from common.costmodel.profile_model import ProfileCostModel
 
     cfg = build_cluster(raw(cluster={"stages": 2}))  # tiny: 4 layers over the two stages
     grid_p, grid_d, grid_c = [0, 64], [0, 1, 8], [16, 256]

@@ -12,7 +12,7 @@ from common.scheduling.types import InflightView, KVView, RequestView, Scheduler
 from conveyor.sim.cluster import build_cluster
 from conveyor.sim.engine import EventQueue, simulate
 from conveyor.sim.report import summarize
-from conveyor.sim.state import SimRequest
+from conveyor.sim.requests import SimRequest
 from conveyor.sim.views import make_kv, make_snapshot
 from conveyor.sim.views import view as _view
 from conveyor.sim.workload import Workload
