@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """How much do stage processes on one machine slow each other down beyond sharing cores?
 
-Times the same single-threaded model steps (a decode micro-batch and a prefill, on the default
-model's first-stage share of layers) in one process alone, then in `--processes` processes at
-once (started together behind a barrier), each on its own core when there are enough. The
-ratio alone / together is what `cluster.host_corun_speed` in a cluster file stands for: the
-speed a stage keeps while another computes next to it (shared caches, memory bandwidth).
+Times the same single-threaded model steps (a decode micro-batch and prefills of a few sizes,
+on the default model's first-stage share of layers) in one process alone, then in
+`--processes` processes at once (started together behind a barrier), each on its own core when
+there are enough. The ratio alone / together is the speed a stage keeps while another computes
+next to it (shared caches, memory bandwidth): the decode row is what `cluster.host_corun_speed`
+in a cluster file stands for, the prefill rows the points of `cluster.host_corun_prefill` (a
+long prefill is compute-bound and contends less; a short one streams the weights as a decode
+does).
 
-    .venv/bin/python scripts/measure_host_corun.py [--processes 2] [--repeats 30]
+    .venv/bin/python scripts/measure_host_corun.py [--processes 2] [--repeats 30] \
+        [--prefill 32,128,512]
 
 Run it on a quiet machine: anything else running skews both figures.
 """
@@ -27,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 BLOCK = 16
 
 
-def _worker(barrier, results, repeats: int, decodes: int, context: int, prefill: int) -> None:
+def _worker(barrier, results, repeats: int, decodes: int, context: int,
+            prefills: list[int]) -> None:
     import torch
 
     from common.model import PagedKVCache, SeqSpec, StageModel, StepBatch, resolve_model
@@ -38,13 +43,13 @@ def _worker(barrier, results, repeats: int, decodes: int, context: int, prefill:
     start, end = stage_layer_bounds(src.shape, 2)[0]
     layers = end - start
     model = StageModel.from_source(src, 0, layers, False, False, torch.float32, "cpu", 0)
-    per_seq = -(-(max(context + 1, prefill)) // BLOCK)
+    per_seq = -(-(max(context + 1, *prefills)) // BLOCK)
     kv = PagedKVCache.for_stage(src.shape, layers, per_seq * max(decodes, 1), BLOCK,
                                 torch.float32, "cpu")
     steps = {
         "decode": [SeqSpec(context, 1, list(range(i * per_seq, (i + 1) * per_seq)))
                    for i in range(decodes)],
-        "prefill": [SeqSpec(0, prefill, list(range(per_seq)))],
+        **{f"prefill {n}": [SeqSpec(0, n, list(range(per_seq)))] for n in prefills},
     }
     out = {}
     for name, seqs in steps.items():
@@ -67,7 +72,7 @@ def run(processes: int, args: argparse.Namespace) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(barrier, results, args.repeats, args.decodes,
-                                               args.context, args.prefill))
+                                               args.context, args.prefills))
              for _ in range(processes)]
     for p in procs:
         p.start()
@@ -83,17 +88,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--decodes", type=int, default=8, help="decode micro-batch size")
     ap.add_argument("--context", type=int, default=512, help="tokens cached per decode")
-    ap.add_argument("--prefill", type=int, default=256, help="prefill tokens")
+    ap.add_argument("--prefill", default="32,128,512",
+                    help="prefill tokens (one prompt), comma-separated: a curve, since a short "
+                         "prefill streams the weights as a decode does and a long one computes")
     args = ap.parse_args()
+    args.prefills = [int(n) for n in args.prefill.split(",")]
     alone = run(1, args)
     together = run(args.processes, args)
-    print(f"{'step':8} {'alone ms':>9} {'together ms':>12} {'speed':>6}")
+    print(f"{'step':12} {'alone ms':>9} {'together ms':>12} {'speed':>6}")
     for name in alone:
         speed = alone[name] / together[name]
-        print(f"{name:8} {alone[name] * 1e3:9.2f} {together[name] * 1e3:12.2f} {speed:6.3f}")
-    print(f"mean speed together: "
-          f"{statistics.fmean(alone[k] / together[k] for k in alone):.3f} "
-          f"({args.processes} processes, 1 thread each)")
+        print(f"{name:12} {alone[name] * 1e3:9.2f} {together[name] * 1e3:12.2f} {speed:6.3f}")
+    speed = {k: min(1.0, alone[k] / together[k]) for k in alone}
+    curve = ", ".join(f"[{n}, {speed[f'prefill {n}']:.3f}]" for n in args.prefills)
+    print(f"as a cluster file's [cluster] ({args.processes} processes, 1 thread each):\n"
+          f"host_corun_speed = {speed['decode']:.3f}\nhost_corun_prefill = [{curve}]")
 
 
 if __name__ == "__main__":

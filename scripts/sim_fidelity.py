@@ -5,11 +5,12 @@ per-request records), the same policy and stage count — and prints, per config
 stages), the bench figures averaged over its repeated runs with their spread, the simulator's,
 and the simulator's error against the mean: mean TTFT, mean TPOT, output throughput and bubble
 ratio. The runs' own scatter around their mean is printed too: an error below it cannot be
-told from noise.
+told from noise. With step-time noise in the cluster file (simulator.step_jitter), each run is
+simulated with --seeds seeds and the simulator's figures averaged over them.
 
     .venv/bin/python scripts/sim_fidelity.py bench-results/fidelity/sweep-*/bench-*.json
     .venv/bin/python scripts/sim_fidelity.py RUN.json --profile deploy/profiles/X.json \\
-        --config deploy/clusters/default-cpu.toml
+        --config deploy/clusters/default-cpu.toml [--seeds 8] [--set cluster.host_corun_speed=0.9]
 
 The cluster file describes everything bench's JSON does not (model, KV pool, layer placement,
 the host's cores, the ingress and dispatch times); its policy and stage count are replaced by
@@ -34,9 +35,11 @@ METRICS = (("TTFT s", lambda s: s["ttft"].get("mean")),
            ("bubble", lambda s: (s.get("controller") or {}).get("mean_bubble_ratio")))
 
 
-def replay(bench_path: Path, cluster: str, profile: str | None, device: str | None
-           ) -> tuple[tuple[str, int], dict[str, Any], dict[str, Any]]:
-    """((policy, stages), bench summary, simulated summary) of one bench result file."""
+def replay(bench_path: Path, cluster: str, profile: str | None, device: str | None,
+           overrides: dict[str, Any], seeds: int
+           ) -> tuple[tuple[str, int], dict[str, Any], list[dict[str, Any]]]:
+    """((policy, stages), bench summary, simulated summaries, one per seed) of one bench
+    result file."""
     from conveyor.sim.cluster import build_cost_model, load_cluster
     from conveyor.sim.engine import simulate
     from conveyor.sim.report import summarize
@@ -46,12 +49,15 @@ def replay(bench_path: Path, cluster: str, profile: str | None, device: str | No
     # A sweep's runs name policy and stages in their config; a plain run has them from the
     # deployment's health reply.
     conf = {**(doc.get("health") or {}), **doc["config"]}
-    cfg = load_cluster(cluster, {"scheduler.policy": conf["policy"],
-                                 "cluster.stages": int(conf["stages"]),
-                                 "cluster.instances": int(conf.get("instances", 1))})
+    run = {"scheduler.policy": conf["policy"], "cluster.stages": int(conf["stages"]),
+           "cluster.instances": int(conf.get("instances", 1))}
+    cfg = load_cluster(cluster, overrides | run)
     cost = build_cost_model(cfg, profile, device)
-    sim = summarize(simulate(cfg, cost, load_trace(bench_path)))
-    return (conf["policy"], int(conf["stages"])), doc["summary"], sim
+    trace = load_trace(bench_path)
+    sims = [summarize(simulate(load_cluster(cluster, overrides | run | {"simulator.seed": seed}),
+                               cost, trace))
+            for seed in range(seeds if cfg.step_jitter else 1)]
+    return (conf["policy"], int(conf["stages"])), doc["summary"], sims
 
 
 def _fmt(x: float | None) -> str:
@@ -66,13 +72,21 @@ def main() -> None:
     ap.add_argument("--profile", default=str(ROOT / "deploy/profiles/smollm2-135m-cpu.json"),
                     help="cost profile (default: deploy/profiles/smollm2-135m-cpu.json)")
     ap.add_argument("--device", default=None, help="roofline device instead of --profile")
+    ap.add_argument("--seeds", type=int, default=8, help="simulations per bench run, averaged, "
+                    "when the cluster file scatters step times (simulator.step_jitter)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a cluster setting (as `conveyor simulate --set`)")
     args = ap.parse_args()
     profile = None if args.device else args.profile
+    from common.config import parse_override
+
+    overrides = dict(parse_override(s) for s in args.overrides)
 
     groups: dict[tuple[str, int], list[tuple[dict, dict]]] = {}
     for path in args.bench_json:
-        key, real, sim = replay(path, args.config, profile, args.device)
-        groups.setdefault(key, []).append((real, sim))
+        key, real, sims = replay(path, args.config, profile, args.device, overrides,
+                                 max(args.seeds, 1))
+        groups.setdefault(key, []).append((real, sims))
 
     head = ["policy, stages", "runs"] + [f"{name} {kind}" for name, _ in METRICS
                                          for kind in ("bench mean (min-max)", "sim", "err")]
@@ -84,7 +98,7 @@ def main() -> None:
         cells = [f"{policy}, {stages}", str(len(runs))]
         for name, get in METRICS:
             reals = [v for v in (get(r) for r, _ in runs) if v is not None]
-            sims = [v for v in (get(s) for _, s in runs) if v is not None]
+            sims = [v for _, per_seed in runs for v in (get(s) for s in per_seed) if v is not None]
             if not reals or not sims:
                 cells += ["-", "-", "-"]
                 continue

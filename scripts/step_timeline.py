@@ -3,7 +3,7 @@
 and decode tokens) and what every stage reported for it (compute and input-wait seconds);
 with --config and --profile, also what that cost model predicts for each stage, and a summary
 of measured over predicted compute by kind of micro-batch — where a simulator's step times
-part from the deployment's.
+part from the deployment's, and how much they scatter step to step (the spread column).
 
     conveyor serve --log-format json --set logging.level=debug 2> serve.log &
     conveyor bench ...
@@ -107,13 +107,24 @@ def timeline(log: Path, min_prefill: int, config: Path | None, profile: Path | N
 
 def print_ratios(title: str, ratios: Ratios) -> None:
     print(f"\nmeasured / predicted compute, by kind of micro-batch and stage: {title}")
-    print(f"{'kind':18s} stage  steps  sum ratio  median ratio  measured s  predicted s")
+    print(f"{'kind':18s} stage  steps  sum ratio  median ratio  spread  measured s  predicted s")
     for (k, stage), pairs in sorted(ratios.items()):
         measured = sum(m for m, _ in pairs)
         expected = sum(p for _, p in pairs)
-        median = statistics.median(m / p for m, p in pairs if p > 0)
         print(f"{k:18s} {stage:5d} {len(pairs):6d} {measured / expected:10.3f} "
-              f"{median:13.3f} {measured:11.2f} {expected:12.2f}")
+              f"{statistics.median(m / p for m, p in pairs if p > 0):13.3f} "
+              f"{spread([m / p for m, p in pairs if p > 0]):7.3f} {measured:11.2f} "
+              f"{expected:12.2f}")
+
+
+def spread(ratios: list[float]) -> float:
+    """The ratios' relative scatter, robust to outliers: (p90 - p10) / median over the width
+    of a normal's p10-p90 (2 x 1.2816 standard deviations) — the coefficient of variation a
+    normal with those quantiles has; what `simulator.step_jitter` stands for."""
+    if len(ratios) < 10:
+        return float("nan")
+    deciles = statistics.quantiles(ratios, n=10)
+    return (deciles[-1] - deciles[0]) / statistics.median(ratios) / (2 * 1.2816)
 
 
 def main() -> None:

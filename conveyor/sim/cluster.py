@@ -1,4 +1,5 @@
-"""The simulated cluster: a typed, validated TOML file (see deploy/clusters/*.toml).
+"""The simulated cluster: a TOML file (see deploy/clusters/*.toml; schema in cluster_file.py)
+resolved into a ClusterConfig: stage layer counts, KV pool size, the policy's settings.
 
     [model]      shape (a NAMED_SHAPES entry), max_model_len, layer_split or placement
                  (balanced | even, head_weight: as `conveyor serve`), dtype
@@ -9,11 +10,13 @@
     [scheduler]  policy and its parameters: the very keys of `conveyor serve`'s [scheduler]
                  (built with `make_policy_from`), plus parameters of any other registered policy
     [link]       bandwidth_gbps (0: the cost model's transfer_s), latency_us (added per hop)
-    [simulator]  dispatch_latency_us, ingress_us, waiting_head, context_quantum, sample_points
+    [simulator]  dispatch_latency_us, ingress_us, waiting_head, context_quantum, sample_points,
+                 step_jitter, seed
     [cost]       optional default cost model: device = "h100" (roofline, other keys passed to
                  RooflineCostModel) or profile = "PATH" (a `conveyor profile` JSON)
 
-Unknown keys and wrong types are errors naming the key, as in common/config.py.
+Unknown keys and wrong types are errors naming the key, as in common/config.py; inconsistent
+values (a layer split that does not add up, a pool too small) are ClusterErrors.
 """
 
 from __future__ import annotations
@@ -21,100 +24,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from common.config import SchedulerConfig
+from conveyor.sim.cluster_file import ClusterError, ClusterFile, KVSection
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-class ClusterError(ValueError):
-    """A cluster file is missing, malformed or inconsistent."""
-
-
-class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class ModelSection(_Section):
-    shape: str = "smollm2-135m"
-    """A named model shape (common/model/shape.py NAMED_SHAPES)."""
-    max_model_len: int = 2048
-    """Longest sequence (prompt + output); a request stops there, as in the controller."""
-    layer_split: list[int] = []
-    """Layers per stage; empty lets `placement` choose (as `conveyor serve` does)."""
-    placement: Literal["balanced", "even"] = "balanced"
-    """balanced: the LM head of the last stage counts as extra layers (common/model/placement.py);
-    even: split by layer count."""
-    head_weight: float = 0.5
-    """balanced placement: share of the LM head's full decode cost to plan for."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights, activations and KV dtype: sizes the KV pool and the activations sent."""
-
-
-class ClusterSection(_Section):
-    instances: int = 1
-    stages: int = 2
-    routing: Literal["least-loaded", "round-robin"] = "least-loaded"
-    """least-loaded: the controller's rule (fewest tokens still to process, Instance.load)."""
-    host_cores: int = 0
-    """CPU cores an instance's stage processes share (a CPU deployment on one machine); 0: a
-    device each (sharing.py explains the sharing model)."""
-    host_corun_speed: float = 1.0
-    """With host_cores: the speed of a stage while another one computes too (shared caches and
-    memory bandwidth), as a fraction of its speed alone, on top of the sharing of cores."""
-
-
-class KVSection(_Section):
-    block_size: int = 16
-    num_blocks: int = 0
-    """Blocks per instance; 0 sizes the pool from the memory below."""
-    memory_gib: float = 0.5
-    """KV memory per stage (CPU sizing, kvcache.memory_gib of `conveyor serve`)."""
-    gpu_memory_gib: float = 0.0
-    """>0: size as on a GPU of this much memory per stage: utilization share, less the stage's
-    weights and 2 GiB of working room, as services/stage/devices.py does."""
-    gpu_memory_utilization: float = 0.9
-
-
-class LinkSection(_Section):
-    bandwidth_gbps: float = 0.0
-    """Gigabytes/s between consecutive stages; 0 uses the cost model's transfer_s."""
-    latency_us: float = 0.0
-    """Added to every stage-to-stage hop."""
-
-
-class SimulatorSection(_Section):
-    dispatch_latency_us: float = 0.0
-    """From the scheduling decision to stage 0 starting (the KV allocation round trip and the
-    plan's sends). The instance's scheduling loop waits it out, as the controller's awaits the
-    allocation, so requests arriving meanwhile can join the next micro-batch."""
-    ingress_us: float = 0.0
-    """Ingress time per request (validation, tokenization, forwarding), one request at a time:
-    a burst reaches the controller spread out. Latencies still count from the client's send."""
-    waiting_head: int = 0
-    """Waiting requests passed in a snapshot: 0 = auto (as many as the free seats can admit and
-    at least the pending tokens any built-in policy can use: the same plans as with the whole
-    queue), N = the first N, -1 = the whole queue (what the controller passes)."""
-    context_quantum: float = 1.0
-    """Mean decode context is rounded to a multiple of this many tokens before costing (lets the
-    step-cost cache hit); 0 = exact."""
-    sample_points: int = 400
-    """About how many samples of each instance's queue and KV use the time series keep."""
-
-
-class ClusterFile(_Section):
-    name: str = ""
-    model: ModelSection = msgspec.field(default_factory=ModelSection)
-    cluster: ClusterSection = msgspec.field(default_factory=ClusterSection)
-    kvcache: KVSection = msgspec.field(default_factory=KVSection)
-    scheduler: dict[str, Any] = {}
-    link: LinkSection = msgspec.field(default_factory=LinkSection)
-    simulator: SimulatorSection = msgspec.field(default_factory=SimulatorSection)
-    cost: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -146,6 +64,7 @@ class ClusterConfig:
     routing: str = "least-loaded"
     host_cores: int = 0
     host_corun_speed: float = 1.0
+    host_corun_prefill: tuple[tuple[int, float], ...] = ()
     link_bandwidth_bytes_s: float = 0.0
     link_latency_s: float = 0.0
     dispatch_latency_s: float = 0.0
@@ -153,9 +72,29 @@ class ClusterConfig:
     waiting_head: int = 0
     context_quantum: float = 1.0
     sample_points: int = 400
+    step_jitter: float = 0.0
+    seed: int = 0
     cost: dict[str, Any] = field(default_factory=dict)
     kv_sizing: str = ""
     """How num_blocks was reached (for the report)."""
+
+    @property
+    def corun_slows(self) -> bool:
+        """Stages on a shared host slow each other beyond the sharing of cores."""
+        return self.host_cores > 0 and (self.host_corun_speed < 1 or any(
+            speed < 1 for _, speed in self.host_corun_prefill))
+
+    def corun_speed(self, prefill_tokens: int) -> float:
+        """Co-run speed of a prefill of this many tokens (host_corun_prefill interpolated)."""
+        points = self.host_corun_prefill
+        if not points:
+            return self.host_corun_speed
+        if prefill_tokens <= points[0][0]:
+            return points[0][1]
+        for (n0, v0), (n1, v1) in zip(points, points[1:]):
+            if prefill_tokens <= n1:
+                return v0 + (v1 - v0) * (prefill_tokens - n0) / (n1 - n0)
+        return points[-1][1]
 
     @property
     def num_stages(self) -> int:
@@ -212,11 +151,12 @@ class ClusterConfig:
                 "scheduler": {k: v for k, v in vars(self.scheduler).items()},
                 "max_inflight": self.max_inflight, "routing": self.routing,
                 "host_cores": self.host_cores, "host_corun_speed": self.host_corun_speed,
+                "host_corun_prefill": [list(p) for p in self.host_corun_prefill],
                 "link_bandwidth_bytes_s": self.link_bandwidth_bytes_s,
                 "link_latency_s": self.link_latency_s,
                 "dispatch_latency_s": self.dispatch_latency_s, "ingress_s": self.ingress_s,
                 "waiting_head": self.describe_head(), "context_quantum": self.context_quantum,
-                "cost": dict(self.cost)}
+                "step_jitter": self.step_jitter, "seed": self.seed, "cost": dict(self.cost)}
 
 
 class _Settings:
@@ -309,6 +249,11 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
         (c.stages >= 1, "cluster.stages must be >= 1"),
         (c.host_cores >= 0, "cluster.host_cores must be >= 0"),
         (0 < c.host_corun_speed <= 1, "cluster.host_corun_speed must be in (0, 1]"),
+        (all(0 < speed <= 1 for _, speed in c.host_corun_prefill),
+         "cluster.host_corun_prefill: every speed must be in (0, 1]"),
+        (all(a[0] < b[0] for a, b in zip(c.host_corun_prefill, c.host_corun_prefill[1:]))
+         and all(n >= 1 for n, _ in c.host_corun_prefill),
+         "cluster.host_corun_prefill: token counts must be >= 1 and increasing"),
         (m.max_model_len >= 16, "model.max_model_len must be >= 16"),
         (kv.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
          "kvcache.block_size must be a power of two up to 256"),
@@ -323,6 +268,7 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
         (sim.waiting_head >= -1, "simulator.waiting_head must be -1, 0 or a positive count"),
         (sim.context_quantum >= 0, "simulator.context_quantum must be >= 0"),
         (sim.sample_points >= 2, "simulator.sample_points must be >= 2"),
+        (0 <= sim.step_jitter <= 1, "simulator.step_jitter must be in [0, 1]"),
     ]
     for ok, message in checks:
         if not ok:
@@ -357,12 +303,13 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
         num_blocks=num_blocks, policy=settings.policy, scheduler=settings,
         max_inflight=settings.max_inflight or c.stages, routing=c.routing,
         host_cores=c.host_cores, host_corun_speed=c.host_corun_speed,
+        host_corun_prefill=tuple((int(n), float(v)) for n, v in c.host_corun_prefill),
         link_bandwidth_bytes_s=f.link.bandwidth_gbps * 1e9,
         link_latency_s=f.link.latency_us * 1e-6,
         dispatch_latency_s=sim.dispatch_latency_us * 1e-6, ingress_s=sim.ingress_us * 1e-6,
         waiting_head=sim.waiting_head,
-        context_quantum=sim.context_quantum, sample_points=sim.sample_points, cost=cost,
-        kv_sizing=how)
+        context_quantum=sim.context_quantum, sample_points=sim.sample_points,
+        step_jitter=sim.step_jitter, seed=sim.seed, cost=cost, kv_sizing=how)
     _check_policy(cfg)
     return cfg
 

@@ -89,7 +89,7 @@ class Shard:
     def __init__(self, cfg: ClusterConfig, cost: Any, indices: list[int]):
         self.cfg = cfg
         self.queue = EventQueue()
-        self.timer = StepTimer.for_cluster(cfg, cost)
+        self.timer = StepTimer.for_cluster(cfg, cost, indices[0] if indices else 0)
         self.metrics = ControllerMetrics(started=0.0, num_instances=cfg.instances)
         self.instances = [SimInstance(i, cfg, cfg.make_policy(), self.timer,
                                       self._pipeline(cfg), self.metrics, self.queue.push,
@@ -97,10 +97,9 @@ class Shard:
         self.by_index = {inst.index: inst for inst in self.instances}
 
     def _pipeline(self, cfg: ClusterConfig) -> Pipeline | SharedHostPipeline:
-        shared = cfg.host_cores < cfg.num_stages or cfg.host_corun_speed < 1
-        if cfg.host_cores > 0 and cfg.num_stages > 1 and shared:
-            return SharedHostPipeline(cfg.num_stages, cfg.host_cores, self.queue.push,
-                                      cfg.host_corun_speed)
+        if cfg.host_cores > 0 and cfg.num_stages > 1 and (cfg.host_cores < cfg.num_stages
+                                                          or cfg.corun_slows):
+            return SharedHostPipeline(cfg.num_stages, cfg.host_cores, self.queue.push)
         return Pipeline(cfg.num_stages, self.queue.push)
 
 

@@ -16,11 +16,14 @@ Stage times come from `CostModel.stage_step_s(StepCost)` with the micro-batch's 
 decode tokens, the mean context of its decodes (and their longest, for a profile whose
 attention pads to it) and of its prefill tokens, the rows it samples, and the stage's layer
 count and first/last flags; hops from `CostModel.transfer_s` (or the cluster's link settings).
-`StepTimer` caches them: a steady decode phase repeats the same inputs over and over.
+`StepTimer` caches them: a steady decode phase repeats the same inputs over and over; it can
+scatter them step by step (`simulator.step_jitter`), as real steps scatter.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,17 +33,25 @@ from conveyor.sim.cluster import ClusterConfig, StageSpec
 CACHE_LIMIT = 1 << 20
 
 
+Timing = tuple[tuple[float, ...], float, float]
+"""(seconds per stage, seconds per hop, co-run speed: the fraction of its speed alone a stage
+keeps on this micro-batch while another stage of a shared host computes — 1 where stages do not
+slow each other)."""
+
+
 class StepTimer:
-    """(prefill, decode, context, sampled, prefill context) -> (per-stage seconds, per-hop
-    seconds), cached.
+    """(prefill, decode, context, sampled, prefill context) -> Timing, cached.
 
     Stages of equal layer count and flags are costed once per micro-batch. The mean decode and
     prefill contexts are rounded to a multiple of `context_quantum` tokens (0: exact) first, so
-    that repeated micro-batches hit the cache."""
+    that repeated micro-batches hit the cache. With `jitter` > 0 each stage time is then scaled
+    by its own draw of a log-normal factor of mean 1 and that coefficient of variation, from a
+    generator seeded with `seed` (simulator.step_jitter: real steps scatter)."""
 
     def __init__(self, cost: Any, stages: Sequence[StageSpec], link_bandwidth_bytes_s: float = 0.0,
                  link_latency_s: float = 0.0, activation_bytes_per_token: int = 0,
-                 context_quantum: float = 1.0):
+                 context_quantum: float = 1.0, jitter: float = 0.0, seed: int = 0,
+                 corun: Callable[[int], float] | None = None, decode_corun: float = 1.0):
         self.cost = cost
         self.stages = list(stages)
         kinds: dict[StageSpec, int] = {}
@@ -52,18 +63,26 @@ class StepTimer:
         self.quantum = context_quantum
         self.pads = bool(getattr(cost, "pads_decode_context", False))
         """The cost model's attention pads decodes to the longest context (CPU profiles)."""
-        self._cache: dict[tuple, tuple[tuple[float, ...], float]] = {}
+        self.corun = corun
+        """Co-run speed of a prefill of n tokens (None: stages do not slow each other)."""
+        self.decode_corun = decode_corun
+        self._cache: dict[tuple, Timing] = {}
+        # log-normal with E[factor] = 1: sigma^2 = ln(1 + cv^2), mu = -sigma^2 / 2
+        self._sigma = math.sqrt(math.log1p(jitter * jitter))
+        self._rng = random.Random(seed)
         self.hits = 0
         self.misses = 0
 
     @classmethod
-    def for_cluster(cls, cfg: ClusterConfig, cost: Any) -> "StepTimer":
+    def for_cluster(cls, cfg: ClusterConfig, cost: Any, shard: int = 0) -> "StepTimer":
+        """shard: which of the simulation's worker processes (each draws its own noise)."""
         return cls(cost, cfg.stages, cfg.link_bandwidth_bytes_s, cfg.link_latency_s,
-                   cfg.activation_bytes_per_token, cfg.context_quantum)
+                   cfg.activation_bytes_per_token, cfg.context_quantum, cfg.step_jitter,
+                   cfg.seed * 1_000_003 + shard,
+                   cfg.corun_speed if cfg.corun_slows else None, cfg.host_corun_speed)
 
     def __call__(self, prefill: int, decode: int, context: float, sampled: int,
-                 prefill_context: float | None = None, longest: float = 0.0
-                 ) -> tuple[tuple[float, ...], float]:
+                 prefill_context: float | None = None, longest: float = 0.0) -> Timing:
         """prefill_context: the mean keys a prefill token attends to (None: one fresh prompt
         of `prefill` tokens); longest: the longest decode context, passed on only to a cost
         model whose attention pads to it (and only then part of the cache key)."""
@@ -81,7 +100,7 @@ class StepTimer:
         hit = self._cache.get(key)
         if hit is not None:
             self.hits += 1
-            return hit
+            return self._scatter(hit) if self._sigma else hit
         self.misses += 1
         per_kind = [self.cost.stage_step_s(StepCost(prefill, decode, float(context), sampled,
                                                     s.num_layers, s.first, s.last,
@@ -99,9 +118,32 @@ class StepTimer:
             hop = float(self.cost.transfer_s(tokens)) + self.latency
         if len(self._cache) >= CACHE_LIMIT:
             self._cache.clear()
-        value = (durations, hop)
+        value = (durations, hop, self._corun(prefill, decode, durations[0], prefill_context))
         self._cache[key] = value
-        return value
+        return self._scatter(value) if self._sigma else value
+
+    def _corun(self, prefill: int, decode: int, seconds: float,
+               prefill_context: float | None) -> float:
+        """The micro-batch's co-run speed: its decode work slows to decode_corun, its prefill
+        work to corun(prefill); together, the harmonic blend by how stage 0's time splits
+        between them (each part slowed by its own factor, added up)."""
+        if self.corun is None:
+            return 1.0
+        if not prefill:
+            return self.decode_corun
+        prefill_speed = self.corun(prefill)
+        if not decode or prefill_speed == self.decode_corun or seconds <= 0:
+            return prefill_speed if not decode else self.decode_corun
+        s = self.stages[0]
+        alone = float(self.cost.stage_step_s(StepCost(prefill, 0, 0.0, 0, s.num_layers, s.first,
+                                                      s.last, None, prefill_context)))
+        share = min(1.0, max(0.0, alone / seconds))
+        return 1.0 / (share / prefill_speed + (1.0 - share) / self.decode_corun)
+
+    def _scatter(self, value: Timing) -> Timing:
+        sigma, gauss = self._sigma, self._rng.gauss
+        mu = -0.5 * sigma * sigma
+        return tuple(d * math.exp(gauss(mu, sigma)) for d in value[0]), value[1], value[2]
 
 
 class Pipeline:
@@ -122,9 +164,10 @@ class Pipeline:
         self.steps = 0
 
     def submit(self, now: float, durations: tuple[float, ...], hop: float,
-               on_done: Callable[[Any, float], None], arg: Any) -> None:
+               on_done: Callable[[Any, float], None], arg: Any, corun: float = 1.0) -> None:
         """A micro-batch dispatched at `now`; `on_done(arg, t)` runs when the last stage
-        finishes it (one event, its path being fixed now)."""
+        finishes it (one event, its path being fixed now). Stages that are devices of their
+        own do not slow each other, so `corun` plays no part here."""
         self.push(self.run(now, durations, hop), on_done, arg)
 
     def run(self, now: float, durations: tuple[float, ...], hop: float) -> float:

@@ -4,8 +4,10 @@ The default CPU deployment runs every stage as a single-threaded process (device
 each `cpu_count // stages` threads, at least one) on one machine: two or three stage processes
 on two cores, next to the controller and the ingress. The kernel shares the cores fairly, so
 while k stages are computing each advances at min(1, cores / k) of its own speed — processor
-sharing; and while two or more compute, each also runs at `corun_speed` of its speed alone
-(shared caches and memory bandwidth: a measured property of the machine, 1 when unknown). A
+sharing; and while two or more compute, each also runs at its micro-batch's co-run speed, a
+fraction of its speed alone (shared caches and memory bandwidth: a measured property of the
+machine, given per micro-batch by the StepTimer since decode work contends more than a long
+prefill's, 1 when unknown). A
 stage's step is not a fixed duration any more: a micro-batch dispatched later slows
 down one already running. So, unlike `Pipeline`, this one cannot fix a micro-batch's path at
 dispatch; it keeps each stage's remaining work (in seconds of a dedicated core, what the cost
@@ -30,27 +32,28 @@ _DONE = 1e-9
 
 
 class _Job:
-    __slots__ = ("durations", "hop", "on_done", "arg", "dispatched")
+    __slots__ = ("durations", "hop", "on_done", "arg", "dispatched", "corun")
 
     def __init__(self, durations: tuple[float, ...], hop: float,
-                 on_done: Callable[[Any, float], None], arg: Any, dispatched: float):
+                 on_done: Callable[[Any, float], None], arg: Any, dispatched: float,
+                 corun: float):
         self.durations = durations
         self.hop = hop
         self.on_done = on_done
         self.arg = arg
         self.dispatched = dispatched
+        self.corun = corun
+        """Its speed while another stage computes, before the sharing of cores."""
 
 
 class SharedHostPipeline:
     """The P stages of one instance as single-threaded processes on `cores` shared cores."""
 
-    def __init__(self, num_stages: int, cores: int, push: Push, corun_speed: float = 1.0):
+    def __init__(self, num_stages: int, cores: int, push: Push):
         if cores < 1:
             raise ValueError("a shared host needs at least one core")
         self.num_stages = num_stages
         self.cores = cores
-        self.corun_speed = corun_speed
-        """Speed of each stage while two or more compute (caches, memory bandwidth)."""
         self.push = push
         self.queued: list[deque[_Job]] = [deque() for _ in range(num_stages)]
         """Micro-batches whose input reached the stage while it was busy, in order."""
@@ -67,10 +70,11 @@ class SharedHostPipeline:
         self.steps = 0
 
     def submit(self, now: float, durations: tuple[float, ...], hop: float,
-               on_done: Callable[[Any, float], None], arg: Any) -> None:
+               on_done: Callable[[Any, float], None], arg: Any, corun: float = 1.0) -> None:
         """A micro-batch dispatched to stage 0 at `now`; `on_done(arg, t)` runs when the last
-        stage finishes it."""
-        self.push(now, self._arrive, (0, _Job(durations, hop, on_done, arg, now)))
+        stage finishes it. corun: its speed while another stage computes (caches, memory
+        bandwidth), before the sharing of cores."""
+        self.push(now, self._arrive, (0, _Job(durations, hop, on_done, arg, now, corun)))
 
     # ---- events ---------------------------------------------------------------------------------
 
@@ -114,24 +118,25 @@ class SharedHostPipeline:
         self.left[stage] = job.durations[stage]
         self.started[stage] = now
 
-    def _speed(self) -> tuple[list[int], float]:
-        active = [s for s, job in enumerate(self.running) if job is not None]
+    def _speeds(self) -> list[tuple[int, float]]:
+        """(stage, speed) of every computing stage."""
+        active = [(s, job.corun) for s, job in enumerate(self.running) if job is not None]
         if len(active) < 2:
-            return active, 1.0
-        return active, min(1.0, self.cores / len(active)) * self.corun_speed
+            return [(s, 1.0) for s, _ in active]
+        share = min(1.0, self.cores / len(active))
+        return [(s, share * corun) for s, corun in active]
 
     def _advance(self, now: float) -> None:
         elapsed = now - self.updated
         if elapsed > 0:
-            active, speed = self._speed()
-            for s in active:
+            for s, speed in self._speeds():
                 self.left[s] -= elapsed * speed
         self.updated = now
 
     def _plan_finish(self, now: float) -> None:
-        active, speed = self._speed()
-        if not active:
+        speeds = self._speeds()
+        if not speeds:
             return
         self.version += 1
-        soonest = min(self.left[s] for s in active)
-        self.push(now + max(soonest, 0.0) / speed, self._finish, self.version)
+        soonest = min(max(self.left[s], 0.0) / speed for s, speed in speeds)
+        self.push(now + soonest, self._finish, self.version)

@@ -338,9 +338,11 @@ class SimInstance:
             self.max_inflight_seen = len(inflight)
         self.metrics.record_batch(prefill, decode)
         self.tokens_per_batch.add(tokens)
-        durations, hop = self.timer(prefill, decode, context / decode if decode else 0.0,
-                                    len(sampling), keys / prefill if prefill else 0.0, longest)
-        self.pipeline.submit(now + self.dispatch_latency, durations, hop, self.on_complete, batch)
+        durations, hop, corun = self.timer(prefill, decode, context / decode if decode else 0.0,
+                                           len(sampling), keys / prefill if prefill else 0.0,
+                                           longest)
+        self.pipeline.submit(now + self.dispatch_latency, durations, hop, self.on_complete, batch,
+                             corun)
 
     def _start(self, started: list[SimRequest], now: float) -> None:
         """Waiting requests given their first chunk take a seat (WAITING -> RUNNING)."""

@@ -43,6 +43,17 @@ def test_fidelity_replays_a_bench_run(tmp_path):
     assert "0.5 (0.5-0.5)" in row and "200 (200-200)" in row
     assert "TPOT ms: simulator mean |error|" in out
 
+    def sim_tpot(*args: str) -> float:
+        out = run_script("sim_fidelity.py", str(bench), *args)
+        row = next(line for line in out.splitlines() if line.startswith("| fcfs, 2 | 1 |"))
+        return float(row.split("|")[7])  # cells: policy, runs, TTFT x3, TPOT bench, TPOT sim
+
+    # --set changes the cluster: stages slowed to half speed while both compute
+    assert sim_tpot("--set", "cluster.host_corun_speed=0.5") > 1.2 * sim_tpot()
+    # with step noise the figure is a mean over seeds, near the noiseless one
+    assert abs(sim_tpot("--set", "simulator.step_jitter=0.1", "--seeds", "3") / sim_tpot()
+               - 1) < 0.15
+
 
 def test_step_timeline_pairs_each_dispatch_with_its_stage_steps(tmp_path):
     def event(**kw) -> str:
@@ -97,3 +108,52 @@ def test_step_timeline_sets_the_log_against_a_profile(tmp_path):
     pooled = out.split("all 2 logs")[1]
     rows = [line.split() for line in pooled.splitlines() if line.startswith("prefill >= 200")]
     assert [(r[3], r[4], r[5]) for r in rows] == [("0", "2", "1.000"), ("1", "2", "1.500")]
+
+
+def test_step_timeline_measures_how_much_steps_scatter(tmp_path):
+    """The spread column: the steps' measured/predicted ratios' p10-p90 width over the median,
+    in standard deviations of a normal (0 when every step is off by the same factor)."""
+    from common.costmodel import BatchShape
+    from conveyor.sim.cluster import build_cost_model, load_cluster
+
+    config = ROOT / "deploy/clusters/default-cpu.toml"
+    profile = ROOT / "deploy/profiles/smollm2-135m-cpu.json"
+    cfg = load_cluster(config)
+    cost = build_cost_model(cfg, profile)
+    shape = BatchShape.of_chunks([(100 + i, 1) for i in range(8)], 8)
+    predicted = [cost.stage_step_s(shape.at_stage(s.num_layers, s.first, s.last))
+                 for s in cfg.stages]
+    fields = {k: getattr(shape, k) for k in shape.__slots__}
+    lines = []
+    for mb in range(20):
+        lines.append(json.dumps({"timestamp": "2026-12-03T10:00:00.000000", "instance": 0,
+                                 "event": "dispatched", "mb_id": mb, "requests": 8, **fields}))
+        for stage, factors in ((0, (1.0, 1.0)), (1, (1.0, 1.2))):  # stage 1 alternates
+            lines.append(json.dumps({"timestamp": "2026-12-03T10:00:01.000000", "instance": 0,
+                                     "event": "step done", "mb_id": mb, "stage": stage,
+                                     "compute_s": predicted[stage] * factors[mb % 2],
+                                     "wait_s": 0.0}))
+    log = tmp_path / "serve.log"
+    log.write_text("\n".join(lines))
+    out = run_script("step_timeline.py", str(log), "--summary", "--config", str(config),
+                     "--profile", str(profile))
+    rows = {int(r[2]): r for r in (line.split() for line in out.splitlines()
+                                   if line.startswith("decode only"))}
+    assert rows[0][6] == "0.000"
+    # p10 = 1.0, p90 = 1.2, median 1.1: (0.2 / 1.1) / (2 x 1.2816) = 0.071
+    assert rows[1][6] == "0.071" and rows[1][3] == "20"
+
+
+def test_corun_measurement_prints_a_cluster_files_settings():
+    """Tiny steps, once each: the table has a decode row and a row per prefill size, and the
+    cluster settings it suggests are speeds in (0, 1]."""
+    out = run_script("measure_host_corun.py", "--repeats", "1", "--decodes", "2", "--context",
+                     "32", "--prefill", "16,48")
+    rows = {line.split()[0] + (line.split()[1] if line.startswith("prefill") else ""): line
+            for line in out.splitlines() if line.startswith(("decode", "prefill"))}
+    assert set(rows) == {"decode", "prefill16", "prefill48"}
+    decode = float(out.split("host_corun_speed = ")[1].split()[0])
+    assert 0 < decode <= 1
+    curve = out.split("host_corun_prefill = ")[1].strip()
+    points = json.loads(curve)
+    assert [n for n, _ in points] == [16, 48] and all(0 < v <= 1 for _, v in points)

@@ -87,6 +87,9 @@ def test_gpu_pool_leaves_room_for_weights():
     ({"linkz": {"latency_us": 1}}, "linkz"),
     ({"cluster": {"instances": 0}}, "cluster.instances must be >= 1"),
     ({"cluster": {"host_corun_speed": 0.0}}, "host_corun_speed must be in (0, 1]"),
+    ({"cluster": {"host_corun_prefill": [[32, 1.2]]}}, "every speed must be in (0, 1]"),
+    ({"cluster": {"host_corun_prefill": [[512, 1.0], [32, 0.9]]}}, "increasing"),
+    ({"simulator": {"step_jitter": 2.0}}, "simulator.step_jitter must be in [0, 1]"),
     ({"simulator": {"ingress_us": -1.0}}, "simulator.ingress_us must be >= 0"),
 ])
 def test_bad_cluster_files_are_refused_with_the_reason(section, message):

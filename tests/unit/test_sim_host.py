@@ -8,21 +8,22 @@ import pytest
 
 from conveyor.sim.cluster import ClusterConfig, build_cluster
 from conveyor.sim.engine import EventQueue, simulate
+from conveyor.sim.pipeline import StepTimer
 from conveyor.sim.sharing import SharedHostPipeline
 from conveyor.sim.workload import Workload
 from tests.unit.test_sim_engine import LinearCost, burst
 
 
-def run_pipeline(stages: int, cores: int, dispatches: list[tuple[float, tuple[float, ...]]],
-                 corun_speed: float = 1.0) -> tuple[list[float], SharedHostPipeline]:
-    """Dispatches (time, stage durations) to a shared-host pipeline; returns completion times
-    in completion order."""
+def run_pipeline(stages: int, cores: int, dispatches: list[tuple],
+                 corun: float = 1.0) -> tuple[list[float], SharedHostPipeline]:
+    """Dispatches (time, stage durations[, co-run speed]) to a shared-host pipeline; returns
+    completion times in completion order."""
     queue = EventQueue()
-    pipe = SharedHostPipeline(stages, cores, queue.push, corun_speed)
+    pipe = SharedHostPipeline(stages, cores, queue.push)
     done: list[float] = []
-    for at, durations in dispatches:
+    for at, durations, *own in dispatches:
         queue.run_until(at)
-        pipe.submit(at, durations, 0.0, lambda _, t: done.append(t), None)
+        pipe.submit(at, durations, 0.0, lambda _, t: done.append(t), None, *(own or [corun]))
     queue.run()
     return done, pipe
 
@@ -65,7 +66,7 @@ def test_a_shared_host_lowers_simulated_throughput():
     assert 1.1 * alone.end_s < shared.end_s < 1.5 * alone.end_s + 1e-9
 
 
-def with_cluster(**cluster: float) -> ClusterConfig:
+def with_cluster(**cluster: object) -> ClusterConfig:
     return build_cluster({"model": {"shape": "tiny", "max_model_len": 2048},
                           "cluster": cluster, "kvcache": {"num_blocks": 4096, "block_size": 16},
                           "scheduler": {"policy": "fcfs"}})
@@ -112,7 +113,7 @@ def test_stages_computing_together_run_at_the_corun_speed():
     # Two stages on two cores: no sharing of cores, but at 0.8 speed while both compute.
     # Second micro-batch's stage 0 overlaps the first's stage 1 from 1 s: both 1 s steps take
     # 1.25 s (done 2.25), then the second's stage 1 runs alone (1 s).
-    done, _ = run_pipeline(2, 2, [(0.0, (1.0, 1.0)), (0.0, (1.0, 1.0))], corun_speed=0.8)
+    done, _ = run_pipeline(2, 2, [(0.0, (1.0, 1.0)), (0.0, (1.0, 1.0))], corun=0.8)
     assert done == pytest.approx([2.25, 3.25])
     # The same through the simulator: two requests 1 ms apart, a micro-batch each, 10 ms per
     # stage. Alone: the second's stage 0 runs 10-20 ms, its stage 1 20-30 ms. At 0.8: the
@@ -124,3 +125,35 @@ def test_stages_computing_together_run_at_the_corun_speed():
     res = simulate(with_cluster(stages=2, host_cores=2, host_corun_speed=0.8),
                    LinearCost(10e-3, 0, 0), two)
     assert res.end_s == pytest.approx(0.0325)
+
+
+def test_each_micro_batch_runs_at_its_own_corun_speed():
+    # Two stages, two cores; a micro-batch at co-run speed 1 then one at 0.5, both dispatched
+    # at 0: from 1 s the first's stage 1 runs at full speed (done 2.0) while the second's
+    # stage 0 does 0.5 s of its work; alone from 2.0 it finishes at 2.5, its stage 1 at 3.5.
+    done, _ = run_pipeline(2, 2, [(0.0, (1.0, 1.0), 1.0), (0.0, (1.0, 1.0), 0.5)])
+    assert done == pytest.approx([2.0, 3.5])
+
+
+def test_the_corun_speed_of_a_micro_batch_follows_its_prefill_size_and_mix():
+    cost = LinearCost(base=0.0, per_prefill=1e-3, per_decode=1e-3)
+    curve = [[32, 0.8], [512, 1.0]]
+    cfg = with_cluster(stages=2, host_cores=2, host_corun_speed=0.5, host_corun_prefill=curve)
+    assert [cfg.corun_speed(n) for n in (1, 32, 272, 512, 4096)] == pytest.approx(
+        [0.8, 0.8, 0.9, 1.0, 1.0])
+    timer = StepTimer.for_cluster(cfg, cost)
+    assert timer(0, 10, 100.0, 10)[2] == 0.5  # decode only
+    assert timer(272, 0, 0.0, 1)[2] == pytest.approx(0.9)  # prefill only, on the curve
+    # 30 prefill + 10 decode tokens at 1 ms each: 3/4 of the time is prefill work at 0.8 and
+    # 1/4 decode work at 0.5, so 1 s alone takes 0.75 / 0.8 + 0.25 / 0.5 s beside another stage
+    assert timer(30, 10, 100.0, 11)[2] == pytest.approx(1 / (0.75 / 0.8 + 0.25 / 0.5))
+    # no curve: prefill contends as decode does; nothing set: nothing slows
+    assert StepTimer.for_cluster(with_cluster(stages=2, host_cores=2, host_corun_speed=0.5),
+                                 cost)(30, 10, 100.0, 11)[2] == 0.5
+    assert StepTimer.for_cluster(with_cluster(stages=2, host_cores=2), cost)(30, 10, 100.0,
+                                                                            11)[2] == 1.0
+    # and through the simulator: the run whose prefill work contends less finishes sooner
+    wl = Workload([0.004 * i for i in range(6)], [48] * 6, [6] * 6)  # overlapping batches
+    faster = simulate(cfg, cost, wl)
+    slower = simulate(with_cluster(stages=2, host_cores=2, host_corun_speed=0.5), cost, wl)
+    assert faster.end_s < slower.end_s

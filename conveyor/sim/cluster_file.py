@@ -1,0 +1,110 @@
+"""The cluster file's schema: its TOML sections as typed, validated structs (resolved into a
+ClusterConfig by cluster.py). Unknown keys and wrong types are errors naming the key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class ClusterError(ValueError):
+    """A cluster file is missing, malformed or inconsistent."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ModelSection(_Section):
+    shape: str = "smollm2-135m"
+    """A named model shape (common/model/shape.py NAMED_SHAPES)."""
+    max_model_len: int = 2048
+    """Longest sequence (prompt + output); a request stops there, as in the controller."""
+    layer_split: list[int] = []
+    """Layers per stage; empty lets `placement` choose (as `conveyor serve` does)."""
+    placement: Literal["balanced", "even"] = "balanced"
+    """balanced: the LM head of the last stage counts as extra layers (common/model/placement.py);
+    even: split by layer count."""
+    head_weight: float = 0.5
+    """balanced placement: share of the LM head's full decode cost to plan for."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights, activations and KV dtype: sizes the KV pool and the activations sent."""
+
+
+class ClusterSection(_Section):
+    instances: int = 1
+    stages: int = 2
+    routing: Literal["least-loaded", "round-robin"] = "least-loaded"
+    """least-loaded: the controller's rule (fewest tokens still to process, Instance.load)."""
+    host_cores: int = 0
+    """CPU cores an instance's stage processes share (a CPU deployment on one machine); 0: a
+    device each (sharing.py explains the sharing model)."""
+    host_corun_speed: float = 1.0
+    """With host_cores: the speed of a stage's decode work while another stage computes too
+    (shared caches and memory bandwidth), as a fraction of its speed alone, on top of the
+    sharing of cores (scripts/measure_host_corun.py measures it)."""
+    host_corun_prefill: list[tuple[int, float]] = []
+    """The same for prefill work, as [tokens, speed] points (interpolated, flat beyond the
+    ends): a long prefill is compute-bound and contends less than decode, a short one streams
+    the weights as a decode does. Empty: as decode. A mixed micro-batch runs at the harmonic
+    blend of the two by its time split (pipeline.py's StepTimer)."""
+
+
+class KVSection(_Section):
+    block_size: int = 16
+    num_blocks: int = 0
+    """Blocks per instance; 0 sizes the pool from the memory below."""
+    memory_gib: float = 0.5
+    """KV memory per stage (CPU sizing, kvcache.memory_gib of `conveyor serve`)."""
+    gpu_memory_gib: float = 0.0
+    """>0: size as on a GPU of this much memory per stage: utilization share, less the stage's
+    weights and 2 GiB of working room, as services/stage/devices.py does."""
+    gpu_memory_utilization: float = 0.9
+
+
+class LinkSection(_Section):
+    bandwidth_gbps: float = 0.0
+    """Gigabytes/s between consecutive stages; 0 uses the cost model's transfer_s."""
+    latency_us: float = 0.0
+    """Added to every stage-to-stage hop."""
+
+
+class SimulatorSection(_Section):
+    dispatch_latency_us: float = 0.0
+    """From the scheduling decision to stage 0 starting (the KV allocation round trip and the
+    plan's sends). The instance's scheduling loop waits it out, as the controller's awaits the
+    allocation, so requests arriving meanwhile can join the next micro-batch."""
+    ingress_us: float = 0.0
+    """Ingress time per request (validation, tokenization, forwarding), one request at a time:
+    a burst reaches the controller spread out. Latencies still count from the client's send."""
+    waiting_head: int = 0
+    """Waiting requests passed in a snapshot: 0 = auto (as many as the free seats can admit and
+    at least the pending tokens any built-in policy can use: the same plans as with the whole
+    queue), N = the first N, -1 = the whole queue (what the controller passes)."""
+    context_quantum: float = 1.0
+    """Mean decode context is rounded to a multiple of this many tokens before costing (lets the
+    step-cost cache hit); 0 = exact."""
+    sample_points: int = 400
+    """About how many samples of each instance's queue and KV use the time series keep."""
+    step_jitter: float = 0.0
+    """Step-to-step scatter of stage times: each stage's time of each micro-batch is the cost
+    model's times a log-normal factor of mean 1 and this coefficient of variation (0: exact).
+    A real deployment's steps scatter (scripts/step_timeline.py measures it), and where the
+    scheduling is path-dependent — which requests share a micro-batch for the rest of the run
+    is settled by who came back first — a noiseless run follows one path; average several seeds
+    for the expected figures."""
+    seed: int = 0
+    """Seeds the step-time noise (the same seed, the same run)."""
+
+
+class ClusterFile(_Section):
+    name: str = ""
+    model: ModelSection = msgspec.field(default_factory=ModelSection)
+    cluster: ClusterSection = msgspec.field(default_factory=ClusterSection)
+    kvcache: KVSection = msgspec.field(default_factory=KVSection)
+    scheduler: dict[str, Any] = {}
+    link: LinkSection = msgspec.field(default_factory=LinkSection)
+    simulator: SimulatorSection = msgspec.field(default_factory=SimulatorSection)
+    cost: dict[str, Any] = {}
