@@ -3,7 +3,8 @@ resolved into a ClusterConfig: stage layer counts, KV pool size, the policy's se
 
     [model]      shape (a NAMED_SHAPES entry), max_model_len, layer_split or placement
                  (balanced | even, head_weight: as `conveyor serve`), dtype
-    [cluster]    instances, stages, routing
+    [cluster]    instances, stages, routing; host_cores, host_corun_speed, host_corun_prefill
+                 (stage processes sharing one machine's cores, and how much they slow each other)
     [kvcache]    block_size and the pool size per instance: num_blocks, or memory per stage
                  (memory_gib on CPU, like `conveyor serve`; gpu_memory_gib with
                  gpu_memory_utilization for GPUs, sized the way services/stage/devices.py does)
