@@ -157,3 +157,29 @@ def test_corun_measurement_prints_a_cluster_files_settings():
     curve = out.split("host_corun_prefill = ")[1].strip()
     points = json.loads(curve)
     assert [n for n, _ in points] == [16, 48] and all(0 < v <= 1 for _, v in points)
+
+
+def test_ingress_timing_reads_the_per_request_delay_off_a_burst(tmp_path):
+    """Bench's TTFT of the k-th request of a burst exceeds the controller's by 5 ms + 2 ms x k:
+    the ingress takes 2 ms a request; the first request's queue_s is the dispatch latency.
+    The warm-up request's line (the first) is not part of the run."""
+    sweep = tmp_path / "sweep-1"
+    sweep.mkdir()
+    lengths = [(10, 5), (20, 6), (30, 7), (40, 8)]
+    lines = [json.dumps({"event": "request finished", "req_id": 1, "prompt_tokens": 15,
+                         "output_tokens": 16, "ttft_s": 0.1, "queue_s": 0.009})]
+    records = []
+    for k, (prompt, output) in enumerate(lengths):
+        controller_ttft = 0.5 + 0.1 * k
+        lines.append(json.dumps({"event": "request finished", "req_id": 2 + k,
+                                 "prompt_tokens": prompt, "output_tokens": output,
+                                 "ttft_s": controller_ttft, "queue_s": 0.003 + k}))
+        records.append({"index": 3 - k, "prompt_tokens": prompt, "output_tokens": output,
+                        "ttft_s": controller_ttft + 0.005 + 0.002 * k})
+    (sweep / "serve-fcfs-s2.log").write_text("conveyor: starting\n" + "\n".join(lines))
+    (sweep / "bench-fcfs-s2-rateinf-1.json").write_text(json.dumps({"requests": records}))
+    (sweep / "serve-throttle-s2.log").write_text("")  # a deployment whose bench run is missing
+    out = run_script("ingress_timing.py", str(sweep))
+    assert "fcfs-s2" in out and "ingress   2.00 ms/request  first dispatch   3.00 ms" in out
+    assert "serve-throttle-s2.log: no matching bench run" in out
+    assert out.strip().endswith("ingress_us = 2000, dispatch_latency_us = 3000")
