@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import structlog
 
@@ -44,3 +47,15 @@ def get_logger() -> structlog.stdlib.BoundLogger:
 def debug_enabled() -> bool:
     """Whether debug lines are written: lets a hot path skip building a debug line's fields."""
     return _level <= logging.DEBUG
+
+
+def read_json_events(path: str | Path) -> Iterator[dict]:
+    """The events of a log written with format json, in order; other lines (a supervisor's
+    console lines) are skipped. For scripts that analyse a deployment's log."""
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            yield event

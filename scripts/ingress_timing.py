@@ -20,20 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def finished_lines(log: Path) -> list[dict]:
     """The controller's `request finished` events, in arrival (request id) order."""
-    events = []
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue  # console lines of the supervisor
-        if isinstance(event, dict) and event.get("event") == "request finished":
-            events.append(event)
-    return sorted(events, key=lambda e: e["req_id"])
+    from common.log import read_json_events
+
+    return sorted((e for e in read_json_events(log) if e.get("event") == "request finished"),
+                  key=lambda e: e["req_id"])
 
 
 def run_timing(log: Path, bench: Path) -> tuple[float, float] | None:
@@ -51,7 +50,7 @@ def run_timing(log: Path, bench: Path) -> tuple[float, float] | None:
         if len(match) == 1 and match[0]["ttft_s"] is not None:  # unambiguous only
             order.append(k)
             extra.append(match[0]["ttft_s"] - event["ttft_s"])
-    if len(order) < 3 or not events:
+    if len(order) < 3:
         return None
     return statistics.linear_regression(order, extra).slope, events[0]["queue_s"]
 

@@ -20,6 +20,7 @@ the bench run's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -54,8 +55,7 @@ def replay(bench_path: Path, cluster: str, profile: str | None, device: str | No
     cfg = load_cluster(cluster, overrides | run)
     cost = build_cost_model(cfg, profile, device)
     trace = load_trace(bench_path)
-    sims = [summarize(simulate(load_cluster(cluster, overrides | run | {"simulator.seed": seed}),
-                               cost, trace))
+    sims = [summarize(simulate(dataclasses.replace(cfg, seed=seed), cost, trace))
             for seed in range(seeds if cfg.step_jitter else 1)]
     return (conf["policy"], int(conf["stages"])), doc["summary"], sims
 

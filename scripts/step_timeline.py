@@ -18,7 +18,6 @@ per deployment.)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -34,13 +33,9 @@ def read_log(path: Path) -> tuple[dict, dict]:
     """(instance, mb_id) -> its 'dispatched' event, and -> its stages' 'step done' events."""
     dispatched: dict[tuple[int, int], dict] = {}
     steps: dict[tuple[int, int], list[dict]] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue  # console lines of the supervisor
-        if not isinstance(event, dict):
-            continue
+    from common.log import read_json_events
+
+    for event in read_json_events(path):
         if event.get("event") == "dispatched":
             dispatched[(event["instance"], event["mb_id"])] = event
         elif event.get("event") == "step done":

@@ -132,8 +132,10 @@ class StepTimer:
         if not prefill:
             return self.decode_corun
         prefill_speed = self.corun(prefill)
-        if not decode or prefill_speed == self.decode_corun or seconds <= 0:
-            return prefill_speed if not decode else self.decode_corun
+        if not decode:
+            return prefill_speed
+        if prefill_speed == self.decode_corun or seconds <= 0:
+            return self.decode_corun  # no split to weigh
         s = self.stages[0]
         alone = float(self.cost.stage_step_s(StepCost(prefill, 0, 0.0, 0, s.num_layers, s.first,
                                                       s.last, None, prefill_context)))
