@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.scheduling.policy import SchedulingPolicy, register_policy
-from common.scheduling.types import MicroBatchPlan, PlanBuilder, SchedulerSnapshot
+from common.scheduling.types import MicroBatchPlan, PlanBuilder, SchedulerSnapshot, WaitingNeed
 
 
 @register_policy
@@ -34,6 +34,13 @@ class FCFSPolicy(SchedulingPolicy):
             "watermark": "fraction of KV blocks kept free when admitting new requests, so "
                          "running ones can grow without preemption (default 0.01)",
         }
+
+    def waiting_need(self) -> WaitingNeed:
+        """Admission is in arrival order and stops at a request that does not fit, at the token
+        budget or when the seats are taken: a head with one request more than the free seats
+        (at least 2) and a micro-batch's worth of pending tokens plans as the whole queue."""
+        return WaitingNeed(whole=False, min_requests=2, max_num_seqs=self.max_num_seqs,
+                           tokens=self.max_num_batched_tokens)
 
     def schedule(self, snap: SchedulerSnapshot) -> MicroBatchPlan:
         plan = PlanBuilder(snap, self.max_num_batched_tokens, self.max_num_seqs)

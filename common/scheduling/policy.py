@@ -6,7 +6,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
-from common.scheduling.types import MicroBatchPlan, SchedulerSnapshot
+from common.scheduling.types import WHOLE_QUEUE, MicroBatchPlan, SchedulerSnapshot, WaitingNeed
 
 
 class SchedulingPolicy(ABC):
@@ -24,10 +24,23 @@ class SchedulingPolicy(ABC):
     @abstractmethod
     def schedule(self, snap: SchedulerSnapshot) -> MicroBatchPlan: ...
 
+    def waiting_need(self) -> WaitingNeed:
+        """How much of the waiting queue this policy must see to plan as it would with all of
+        it (the drivers show it no more). The default, the whole queue, is always right; a
+        policy that admits in arrival order and stops at a budget can say less."""
+        return WHOLE_QUEUE
+
     @classmethod
     def parameters(cls) -> dict[str, str]:
         """Tunable parameters and what they mean (shown by `conveyor policies`)."""
         return {}
+
+
+def waiting_need_of(policy: object) -> WaitingNeed:
+    """The policy's declaration, or the whole queue for an object that only has `schedule`
+    (a test's recording wrapper, say)."""
+    need = getattr(policy, "waiting_need", None)
+    return need() if need is not None else WHOLE_QUEUE
 
 
 _POLICIES: dict[str, type[SchedulingPolicy]] = {}

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 from common.scheduling.policy import SchedulingPolicy, register_policy
 from common.scheduling.sarathi import by_readiness, schedule_prefills
-from common.scheduling.types import MicroBatchPlan, PlanBuilder, SchedulerSnapshot, split_ready
+from common.scheduling.types import (MicroBatchPlan, PlanBuilder, SchedulerSnapshot, WaitingNeed,
+                                     split_ready)
 
 
 @register_policy
@@ -63,6 +64,13 @@ class ThrottlePolicy(SchedulingPolicy):
             "max_num_seqs": "most requests holding KV at once, and most decodes in one "
                             "micro-batch (gLLM --maxd; default 128)",
         }
+
+    def waiting_need(self) -> WaitingNeed:
+        """Prefills are admitted in arrival order (as fcfs), and the pending tokens W of the
+        queue enter the budget only through min(max(W / prefill_iterations, min), cap), which
+        prefill_iterations x max_prefill_tokens pending tokens already saturate."""
+        return WaitingNeed(whole=False, min_requests=2, max_num_seqs=self.max_num_seqs,
+                           tokens=self.prefill_iterations * self.max_prefill_tokens)
 
     def schedule(self, snap: SchedulerSnapshot) -> MicroBatchPlan:
         decodes, prefills = split_ready(snap.ready)

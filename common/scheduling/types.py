@@ -18,6 +18,38 @@ from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
+class SLO:
+    """A request's latency targets in seconds (None: no target of that kind), and the name of
+    the class it came from (config `[slo.classes]`), "" when given per request."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        """How statistics group it: the class name, or "custom"."""
+        return self.name or "custom"
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingNeed:
+    """How much of the waiting queue a policy must see to plan exactly as it would with all of
+    it: the shortest head of the queue with at least `min_requests` requests (plus the seats
+    still free under `max_num_seqs`, when set) and at least `tokens` pending tokens.
+    `whole` (the default): the whole queue. Under overload this keeps a snapshot O(seats)
+    instead of O(queue), in the controller and the simulator alike."""
+
+    whole: bool = True
+    min_requests: int = 1
+    max_num_seqs: int | None = None
+    tokens: int = 0
+
+
+WHOLE_QUEUE = WaitingNeed()
+
+
+@dataclass(frozen=True, slots=True)
 class RequestView:
     req_id: int
     arrival: float
@@ -36,6 +68,9 @@ class RequestView:
     last_scheduled: float = float("-inf")
     """When the driver last dispatched a chunk of it (-inf: never); lets policies rotate
     through requests that a budget cannot all take at once."""
+    slo: SLO | None = None
+    predicted_output: int | None = None
+    """A predictor's estimate of the output length; policies never see the true length."""
 
     @property
     def pending(self) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 
 from conveyor.bench.arrivals import rate_text
 from conveyor.bench.runner import RequestRecord, RunResult
-from services.controller.metrics import mean_std
+from common.stats import mean_std
 
 SLO_METRICS = ("ttft", "tpot", "e2e")
 PERCENTILES = (50, 90, 99)

@@ -25,6 +25,7 @@ sparse arrivals parallelize best.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import multiprocessing as mp
 import os
@@ -33,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from common.instance.request import pool_misfit
 from conveyor.sim.cluster import ClusterConfig
 from conveyor.sim.pipeline import Pipeline, StepTimer
 from conveyor.sim.results import SimResult, finalize, shard_results
@@ -40,7 +42,7 @@ from conveyor.sim.sharing import SharedHostPipeline
 from conveyor.sim.requests import SimRequest
 from conveyor.sim.state import SimInstance
 from conveyor.sim.workload import Workload
-from services.controller.metrics import ControllerMetrics
+from common.stats import ControllerMetrics
 
 
 class EventQueue:
@@ -107,27 +109,33 @@ def _load(inst: SimInstance) -> int:
     return inst.load
 
 
+def _done(finished: Any) -> int:
+    """Requests served to the end (at EOS or at their cap)."""
+    return finished["length"] + finished["stop"]
+
+
 # ---- the driver ---------------------------------------------------------------------------------
 
-def make_request(cfg: ClusterConfig, index: int, arrival: float, prompt: int, output: int
-                 ) -> SimRequest:
-    """A request as the ingress and controller take it: max_tokens is the output length
-    (EOS ignored), clamped to the context left; requests that cannot run are failed up front
-    (prompt beyond the context, or more KV than the whole pool: Controller._fits)."""
+def make_request(cfg: ClusterConfig, index: int, arrival: float, prompt: int, output: int,
+                 max_tokens: int | None = None) -> SimRequest:
+    """A request as the ingress and controller take it. `output` is where it truly ends (its
+    EOS); `max_tokens` the client's cap, None for bench's default (the output length, EOS
+    ignored). The cap is clamped to the context left; requests that cannot run are failed up
+    front (prompt beyond the context, or more KV than the whole pool)."""
     output = max(1, int(output))
     prompt = int(prompt)
-    max_tokens = min(output, cfg.max_model_len - prompt)
-    req = SimRequest(index + 1, index, float(arrival), prompt, max(max_tokens, 1), output)
+    ignore_eos = max_tokens is None
+    cap = output if ignore_eos else max(1, int(max_tokens))
+    cap = max(min(cap, cfg.max_model_len - prompt), 1)
+    req = SimRequest(index + 1, index, float(arrival), prompt, cap, output, cfg.max_model_len,
+                     ignore_eos)
     if prompt < 1:
         req.error = "empty prompt"
     elif prompt >= cfg.max_model_len:
         req.error = (f"prompt of {prompt} tokens leaves no room in the context "
                      f"(max_model_len {cfg.max_model_len})")
     else:
-        need = -(-(prompt + req.max_tokens) // cfg.block_size)
-        if need > cfg.num_blocks:
-            req.error = (f"request needs {need} KV blocks ({prompt} prompt + {req.max_tokens} "
-                         f"max_tokens) but the pool holds {cfg.num_blocks}")
+        req.error = pool_misfit(prompt, req.max_tokens, cfg.block_size, cfg.num_blocks)
     return req
 
 
@@ -168,8 +176,9 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
     touched_t = 0.0
     ingress_s = cfg.ingress_s
     ingress_free = 0.0
-    for i, (sent, p, o) in enumerate(zip(workload.arrival_s, workload.prompt_len,
-                                         workload.output_len)):
+    caps = workload.max_tokens or itertools.repeat(None)
+    for i, (sent, p, o, cap) in enumerate(zip(workload.arrival_s, workload.prompt_len,
+                                              workload.output_len, caps)):
         # The controller gets the request once the ingress, one request at a time, is done
         # with it; its latencies still count from `sent`.
         if ingress_s:
@@ -181,8 +190,8 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
                 inst.schedule(touched_t)
             touched.clear()
         advance(t)
-        req = make_request(cfg, i, sent, p, o)
-        if req.error is not None:
+        req = make_request(cfg, i, sent, p, o, cap)
+        if req.error:
             if w == 0:
                 requests.append(req)
                 metrics.finished["error"] += 1
@@ -193,7 +202,7 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
             best = min(instances, key=_load) if instances else None
             load, target = (best.load, best.index) if best is not None else (1 << 62, 1 << 62)
             if links:
-                msg = pack(load, target, finished["length"])
+                msg = pack(load, target, _done(finished))
                 for _, wfd in links:
                     write(wfd, msg)
                 others_done = 0
@@ -218,14 +227,14 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
             now = clock()
             if now >= next_report:
                 next_report = now + progress_every_s
-                progress(t, i + 1, finished["length"] + others_done, n)
+                progress(t, i + 1, _done(finished) + others_done, n)
     for inst in touched:
         inst.schedule(touched_t)
     shard.queue.run()
     for inst in instances:
         inst.close_gauges(shard.queue.now)
     if progress is not None:  # the other workers may still be draining theirs
-        progress(shard.queue.now, n, finished["length"] + others_done, n)
+        progress(shard.queue.now, n, _done(finished) + others_done, n)
     for r in requests:
         r.view = None
     return shard_results(shard), requests

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from conveyor.sim.engine import SimResult
-from services.controller.metrics import mean_std
+from common.stats import mean_std
 
 RECORDS_AUTO_TOKEN_LIMIT = 1_000_000
 """--records auto keeps the per-token gaps in the result file up to this many tokens."""
@@ -32,15 +32,15 @@ def request_records(result: SimResult, with_itl: bool = True) -> list:
     t0 = result.first_arrival_s
     out = []
     for r in result.requests:
-        rec = RequestRecord(r.index, r.prompt, r.expected_output, start_s=r.arrival - t0)
-        if r.error is not None:
+        rec = RequestRecord(r.index, r.prompt, r.true_output, start_s=r.arrival - t0)
+        if r.error:
             rec.error = r.error
         else:
             rec.ttft_s = None if r.first_token is None else r.first_token - r.arrival
             rec.e2e_s = None if r.last_token is None else r.last_token - r.arrival
             rec.prompt_tokens = r.prompt
             rec.output_tokens = r.out
-            rec.finish_reason = "length"
+            rec.finish_reason = r.finish.name.lower()
             if with_itl:
                 rec.itl_s = r.itl.tolist()
         out.append(rec)
@@ -49,7 +49,7 @@ def request_records(result: SimResult, with_itl: bool = True) -> list:
 
 def all_itl(result: SimResult) -> np.ndarray:
     arrays = [np.frombuffer(r.itl, dtype=np.float64) for r in result.requests
-              if r.error is None and len(r.itl)]
+              if not r.error and len(r.itl)]
     return np.concatenate(arrays) if arrays else np.zeros(0)
 
 

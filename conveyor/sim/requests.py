@@ -1,70 +1,29 @@
-"""A simulated request and micro-batch: the controller's Request and InflightBatch, less the
-token ids (services/controller/requests.py, services/controller/instance.py). Plain classes
-with __slots__: the simulator creates one per request and micro-batch, millions in a run."""
+"""A simulated request: the instance core's request plus where it truly ends (EOS), which
+only the simulator knows; policies see its `max_tokens` cap and any prediction, never this."""
 
 from __future__ import annotations
 
-from array import array
+from common.instance.request import CoreRequest
 
-from common.scheduling.types import RequestView
-from conveyor.sim.views import make_inflight
-from services.controller.requests import latency_timings
+SIM_EOS = -1
+"""The token a simulated request samples at its true output length (ordinary tokens are 0)."""
 
 
 class SimulationError(RuntimeError):
-    """A policy asked for something the controller would refuse (unknown request, blocks that
-    are not free)."""
+    """The simulation cannot go on (a worker died, a policy broke the core's rules)."""
 
 
-class SimRequest:
-    """One request's state (the controller's Request, less the token ids)."""
-
-    __slots__ = ("rid", "index", "arrival", "prompt", "max_tokens", "expected_output", "out",
-                 "computed", "blocks", "inflight", "awaiting", "running", "finished",
-                 "last_scheduled", "first_scheduled", "first_token", "last_token", "itl",
-                 "view", "preemptions", "instance", "error")
+class SimRequest(CoreRequest):
+    __slots__ = ("index", "true_output")
 
     def __init__(self, rid: int, index: int, arrival: float, prompt: int, max_tokens: int,
-                 expected_output: int):
-        self.rid = rid
+                 true_output: int, max_context: int, ignore_eos: bool):
+        super().__init__(rid, arrival, prompt, max_tokens, max_context,
+                         stop_token_ids=() if ignore_eos else (SIM_EOS,), record_itl=True)
         self.index = index
-        self.arrival = arrival
-        self.prompt = prompt
-        self.max_tokens = max_tokens
-        self.expected_output = expected_output
-        self.out = 0
-        self.computed = 0
-        self.blocks = 0
-        self.inflight = 0
-        self.awaiting = False
-        self.running = False
-        self.finished = False
-        self.last_scheduled = float("-inf")
-        self.first_scheduled: float | None = None
-        self.first_token: float | None = None
-        self.last_token: float | None = None
-        self.itl = array("d")
-        """Gaps between successive tokens (seconds), one per token after the first."""
-        self.view: RequestView | None = None
-        self.preemptions = 0
-        self.instance = -1
-        self.error: str | None = None
+        """Position in the workload."""
+        self.true_output = true_output
+        """Tokens it generates before EOS."""
 
-    def timings(self) -> dict[str, float]:
-        """As services/controller/requests.py Request.timings (unrounded)."""
-        return latency_timings(self.arrival, self.first_scheduled, self.first_token,
-                               self.last_token, self.out)
-
-
-class SimBatch:
-    """A micro-batch in the pipeline."""
-
-    __slots__ = ("sampling", "partial", "iview")
-
-    def __init__(self, sampling: list, partial: list, decode: int, prefill: int):
-        self.sampling = sampling
-        """Requests that get a token from this micro-batch, in chunk order."""
-        self.partial = partial
-        """Requests with a non-final prefill chunk here (ready while it is in flight)."""
-        self.iview = make_inflight(decode, prefill)
-        """What the policy sees of it while it is in flight."""
+    def next_token(self) -> int:
+        return SIM_EOS if self.out + 1 >= self.true_output else 0

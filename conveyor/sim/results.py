@@ -10,7 +10,7 @@ from typing import Any
 from conveyor.sim.cluster import ClusterConfig
 from conveyor.sim.requests import SimRequest
 from conveyor.sim.state import SimInstance
-from services.controller.metrics import ControllerMetrics, StageCounters, mean_std
+from common.stats import ControllerMetrics, StageCounters, mean_std
 
 
 @dataclass
@@ -88,7 +88,7 @@ def finalize(cfg: ClusterConfig, requests: list[SimRequest], parts: list[dict[st
                           "max_kv_used": max_used / total if total else 0.0})
     requests.sort(key=lambda r: r.index)
     for r in requests:
-        if not r.finished and r.error is None:
+        if not r.finished and not r.error:
             r.error = ("never finished: the policy returned empty plans with nothing in flight "
                        "(stalled)")
             metrics.finished["error"] += 1

@@ -8,7 +8,8 @@
   ones at random from its length distribution (the first ones are still bench's, in order).
   `random` with very many long prompts draws its lengths from the same uniform ranges without
   making the token ids (bench's sampler makes every id, which only a real server needs).
-* `trace` replays a file: JSON lines of {"arrival_s", "prompt_len", "output_len"}, or a
+* `trace` replays a file: JSON lines of {"arrival_s", "prompt_len", "output_len"} and an
+  optional "max_tokens" (the client's cap; output_len is then where the request emits EOS), or a
   `conveyor bench` result JSON (its per-request records: start_s, prompt_len,
   expected_output_len).
 """
@@ -41,17 +42,35 @@ class Workload:
     arrival_s: list[float]
     prompt_len: list[int]
     output_len: list[int]
+    """Where each request truly ends (its EOS)."""
     description: dict[str, Any] = field(default_factory=dict)
+    max_tokens: list[int] | None = None
+    """Each request's cap as its client sets it; None: bench's default, the output length
+    with EOS ignored (so every request ends at its cap)."""
 
     def __post_init__(self) -> None:
         n = len(self.arrival_s)
         if not (len(self.prompt_len) == len(self.output_len) == n):
             raise WorkloadError("arrival_s, prompt_len and output_len differ in length")
+        if self.max_tokens is not None and len(self.max_tokens) != n:
+            raise WorkloadError("max_tokens and arrival_s differ in length")
         if any(b < a for a, b in zip(self.arrival_s, self.arrival_s[1:])):
             order = sorted(range(n), key=self.arrival_s.__getitem__)
             self.arrival_s = [self.arrival_s[i] for i in order]
             self.prompt_len = [self.prompt_len[i] for i in order]
             self.output_len = [self.output_len[i] for i in order]
+            if self.max_tokens is not None:
+                self.max_tokens = [self.max_tokens[i] for i in order]
+
+    def with_max_tokens(self, cap: int | None) -> "Workload":
+        """The same requests sent by a client that caps every one at `cap` tokens and stops
+        at EOS (None: bench's default, the output length with EOS ignored)."""
+        if cap is not None and cap < 1:
+            raise WorkloadError("max_tokens must be >= 1")
+        caps = None if cap is None else [cap] * len(self)
+        return Workload(list(self.arrival_s), list(self.prompt_len), list(self.output_len),
+                        {**self.description, "max_tokens": cap if cap else "output length"},
+                        caps)
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -71,7 +90,8 @@ class Workload:
         times = arrival_times(len(self), request_rate, burstiness, seed)
         return Workload(list(times), list(self.prompt_len), list(self.output_len),
                         {**self.description, "request_rate": request_rate,
-                         "burstiness": burstiness, "seed": seed})
+                         "burstiness": burstiness, "seed": seed},
+                        None if self.max_tokens is None else list(self.max_tokens))
 
     def summary(self) -> dict[str, Any]:
         n = len(self)
@@ -202,7 +222,7 @@ def load_trace(path: str | Path, num_prompts: int | None = None) -> Workload:
     return _finish_trace(rows, p, num_prompts)
 
 
-def _row(rec: Any, where: str) -> tuple[float, int, int]:
+def _row(rec: Any, where: str) -> tuple[float, int, int, int | None]:
     if not isinstance(rec, dict):
         raise WorkloadError(f"{where}: expected an object")
     arrival = rec.get("arrival_s", rec.get("start_s"))
@@ -215,26 +235,41 @@ def _row(rec: Any, where: str) -> tuple[float, int, int]:
                             f"output_len (or expected_output_len)") from None
     if not math.isfinite(arrival) or arrival < 0 or prompt < 1 or output < 1:
         raise WorkloadError(f"{where}: arrival_s must be >= 0 and lengths >= 1")
-    return arrival, prompt, output
+    cap = rec.get("max_tokens")
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+        raise WorkloadError(f"{where}: max_tokens must be an integer >= 1")
+    return arrival, prompt, output, cap
 
 
-def _finish_trace(rows: list[tuple[float, int, int]], p: Path, n: int | None) -> Workload:
+def _finish_trace(rows: list[tuple[float, int, int, int | None]], p: Path, n: int | None
+                  ) -> Workload:
+    """A trace's requests from its first arrival on. A row with max_tokens is a client's cap
+    with EOS at output_len; rows without one (bench results, whose requests ignore EOS) are
+    capped at their output length."""
     if not rows:
         raise WorkloadError(f"{p}: the trace holds no requests")
     rows.sort(key=lambda r: r[0])
     if n is not None:
         rows = rows[:n]
     t0 = rows[0][0]
-    return Workload([a - t0 for a, _, _ in rows], [r[1] for r in rows], [r[2] for r in rows],
-                    {"workload": "trace", "trace": str(p)})
+    caps = None
+    if any(r[3] is not None for r in rows):
+        caps = [r[2] if r[3] is None else r[3] for r in rows]
+    return Workload([r[0] - t0 for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                    {"workload": "trace", "trace": str(p)}, caps)
 
 
 def save_trace(workload: Workload, path: str | Path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, "w") as f:
-        for a, pl, ol in zip(workload.arrival_s, workload.prompt_len, workload.output_len):
-            f.write(json.dumps({"arrival_s": a, "prompt_len": pl, "output_len": ol}) + "\n")
+        caps = workload.max_tokens or [None] * len(workload)
+        for a, pl, ol, cap in zip(workload.arrival_s, workload.prompt_len, workload.output_len,
+                                  caps):
+            rec = {"arrival_s": a, "prompt_len": pl, "output_len": ol}
+            if cap is not None:
+                rec["max_tokens"] = cap
+            f.write(json.dumps(rec) + "\n")
     return p
 
 

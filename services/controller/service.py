@@ -28,7 +28,7 @@ from common.wire.internal_messages import (AbortRequests, Allocate, FinishReason
                                            SubmitRequest)
 from common.zmq_io import Endpoint, Incoming, RpcClient, make_context
 from services.controller.instance import Instance
-from services.controller.metrics import ControllerMetrics
+from common.stats import ControllerMetrics
 from services.controller.prometheus import start_metrics_endpoint
 from services.controller.requests import Request, Status
 

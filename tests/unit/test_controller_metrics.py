@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.controller.metrics import ControllerMetrics
+from common.stats import ControllerMetrics
 
 
 def record(m: ControllerMetrics, instance: int, scale: float) -> None:

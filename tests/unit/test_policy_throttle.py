@@ -127,7 +127,7 @@ def test_every_request_finishes_under_memory_pressure_and_without(name, total_bl
     driver = MiniDriver(make_policy(name), depth=4, total_blocks=total_blocks)
     workload(driver, 60, seed=7)
     driver.run()
-    assert all(r.out == r.max_out for r in driver.requests)
+    assert all(r.out == r.max_tokens for r in driver.requests)
     # 60 prompts of up to 300 tokens need far more than 80 blocks of 16 at once: the policy
     # must preempt to make room (and the requests still finish); 2000 blocks hold them all.
     assert (driver.preemptions > 0) == (total_blocks == 80), driver.preemptions
@@ -145,7 +145,7 @@ def test_steady_decode_work_per_micro_batch_is_even_with_throttle_not_sarathi():
             if step % 10 == 0:
                 driver.add(prompt=200, max_out=200)
             driver.step()
-        counts = [b.decode_tokens for b in driver.history[100:]]
+        counts = [b.decode for b in driver.history[100:]]
         mean = sum(counts) / len(counts)
         spreads[name] = (sum((c - mean) ** 2 for c in counts) / len(counts)) ** 0.5 / mean
     assert spreads["throttle"] < 0.15, spreads

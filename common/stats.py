@@ -119,6 +119,9 @@ class ControllerMetrics:
     pending: list[PendingClock] = field(default_factory=list)
     prefill_per_batch: Moments = field(default_factory=Moments)
     decode_per_batch: Moments = field(default_factory=Moments)
+    slo_met: Counter = field(default_factory=Counter)
+    """Requests that finished within their SLO, by class (SLO.label)."""
+    slo_missed: Counter = field(default_factory=Counter)
     ttft: Histogram = field(default_factory=Histogram)
     tpot: Histogram = field(default_factory=Histogram)
     e2e: Histogram = field(default_factory=Histogram)
@@ -169,6 +172,19 @@ class ControllerMetrics:
             if key in timings:
                 hist.add(timings[key])
 
+    def record_slo(self, label: str, met: bool | None) -> None:
+        if met is not None:
+            (self.slo_met if met else self.slo_missed)[label] += 1
+
+    def slo_attainment(self) -> dict[str, dict]:
+        """Per SLO class: requests that met and missed their targets, and the fraction met."""
+        out = {}
+        for label in sorted(set(self.slo_met) | set(self.slo_missed)):
+            met, missed = self.slo_met[label], self.slo_missed[label]
+            out[label] = {"met": met, "missed": missed,
+                          "attainment": round(met / (met + missed), 6)}
+        return out
+
     def as_dict(self, now: float) -> dict:
         stages = []
         for (i, s), c in sorted(self.stages.items()):
@@ -184,6 +200,7 @@ class ControllerMetrics:
             "generated_tokens": self.generated_tokens,
             "micro_batches": self.micro_batches,
             "preemptions": self.preemptions,
+            "slo": self.slo_attainment(),
             "stages": stages,
             "batch_tokens": {"prefill": self.prefill_per_batch.as_dict(),
                              "decode": self.decode_per_batch.as_dict()},

@@ -1,5 +1,5 @@
-"""Scheduler views built fast: the simulator builds one RequestView per running request per
-micro-batch, millions in a large run.
+"""Scheduler views built fast: the instance core builds one RequestView per running request per
+micro-batch, millions in a large simulated run.
 
 Views are built without the frozen dataclasses' `__init__` (which sets each field through
 object.__setattr__, about 3 us a view): `view` fills a plain object of the same slot layout
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from common.scheduling.types import InflightView, KVView, RequestView, SchedulerSnapshot
 
 if TYPE_CHECKING:
-    from conveyor.sim.requests import SimRequest
+    from common.instance.request import CoreRequest
 
 
 def _twin(cls: type) -> type:
@@ -33,11 +33,11 @@ _KVB = _twin(KVView)
 _IVB = _twin(InflightView)
 
 
-def view(r: "SimRequest", _n=_new, _b=_RVB, _c=RequestView) -> RequestView:
-    """RequestView(rid, arrival, prompt, prompt + out, computed, blocks, max_tokens, out,
-    inflight > 0, last_scheduled), cached on the request."""
+def view(r: "CoreRequest", _n=_new, _b=_RVB, _c=RequestView) -> RequestView:
+    """RequestView(req_id, arrival, prompt, prompt + out, computed, blocks, max_tokens, out,
+    inflight > 0, last_scheduled, slo, predicted_output), cached on the request."""
     v = _n(_b)
-    v.req_id = r.rid
+    v.req_id = r.req_id
     v.arrival = r.arrival
     v.num_prompt_tokens = r.prompt
     v.num_tokens = r.prompt + r.out
@@ -47,6 +47,8 @@ def view(r: "SimRequest", _n=_new, _b=_RVB, _c=RequestView) -> RequestView:
     v.num_output_tokens = r.out
     v.in_flight = r.inflight > 0
     v.last_scheduled = r.last_scheduled
+    v.slo = r.slo
+    v.predicted_output = r.predicted_output
     v.__class__ = _c
     r.view = v
     return v
