@@ -142,6 +142,8 @@ def simulator_section(result: SimResult, stage_rows: list[dict[str, Any]]) -> di
         "mean_kv_used": _mean([i["mean_kv_used"] for i in inst]),
         "max_kv_used": max((i["max_kv_used"] for i in inst), default=0.0),
         "preemptions": m.preemptions,
+        "finished": {"stop": m.finished["stop"], "length": m.finished["length"]},
+        "slo": m.slo_attainment(),
         "stages": stage_bubbles(stage_rows),
         "instances": [{k: v for k, v in i.items() if k != "samples"} for i in inst],
     }
@@ -188,6 +190,12 @@ def format_summary(summary: dict[str, Any], title: str = " Simulation Result ") 
                   f"{100 * (sim.get('mean_kv_used') or 0):.1f} / "
                   f"{100 * (sim.get('max_kv_used') or 0):.1f}"),
              line("Preemptions:", sim.get("preemptions")),
+             line("Stopped at EOS / at max_tokens:",
+                  f"{(sim.get('finished') or {}).get('stop', 0)} / "
+                  f"{(sim.get('finished') or {}).get('length', 0)}"),
+             *[line(f"SLO attainment, {label}:",
+                    f"{100 * a['attainment']:.1f}% ({a['met']}/{a['met'] + a['missed']})")
+               for label, a in (sim.get("slo") or {}).items()],
              line("Simulated time (s):", sim.get("simulated_s"), ".2f"),
              line("Wall time (s):", sim.get("wall_s"), ".2f"),
              line("Simulated requests per wall second:", sim.get("requests_per_wall_s"), ".0f"),

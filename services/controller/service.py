@@ -1,10 +1,12 @@
 """The controller process: owns request state and drives every instance's pipeline.
 
 One ROUTER socket takes the ingress and the stage workers; a DEALER reaches the kv-cache
-manager. Per instance, a scheduling task keeps up to `max_inflight` micro-batches in the
-pipeline: whenever a micro-batch completes or requests arrive it asks the policy for the next
-one, gets its blocks from the kv-cache manager and sends the plan to every stage at once (the
-stages prepare their inputs while earlier stages still compute, as gLLM does).
+manager. Each instance's state machine is the instance core (common/instance), shared with
+the simulator; this module is its socket wrapper: wire messages in, the core's decisions out.
+Per instance, a scheduling task keeps up to `max_inflight` micro-batches in the pipeline:
+whenever a micro-batch completes or requests arrive it asks the core for the next plan, gets
+its blocks from the kv-cache manager and sends the plan to every stage at once (the stages
+prepare their inputs while earlier stages still compute, as gLLM does).
 """
 
 from __future__ import annotations
@@ -17,23 +19,24 @@ import zmq
 
 from common.config import ConveyorConfig
 from common.costmodel import BatchShape
+from common.instance import CoreRequest, Finish, pool_misfit
 from common.log import debug_enabled, get_logger
 from common.model import resolve_model
 from common.scheduling import make_policy_from
 from common.scheduling.types import MicroBatchPlan
+from common.stats import ControllerMetrics
 from common.wire.client_messages import ErrorCode
 from common.wire.internal_messages import (AbortRequests, Allocate, FinishReason, FreeBlocks,
                                            Hello, PoolInit, PoolReply, RequestOutput,
                                            RequestOutputs, StatusQuery, StatusReply, StepDone,
                                            SubmitRequest)
 from common.zmq_io import Endpoint, Incoming, RpcClient, make_context
-from services.controller.instance import Instance
-from common.stats import ControllerMetrics
+from services.controller.instance import Served, ServedInstance
 from services.controller.prometheus import start_metrics_endpoint
-from services.controller.requests import Request, Status
 
 log = get_logger()
 KV_TIMEOUT_S = 30.0
+_WIRE_FINISH = {f: FinishReason[f.name] for f in Finish}
 
 
 class Controller:
@@ -44,15 +47,16 @@ class Controller:
         self.eos_token_ids = tuple(src.shape.eos_token_ids)
         self.max_model_len = cfg.model.max_model_len
         sc = cfg.scheduler
-        self.instances = [Instance(i, cfg.deployment.stages, cfg.max_inflight,
-                                   cfg.kvcache.block_size)
-                          for i in range(cfg.deployment.instances)]
-        # One policy object per instance: policies may keep private state between calls.
-        self.policies = [make_policy_from(sc.policy, sc) for _ in self.instances]
-        self.wake = [asyncio.Event() for _ in self.instances]
-        self.requests: dict[int, Request] = {}
         self.metrics = ControllerMetrics(started=time.monotonic(),
-                                         num_instances=len(self.instances))
+                                         num_instances=cfg.deployment.instances)
+        # One policy object per instance: policies may keep private state between calls.
+        self.instances = [
+            ServedInstance.create(i, cfg.deployment.stages, cfg.max_inflight,
+                                  cfg.kvcache.block_size, make_policy_from(sc.policy, sc),
+                                  self.metrics, self._on_release, self._on_finish)
+            for i in range(cfg.deployment.instances)]
+        self.requests: dict[int, CoreRequest] = {}
+        """Live requests by id (finished ones leave at once, even with a batch in flight)."""
         ctx = make_context()
         self.endpoint = Endpoint(ctx, zmq.ROUTER, bind=cfg.endpoints.controller,
                                  router_mandatory=True)
@@ -60,6 +64,8 @@ class Controller:
         self.kv_rpc = RpcClient(self.kv)
         self.ingress_identity: bytes | None = None
         self.outputs: list[RequestOutput] = []
+        self.to_free: dict[int, list[int]] = {}
+        """Per instance, requests whose blocks go back to the kv-cache manager."""
 
     # ---- main loops ---------------------------------------------------------------------
 
@@ -76,7 +82,11 @@ class Controller:
                 inc = await self.endpoint.recv()
                 try:
                     await self.handle(inc)
+                except Exception:  # one bad message must not stop the controller
+                    log.exception("failed to handle a message",
+                                  type=type(inc.message).__name__)
                 finally:
+                    self._flush_frees()
                     await self._flush_outputs()
         finally:
             for t in tasks:
@@ -103,10 +113,11 @@ class Controller:
         elif isinstance(msg, SubmitRequest):
             self._on_submit(msg)
         elif isinstance(msg, AbortRequests):
+            now = time.monotonic()
             for req_id in msg.req_ids:
                 req = self.requests.get(req_id)
-                if req is not None and not req.finished:
-                    self._finish(req, FinishReason.ABORT, msg.reason)
+                if req is not None:
+                    self._end(req, Finish.ABORT, now, msg.reason)
         elif isinstance(msg, StatusQuery):
             await self.endpoint.send(self._status(msg.call_id), inc.identity)
         elif isinstance(msg, Hello):
@@ -117,66 +128,64 @@ class Controller:
     # ---- requests -----------------------------------------------------------------------
 
     def _on_submit(self, msg: SubmitRequest) -> None:
-        if msg.req_id in self.requests:
-            self._reject(msg.req_id, f"duplicate request id {msg.req_id}")
+        if msg.req_id in self.requests or any(msg.req_id in i.core.by_id
+                                              for i in self.instances):
+            self.outputs.append(RequestOutput(msg.req_id, [], FinishReason.ERROR,
+                                              f"duplicate request id {msg.req_id}",
+                                              ErrorCode.INVALID_REQUEST))
             return
-        req = Request.from_wire(msg, time.monotonic(), self.eos_token_ids)
-        inst = min(self.instances, key=lambda i: (not i.ready, i.load))
+        now = time.monotonic()
+        stops = set(msg.stop_token_ids)
+        if not msg.ignore_eos:
+            stops.update(self.eos_token_ids)
+        req = CoreRequest(msg.req_id, now, len(msg.prompt_token_ids), msg.max_tokens,
+                          self.max_model_len, stops, list(msg.prompt_token_ids),
+                          tag=Served(msg.sampling, msg.arrival))
+        inst = min(self.instances, key=lambda i: (not i.ready, i.core.load))
         self.requests[req.req_id] = req
-        self.metrics.prompt_tokens += len(req.prompt_token_ids)
-        inst.add(req)
-        self.metrics.pending[inst.index].update(True, req.arrival)
-        if inst.pool_ready and not self._fits(inst, req):
+        inst.core.add(req, now)
+        if inst.pool_ready and not self._fits(inst, req, now):
             return
-        self.wake[inst.index].set()
+        inst.wake.set()
 
-    def _fits(self, inst: Instance, req: Request) -> bool:
+    def _fits(self, inst: ServedInstance, req: CoreRequest, now: float) -> bool:
         """A request that could not finish even alone in the pool is refused up front."""
-        need = -(-(len(req.prompt_token_ids) + req.max_tokens) // inst.block_size)
-        if need <= inst.total_blocks:
-            return True
-        self._finish(req, FinishReason.ERROR,
-                     f"request needs {need} KV blocks ({len(req.prompt_token_ids)} prompt + "
-                     f"{req.max_tokens} max_tokens) but the pool holds {inst.total_blocks}; "
-                     f"lower max_tokens or give the KV cache more memory",
-                     ErrorCode.INVALID_REQUEST)
-        return False
+        misfit = pool_misfit(req.prompt, req.max_tokens, inst.core.block_size,
+                             inst.core.total_blocks)
+        if misfit:
+            req.tag.error_code = ErrorCode.INVALID_REQUEST
+            self._end(req, Finish.ERROR, now, misfit)
+        return not misfit
 
-    def _reject(self, req_id: int, error: str) -> None:
-        self.outputs.append(RequestOutput(req_id, [], FinishReason.ERROR, error,
-                                          ErrorCode.INVALID_REQUEST))
-
-    def _finish(self, req: Request, reason: FinishReason, error: str = "",
-                error_code: int = ErrorCode.INTERNAL) -> None:
-        """Ends a request. Its blocks are freed now, or when its last micro-batch returns."""
-        if req.status is not Status.FINISHED:
-            req.status = Status.FINISHED
-            req.finish = reason
-            req.error = error
-            self.metrics.finished[reason.name.lower()] += 1
-            timings = req.timings()
-            if reason in (FinishReason.ABORT, FinishReason.ERROR):
-                self.outputs.append(RequestOutput(req.req_id, [], reason, error, error_code))
-            else:
-                self.metrics.record_request(timings)
-            log.info("request finished", req_id=req.req_id, finish=reason.name.lower(),
-                     prompt_tokens=len(req.prompt_token_ids),
-                     output_tokens=len(req.output_token_ids), preemptions=req.preemptions,
-                     instance=req.instance, **timings, **({"error": error} if error else {}))
+    def _end(self, req: CoreRequest, reason: Finish, now: float, error: str = "") -> None:
         inst = self.instances[req.instance]
-        blocks_held = req.num_blocks > 0
-        if inst.remove(req):
-            self.metrics.pending[inst.index].update(bool(inst.waiting or inst.running),
-                                                    time.monotonic())
-            self.requests.pop(req.req_id, None)
-            if blocks_held:
-                self._send_free(inst, [req.req_id])
-            self.wake[inst.index].set()
+        if inst.core.finish(req, reason, now, error):
+            inst.wake.set()
 
-    def _send_free(self, inst: Instance, req_ids: list[int]) -> None:
+    def _on_finish(self, req: CoreRequest) -> None:
+        """The core ended a request: tell the ingress of an abort or error (a stop condition
+        travels with the request's last token) and log it."""
+        self.requests.pop(req.req_id, None)
+        if req.finish in (Finish.ABORT, Finish.ERROR):
+            self.outputs.append(RequestOutput(req.req_id, [], _WIRE_FINISH[req.finish],
+                                              req.error, req.tag.error_code))
+        timings = {k: round(v, 6) for k, v in req.timings().items()}
+        log.info("request finished", req_id=req.req_id, finish=req.finish.name.lower(),
+                 prompt_tokens=req.prompt, output_tokens=req.out, preemptions=req.preemptions,
+                 instance=req.instance, **timings, **({"error": req.error} if req.error else {}))
+
+    def _on_release(self, req: CoreRequest) -> None:
+        """The core took a request's blocks back (finished, or preempted for recompute)."""
+        self.instances[req.instance].to_release.append(req.req_id)
+        self.to_free.setdefault(req.instance, []).append(req.req_id)
+
+    def _flush_frees(self) -> None:
         # Fire and forget (call_id 0): the manager handles messages in order, so a later
         # Allocate already sees these blocks free.
-        self.kv.send_nowait(FreeBlocks(0, inst.index, req_ids))
+        if self.to_free:
+            frees, self.to_free = self.to_free, {}
+            for index, req_ids in frees.items():
+                self.kv.send_nowait(FreeBlocks(0, index, req_ids))
 
     # ---- stages -------------------------------------------------------------------------
 
@@ -185,8 +194,9 @@ class Controller:
             self.ingress_identity = identity
             log.info("ingress connected")
             return
-        if msg.role != "stage" or not 0 <= msg.instance < len(self.instances):
-            log.warning("ignored hello", role=msg.role, instance=msg.instance)
+        if msg.role != "stage" or not 0 <= msg.instance < len(self.instances) \
+                or not 0 <= msg.stage < self.cfg.deployment.stages:
+            log.warning("ignored hello", role=msg.role, instance=msg.instance, stage=msg.stage)
             return
         inst = self.instances[msg.instance]
         inst.stage_identities[msg.stage] = identity
@@ -196,84 +206,85 @@ class Controller:
         if inst.all_stages_registered and not inst.pool_ready:
             num_blocks = min(inst.stage_blocks.values())
             reply = await self.kv_rpc.call(
-                lambda cid: PoolInit(cid, inst.index, num_blocks, inst.block_size), KV_TIMEOUT_S)
-            inst.total_blocks = inst.free_blocks = reply.free_blocks
+                lambda cid: PoolInit(cid, inst.index, num_blocks, inst.core.block_size),
+                KV_TIMEOUT_S)
+            inst.core.resize_pool(reply.free_blocks)
             inst.pool_ready = True
             log.info("instance ready", instance=inst.index, kv_blocks=num_blocks,
-                     kv_tokens=num_blocks * inst.block_size)
-            for req in list(inst.waiting):
-                self._fits(inst, req)
-            self.wake[inst.index].set()
+                     kv_tokens=num_blocks * inst.core.block_size)
+            now = time.monotonic()
+            for req in list(inst.core.waiting):
+                self._fits(inst, req, now)
+            inst.wake.set()
 
     def _on_step_done(self, msg: StepDone) -> None:
+        if not (0 <= msg.instance < len(self.instances)
+                and 0 <= msg.stage < self.cfg.deployment.stages):
+            log.warning("step done from an unknown stage", instance=msg.instance,
+                        stage=msg.stage)
+            return
         self.metrics.record_step(msg.instance, msg.stage, msg.compute_s, msg.wait_s)
         if debug_enabled():
             log.debug("step done", instance=msg.instance, stage=msg.stage, mb_id=msg.mb_id,
                       compute_s=round(msg.compute_s, 6), wait_s=round(msg.wait_s, 6))
         inst = self.instances[msg.instance]
+        core = inst.core
+        batch = core.inflight.get(msg.mb_id)
         if msg.error:
             log.error("stage failed a micro-batch", instance=msg.instance, stage=msg.stage,
                       mb_id=msg.mb_id, error=msg.error)
-        if msg.stage != inst.num_stages - 1:
-            if msg.error:  # the micro-batch is lost: fail its requests now
-                batch = inst.inflight.get(msg.mb_id)
-                for req in batch.requests if batch else ():
-                    self._finish(req, FinishReason.ERROR, f"stage {msg.stage}: {msg.error}")
+        now = time.monotonic()
+        if msg.stage != core.depth - 1:
+            if msg.error and batch is not None:  # the micro-batch is lost: fail its requests
+                for req in batch.requests:
+                    self._end(req, Finish.ERROR, now, f"stage {msg.stage}: {msg.error}")
             return
-        batch = inst.complete(msg.mb_id)
         if batch is None:
             log.warning("completion of an unknown micro-batch", mb_id=msg.mb_id)
             return
-        self.metrics.micro_batches += 1
-        now = time.monotonic()
         if msg.error or len(msg.sampled) != len(batch.sampling):
             error = msg.error or f"stage returned {len(msg.sampled)} tokens for " \
                                  f"{len(batch.sampling)} sequences"
-            for req in batch.requests:
-                self._finish(req, FinishReason.ERROR, error)
+            core.fail_batch(msg.mb_id, error, now)
         else:
-            for req, token in zip(batch.sampling, msg.sampled):
-                if req.finished:
-                    continue  # aborted while in flight: drop its token
-                if req.first_token is None:
-                    req.first_token = now
-                req.last_token = now
-                req.append_token(token, self.max_model_len)
-                self.metrics.generated_tokens += 1
-                self.outputs.append(RequestOutput(req.req_id, [token], req.finish))
-                if req.finish:
-                    self._finish(req, req.finish)
-        for req in batch.requests:  # requests aborted while in flight can let go now
-            if req.finished and req.inflight == 0 and req.req_id in self.requests:
-                self._finish(req, req.finish)
-        self.wake[inst.index].set()
+            live = [r for r in batch.sampling if not r.finished]
+            core.complete(msg.mb_id, msg.sampled, now)
+            for req in live:
+                self.outputs.append(RequestOutput(req.req_id, [req.output_token_ids[-1]],
+                                                  _WIRE_FINISH[req.finish]))
+        inst.wake.set()
 
     # ---- scheduling ---------------------------------------------------------------------
 
-    async def _schedule_loop(self, inst: Instance) -> None:
-        policy = self.policies[inst.index]
-        wake = self.wake[inst.index]
+    async def _schedule_loop(self, inst: ServedInstance) -> None:
         while True:
-            await wake.wait()
-            wake.clear()
-            while inst.ready and len(inst.inflight) < inst.max_inflight:
-                plan = policy.schedule(inst.snapshot(time.monotonic()))
-                if plan.preempt:
-                    victims = inst.preempt(plan.preempt)
-                    self.metrics.preemptions += len(victims)
-                    if victims:
-                        self._send_free(inst, [r.req_id for r in victims])
-                        log.info("preempted", instance=inst.index,
-                                 req_ids=[r.req_id for r in victims])
-                if not plan.chunks:
-                    if not plan.preempt:
+            await inst.wake.wait()
+            inst.wake.clear()
+            plan = None
+            try:
+                while inst.ready:
+                    plan = inst.core.next_plan(inst.policy, time.monotonic())
+                    self._flush_frees()  # preemptions free blocks before any allocation
+                    if plan is None or not await self._dispatch(inst, plan):
                         break
-                    continue
-                if not await self._dispatch(inst, plan):
-                    break
+                    plan = None
+            except Exception as e:  # never let the instance's only scheduler die silently
+                log.exception("scheduling failed", instance=inst.index)
+                self._fail_plan(inst, plan, f"the controller could not schedule it: {e}")
+                self._flush_frees()
+                await self._flush_outputs()
+                inst.wake.set()
 
-    async def _dispatch(self, inst: Instance, plan: MicroBatchPlan) -> bool:
-        wants = inst.block_wants(plan, self.requests)
+    def _fail_plan(self, inst: ServedInstance, plan: MicroBatchPlan | None, error: str) -> None:
+        now = time.monotonic()
+        for c in plan.chunks if plan is not None else ():
+            req = inst.core.by_id.get(c.req_id)
+            if req is not None:
+                self._end(req, Finish.ERROR, now, error)
+
+    async def _dispatch(self, inst: ServedInstance, plan: MicroBatchPlan) -> bool:
+        core = inst.core
+        wants = core.block_wants(plan)
         granted: dict[int, list[int]] = {}
         if wants:
             reply: PoolReply = await self.kv_rpc.call(
@@ -281,27 +292,30 @@ class Controller:
             if not reply.ok:
                 log.error("kv-cache manager refused an allocation the controller counted as "
                           "free; resynchronizing", error=reply.error, free=reply.free_blocks)
-                inst.free_blocks = reply.free_blocks
+                core.free_blocks = reply.free_blocks
                 return False
             granted = {req_id: blocks for (req_id, _), blocks in zip(wants, reply.granted)}
         # Requests may have ended while we awaited the blocks: drop their chunks and blocks.
-        live = tuple(c for c in plan.chunks if not self.requests.get(c.req_id, _GONE).finished)
+        live = tuple(c for c in plan.chunks if not _ended(core.by_id.get(c.req_id)))
         gone = [c.req_id for c in plan.chunks if c.req_id in granted and
-                self.requests.get(c.req_id, _GONE).finished]
+                _ended(core.by_id.get(c.req_id))]
         if gone:
-            self._send_free(inst, gone)
+            self.kv.send_nowait(FreeBlocks(0, inst.index, gone))
         if not live:
             return True
-        first, rest = inst.commit(MicroBatchPlan(live), self.requests, granted, time.monotonic())
-        batch = inst.inflight[first.mb_id]
-        self.metrics.record_batch(batch.num_prefill_tokens, batch.num_decode_tokens)
+        batch = core.commit(MicroBatchPlan(live), time.monotonic(), inst.policy)
+        first, rest = inst.step_plans(batch, granted)
         if debug_enabled():  # the micro-batch's shape, for scripts/step_timeline.py
             shape = BatchShape.of_chunks(((c.start, c.num_new) for c in first.chunks),
                                          len(batch.sampling))
             log.debug("dispatched", instance=inst.index, mb_id=first.mb_id,
-                      requests=len(batch.requests), **asdict(shape))
-        for stage, identity in sorted(inst.stage_identities.items()):
-            await self.endpoint.send(first if stage == 0 else rest, identity)
+                      requests=len(batch.chunks), **asdict(shape))
+        try:
+            for stage, identity in sorted(inst.stage_identities.items()):
+                await self.endpoint.send(first if stage == 0 else rest, identity)
+        except Exception as e:  # a stage went away: the batch will never come back
+            core.fail_batch(batch.mb_id, f"could not reach a stage: {e}", time.monotonic())
+            raise
         return True
 
     # ---- outputs and status -------------------------------------------------------------
@@ -320,7 +334,7 @@ class Controller:
 
     def _status(self, call_id: int) -> StatusReply:
         ready = all(i.ready for i in self.instances)
-        missing = [f"instance {i.index}: {len(i.stage_identities)}/{i.num_stages} stages"
+        missing = [f"instance {i.index}: {len(i.stage_identities)}/{i.core.depth} stages"
                    + ("" if i.pool_ready else ", pool pending")
                    for i in self.instances if not i.ready]
         return StatusReply(call_id, ready, "; ".join(missing) or "ready",
@@ -337,11 +351,8 @@ class Controller:
         return stats
 
 
-class _Gone:
-    finished = True
-
-
-_GONE = _Gone()
+def _ended(req: CoreRequest | None) -> bool:
+    return req is None or req.finished
 
 
 async def run(cfg: ConveyorConfig) -> None:
