@@ -2,7 +2,10 @@
 
 `Endpoint` wraps one zmq.asyncio socket: send a message (to an identity, on ROUTER sockets),
 receive the next one as an `Incoming` that holds either the message or the reason it could not
-be decoded, so a service can answer a bad frame instead of dying on it.
+be decoded (common.wire.decode raises only ProtocolError, whatever the frame holds), so a
+service can answer a bad frame instead of dying on it. A socket facing untrusted peers can cap
+the size of one frame (`max_frame_bytes`, ZeroMQ's MAXMSGSIZE): ZeroMQ then drops a larger
+frame before it is buffered whole and disconnects its sender, which gets no reply.
 `RpcClient` matches replies to calls by `call_id` on a DEALER socket.
 """
 
@@ -57,7 +60,7 @@ class Endpoint:
 
     def __init__(self, ctx: zmq.asyncio.Context, kind: int, *, bind: str | None = None,
                  connect: str | None = None, identity: bytes | None = None,
-                 router_mandatory: bool = False):
+                 router_mandatory: bool = False, max_frame_bytes: int = 0):
         self.kind = kind
         self.sock = ctx.socket(kind)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -69,6 +72,8 @@ class Endpoint:
             # Sending to a peer that has gone raises EHOSTUNREACH instead of silently dropping:
             # that is how the ingress notices a vanished client.
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if max_frame_bytes > 0:  # before bind/connect: connections take the options of then
+            self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         if bind:
             ensure_ipc_dir(bind)
             self.sock.bind(bind)

@@ -3,7 +3,8 @@
 Importing this package registers every message type with the decoder."""
 
 from common.wire import client_messages, internal_messages  # noqa: F401  (registration)
-from common.wire.framing import (PROTOCOL_VERSION, InternalMessage, Message, ProtocolError,
-                                 decode, encode)
+from common.wire.framing import (PROTOCOL_VERSION, EncodeError, InternalMessage, Message,
+                                 ProtocolError, decode, encode)
 
-__all__ = ["PROTOCOL_VERSION", "InternalMessage", "Message", "ProtocolError", "decode", "encode"]
+__all__ = ["PROTOCOL_VERSION", "EncodeError", "InternalMessage", "Message", "ProtocolError",
+           "decode", "encode"]

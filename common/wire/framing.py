@@ -8,14 +8,22 @@ The header is decoded first and on its own, so a peer speaking another version g
 error ("protocol version 2, this server speaks 1") instead of a confusing schema mismatch.
 Bodies are decoded by msgspec against the struct registered for the type id, so a missing field,
 a wrong type or an unknown field is reported with its path.
+
+Whatever a frame holds, decoding it raises ProtocolError and nothing else: a body nested too
+deeply (msgspec recurses, and a few kilobytes of msgpack can reach Python's recursion limit),
+an allocation that fails, or any other error is a refused frame, never a dead process. Every
+receiver (common.zmq_io.Endpoint, the stage worker's loop) relies on that.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
+
+from common.wire.values import unencodable
 
 PROTOCOL_VERSION = 1
 
@@ -26,6 +34,11 @@ _body_encoder = msgspec.msgpack.Encoder()
 
 class ProtocolError(ValueError):
     """A frame could not be decoded: wrong version, unknown type, malformed or truncated body."""
+
+
+class EncodeError(ValueError):
+    """A message holds a value the wire cannot carry (an integer beyond 64 bits, a string with
+    a lone surrogate, an object msgpack has no form for); the message names the field."""
 
 
 class Message(msgspec.Struct, forbid_unknown_fields=True):
@@ -58,17 +71,20 @@ def register(cls: M) -> M:
 def encode(msg: Message, buffers: Sequence[bytes | memoryview] = ()) -> list[Any]:
     """The frames of one message (identity frames, if any, are the caller's business)."""
     header = _header_encoder.encode((PROTOCOL_VERSION, msg.TYPE_ID))
-    return [header, _body_encoder.encode(msg), *buffers]
+    try:
+        body = _body_encoder.encode(msg)
+    except (OverflowError, UnicodeEncodeError, TypeError) as e:
+        where = unencodable(msgspec.to_builtins(msg)) if not isinstance(e, TypeError) else None
+        raise EncodeError(f"{type(msg).__name__} cannot be encoded: {where or e}") from None
+    return [header, body, *buffers]
 
 
 def decode(frames: Sequence[bytes | memoryview]) -> tuple[Message, list[bytes | memoryview]]:
     """Decodes [header, body, *buffers]; raises ProtocolError with a readable reason."""
     if len(frames) < 2:
         raise ProtocolError(f"expected a header and a body frame, got {len(frames)} frame(s)")
-    try:
-        version, type_id = _header_decoder.decode(frames[0])
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise ProtocolError(f"malformed header frame: {e}") from None
+    version, type_id = _decode(_header_decoder, frames[0], "header frame",
+                               "malformed header frame", "malformed header frame")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"unsupported protocol version {version}; this peer speaks version {PROTOCOL_VERSION}")
@@ -76,12 +92,26 @@ def decode(frames: Sequence[bytes | memoryview]) -> tuple[Message, list[bytes | 
     if entry is None:
         raise ProtocolError(f"unknown message type {type_id}")
     cls, decoder = entry
+    name = cls.__name__
+    body = _decode(decoder, frames[1], f"{name} body", f"invalid {name} message",
+                   f"malformed or truncated {name} body")
+    return body, list(frames[2:])
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, data: bytes | memoryview, what: str,
+            invalid: str, malformed: str) -> Any:
+    """`invalid` and `malformed` prefix schema errors and msgpack syntax errors."""
     try:
-        return decoder.decode(frames[1]), list(frames[2:])
+        return decoder.decode(data)
     except msgspec.ValidationError as e:
-        raise ProtocolError(f"invalid {cls.__name__} message: {e}") from None
+        raise ProtocolError(f"{invalid}: {e}") from None
     except msgspec.DecodeError as e:
-        raise ProtocolError(f"malformed or truncated {cls.__name__} body: {e}") from None
+        raise ProtocolError(f"{malformed}: {e}") from None
+    except RecursionError:
+        raise ProtocolError(f"{what} is nested too deeply (more than about "
+                            f"{sys.getrecursionlimit()} levels of arrays or maps)") from None
+    except Exception as e:  # MemoryError, or anything else msgspec may raise: refuse the frame
+        raise ProtocolError(f"undecodable {what}: {type(e).__name__}: {e}") from None
 
 
 def type_name(type_id: int) -> str:

@@ -19,11 +19,11 @@ import zmq
 import zmq.asyncio
 
 from common.config import DEFAULT_INGRESS_PORT
-from common.wire import decode, encode
+from common.wire import EncodeError, decode, encode
 from common.wire.client_messages import (NO_REQUEST_ID, CancelRequest, ChatMessage, ErrorReply,
                                          Finished, GenerateRequest, HealthReply, HealthRequest,
                                          StatsReply, StatsRequest, TokenDelta)
-from conveyor.client.errors import (ConnectionFailed, ProtocolError,
+from conveyor.client.errors import (ConnectionFailed, InvalidRequestError, ProtocolError,
                                     RequestTimeout, error_from_reply)
 from conveyor.client.types import GenerationResult, Health, StreamDelta
 
@@ -123,6 +123,12 @@ class AsyncClient:
 
     async def _open(self, msg, check_connection: bool = True) -> asyncio.Queue:
         """Registers a reply queue for `msg.id` and sends it."""
+        try:
+            frames = encode(msg)
+        except EncodeError as e:
+            # An integer beyond 64 bits or a lone surrogate cannot even be put on the wire, so
+            # the server never sees it: refuse it here, as the server refuses what it can see.
+            raise InvalidRequestError(str(e)) from None
         if self._sock is None:
             self._sock = self._ctx.socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
@@ -134,7 +140,7 @@ class AsyncClient:
             await self._ensure_connected()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[msg.id] = queue
-        await self._sock.send_multipart(encode(msg))
+        await self._sock.send_multipart(frames)
         return queue
 
     async def _ensure_connected(self) -> None:

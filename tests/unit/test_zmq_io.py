@@ -12,7 +12,8 @@ import zmq.asyncio
 
 from common.config import free_port
 from common.wire import decode, encode
-from common.wire.client_messages import ErrorReply, HealthRequest
+from common.wire.client_messages import (ErrorReply, GenerateRequest, HealthRequest,
+                                         StatsRequest)
 from common.zmq_io import Endpoint, make_context
 
 
@@ -65,3 +66,41 @@ async def test_requests_are_read_promptly_while_replies_stream_out():
         server.cancel()
         ep.close()
     assert worst < 1.0, f"a request waited {worst:.2f}s to be read"
+
+
+async def test_frames_over_the_size_limit_are_dropped_and_others_still_arrive():
+    address = f"tcp://127.0.0.1:{free_port()}"
+    ep = Endpoint(make_context(), zmq.ROUTER, bind=address, max_frame_bytes=4096)
+    ctx = zmq.asyncio.Context.instance()
+    big, small = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        for sock in (big, small):
+            sock.connect(address)
+        header = encode(HealthRequest(1))[0]
+        await big.send_multipart([header, b"\xc4\xff" + b"x" * 10_000])  # one 10 kB frame
+        await asyncio.sleep(0.2)  # let ZeroMQ read (and drop) it first
+        await small.send_multipart(encode(HealthRequest(2)))
+        inc = await asyncio.wait_for(ep.recv(), timeout=5)
+        assert inc.message == HealthRequest(2)
+    finally:
+        big.close(linger=0)
+        small.close(linger=0)
+        ep.close()
+
+
+async def test_an_undecodable_frame_is_received_as_its_reason():
+    address = f"tcp://127.0.0.1:{free_port()}"
+    ep = Endpoint(make_context(), zmq.ROUTER, bind=address)
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    try:
+        sock.connect(address)
+        header = encode(GenerateRequest(1))[0]
+        params_nested = b"\x82\xa2id\x01\xa6params\x81\xa1x" + b"\x91" * 100_000 + b"\x00"
+        await sock.send_multipart([header, params_nested])
+        await sock.send_multipart(encode(StatsRequest(2)))
+        bad = await asyncio.wait_for(ep.recv(), timeout=5)
+        assert bad.message is None and "GenerateRequest body is nested too deeply" in bad.error
+        assert (await asyncio.wait_for(ep.recv(), timeout=5)).message == StatsRequest(2)
+    finally:
+        sock.close(linger=0)
+        ep.close()
