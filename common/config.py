@@ -20,6 +20,9 @@ from typing import Any, Literal
 import msgspec
 
 DEFAULT_INGRESS_PORT = 7600
+PROMPT_BYTES_PER_TOKEN = 32
+"""ingress.max_prompt_bytes = 0 allows this many UTF-8 bytes per token of max_model_len: text
+averages 3-5 bytes per token, and only runs of whitespace pack more into one token."""
 
 
 class ConfigError(ValueError):
@@ -126,6 +129,13 @@ class IngressConfig(_Section):
     """Most stop strings one request may carry."""
     keepalive_s: float = 1.0
     """How often clients with requests in flight are probed, so a vanished one is noticed."""
+    max_prompt_bytes: int = 0
+    """Largest prompt (UTF-8 bytes of `prompt`, or of all `messages`) accepted for tokenizing;
+    larger ones are refused before any tokenizer work. 0: PROMPT_BYTES_PER_TOKEN (32) per token
+    of model.max_model_len."""
+    max_frame_bytes: int = 16 * 2**20
+    """Largest frame a client may send (ZeroMQ MAXMSGSIZE); ZeroMQ drops a larger one unread
+    and disconnects the client, which gets no reply. 0: no limit."""
 
 
 class LoggingConfig(_Section):
@@ -166,6 +176,10 @@ class ConveyorConfig(_Section):
              "kvcache.gpu_memory_utilization must be in (0, 1]"),
             (self.ingress.default_max_tokens >= 1, "ingress.default_max_tokens must be >= 1"),
             (self.ingress.keepalive_s > 0, "ingress.keepalive_s must be > 0"),
+            (self.ingress.max_prompt_bytes >= 0, "ingress.max_prompt_bytes must be >= 0"),
+            (self.ingress.max_frame_bytes == 0 or self.ingress.max_frame_bytes >
+             self.max_prompt_bytes, "ingress.max_frame_bytes must exceed the prompt limit "
+             f"({self.max_prompt_bytes} bytes), so a prompt too long is answered, not dropped"),
         ]
         for ok, message in checks:
             if not ok:
@@ -180,6 +194,10 @@ class ConveyorConfig(_Section):
     @property
     def max_inflight(self) -> int:
         return self.scheduler.max_inflight or self.deployment.stages
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        return self.ingress.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.model.max_model_len
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None

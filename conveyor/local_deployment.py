@@ -67,6 +67,33 @@ class Deployment:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def process_pid(self, role: str, instance: int = 0, stage: int = 0) -> int:
+        """The pid of one of the deployment's processes (`conveyor serve` starts each as its
+        own child), found in /proc by its command line: the log is written by every process
+        at once, so lines parsed from it can be interleaved mid-line. Linux only."""
+        want = ["start", role] + (["--instance", str(instance), "--stage", str(stage)]
+                                  if role == "stage" else [])
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:  # exited meanwhile, or not ours to read
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
+            if ppid == self.proc.pid and _contains(argv, want):
+                found.append(int(entry.name))
+        if len(found) != 1:
+            raise LookupError(f"expected one {' '.join(want)} process under pid "
+                              f"{self.proc.pid}, found {found}")
+        return found[0]
+
+
+def _contains(argv: list[str], run: list[str]) -> bool:
+    return any(argv[i:i + len(run)] == run for i in range(len(argv)))
+
 
 def start_deployment(stages: int = 2, instances: int = 1, sets: tuple[str, ...] = (),
                      timeout_s: float = 300.0, sigint_ignored: bool = False) -> Deployment:

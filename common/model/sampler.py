@@ -67,12 +67,16 @@ def _filtered_probs(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Te
     device, vocab = logits.device, logits.shape[1]
     temperature = torch.tensor([s.temperature for s in specs], device=device)
     scaled = logits / temperature[:, None]
-    if all(s.top_k == 0 for s in specs) and all(s.top_p >= 1 for s in specs):
+    # A top_k of the vocabulary or more keeps every token, like 0; clamping also keeps any
+    # Python int out of the int64 tensor below, where one beyond 2**63 - 1 would fail the
+    # whole micro-batch ("Overflow when unpacking long long").
+    top_ks = [s.top_k if 0 < s.top_k < vocab else vocab for s in specs]
+    if all(k == vocab for k in top_ks) and all(s.top_p >= 1 for s in specs):
         return torch.softmax(scaled, dim=-1)
     # A stable sort keeps tied logits in vocabulary order, so the kept set is deterministic.
     sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
     ranks = torch.arange(vocab, device=device)
-    top_k = torch.tensor([s.top_k if s.top_k > 0 else vocab for s in specs], device=device)
+    top_k = torch.tensor(top_ks, device=device)
     sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
     top_p = torch.tensor([s.top_p for s in specs], device=device)
     sorted_probs = torch.softmax(sorted_logits, dim=-1)

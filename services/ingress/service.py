@@ -2,9 +2,11 @@
 
 Clients speak the public protocol (common.wire.client_messages) to a ROUTER socket over TCP.
 The ingress validates and tokenizes requests, forwards them to the controller, and streams the
-detokenized text back. A client that vanishes is noticed when a send to it fails (ROUTER in
-mandatory mode, probed with Ping while its requests run) and its requests are aborted, so their
-KV is freed and nobody else waits behind them.
+detokenized text back. Cheap checks run on receipt; tokenizing runs in a worker thread
+(admission.py), so a long prompt never stalls other clients' streams. A client that vanishes
+is noticed when a send to it fails (ROUTER in mandatory mode, probed with Ping while its
+requests run) and its requests are aborted, so their KV is freed and nobody else waits behind
+them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import errno
 import itertools
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import zmq
@@ -28,9 +31,11 @@ from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, R
                                            RequestOutputs, RequestSampling, StatusQuery,
                                            SubmitRequest)
 from common.zmq_io import Endpoint, Incoming, RpcClient, make_context
+from services.ingress.admission import Admission
 from services.ingress.detokenizer import IncrementalDetokenizer
 from services.ingress.tokenizer import load_tokenizer
-from services.ingress.validation import InvalidRequest, Limits, validate
+from services.ingress.validation import (CheckedRequest, InvalidRequest, Limits, ValidRequest,
+                                         check, finalize, tokenize)
 
 log = get_logger()
 STATUS_TIMEOUT_S = 5.0
@@ -44,11 +49,16 @@ class ClientRequest:
     client_id: int
     req_id: int
     stream: bool
-    prompt_tokens: int
+    checked: CheckedRequest
     detok: IncrementalDetokenizer
+    prompt_tokens: int = 0
     received: float = field(default_factory=time.time)
     first_token: float | None = None
     tokens_streamed: int = 0
+    submitted: bool = False
+    """Sent to the controller (before that, it is waiting for admission)."""
+    closed: bool = False
+    """Finished, cancelled or lost: admission drops it if it is still waiting."""
 
     def stream_delta(self, final: bool = False) -> TokenDelta | None:
         """What the client has not seen yet, as one TokenDelta (None when there is nothing)."""
@@ -71,25 +81,36 @@ class Ingress:
                  has_tokenizer=self.tokenizer is not None,
                  load_s=round(time.perf_counter() - t0, 2))
         self.limits = Limits(cfg.model.max_model_len, src.shape.vocab_size,
-                             cfg.ingress.default_max_tokens, cfg.ingress.max_stop_strings)
+                             cfg.ingress.default_max_tokens, cfg.ingress.max_stop_strings,
+                             cfg.max_prompt_bytes)
         ctx = make_context()
         self.clients = Endpoint(ctx, zmq.ROUTER, bind=cfg.endpoints.ingress,
-                                router_mandatory=True)
+                                router_mandatory=True, max_frame_bytes=cfg.ingress.max_frame_bytes)
         self.ctrl = Endpoint(ctx, zmq.DEALER, connect=cfg.endpoints.controller,
                              identity=b"ingress")
         self.ctrl_rpc = RpcClient(self.ctrl)
         self.active: dict[int, ClientRequest] = {}
         self.by_client: dict[tuple[bytes, int], ClientRequest] = {}
         self._req_ids = itertools.count(1)
+        self.admission: Admission[ClientRequest, ValidRequest] = Admission(
+            self._prepare, self._submit, self._refuse)
 
     async def serve(self) -> None:
         await self.ctrl.send(Hello("ingress"))
         log.info("ingress listening", address=self.clients.address)
         tasks = [asyncio.create_task(self._controller_loop()),
-                 asyncio.create_task(self._keepalive_loop())]
+                 asyncio.create_task(self._keepalive_loop()),
+                 asyncio.create_task(self.admission.run())]
         try:
             while True:
-                await self._on_client(await self.clients.recv())
+                inc = await self.clients.recv()
+                try:
+                    await self._on_client(inc)
+                except Exception as e:  # a bug met by one message must not stop the ingress
+                    log.error("failed to handle a client message", error=repr(e),
+                              traceback=traceback.format_exc())
+                    rid = getattr(inc.message, "id", NO_REQUEST_ID)
+                    self._send(inc.identity, ErrorReply(rid, ErrorCode.INTERNAL, repr(e)))
         finally:
             for t in tasks:
                 t.cancel()
@@ -123,20 +144,41 @@ class Ingress:
                                             f"request id {msg.id} is already in flight"))
             return
         try:
-            valid = validate(msg, self.tokenizer, self.limits)
+            checked = check(msg, self.tokenizer, self.limits)
         except InvalidRequest as e:
             log.info("request refused", client_id=msg.id, reason=str(e))
             self._send(identity, ErrorReply(msg.id, ErrorCode.INVALID_REQUEST, str(e)))
             return
-        p = valid.params
-        cr = ClientRequest(identity, msg.id, next(self._req_ids), msg.stream,
-                           len(valid.prompt_token_ids), IncrementalDetokenizer(self.tokenizer, p.stop))
+        # Known from now on, so that a cancel, a duplicate id or the client's loss finds it
+        # while it waits for admission.
+        cr = ClientRequest(identity, msg.id, next(self._req_ids), msg.stream, checked,
+                           IncrementalDetokenizer(self.tokenizer, checked.params.stop))
         self.active[cr.req_id] = cr
         self.by_client[(identity, msg.id)] = cr
+        self.admission.put(cr)
+
+    def _prepare(self, cr: ClientRequest) -> ValidRequest:
+        """In the admission thread: reads only `cr.checked`, which nothing else changes."""
+        return finalize(cr.checked, tokenize(cr.checked, self.tokenizer), self.limits)
+
+    def _submit(self, cr: ClientRequest, valid: ValidRequest) -> None:
+        p = valid.params
+        cr.prompt_tokens = len(valid.prompt_token_ids)
         self.ctrl.send_nowait(SubmitRequest(
             cr.req_id, valid.prompt_token_ids, valid.max_tokens,
             RequestSampling(p.temperature, p.top_p, p.top_k, p.seed), p.stop_token_ids,
             p.ignore_eos, cr.received))
+        cr.submitted = True
+
+    def _refuse(self, cr: ClientRequest, error: Exception) -> None:
+        if isinstance(error, InvalidRequest):
+            log.info("request refused", client_id=cr.client_id, reason=str(error))
+            code, text = ErrorCode.INVALID_REQUEST, str(error)
+        else:
+            log.error("preparing a request failed", client_id=cr.client_id, error=repr(error))
+            code, text = ErrorCode.INTERNAL, f"preparing the request failed: {error!r}"
+        self._send(cr.identity, ErrorReply(cr.client_id, code, text))
+        self._forget(cr)
 
     async def _answer_status(self, identity: bytes, msg: HealthRequest | StatsRequest) -> None:
         try:
@@ -147,7 +189,8 @@ class Ingress:
                                             f"{STATUS_TIMEOUT_S:g}s"))
             return
         if isinstance(msg, StatsRequest):
-            stats = dict(status.stats, ingress={"active_requests": len(self.active)})
+            stats = dict(status.stats, ingress={"active_requests": len(self.active),
+                                                "awaiting_admission": self.admission.waiting})
             self._send(identity, StatsReply(msg.id, stats))
             return
         dep = self.cfg.deployment
@@ -234,11 +277,15 @@ class Ingress:
         self._forget(cr)
 
     def _abort(self, crs: list[ClientRequest], reason: str) -> None:
-        self.ctrl.send_nowait(AbortRequests([cr.req_id for cr in crs], reason))
+        req_ids = [cr.req_id for cr in crs if cr.submitted]  # the others never reached it
+        if req_ids:
+            self.ctrl.send_nowait(AbortRequests(req_ids, reason))
 
     def _forget(self, cr: ClientRequest) -> None:
+        cr.closed = True
         self.active.pop(cr.req_id, None)
-        self.by_client.pop((cr.identity, cr.client_id), None)
+        if self.by_client.get((cr.identity, cr.client_id)) is cr:  # the id may be reused since
+            del self.by_client[(cr.identity, cr.client_id)]
 
 
 async def run(cfg: ConveyorConfig) -> None:

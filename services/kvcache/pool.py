@@ -15,6 +15,8 @@ class BlockPool:
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1:
             raise ValueError(f"a block pool needs at least one block, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"a block holds at least one token, got block_size={block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         # A stack: recently freed blocks are reused first, which keeps the working set warm.

@@ -2,9 +2,13 @@
 
 The controller is the only allocator (it initializes a pool once all stages of an instance
 have reported their capacity); anyone may ask for pool statistics (tests, tools, dashboards).
+A message the manager cannot act on is answered with a refusal (ok false, and why) or, when it
+expects no answer, logged: one bad message never stops the process every instance relies on.
 """
 
 from __future__ import annotations
+
+import traceback
 
 import zmq
 
@@ -35,12 +39,24 @@ class KVCacheManager:
         if inc.message is None:
             log.warning("dropped undecodable frame", error=inc.error)
             return
-        reply = self.answer(inc.message)
+        try:
+            reply = self.answer(inc.message)
+        except Exception as e:  # a bug met by one message: refuse it, keep serving the rest
+            log.error("failed to handle a message", type=type(inc.message).__name__,
+                      error=repr(e), traceback=traceback.format_exc())
+            call_id = getattr(inc.message, "call_id", 0)
+            reply = PoolReply(call_id, False, [], 0, repr(e)) if call_id else None
         if reply is not None:
             await self.endpoint.send(reply, inc.identity)
 
     def answer(self, msg):  # -> reply message or None
         if isinstance(msg, PoolInit):
+            if msg.num_blocks < 1 or msg.block_size < 1:
+                log.error("refused a pool", instance=msg.instance, blocks=msg.num_blocks,
+                          block_size=msg.block_size)
+                return PoolReply(msg.call_id, False, [], 0,
+                                 f"a pool needs num_blocks >= 1 and block_size >= 1, got "
+                                 f"num_blocks={msg.num_blocks}, block_size={msg.block_size}")
             self.pools[msg.instance] = BlockPool(msg.num_blocks, msg.block_size)
             log.info("pool initialized", instance=msg.instance, blocks=msg.num_blocks,
                      block_size=msg.block_size)

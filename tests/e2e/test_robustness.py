@@ -3,16 +3,20 @@ good request that must still be served. Runs against one real 2-stage deployment
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import msgspec
 import pytest
 import zmq
 
-from common.wire import PROTOCOL_VERSION, encode
-from common.wire.client_messages import GenerateRequest
+from common.wire import PROTOCOL_VERSION, decode, encode
+from common.wire.client_messages import ErrorReply, GenerateRequest
+from common.wire.internal_messages import PoolInit, PoolReply
 from conveyor.client import InvalidRequestError, RequestTimeout
 
 GOOD = dict(max_tokens=8, temperature=0)
@@ -43,7 +47,7 @@ def test_prompt_longer_than_the_context(client, deployment):
                            r"2048-token context, so at most \d+"),
     ({"temperature": -1}, r"temperature must be in \[0, 100\], got -1"),
     ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
-    ({"top_k": -3}, r"top_k must be >= 0"),
+    ({"top_k": -3}, r"top_k must be in \[0, 9223372036854775807\] \(0 disables it\), got -3"),
     ({"temperature": "hot"}, r"invalid parameter: Expected `float`, got `str` - at `temperature`"),
     ({"frobnicate": 1}, r"unknown parameter 'frobnicate' \(known parameters: max_tokens, "),
 ])
@@ -151,3 +155,111 @@ def test_duplicate_request_ids_on_one_connection(deployment):
     finally:
         sock.close()  # vanishing with a request in flight: the server aborts it
     assert deployment.wait_kv_free(timeout_s=15)[0].requests == 0
+
+
+# ---- faults: no frame, parameter or message fails anything but itself ---------------------
+
+PROMPT = "Tell me about the history of bridges."
+STREAMED = dict(max_tokens=120, temperature=0, ignore_eos=True)
+DEEP = b"\x82\xa2id\x05\xa6params\x81\xa1x" + b"\x91" * 200_000 + b"\x00"  # 200 kB, 200k levels
+
+
+def _send_raw(address: str, frames: list[bytes], expect_reply: bool):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(address)
+    try:
+        sock.send_multipart(frames)
+        if expect_reply:
+            assert sock.poll(10_000), "no reply"
+            return decode(sock.recv_multipart())[0]
+    finally:
+        sock.close()
+
+
+def _rss_kib(pid: int) -> int:
+    status = open(f"/proc/{pid}/status").read()
+    return int(status.split("VmRSS:")[1].split()[0])
+
+
+def test_faults_while_a_stream_is_in_flight(deployment, client):
+    """A deeply nested frame to every process that reads frames, an empty pool, numbers beyond
+    64 bits and lone surrogates, all while a greedy stream runs: each is refused with its
+    reason, and the stream's tokens are exactly those of the same request run alone."""
+    reference = client.generate(PROMPT, **STREAMED)
+    with deployment.client(timeout=120) as streaming:
+        stream = streaming.stream(PROMPT, **STREAMED)
+        tokens = iter(stream)
+        first = next(tokens)
+        header = encode(GenerateRequest(id=5))[0]
+        reply = _send_raw(deployment.address, [header, DEEP], expect_reply=True)
+        assert isinstance(reply, ErrorReply) and reply.code == 2 and reply.id == -1
+        assert reply.message.startswith("GenerateRequest body is nested too deeply")
+        for inner in (f"ipc://{deployment.run_dir}/controller", deployment.kvcache_address):
+            _send_raw(inner, [header, DEEP], expect_reply=False)
+        refused = _send_raw(deployment.kvcache_address, encode(PoolInit(77, 0, 0, 16)), True)
+        assert isinstance(refused, PoolReply) and not refused.ok and refused.error == (
+            "a pool needs num_blocks >= 1 and block_size >= 1, got num_blocks=0, block_size=16")
+        for kwargs, message in [
+            (dict(top_k=2**63), "top_k must be in [0, 9223372036854775807] (0 disables it), "
+                                "got 9223372036854775808"),
+            (dict(top_k=2**64 - 1), "top_k must be in [0, 9223372036854775807]"),
+            (dict(seed=2**64 - 1), "seed must be in [-9223372036854775808, 9223372036854775807]"),
+            (dict(stop_token_ids=[2**63]), "stop_token_ids outside the vocabulary [0, 49152): "
+                                           "[9223372036854775808]"),
+            (dict(prompt_token_ids=[2**64 - 1]), "prompt_token_ids outside the vocabulary"),
+            (dict(max_tokens=2**70), "GenerateRequest cannot be encoded: params.max_tokens = "
+                                     "1180591620717411303424 is outside the integers the wire "
+                                     "carries ([-2**63, 2**64 - 1])"),
+            (dict(stop=["\ud800"]), "params.stop[0] contains a lone surrogate U+D800"),
+            (dict(prompt="caf\udce9"), "prompt contains a lone surrogate U+DCE9 at character 3"),
+            (dict(messages=[{"role": "user", "content": "\udfff"}]),
+             "messages[0].content contains a lone surrogate U+DFFF"),
+        ]:
+            prompt = kwargs.pop("prompt", None if {"messages", "prompt_token_ids"} & set(kwargs)
+                                else "Hi")
+            with pytest.raises(InvalidRequestError) as e:
+                client.generate(prompt, **kwargs)
+            assert message in e.value.message, (kwargs, e.value.message)
+        # The largest top_k is the same as none: it shares micro-batches with the stream.
+        kw = dict(temperature=1.0, seed=11, max_tokens=8)
+        assert client.generate("Hi", top_k=2**63 - 1, **kw).token_ids == \
+            client.generate("Hi", **kw).token_ids
+        rest = list(tokens)
+    assert first.token_ids + [t for d in rest for t in d.token_ids] == reference.token_ids
+    assert stream.result.finish_reason == "length" and len(reference.token_ids) == 120
+    log = deployment.log_tail(400)
+    for role in ("controller", "kvcache"):
+        assert re.search(rf"dropped undecodable frame .*GenerateRequest body is nested too "
+                         rf"deeply.*role={role}", log), role
+    assert_still_serving(deployment)
+
+
+def test_a_10mb_prompt_is_refused_at_once_and_streams_keep_their_pace(deployment):
+    ingress = deployment.process_pid("ingress")
+    rss_before = _rss_kib(ingress)
+    arrivals = []
+
+    def consume(stream):
+        for _ in stream:
+            arrivals.append(time.monotonic())
+
+    with deployment.client(timeout=120) as streaming, deployment.client(timeout=30) as other:
+        stream = streaming.stream(PROMPT, max_tokens=60, temperature=0, ignore_eos=True)
+        reader = threading.Thread(target=consume, args=(stream,))
+        reader.start()
+        while len(arrivals) < 3:
+            time.sleep(0.01)
+        start = time.monotonic()
+        with pytest.raises(InvalidRequestError, match=r"^prompt is 10000000 bytes of UTF-8 "
+                                                      r"text; the limit is 65536 bytes \(ingress"
+                                                      r"\.max_prompt_bytes"):
+            other.generate("x" * 10_000_000, max_tokens=4)
+        refused_s = time.monotonic() - start
+        reader.join(timeout=120)
+    assert refused_s < 1.0, f"refusing the prompt took {refused_s:.2f}s"
+    assert stream.result.completion_tokens == 60
+    worst = max(b - a for a, b in zip(arrivals, arrivals[1:]))
+    assert worst < 2.0, f"the stream stalled {worst:.2f}s while the prompt was refused"
+    grown_mib = (_rss_kib(ingress) - rss_before) / 1024
+    assert grown_mib < 100, f"the ingress kept {grown_mib:.0f} MiB more after the refusal"

@@ -55,3 +55,14 @@ def test_resolve_fills_ports_and_paths_and_round_trips(tmp_path):
     assert cfg.endpoints.controller == f"ipc://{cfg.endpoints.run_dir}/controller"
     again = load_config(save_config(cfg, tmp_path / "resolved.json"))
     assert again == cfg and resolve(again) == cfg
+
+
+def test_the_prompt_limit_follows_the_context_unless_set():
+    assert load_config().max_prompt_bytes == 32 * 2048
+    assert load_config(None, {"model.max_model_len": 4096}).max_prompt_bytes == 32 * 4096
+    assert load_config(None, {"ingress.max_prompt_bytes": 1000}).max_prompt_bytes == 1000
+    assert load_config().ingress.max_frame_bytes == 16 * 2**20
+    with pytest.raises(ConfigError, match=r"ingress.max_frame_bytes must exceed the prompt limit "
+                                          r"\(65536 bytes\), so a prompt too long is answered"):
+        load_config(None, {"ingress.max_frame_bytes": 65536})
+    assert load_config(None, {"ingress.max_frame_bytes": 0}).ingress.max_frame_bytes == 0

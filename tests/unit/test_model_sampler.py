@@ -92,3 +92,14 @@ def test_tiny_temperature_has_no_nans():
 def test_invalid_specs(kwargs):
     with pytest.raises(ValueError):
         SamplingSpec(**kwargs)
+
+
+def test_a_top_k_beyond_the_vocabulary_keeps_every_token_whatever_its_size():
+    # 2**63 and beyond do not fit the int64 tensor of top-k values: before it was clamped, one
+    # such row failed the whole micro-batch ("Overflow when unpacking long long").
+    logits = random_logits(3)
+    beside = SamplingSpec(1.0, top_p=0.9, top_k=20, seed=5)
+    for top_k in (VOCAB, 2**63 - 1, 2**63, 2**70):
+        tokens = sample(logits, [SamplingSpec(1.0, top_k=top_k, seed=3), beside,
+                                 SamplingSpec(0.0)])
+        assert tokens == sample(logits, [SamplingSpec(1.0, seed=3), beside, SamplingSpec(0.0)])
