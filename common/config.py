@@ -10,6 +10,8 @@ Files are TOML or JSON; unknown keys and wrong types are errors that name the of
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import socket
@@ -143,6 +145,23 @@ class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class SLOClass(_Section):
+    ttft_s: float | None = None
+    """Time to first token, seconds (None: no target)."""
+    tpot_s: float | None = None
+    """Time per output token after the first, seconds (None: no target)."""
+
+
+class SLOConfig(_Section):
+    """Named latency targets a request may ask for with `slo_class` (docs/scheduling.md)."""
+
+    classes: dict[str, SLOClass] = msgspec.field(default_factory=lambda: {
+        "interactive": SLOClass(ttft_s=2.0, tpot_s=0.2),
+        "batch": SLOClass(ttft_s=60.0, tpot_s=2.0)})
+    default_class: str = ""
+    """The class of a request that names none and gives no targets ("": no SLO)."""
+
+
 class ConveyorConfig(_Section):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     deployment: DeploymentConfig = msgspec.field(default_factory=DeploymentConfig)
@@ -151,6 +170,7 @@ class ConveyorConfig(_Section):
     kvcache: KVCacheConfig = msgspec.field(default_factory=KVCacheConfig)
     ingress: IngressConfig = msgspec.field(default_factory=IngressConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    slo: SLOConfig = msgspec.field(default_factory=SLOConfig)
 
     def validate(self) -> "ConveyorConfig":
         """Checks that single fields cannot express; returns self for chaining."""
@@ -171,6 +191,10 @@ class ConveyorConfig(_Section):
             (self.kvcache.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
              "kvcache.block_size must be a power of two up to 256"),
             (self.kvcache.num_blocks >= 0, "kvcache.num_blocks must be >= 0"),
+            (not self.slo.default_class or self.slo.default_class in self.slo.classes,
+             f"slo.default_class {self.slo.default_class!r} is not one of slo.classes"),
+            (all(t is None or (0 < t < math.inf) for c in self.slo.classes.values()
+                 for t in (c.ttft_s, c.tpot_s)), "slo.classes targets must be > 0 seconds"),
             (self.kvcache.memory_gib > 0, "kvcache.memory_gib must be > 0"),
             (0 < self.kvcache.gpu_memory_utilization <= 1,
              "kvcache.gpu_memory_utilization must be in (0, 1]"),

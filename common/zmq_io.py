@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from common.log import get_logger
 from common.wire import Message, ProtocolError, decode, encode
@@ -34,7 +34,6 @@ class Incoming:
     identity: bytes | None
     message: Message | None
     error: str | None = None
-    buffers: list[Any] = field(default_factory=list)
 
 
 def make_context() -> zmq.asyncio.Context:
@@ -85,9 +84,8 @@ class Endpoint:
     def is_router(self) -> bool:
         return self.kind == zmq.ROUTER
 
-    async def send(self, msg: Message, identity: bytes | None = None,
-                   buffers: Sequence[Any] = ()) -> None:
-        frames = encode(msg, buffers)
+    async def send(self, msg: Message, identity: bytes | None = None) -> None:
+        frames = encode(msg)
         if self.is_router:
             if identity is None:
                 raise ValueError("a ROUTER socket needs the peer's identity to send")
@@ -117,10 +115,10 @@ class Endpoint:
         if self.is_router:
             identity, frames = frames[0].bytes, frames[1:]
         try:
-            msg, buffers = decode([f.buffer for f in frames])
+            msg = decode([f.buffer for f in frames])
         except ProtocolError as e:
             return Incoming(identity, None, str(e))
-        return Incoming(identity, msg, None, buffers)
+        return Incoming(identity, msg, None)
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -160,3 +158,25 @@ class RpcClient:
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(exc)
+
+    async def fail_on_disconnect(self, peer: str) -> None:
+        """Runs for the endpoint's life: whenever the connection to the peer drops (its
+        process died or closed the socket), every call in flight fails at once with
+        PeerDisconnected instead of waiting out its timeout. ZeroMQ reconnects by itself;
+        later calls go through once the peer is back."""
+        monitor = self.endpoint.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    pending = sum(not f.done() for f in self._pending.values())
+                    log.error("peer disconnected", peer=peer, calls_failed=pending)
+                    self.fail_all(PeerDisconnected(f"the {peer} disconnected"))
+        finally:  # the endpoint may be closed already (shutdown cancels this task late)
+            if not self.endpoint.sock.closed:
+                self.endpoint.sock.disable_monitor()
+            monitor.close(linger=0)
+
+
+class PeerDisconnected(ConnectionError):
+    """The peer of an RpcClient went away while a call was in flight."""

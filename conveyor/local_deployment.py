@@ -46,7 +46,7 @@ class Deployment:
             sock.send_multipart(encode(PoolStatsQuery(1)))
             if not sock.poll(int(timeout_s * 1000)):
                 raise TimeoutError("kv-cache manager did not answer")
-            msg, _ = decode(sock.recv_multipart())
+            msg = decode(sock.recv_multipart())
             assert isinstance(msg, PoolStats)
             return msg.pools
         finally:

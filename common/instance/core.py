@@ -40,6 +40,10 @@ from common.stats import ControllerMetrics, Moments
 _order = attrgetter("order")
 
 
+def _name(policy) -> str:
+    return type(policy).__name__ if policy is not None else "the policy"
+
+
 class PlanError(RuntimeError):
     """A policy asked for something the core refuses (an unknown request, more tokens than
     are schedulable, blocks that are not free): a bug in the policy."""
@@ -51,29 +55,31 @@ class CoreBatch:
     __slots__ = ("mb_id", "sampling", "partial", "chunks", "iview", "decode", "prefill",
                  "context", "keys", "longest", "dispatched_at")
 
-    def __init__(self, mb_id: int, dispatched_at: float):
+    def __init__(self, mb_id: int, dispatched_at: float, sampling: list, partial: list,
+                 chunks: list | None, decode: int, prefill: int, context: int, keys: int,
+                 longest: int):
         self.mb_id = mb_id
         self.dispatched_at = dispatched_at
-        self.sampling: list[CoreRequest] = []
+        self.sampling: list[CoreRequest] = sampling
         """Requests that get a token from this micro-batch, in chunk order."""
-        self.partial: list[CoreRequest] = []
+        self.partial: list[CoreRequest] = partial
         """Requests with a non-final prefill chunk here (ready while it is in flight)."""
-        self.chunks: list[tuple[CoreRequest, int, int, int]] | None = None
+        self.chunks: list[tuple[CoreRequest, int, int, int]] | None = chunks
         """(request, start, tokens, new blocks) per chunk, when the core keeps details."""
-        self.decode = self.prefill = 0
-        self.context = self.keys = self.longest = 0
-        """Sum of decode contexts, query-key pairs of the prefill tokens, longest decode."""
-        self.iview = None
+        self.decode = decode
+        self.prefill = prefill
+        self.context = context
+        """Sum of the decodes' contexts."""
+        self.keys = keys
+        """Query-key pairs of the prefill tokens."""
+        self.longest = longest
+        """Longest decode context."""
+        self.iview = make_inflight(decode, prefill)
+        """What a policy sees of it while it is in flight."""
 
     @property
     def requests(self) -> list[CoreRequest]:
         return self.sampling + self.partial
-
-    def mean_context(self) -> float:
-        return self.context / self.decode if self.decode else 0.0
-
-    def mean_keys(self) -> float:
-        return self.keys / self.prefill if self.prefill else 0.0
 
 
 class InstanceCore:
@@ -305,25 +311,23 @@ class InstanceCore:
         by_id = self.by_id
         bs = self.block_size
         free = self.free_blocks
-        batch = CoreBatch(next(self._mb_ids), now)
-        sampling = batch.sampling
-        partial = batch.partial
+        sampling: list[CoreRequest] = []
+        partial: list[CoreRequest] = []
         details = [] if self.keep_chunks else None
         started: list[CoreRequest] = []
         decode = prefill = context = keys = longest = 0
-        name = type(policy).__name__ if policy is not None else "the policy"
         for c in plan.chunks:
             r = by_id.get(c.req_id)
             if r is None or r.finished:
-                raise PlanError(f"{name} scheduled request {c.req_id}, which is not live on "
+                raise PlanError(f"{_name(policy)} scheduled request {c.req_id}, which is not live on "
                                 f"instance {self.index}")
             n = c.num_tokens
             start = r.computed
             end = start + n
             known = r.prompt + r.out
             blocks = r.blocks
-            if end > known or n < 1 or r.awaiting:
-                raise PlanError(f"{name} scheduled {n} tokens of request {c.req_id}, which "
+            if end > known or n < 1:  # an awaiting request has nothing schedulable
+                raise PlanError(f"{_name(policy)} scheduled {n} tokens of request {c.req_id}, which "
                                 f"has {0 if r.awaiting else known - start} schedulable")
             if not r.running:
                 started.append(r)
@@ -352,7 +356,7 @@ class InstanceCore:
             if details is not None:
                 details.append((r, start, n, need))
         if free < 0:
-            raise PlanError(f"{name} scheduled {self.free_blocks - free} blocks with only "
+            raise PlanError(f"{_name(policy)} scheduled {self.free_blocks - free} blocks with only "
                             f"{self.free_blocks} free (instance {self.index})")
         self.free_blocks = free
         used = self.total_blocks - free
@@ -362,10 +366,8 @@ class InstanceCore:
             self._start(started, now)
         if sampling and self.ready:
             self.ready = [r for r in self.ready if not r.awaiting]
-        batch.decode, batch.prefill = decode, prefill
-        batch.context, batch.keys, batch.longest = context, keys, longest
-        batch.chunks = details
-        batch.iview = make_inflight(decode, prefill)
+        batch = CoreBatch(next(self._mb_ids), now, sampling, partial, details, decode, prefill,
+                          context, keys, longest)
         self.inflight[batch.mb_id] = batch
         self.load -= prefill + decode
         self.metrics.record_batch(prefill, decode)
@@ -410,37 +412,41 @@ class InstanceCore:
         back: list[CoreRequest] = []
         keep = back.append
         stopped = None
-        generated = 0
+        dropped = 0
         for r, token in zip(sampling, tokens):
-            # It awaited this very token, so no other micro-batch in flight holds it.
+            # It awaited this very token, so no other micro-batch in flight holds it (and its
+            # view, reset at dispatch, was not rebuilt: an awaiting request is in no queue).
             r.inflight = 0
-            r.awaiting = False
             if r.finished:  # ended while in flight: its token is dropped
+                r.awaiting = False
                 gone.append(r)
+                dropped += 1
                 continue
-            generated += 1
             out = r.out = r.out + 1
-            if r.output_token_ids is not None:
-                r.output_token_ids.append(token)
+            ids = r.output_token_ids
+            if ids is not None:
+                ids.append(token)
             last = r.last_token
             if last is None:
                 r.first_token = now
-            elif r.itl is not None:
-                r.itl.append(now - last)
+            else:
+                itl = r.itl
+                if itl is not None:
+                    itl.append(now - last)
             r.last_token = now
-            r.view = None
             if token in r.stop_token_ids:
                 reason = Finish.STOP
-            elif out >= r.max_tokens or r.prompt + out >= r.max_context:
+            elif out >= r.length_stop:
                 reason = Finish.LENGTH
             else:
+                r.awaiting = False
                 keep(r)
                 continue
             if stopped is None:
                 stopped = [(r, reason)]
             else:
                 stopped.append((r, reason))
-        m.generated_tokens += generated
+        m.generated_tokens += len(sampling) - dropped
         if back:
             ready = self.ready
             if ready:
@@ -451,7 +457,8 @@ class InstanceCore:
                 self.ready = back
         if stopped:
             for r, reason in stopped:
-                self.finish(r, reason, now)
+                self.finish(r, reason, now)  # still awaiting: it is in no queue to leave
+                r.awaiting = False
         for r in gone:
             if r.req_id in self.by_id:
                 self._remove(r, now)

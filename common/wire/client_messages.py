@@ -68,6 +68,13 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token (benchmarks)."""
+    slo_class: str | None = None
+    """A latency class of the server's config (`[slo.classes]`); its targets are defaults for
+    ttft_slo_s and tpot_slo_s."""
+    ttft_slo_s: float | None = None
+    """Time-to-first-token target in seconds, for schedulers that plan by SLO."""
+    tpot_slo_s: float | None = None
+    """Time-per-output-token target in seconds."""
 
 
 @register

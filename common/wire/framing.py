@@ -2,7 +2,9 @@
 
     frame 0  header  msgpack [PROTOCOL_VERSION, message type id]
     frame 1  body    msgpack of the message struct (arrays of fields, see each struct)
-    frame 2+ buffers optional raw byte payloads (zero-copy), referenced by the body
+
+Any other number of frames is refused. (Activations never travel here: they go stage to stage
+over torch.distributed.)
 
 The header is decoded first and on its own, so a peer speaking another version gets a precise
 error ("protocol version 2, this server speaks 1") instead of a confusing schema mismatch.
@@ -25,7 +27,7 @@ import msgspec
 
 from common.wire.values import unencodable
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 _header_encoder = msgspec.msgpack.Encoder()
 _header_decoder = msgspec.msgpack.Decoder(tuple[int, int])
@@ -68,7 +70,7 @@ def register(cls: M) -> M:
     return cls
 
 
-def encode(msg: Message, buffers: Sequence[bytes | memoryview] = ()) -> list[Any]:
+def encode(msg: Message) -> list[Any]:
     """The frames of one message (identity frames, if any, are the caller's business)."""
     header = _header_encoder.encode((PROTOCOL_VERSION, msg.TYPE_ID))
     try:
@@ -76,12 +78,12 @@ def encode(msg: Message, buffers: Sequence[bytes | memoryview] = ()) -> list[Any
     except (OverflowError, UnicodeEncodeError, TypeError) as e:
         where = unencodable(msgspec.to_builtins(msg)) if not isinstance(e, TypeError) else None
         raise EncodeError(f"{type(msg).__name__} cannot be encoded: {where or e}") from None
-    return [header, body, *buffers]
+    return [header, body]
 
 
-def decode(frames: Sequence[bytes | memoryview]) -> tuple[Message, list[bytes | memoryview]]:
-    """Decodes [header, body, *buffers]; raises ProtocolError with a readable reason."""
-    if len(frames) < 2:
+def decode(frames: Sequence[bytes | memoryview]) -> Message:
+    """Decodes [header, body]; raises ProtocolError with a readable reason."""
+    if len(frames) != 2:
         raise ProtocolError(f"expected a header and a body frame, got {len(frames)} frame(s)")
     version, type_id = _decode(_header_decoder, frames[0], "header frame",
                                "malformed header frame", "malformed header frame")
@@ -95,7 +97,7 @@ def decode(frames: Sequence[bytes | memoryview]) -> tuple[Message, list[bytes | 
     name = cls.__name__
     body = _decode(decoder, frames[1], f"{name} body", f"invalid {name} message",
                    f"malformed or truncated {name} body")
-    return body, list(frames[2:])
+    return body
 
 
 def _decode(decoder: msgspec.msgpack.Decoder, data: bytes | memoryview, what: str,

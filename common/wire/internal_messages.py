@@ -4,7 +4,7 @@ Who talks to whom:
     ingress  -> controller   Hello, SubmitRequest, AbortRequests, StatusQuery
     controller -> ingress    RequestOutputs, StatusReply
     stage    -> controller   Hello, StepDone
-    controller -> stage      StepPlan, Shutdown
+    controller -> stage      StepPlan
     controller -> kvcache    PoolInit, Allocate, FreeBlocks, PoolStatsQuery
     kvcache  -> controller   PoolReply, PoolStats
 Calls that expect an answer carry a `call_id`, echoed by the answer.
@@ -59,12 +59,6 @@ class StatusReply(InternalMessage):
     stats: dict[str, Any]
 
 
-@register
-class Shutdown(InternalMessage):
-    TYPE_ID = 103
-    reason: str
-
-
 # ---- requests: ingress <-> controller ------------------------------------------------------
 
 class RequestSampling(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
@@ -85,6 +79,10 @@ class SubmitRequest(InternalMessage):
     ignore_eos: bool
     arrival: float
     """Wall-clock time (time.time()) the ingress received the request."""
+    slo_class: str = ""
+    """The request's SLO class, "" for none (or targets given one by one)."""
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
 
 
 @register

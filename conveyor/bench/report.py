@@ -19,6 +19,7 @@ import numpy as np
 
 from conveyor.bench.arrivals import rate_text
 from conveyor.bench.runner import RequestRecord, RunResult
+from common.scheduling.types import SLO
 from common.stats import mean_std
 
 SLO_METRICS = ("ttft", "tpot", "e2e")
@@ -50,6 +51,13 @@ def parse_slo(text: str | None) -> dict[str, float]:
             raise ValueError(f"bad SLO: {name} is given twice")
         slo[name] = seconds
     return slo
+
+
+def request_slo(slo_s: dict[str, float]) -> SLO | None:
+    """The per-request SLO a goodput SLO implies (its ttft and tpot; e2e is bench's own)."""
+    if "ttft" not in slo_s and "tpot" not in slo_s:
+        return None
+    return SLO(slo_s.get("ttft"), slo_s.get("tpot"))
 
 
 def tpot(rec: RequestRecord) -> float | None:

@@ -43,6 +43,9 @@ class RunConfig:
     stats_interval_s: float = 1.0
     """How often the controller's gauges (queues, KV use) are sampled during the run; 0: never."""
     progress: bool = True
+    slo_s: dict[str, float] = field(default_factory=dict)
+    """The goodput SLO (ttft, tpot, e2e); its ttft and tpot travel with every request, so
+    schedulers that plan by SLO see them and `conveyor stats` counts their attainment."""
 
 
 @dataclass
@@ -128,7 +131,9 @@ async def _send(client: AsyncClient, sample: Sample, cfg: RunConfig, rec: Reques
     """One streamed request, its timings written into `rec`; failures are recorded, not
     raised, so one bad request does not end the run."""
     kwargs: dict[str, Any] = {"max_tokens": max_tokens or sample.output_len,
-                              "ignore_eos": cfg.ignore_eos, "temperature": cfg.temperature}
+                              "ignore_eos": cfg.ignore_eos, "temperature": cfg.temperature,
+                              "ttft_slo_s": cfg.slo_s.get("ttft"),
+                              "tpot_slo_s": cfg.slo_s.get("tpot")}  # request_slo's rule
     if sample.prompt_token_ids is not None:
         prompt, kwargs["prompt_token_ids"] = None, sample.prompt_token_ids
     else:

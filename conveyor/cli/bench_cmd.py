@@ -142,7 +142,7 @@ def bench(
                     max_concurrency=max_concurrency, num_warmups=num_warmups, seed=seed,
                     ignore_eos=ignore_eos, temperature=temperature,
                     request_timeout_s=request_timeout, stats_interval_s=stats_interval,
-                    progress=progress)
+                    progress=progress, slo_s=slo_s)
     config = {"dataset": dataset, "num_prompts": len(samples), "seed": seed,
               "tokenizer": source, "tokenizer_loaded": tok is not None,
               "burstiness": burstiness, "max_concurrency": max_concurrency,

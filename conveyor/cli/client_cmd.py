@@ -37,11 +37,18 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with text, "
                                  "token_ids (generated only) and finish_reason."),
     timeout: Optional[float] = typer.Option(None, help="Give up (and cancel) after seconds."),
+    slo_class: Optional[str] = typer.Option(None, help="A latency class of the server's "
+                                            "config (`conveyor config`: slo.classes)."),
+    ttft_slo: Optional[float] = typer.Option(None, help="Time-to-first-token target, seconds."),
+    tpot_slo: Optional[float] = typer.Option(None, help="Time-per-output-token target, "
+                                             "seconds."),
 ) -> None:
     """Stream a completion of PROMPT to standard output."""
     if prompt == "-":
         prompt = sys.stdin.read()
     params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+    params.update({k: v for k, v in (("slo_class", slo_class), ("ttft_slo_s", ttft_slo),
+                                     ("tpot_slo_s", tpot_slo)) if v is not None})
     try:
         with Client(address, connect_timeout=min(timeout or 10.0, 10.0)) as client:
             if as_json:

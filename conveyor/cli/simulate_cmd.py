@@ -77,7 +77,12 @@ def simulate(
                                    "section.key=value (repeatable), e.g. "
                                    "scheduler.max_num_seqs=64 or cluster.instances=8."),
     slo: Optional[str] = typer.Option(None, help="Goodput SLO in seconds, e.g. "
-                                      "ttft=0.5,tpot=0.1 (metrics: ttft, tpot, e2e)."),
+                                      "ttft=0.5,tpot=0.1 (metrics: ttft, tpot, e2e); every "
+                                      "request carries its ttft and tpot, as bench sends them."),
+    max_tokens: Optional[int] = typer.Option(None, min=1, help="Cap every request at this "
+                                             "many tokens and stop it at its EOS (its "
+                                             "dataset length); default: bench's, the dataset "
+                                             "length with EOS ignored."),
     sharegpt_max_len: int = typer.Option(2048, min=8, help="sharegpt: skip conversations "
                                          "whose prompt plus reply exceed this many tokens."),
     tokenizer: str = typer.Option("smollm2", help="sharegpt: tokenizer that counts the "
@@ -110,7 +115,7 @@ def simulate(
     model of the stages: TTFT, TPOT, ITL, E2E, throughput, goodput, bubble ratio, queues and KV
     use, as `conveyor bench` reports them."""
     from common.config import ConfigError, parse_override
-    from conveyor.bench.report import parse_slo
+    from conveyor.bench.report import parse_slo, request_slo
     from conveyor.sim.cluster import ClusterError, build_cost_model, load_cluster
     from conveyor.sim.workload import WORKLOADS, WorkloadError, make_workload, save_trace as save
 
@@ -152,6 +157,9 @@ def simulate(
         first = make_workload(workload, num_prompts, rates[0], burstiness, seed, trace,
                               sharegpt_max_len, tok, random_input_len, random_output_len,
                               random_range_ratio, say=_note)
+        if max_tokens is not None:
+            first = first.with_max_tokens(max_tokens)
+        first = first.with_slo(request_slo(slo_s))
         reqs = [first] + [first.at_rate(r, burstiness, seed) for r in rates[1:]]
     except WorkloadError as e:
         _fail(str(e))
@@ -163,7 +171,8 @@ def simulate(
                                                       f"cluster file cost section {cfg.cost}")
     config_doc = {"cluster_file": str(config), "overrides": overrides, "cost_model": cost_name,
                   "workload": workload, "num_prompts": num_prompts, "burstiness": burstiness,
-                  "seed": seed, "ignore_eos": True, "slo_s": slo_s, "workers": workers}
+                  "seed": seed, "ignore_eos": max_tokens is None, "max_tokens": max_tokens,
+                  "slo_s": slo_s, "workers": workers}
     if sweep:
         _run_sweep(cfg, cost, reqs, sweep_rates, sweep_policies, config_doc, slo_s, workers,
                    result_dir, plots, progress)

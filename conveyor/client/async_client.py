@@ -154,7 +154,7 @@ class AsyncClient:
         while True:
             frames = await self._sock.recv_multipart()
             try:
-                msg, _ = decode(frames)
+                msg = decode(frames)
             except ValueError:  # a frame from an incompatible server: nothing to route it to
                 continue
             rid = getattr(msg, "id", None)

@@ -117,7 +117,7 @@ def _done(finished: Any) -> int:
 # ---- the driver ---------------------------------------------------------------------------------
 
 def make_request(cfg: ClusterConfig, index: int, arrival: float, prompt: int, output: int,
-                 max_tokens: int | None = None) -> SimRequest:
+                 max_tokens: int | None = None, slo: Any = None) -> SimRequest:
     """A request as the ingress and controller take it. `output` is where it truly ends (its
     EOS); `max_tokens` the client's cap, None for bench's default (the output length, EOS
     ignored). The cap is clamped to the context left; requests that cannot run are failed up
@@ -128,7 +128,7 @@ def make_request(cfg: ClusterConfig, index: int, arrival: float, prompt: int, ou
     cap = output if ignore_eos else max(1, int(max_tokens))
     cap = max(min(cap, cfg.max_model_len - prompt), 1)
     req = SimRequest(index + 1, index, float(arrival), prompt, cap, output, cfg.max_model_len,
-                     ignore_eos)
+                     ignore_eos, slo)
     if prompt < 1:
         req.error = "empty prompt"
     elif prompt >= cfg.max_model_len:
@@ -190,7 +190,7 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
                 inst.schedule(touched_t)
             touched.clear()
         advance(t)
-        req = make_request(cfg, i, sent, p, o, cap)
+        req = make_request(cfg, i, sent, p, o, cap, workload.slo)
         if req.error:
             if w == 0:
                 requests.append(req)

@@ -18,7 +18,7 @@ from typing import Any
 from common.instance.core import InstanceCore, PlanError
 from common.scheduling.policy import waiting_need_of
 from common.scheduling.types import WHOLE_QUEUE, WaitingNeed
-from conveyor.sim.requests import SimRequest, SimulationError
+from conveyor.sim.requests import SIM_EOS, SimRequest, SimulationError
 
 
 def waiting_need(policy: Any, waiting_head: int) -> WaitingNeed:
@@ -44,6 +44,9 @@ class SimInstance(InstanceCore):
         self.pipeline = pipeline
         self.push = push
         self.dispatch_latency = cfg.dispatch_latency_s
+        self.honors_eos = False
+        """Some request here stops at EOS (bench's default workloads ignore it: then the tokens
+        sampled cannot matter, and every one is an ordinary 0)."""
         self.busy_until = 0.0
         """The scheduling loop awaits a dispatch's allocation until then (dispatch_latency)."""
         # Gauges: time integrals since 0 and peaks of the waiting queue and the blocks in use.
@@ -91,6 +94,8 @@ class SimInstance(InstanceCore):
         instant (then it runs once after them, as the controller reads the submits already
         waiting on its socket before its scheduling task gets a turn)."""
         self._gauge(now)
+        if req.stop_token_ids:
+            self.honors_eos = True
         super().add(req, now)
         if len(self.waiting) > self.max_waiting:
             self.max_waiting = len(self.waiting)
@@ -114,9 +119,12 @@ class SimInstance(InstanceCore):
                 raise SimulationError(str(e)) from None
             if len(self.inflight) > self.max_inflight_seen:
                 self.max_inflight_seen = len(self.inflight)
-            durations, hop, corun = self.timer(batch.prefill, batch.decode,
-                                               batch.mean_context(), len(batch.sampling),
-                                               batch.mean_keys(), batch.longest)
+            decode, prefill = batch.decode, batch.prefill
+            durations, hop, corun = self.timer(prefill, decode,
+                                               batch.context / decode if decode else 0.0,
+                                               len(batch.sampling),
+                                               batch.keys / prefill if prefill else 0.0,
+                                               batch.longest)
             self.pipeline.submit(now + self.dispatch_latency, durations, hop, self.on_complete,
                                  batch, corun)
             if self.dispatch_latency:
@@ -134,5 +142,11 @@ class SimInstance(InstanceCore):
         self._gauge(now)
         if next(iter(self.inflight)) != batch.mb_id:
             raise SimulationError("micro-batches completed out of dispatch order")
-        self.complete(batch.mb_id, [r.next_token() for r in batch.sampling], now)
+        # Each sampled request's token: EOS at its true length (SimRequest.next_token, inlined).
+        sampling = batch.sampling
+        if self.honors_eos:
+            tokens = [SIM_EOS if r.out + 1 >= r.true_output else 0 for r in sampling]
+        else:
+            tokens = [0] * len(sampling)
+        self.complete(batch.mb_id, tokens, now)
         self.schedule(now)

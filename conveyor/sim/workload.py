@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from common.scheduling.types import SLO
 
 WORKLOADS = ("sharegpt", "random", "trace")
 RANDOM_EXACT_TOKEN_LIMIT = 2_000_000
@@ -47,6 +50,8 @@ class Workload:
     max_tokens: list[int] | None = None
     """Each request's cap as its client sets it; None: bench's default, the output length
     with EOS ignored (so every request ends at its cap)."""
+    slo: SLO | None = None
+    """The latency target every request carries (bench's --slo sends it with each)."""
 
     def __post_init__(self) -> None:
         n = len(self.arrival_s)
@@ -62,6 +67,9 @@ class Workload:
             if self.max_tokens is not None:
                 self.max_tokens = [self.max_tokens[i] for i in order]
 
+    def with_slo(self, slo: SLO | None) -> "Workload":
+        return dataclasses.replace(self, slo=slo)
+
     def with_max_tokens(self, cap: int | None) -> "Workload":
         """The same requests sent by a client that caps every one at `cap` tokens and stops
         at EOS (None: bench's default, the output length with EOS ignored)."""
@@ -70,7 +78,7 @@ class Workload:
         caps = None if cap is None else [cap] * len(self)
         return Workload(list(self.arrival_s), list(self.prompt_len), list(self.output_len),
                         {**self.description, "max_tokens": cap if cap else "output length"},
-                        caps)
+                        caps, self.slo)
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -91,7 +99,7 @@ class Workload:
         return Workload(list(times), list(self.prompt_len), list(self.output_len),
                         {**self.description, "request_rate": request_rate,
                          "burstiness": burstiness, "seed": seed},
-                        None if self.max_tokens is None else list(self.max_tokens))
+                        None if self.max_tokens is None else list(self.max_tokens), self.slo)
 
     def summary(self) -> dict[str, Any]:
         n = len(self)

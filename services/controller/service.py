@@ -23,7 +23,7 @@ from common.instance import CoreRequest, Finish, pool_misfit
 from common.log import debug_enabled, get_logger
 from common.model import resolve_model
 from common.scheduling import make_policy_from
-from common.scheduling.types import MicroBatchPlan
+from common.scheduling.types import SLO, MicroBatchPlan
 from common.stats import ControllerMetrics
 from common.wire.client_messages import ErrorCode
 from common.wire.internal_messages import (AbortRequests, Allocate, FinishReason, FreeBlocks,
@@ -73,7 +73,8 @@ class Controller:
         log.info("controller listening", address=self.endpoint.address,
                  policy=self.cfg.scheduler.policy, instances=len(self.instances),
                  stages=self.cfg.deployment.stages)
-        tasks = [asyncio.create_task(self._kv_replies())]
+        tasks = [asyncio.create_task(self._kv_replies()),
+                 asyncio.create_task(self.kv_rpc.fail_on_disconnect("kv-cache manager"))]
         metrics_server = await start_metrics_endpoint(
             self.cfg.endpoints.metrics_http, lambda: self._stats(time.monotonic()))
         tasks += [asyncio.create_task(self._schedule_loop(inst)) for inst in self.instances]
@@ -138,8 +139,11 @@ class Controller:
         stops = set(msg.stop_token_ids)
         if not msg.ignore_eos:
             stops.update(self.eos_token_ids)
+        slo = None
+        if msg.slo_class or msg.ttft_slo_s is not None or msg.tpot_slo_s is not None:
+            slo = SLO(msg.ttft_slo_s, msg.tpot_slo_s, msg.slo_class)
         req = CoreRequest(msg.req_id, now, len(msg.prompt_token_ids), msg.max_tokens,
-                          self.max_model_len, stops, list(msg.prompt_token_ids),
+                          self.max_model_len, stops, list(msg.prompt_token_ids), slo,
                           tag=Served(msg.sampling, msg.arrival))
         inst = min(self.instances, key=lambda i: (not i.ready, i.core.load))
         self.requests[req.req_id] = req
@@ -172,7 +176,8 @@ class Controller:
         timings = {k: round(v, 6) for k, v in req.timings().items()}
         log.info("request finished", req_id=req.req_id, finish=req.finish.name.lower(),
                  prompt_tokens=req.prompt, output_tokens=req.out, preemptions=req.preemptions,
-                 instance=req.instance, **timings, **({"error": req.error} if req.error else {}))
+                 instance=req.instance, **timings, **({"error": req.error} if req.error else {}),
+                 **({"slo": req.slo.label, "slo_met": req.slo_met()} if req.slo else {}))
 
     def _on_release(self, req: CoreRequest) -> None:
         """The core took a request's blocks back (finished, or preempted for recompute)."""
@@ -208,6 +213,10 @@ class Controller:
             reply = await self.kv_rpc.call(
                 lambda cid: PoolInit(cid, inst.index, num_blocks, inst.core.block_size),
                 KV_TIMEOUT_S)
+            if not reply.ok:
+                log.error("the kv-cache manager refused the instance's pool; it stays down",
+                          instance=inst.index, kv_blocks=num_blocks, error=reply.error)
+                return
             inst.core.resize_pool(reply.free_blocks)
             inst.pool_ready = True
             log.info("instance ready", instance=inst.index, kv_blocks=num_blocks,

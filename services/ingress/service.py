@@ -30,7 +30,7 @@ from common.wire.framing import Message
 from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, RequestOutput,
                                            RequestOutputs, RequestSampling, StatusQuery,
                                            SubmitRequest)
-from common.zmq_io import Endpoint, Incoming, RpcClient, make_context
+from common.zmq_io import Endpoint, Incoming, PeerDisconnected, RpcClient, make_context
 from services.ingress.admission import Admission
 from services.ingress.detokenizer import IncrementalDetokenizer
 from services.ingress.tokenizer import load_tokenizer
@@ -82,7 +82,9 @@ class Ingress:
                  load_s=round(time.perf_counter() - t0, 2))
         self.limits = Limits(cfg.model.max_model_len, src.shape.vocab_size,
                              cfg.ingress.default_max_tokens, cfg.ingress.max_stop_strings,
-                             cfg.max_prompt_bytes)
+                             cfg.max_prompt_bytes,
+                             {name: (c.ttft_s, c.tpot_s) for name, c in cfg.slo.classes.items()},
+                             cfg.slo.default_class)
         ctx = make_context()
         self.clients = Endpoint(ctx, zmq.ROUTER, bind=cfg.endpoints.ingress,
                                 router_mandatory=True, max_frame_bytes=cfg.ingress.max_frame_bytes)
@@ -100,7 +102,8 @@ class Ingress:
         log.info("ingress listening", address=self.clients.address)
         tasks = [asyncio.create_task(self._controller_loop()),
                  asyncio.create_task(self._keepalive_loop()),
-                 asyncio.create_task(self.admission.run())]
+                 asyncio.create_task(self.admission.run()),
+                 asyncio.create_task(self.ctrl_rpc.fail_on_disconnect("controller"))]
         try:
             while True:
                 inc = await self.clients.recv()
@@ -167,7 +170,7 @@ class Ingress:
         self.ctrl.send_nowait(SubmitRequest(
             cr.req_id, valid.prompt_token_ids, valid.max_tokens,
             RequestSampling(p.temperature, p.top_p, p.top_k, p.seed), p.stop_token_ids,
-            p.ignore_eos, cr.received))
+            p.ignore_eos, cr.received, *valid.slo))
         cr.submitted = True
 
     def _refuse(self, cr: ClientRequest, error: Exception) -> None:
@@ -187,6 +190,9 @@ class Ingress:
             self._send(identity, ErrorReply(msg.id, ErrorCode.NOT_READY,
                                             "the controller did not answer within "
                                             f"{STATUS_TIMEOUT_S:g}s"))
+            return
+        except PeerDisconnected as e:
+            self._send(identity, ErrorReply(msg.id, ErrorCode.NOT_READY, str(e)))
             return
         if isinstance(msg, StatsRequest):
             stats = dict(status.stats, ingress={"active_requests": len(self.active),

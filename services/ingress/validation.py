@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -39,6 +39,9 @@ class Limits:
     default_max_tokens: int
     max_stop_strings: int
     max_prompt_bytes: int
+    slo_classes: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    """(ttft_s, tpot_s) of each SLO class of the config."""
+    default_slo_class: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class ValidRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int
+    slo: tuple[str, float | None, float | None] = ("", None, None)
+    """(class, ttft_s, tpot_s): what the request's SLO resolved to."""
 
 
 def validate(req: GenerateRequest, tokenizer: Any, limits: Limits) -> ValidRequest:
@@ -127,7 +132,18 @@ def finalize(checked: CheckedRequest, prompt: list[int], limits: Limits) -> Vali
             f"the {limits.max_model_len}-token context, so at most {room}")
     else:
         max_tokens = params.max_tokens
-    return ValidRequest(prompt, params, max_tokens)
+    return ValidRequest(prompt, params, max_tokens, resolve_slo(params, limits))
+
+
+def resolve_slo(p: SamplingParams, limits: Limits) -> tuple[str, float | None, float | None]:
+    """A request's SLO: its own targets, defaulted from its class (or the config's default
+    class when it gives neither a class nor a target)."""
+    name = p.slo_class
+    if name is None and p.ttft_slo_s is None and p.tpot_slo_s is None:
+        name = limits.default_slo_class or None
+    ttft, tpot = limits.slo_classes.get(name, (None, None)) if name else (None, None)
+    return (name or "", p.ttft_slo_s if p.ttft_slo_s is not None else ttft,
+            p.tpot_slo_s if p.tpot_slo_s is not None else tpot)
 
 
 def _check_room(prompt_tokens: int, limits: Limits) -> int:
@@ -191,6 +207,13 @@ def _check_params(p: SamplingParams, limits: Limits) -> SamplingParams:
     if bad:
         problems.append(f"stop_token_ids outside the vocabulary [0, {limits.vocab_size}): "
                         f"{bad[:8]}")
+    for name in ("ttft_slo_s", "tpot_slo_s"):
+        target = getattr(p, name)
+        if target is not None and not (math.isfinite(target) and target > 0):
+            problems.append(f"{name} must be a positive number of seconds, got {target}")
+    if p.slo_class is not None and p.slo_class not in limits.slo_classes:
+        known = ", ".join(sorted(limits.slo_classes)) or "none are configured"
+        problems.append(f"unknown slo_class {p.slo_class!r} (known: {known})")
     if problems:
         raise InvalidRequest("; ".join(problems))
     if p.top_k >= limits.vocab_size:  # keeps every token: the same as no top-k, and cheaper

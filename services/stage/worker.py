@@ -22,7 +22,7 @@ from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepB
                           resolve_model, sample)
 from common.model.placement import stage_layer_bounds
 from common.wire import ProtocolError, decode, encode
-from common.wire.internal_messages import Hello, Shutdown, StepDone, StepPlan
+from common.wire.internal_messages import Hello, StepDone, StepPlan
 from services.stage.devices import StagePlacement, place_stage
 from services.stage.transport import ActivationLink
 
@@ -94,15 +94,15 @@ class StageWorker:
         try:
             while True:
                 try:
-                    msg, _ = decode(self.sock.recv_multipart())
+                    msg = decode(self.sock.recv_multipart())
                 except ProtocolError as e:
                     log.error("dropped undecodable frame from the controller", error=str(e))
                     continue
                 if isinstance(msg, StepPlan):
                     self.sock.send_multipart(encode(self.step(msg)))
-                elif isinstance(msg, Shutdown):
-                    log.info("shutdown requested", reason=msg.reason)
-                    return
+                else:
+                    log.warning("unexpected message from the controller",
+                                type=type(msg).__name__)
         finally:
             self.link.close()
             self.sock.close(linger=0)

@@ -67,3 +67,18 @@ def test_eos_aborts_and_preemption_through_the_controller(deployment, expected):
     (inst,) = stats["instances"]
     assert inst["waiting"] == inst["running"] == inst["inflight"] == 0
     assert inst["kv_free_blocks"] == TIGHT_POOL
+
+
+def test_requests_with_an_slo_are_counted_by_class_in_stats(deployment):
+    with deployment.client() as client:
+        before = client.stats().get("slo", {})
+        client.generate("Say hi.", max_tokens=4, temperature=0, slo_class="batch")
+        client.generate("Say hi.", max_tokens=4, temperature=0, ttft_slo_s=1e-6)  # missed
+        client.generate("Say hi.", max_tokens=4, temperature=0)  # no SLO: not counted
+        after = client.stats()["slo"]
+    batch, custom = after["batch"], after["custom"]
+    assert batch["met"] - before.get("batch", {}).get("met", 0) == 1 and batch["missed"] == 0
+    assert custom["missed"] - before.get("custom", {}).get("missed", 0) == 1
+    assert set(after) == {"batch", "custom"}
+    log = deployment.log_path.read_text(errors="replace")
+    assert "slo=batch" in log or '"slo": "batch"' in log

@@ -172,7 +172,7 @@ def _send_raw(address: str, frames: list[bytes], expect_reply: bool):
         sock.send_multipart(frames)
         if expect_reply:
             assert sock.poll(10_000), "no reply"
-            return decode(sock.recv_multipart())[0]
+            return decode(sock.recv_multipart())
     finally:
         sock.close()
 

@@ -81,8 +81,8 @@ async def recv(sock, timeout: float = 5.0):
     while True:
         frames = await asyncio.wait_for(sock.recv_multipart(), timeout)
         if sock.socket_type == zmq.ROUTER:
-            return frames[0], decode(frames[1:])[0]
-        msg = decode(frames)[0]
+            return frames[0], decode(frames[1:])
+        msg = decode(frames)
         if not isinstance(msg, Ping):
             return None, msg
 

@@ -105,3 +105,34 @@ def test_the_three_steps_compose_to_validate():
     valid = finalize(checked, ids, LIMITS)
     assert valid == validate(req, tok, LIMITS) and valid.max_tokens == 3
     assert "the prompt is empty" in refusal(prompt="", raw=True)
+
+
+SLO_LIMITS = Limits(max_model_len=64, vocab_size=1000, default_max_tokens=16,
+                    max_stop_strings=4, max_prompt_bytes=100,
+                    slo_classes={"interactive": (0.5, 0.05), "batch": (30.0, None)},
+                    default_slo_class="batch")
+
+
+@pytest.mark.parametrize("params, slo", [
+    ({"slo_class": "interactive"}, ("interactive", 0.5, 0.05)),
+    ({"slo_class": "interactive", "tpot_slo_s": 0.2}, ("interactive", 0.5, 0.2)),
+    ({"ttft_slo_s": 1.5}, ("", 1.5, None)),  # own targets: no default class
+    ({}, ("batch", 30.0, None)),  # neither: the config's default class
+])
+def test_an_slo_resolves_from_its_class_and_its_own_targets(params, slo):
+    valid = validate(GenerateRequest(id=1, prompt_token_ids=[1, 2], params=params), None,
+                     SLO_LIMITS)
+    assert valid.slo == slo
+    assert validate(GenerateRequest(id=1, prompt_token_ids=[1, 2]), None, LIMITS).slo == \
+        ("", None, None)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"slo_class": "gold"}, "unknown slo_class 'gold' (known: batch, interactive)"),
+    ({"ttft_slo_s": 0}, "ttft_slo_s must be a positive number of seconds, got 0"),
+    ({"tpot_slo_s": float("nan")}, "tpot_slo_s must be a positive number of seconds, got nan"),
+])
+def test_bad_slos_are_refused(params, message):
+    with pytest.raises(InvalidRequest) as e:
+        validate(GenerateRequest(id=1, prompt_token_ids=[1], params=params), None, SLO_LIMITS)
+    assert message in str(e.value)

@@ -192,3 +192,28 @@ def test_simulated_requests_stop_at_eos_below_their_cap():
     bench_like = simulate(cfg, Cost(), wl)  # bench's default: the length is the cap
     assert all(r.finish is Finish.LENGTH and r.max_tokens == r.true_output
                for r in bench_like.requests)
+
+
+def test_the_simulators_report_gives_slo_attainment_per_class():
+    from common.scheduling.types import SLO
+    from conveyor.sim.report import format_summary
+
+    class Cost:
+        def stage_step_s(self, s):
+            return 1e-3 + 1e-4 * s.decode_tokens + 1e-5 * s.prefill_tokens
+
+        def transfer_s(self, n):
+            return 0.0
+
+    cfg = build_cluster({"model": {"shape": "tiny"}, "cluster": {"stages": 2}})
+    wl = Workload([0.0] * 30, [64] * 30, [20] * 30)
+    ttfts = sorted(r.first_token for r in simulate(cfg, Cost(), wl).requests)
+    bound = ttfts[9] + 1e-12  # the first ten (and any tied with the tenth) meet it
+    met = sum(t <= bound for t in ttfts)
+    assert 10 <= met < 30
+    res = simulate(cfg, Cost(), wl.with_slo(SLO(ttft_s=bound, name="tight")))
+    s = summarize(res)
+    assert s["simulator"]["slo"] == {"tight": {"met": met, "missed": 30 - met,
+                                               "attainment": round(met / 30, 6)}}
+    assert "SLO attainment, tight:" in format_summary(s)
+    assert all(r.slo.ttft_s == bound for r in res.requests)

@@ -46,7 +46,7 @@ async def _worst_ack_latency(address: str, requests: int) -> float:
             start = time.perf_counter()
             await sock.send_multipart(encode(HealthRequest(1000 + i)))
             while True:
-                msg, _ = decode(await sock.recv_multipart())
+                msg = decode(await sock.recv_multipart())
                 if msg.id == 1000 + i and msg.message == "ack":
                     break
             worst = max(worst, time.perf_counter() - start)
@@ -104,3 +104,31 @@ async def test_an_undecodable_frame_is_received_as_its_reason():
     finally:
         sock.close(linger=0)
         ep.close()
+
+
+async def test_a_call_in_flight_fails_at_once_when_its_peer_goes_away():
+    """A dead kv-cache manager used to show as a 30 s timeout in the controller."""
+    from common.wire.internal_messages import PoolStatsQuery
+    from common.zmq_io import PeerDisconnected, RpcClient
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    ctx = make_context()
+    server = ctx.socket(zmq.ROUTER)
+    server.bind(address)
+    client = Endpoint(ctx, zmq.DEALER, connect=address)
+    rpc = RpcClient(client)
+    watcher = asyncio.create_task(rpc.fail_on_disconnect("test peer"))
+    try:
+        call = asyncio.create_task(rpc.call(lambda cid: PoolStatsQuery(cid), timeout=30))
+        await server.recv_multipart()  # the request arrived: the peer is connected
+        start = time.monotonic()
+        server.close(linger=0)  # the peer dies without answering
+        try:
+            await call
+            raise AssertionError("the call should have failed")
+        except PeerDisconnected as e:
+            assert "test peer disconnected" in str(e)
+        assert time.monotonic() - start < 2.0
+    finally:
+        watcher.cancel()
+        client.close()
