@@ -122,6 +122,9 @@ class KVCacheConfig(_Section):
     """KV memory per stage on CPU when num_blocks is 0."""
     gpu_memory_utilization: float = 0.9
     """Fraction of GPU memory a stage may use for weights, activations and KV (CUDA)."""
+    lease_blocks: int = 0
+    """Free blocks the controller holds to assign without asking the kv-cache manager, topped
+    up in the background as blocks come free; 0: the whole pool."""
 
 
 class IngressConfig(_Section):
@@ -191,6 +194,7 @@ class ConveyorConfig(_Section):
             (self.kvcache.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
              "kvcache.block_size must be a power of two up to 256"),
             (self.kvcache.num_blocks >= 0, "kvcache.num_blocks must be >= 0"),
+            (self.kvcache.lease_blocks >= 0, "kvcache.lease_blocks must be >= 0"),
             (not self.slo.default_class or self.slo.default_class in self.slo.classes,
              f"slo.default_class {self.slo.default_class!r} is not one of slo.classes"),
             (all(t is None or (0 < t < math.inf) for c in self.slo.classes.values()

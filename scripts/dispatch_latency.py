@@ -3,8 +3,8 @@
 the default deployment (logging JSON), sends requests one at a time, each with the pipeline
 empty, and reads each request's `queue_s` from the controller's `request finished` line: from
 the request reaching the controller to its first micro-batch being committed, which is the
-scheduling loop's wake-up, the policy and the KV blocks (once an `Allocate` round trip to the
-kv-cache manager; now a draw from the controller's lease).
+scheduling loop's wake-up, the policy and the KV blocks (an `Allocate` round trip to the
+kv-cache manager before commit eff1dc8's successor; a draw from the controller's lease since).
 
     .venv/bin/python scripts/dispatch_latency.py --requests 40
     .venv/bin/python scripts/dispatch_latency.py --checkout /path/to/other/checkout

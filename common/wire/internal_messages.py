@@ -5,7 +5,8 @@ Who talks to whom:
     controller -> ingress    RequestOutputs, StatusReply
     stage    -> controller   Hello, StepDone
     controller -> stage      StepPlan
-    controller -> kvcache    PoolInit, Allocate, FreeBlocks, PoolStatsQuery
+    controller -> kvcache    PoolInit, LeaseBlocks, AssignBlocks, FreeBlocks,
+                             PoolStatsQuery
     kvcache  -> controller   PoolReply, PoolStats
 Calls that expect an answer carry a `call_id`, echoed by the answer.
 """
@@ -176,14 +177,24 @@ class PoolInit(InternalMessage):
 
 
 @register
-class Allocate(InternalMessage):
-    """Grow block tables: (req_id, blocks to add) pairs. All or nothing: if the pool cannot
-    satisfy the whole call, nothing is allocated and the reply says so."""
+class LeaseBlocks(InternalMessage):
+    """Hand the controller up to `count` free block ids to draw from (PoolReply.granted[0]):
+    it assigns them to requests itself, so a dispatch needs no round trip to the manager."""
 
-    TYPE_ID = 131
+    TYPE_ID = 136
     call_id: int
     instance: int
-    wants: list[tuple[int, int]]
+    count: int
+
+
+@register
+class AssignBlocks(InternalMessage):
+    """Fire and forget: leased blocks the controller gave to requests, (req_id, block ids)
+    appended to each table in order. Sent before any FreeBlocks of those requests."""
+
+    TYPE_ID = 137
+    instance: int
+    tables: list[tuple[int, list[int]]]
 
 
 @register
@@ -200,7 +211,7 @@ class PoolReply(InternalMessage):
     call_id: int
     ok: bool
     granted: list[list[int]]
-    """For Allocate: the new block ids of each want, in order (empty when not ok)."""
+    """For LeaseBlocks: one list, the leased block ids (empty when not ok)."""
     free_blocks: int
     error: str = ""
 

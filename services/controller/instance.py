@@ -44,6 +44,30 @@ class ServedInstance:
     to_release: list[int] = field(default_factory=list)
     """Requests the stages may forget (sent with the next StepPlan)."""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    lease: list[int] = field(default_factory=list)
+    """Free block ids leased from the kv-cache manager, drawn without a round trip."""
+    lease_target: int = 0
+    """How many the lease is topped up to (kvcache.lease_blocks; the pool when 0)."""
+    refilling: bool = False
+    """A top-up of the lease is on its way."""
+
+    def draw(self, wants: list[tuple[int, int]]) -> dict[int, list[int]]:
+        """Block ids for each (req_id, count) from the lease (which must hold enough)."""
+        lease = self.lease
+        granted = {}
+        for req_id, n in wants:
+            granted[req_id] = lease[len(lease) - n:]
+            del lease[len(lease) - n:]
+        return granted
+
+    def lease_wanted(self) -> int:
+        """Blocks to ask for now: up to the target, as many as the manager holds free (the
+        core's free count less the lease: blocks freed since the last top-up); 0 while a
+        top-up is on its way."""
+        if self.refilling:
+            return 0
+        at_manager = self.core.free_blocks - len(self.lease)
+        return max(0, min(self.lease_target - len(self.lease), at_manager))
 
     @classmethod
     def create(cls, index: int, depth: int, max_inflight: int, block_size: int,
@@ -73,7 +97,7 @@ class ServedInstance:
         return {"instance": c.index, "ready": self.ready, "waiting": len(c.waiting),
                 "running": c.num_running, "inflight": len(c.inflight),
                 "kv_total_blocks": c.total_blocks, "kv_free_blocks": c.free_blocks,
-                "kv_utilization": round(used, 6)}
+                "kv_leased_blocks": len(self.lease), "kv_utilization": round(used, 6)}
 
     def step_plans(self, batch: CoreBatch, granted: dict[int, list[int]]
                    ) -> tuple[StepPlan, StepPlan]:

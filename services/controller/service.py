@@ -26,16 +26,15 @@ from common.scheduling import make_policy_from
 from common.scheduling.types import SLO, MicroBatchPlan
 from common.stats import ControllerMetrics
 from common.wire.client_messages import ErrorCode
-from common.wire.internal_messages import (AbortRequests, Allocate, FinishReason, FreeBlocks,
-                                           Hello, PoolInit, PoolReply, RequestOutput,
+from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, RequestOutput,
                                            RequestOutputs, StatusQuery, StatusReply, StepDone,
                                            SubmitRequest)
-from common.zmq_io import Endpoint, Incoming, RpcClient, make_context
+from common.zmq_io import Endpoint, Incoming, make_context
 from services.controller.instance import Served, ServedInstance
+from services.controller.kv_link import KVLink
 from services.controller.prometheus import start_metrics_endpoint
 
 log = get_logger()
-KV_TIMEOUT_S = 30.0
 _WIRE_FINISH = {f: FinishReason[f.name] for f in Finish}
 
 
@@ -61,11 +60,9 @@ class Controller:
         self.endpoint = Endpoint(ctx, zmq.ROUTER, bind=cfg.endpoints.controller,
                                  router_mandatory=True)
         self.kv = Endpoint(ctx, zmq.DEALER, connect=cfg.endpoints.kvcache, identity=b"controller")
-        self.kv_rpc = RpcClient(self.kv)
+        self.kv_link = KVLink(self.kv, cfg.kvcache.lease_blocks)
         self.ingress_identity: bytes | None = None
         self.outputs: list[RequestOutput] = []
-        self.to_free: dict[int, list[int]] = {}
-        """Per instance, requests whose blocks go back to the kv-cache manager."""
 
     # ---- main loops ---------------------------------------------------------------------
 
@@ -74,7 +71,7 @@ class Controller:
                  policy=self.cfg.scheduler.policy, instances=len(self.instances),
                  stages=self.cfg.deployment.stages)
         tasks = [asyncio.create_task(self._kv_replies()),
-                 asyncio.create_task(self.kv_rpc.fail_on_disconnect("kv-cache manager"))]
+                 asyncio.create_task(self.kv_link.rpc.fail_on_disconnect("kv-cache manager"))]
         metrics_server = await start_metrics_endpoint(
             self.cfg.endpoints.metrics_http, lambda: self._stats(time.monotonic()))
         tasks += [asyncio.create_task(self._schedule_loop(inst)) for inst in self.instances]
@@ -87,7 +84,7 @@ class Controller:
                     log.exception("failed to handle a message",
                                   type=type(inc.message).__name__)
                 finally:
-                    self._flush_frees()
+                    self.kv_link.flush(self.instances)
                     await self._flush_outputs()
         finally:
             for t in tasks:
@@ -102,7 +99,7 @@ class Controller:
             inc = await self.kv.recv()
             if inc.message is None:
                 log.error("undecodable frame from kv-cache manager", error=inc.error)
-            elif not self.kv_rpc.dispatch(inc) and getattr(inc.message, "call_id", 0) != 0:
+            elif not self.kv_link.rpc.dispatch(inc) and getattr(inc.message, "call_id", 0) != 0:
                 log.warning("unexpected kv-cache reply", type=type(inc.message).__name__)
 
     async def handle(self, inc: Incoming) -> None:
@@ -182,15 +179,7 @@ class Controller:
     def _on_release(self, req: CoreRequest) -> None:
         """The core took a request's blocks back (finished, or preempted for recompute)."""
         self.instances[req.instance].to_release.append(req.req_id)
-        self.to_free.setdefault(req.instance, []).append(req.req_id)
-
-    def _flush_frees(self) -> None:
-        # Fire and forget (call_id 0): the manager handles messages in order, so a later
-        # Allocate already sees these blocks free.
-        if self.to_free:
-            frees, self.to_free = self.to_free, {}
-            for index, req_ids in frees.items():
-                self.kv.send_nowait(FreeBlocks(0, index, req_ids))
+        self.kv_link.free(req.instance, req.req_id)
 
     # ---- stages -------------------------------------------------------------------------
 
@@ -210,15 +199,8 @@ class Controller:
                  kv_blocks=msg.kv_blocks, **msg.detail)
         if inst.all_stages_registered and not inst.pool_ready:
             num_blocks = min(inst.stage_blocks.values())
-            reply = await self.kv_rpc.call(
-                lambda cid: PoolInit(cid, inst.index, num_blocks, inst.core.block_size),
-                KV_TIMEOUT_S)
-            if not reply.ok:
-                log.error("the kv-cache manager refused the instance's pool; it stays down",
-                          instance=inst.index, kv_blocks=num_blocks, error=reply.error)
+            if not await self.kv_link.init_pool(inst, num_blocks):
                 return
-            inst.core.resize_pool(reply.free_blocks)
-            inst.pool_ready = True
             log.info("instance ready", instance=inst.index, kv_blocks=num_blocks,
                      kv_tokens=num_blocks * inst.core.block_size)
             now = time.monotonic()
@@ -273,14 +255,14 @@ class Controller:
             try:
                 while inst.ready:
                     plan = inst.core.next_plan(inst.policy, time.monotonic())
-                    self._flush_frees()  # preemptions free blocks before any allocation
+                    self.kv_link.flush([])  # a preemption's frees reach the manager first
                     if plan is None or not await self._dispatch(inst, plan):
                         break
                     plan = None
             except Exception as e:  # never let the instance's only scheduler die silently
                 log.exception("scheduling failed", instance=inst.index)
                 self._fail_plan(inst, plan, f"the controller could not schedule it: {e}")
-                self._flush_frees()
+                self.kv_link.flush(self.instances)
                 await self._flush_outputs()
                 inst.wake.set()
 
@@ -294,25 +276,19 @@ class Controller:
     async def _dispatch(self, inst: ServedInstance, plan: MicroBatchPlan) -> bool:
         core = inst.core
         wants = core.block_wants(plan)
-        granted: dict[int, list[int]] = {}
-        if wants:
-            reply: PoolReply = await self.kv_rpc.call(
-                lambda cid: Allocate(cid, inst.index, wants), KV_TIMEOUT_S)
-            if not reply.ok:
-                log.error("kv-cache manager refused an allocation the controller counted as "
-                          "free; resynchronizing", error=reply.error, free=reply.free_blocks)
-                core.free_blocks = reply.free_blocks
+        need = sum(n for _, n in wants)
+        if need > len(inst.lease):  # rare: the plan counts blocks freed a moment ago
+            if not await self.kv_link.top_up_for(inst, need):
                 return False
-            granted = {req_id: blocks for (req_id, _), blocks in zip(wants, reply.granted)}
-        # Requests may have ended while we awaited the blocks: drop their chunks and blocks.
-        live = tuple(c for c in plan.chunks if not _ended(core.by_id.get(c.req_id)))
-        gone = [c.req_id for c in plan.chunks if c.req_id in granted and
-                _ended(core.by_id.get(c.req_id))]
-        if gone:
-            self.kv.send_nowait(FreeBlocks(0, inst.index, gone))
-        if not live:
-            return True
-        batch = core.commit(MicroBatchPlan(live), time.monotonic(), inst.policy)
+            # Requests may have ended while we waited: drop their chunks.
+            plan = MicroBatchPlan(tuple(c for c in plan.chunks
+                                        if not _ended(core.by_id.get(c.req_id))))
+            if not plan.chunks:
+                return True
+            wants = core.block_wants(plan)
+        granted = inst.draw(wants)  # no round trip: the manager learns of it afterwards
+        batch = core.commit(plan, time.monotonic(), inst.policy)
+        self.kv_link.assigned(inst, granted)
         first, rest = inst.step_plans(batch, granted)
         if debug_enabled():  # the micro-batch's shape, for scripts/step_timeline.py
             shape = BatchShape.of_chunks(((c.start, c.num_new) for c in first.chunks),
@@ -357,6 +333,7 @@ class Controller:
         stats["pipeline_depth"] = self.cfg.deployment.stages
         stats["metrics_http"] = self.cfg.endpoints.metrics_http
         stats["instances"] = [i.stats() for i in self.instances]
+        stats["kv_lease_waits"] = self.kv_link.lease_waits
         return stats
 
 

@@ -1,14 +1,13 @@
 """A paged KV block pool for one instance: the logical bookkeeping behind every stage's cache.
 
 Every stage of an instance stores KV for the same tokens, so one block table per request serves
-them all; the stages only ever see block ids handed out here (through the controller).
+them all; the stages only ever see block ids handed out here (through the controller). The
+controller holds a lease of free blocks and assigns them to requests without asking (it tells
+the pool afterwards), so a dispatch costs no round trip; freed blocks come back here, and the
+controller's lease is topped up from them.
 """
 
 from __future__ import annotations
-
-
-class PoolExhausted(Exception):
-    pass
 
 
 class BlockPool:
@@ -22,10 +21,17 @@ class BlockPool:
         # A stack: recently freed blocks are reused first, which keeps the working set warm.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._tables: dict[int, list[int]] = {}
+        self._leased: set[int] = set()
+        """Handed to the controller, not yet in any table: free, as far as stats go."""
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks in no request's table (leased ones included)."""
+        return len(self._free) + len(self._leased)
+
+    @property
+    def leased_blocks(self) -> int:
+        return len(self._leased)
 
     @property
     def num_requests(self) -> int:
@@ -38,19 +44,23 @@ class BlockPool:
     def table(self, req_id: int) -> list[int]:
         return list(self._tables.get(req_id, ()))
 
-    def allocate(self, wants: list[tuple[int, int]]) -> list[list[int]]:
-        """Appends blocks to each request's table; all or nothing (raises PoolExhausted)."""
-        needed = sum(n for _, n in wants)
-        if any(n < 0 for _, n in wants):
-            raise ValueError("cannot allocate a negative number of blocks")
-        if needed > len(self._free):
-            raise PoolExhausted(f"{needed} blocks wanted, {len(self._free)} free")
-        granted = []
-        for req_id, n in wants:
-            blocks = [self._free.pop() for _ in range(n)]
-            self._tables.setdefault(req_id, []).extend(blocks)
-            granted.append(blocks)
-        return granted
+    def lease(self, count: int) -> list[int]:
+        """Up to `count` free blocks handed to the controller, which assigns them itself."""
+        if count < 0:
+            raise ValueError("cannot lease a negative number of blocks")
+        n = min(count, len(self._free))
+        blocks = [self._free.pop() for _ in range(n)]
+        self._leased.update(blocks)
+        return blocks
+
+    def assign(self, req_id: int, blocks: list[int]) -> None:
+        """Appends leased blocks to a request's table; all or nothing (a block that is not
+        leased, or named twice, is a ValueError and nothing changes)."""
+        if len(set(blocks)) != len(blocks) or not self._leased.issuperset(blocks):
+            stray = sorted(set(blocks) - self._leased)[:8] or "repeated ids"
+            raise ValueError(f"request {req_id}: blocks not leased: {stray}")
+        self._leased.difference_update(blocks)
+        self._tables.setdefault(req_id, []).extend(blocks)
 
     def free(self, req_ids: list[int]) -> int:
         """Returns every block of these requests to the pool; unknown ids are ignored (a free

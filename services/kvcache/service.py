@@ -14,10 +14,10 @@ import zmq
 
 from common.config import ConveyorConfig
 from common.log import get_logger
-from common.wire.internal_messages import (Allocate, FreeBlocks, PoolInfo, PoolInit, PoolReply,
-                                           PoolStats, PoolStatsQuery)
+from common.wire.internal_messages import (AssignBlocks, FreeBlocks, LeaseBlocks, PoolInfo,
+                                           PoolInit, PoolReply, PoolStats, PoolStatsQuery)
 from common.zmq_io import Endpoint, Incoming, make_context
-from services.kvcache.pool import BlockPool, PoolExhausted
+from services.kvcache.pool import BlockPool
 
 log = get_logger()
 
@@ -65,19 +65,30 @@ class KVCacheManager:
             return PoolStats(msg.call_id, [
                 PoolInfo(i, p.block_size, p.num_blocks, p.free_blocks, p.num_requests)
                 for i, p in sorted(self.pools.items())])
-        if isinstance(msg, (Allocate, FreeBlocks)):
+        if isinstance(msg, (LeaseBlocks, AssignBlocks, FreeBlocks)):
             pool = self.pools.get(msg.instance)
+            call_id = getattr(msg, "call_id", 0)
             if pool is None:
-                return PoolReply(msg.call_id, False, [], 0,
-                                 f"no pool for instance {msg.instance}")
+                log.error("message for an instance without a pool", instance=msg.instance,
+                          type=type(msg).__name__)
+                return PoolReply(call_id, False, [], 0,
+                                 f"no pool for instance {msg.instance}") if call_id else None
             if isinstance(msg, FreeBlocks):
                 pool.free(msg.req_ids)
                 return PoolReply(msg.call_id, True, [], pool.free_blocks)
+            if isinstance(msg, AssignBlocks):
+                for req_id, blocks in msg.tables:
+                    try:
+                        pool.assign(req_id, blocks)
+                    except ValueError as e:  # the controller's books and ours disagree
+                        log.error("refused a block assignment", instance=msg.instance,
+                                  error=str(e))
+                return None
             try:
-                granted = pool.allocate([tuple(w) for w in msg.wants])
-            except (PoolExhausted, ValueError) as e:
+                granted = pool.lease(msg.count)
+            except ValueError as e:
                 return PoolReply(msg.call_id, False, [], pool.free_blocks, str(e))
-            return PoolReply(msg.call_id, True, granted, pool.free_blocks)
+            return PoolReply(msg.call_id, True, [granted], pool.free_blocks)
         log.warning("unexpected message", type=type(msg).__name__)
         return None
 

@@ -67,6 +67,8 @@ def test_eos_aborts_and_preemption_through_the_controller(deployment, expected):
     (inst,) = stats["instances"]
     assert inst["waiting"] == inst["running"] == inst["inflight"] == 0
     assert inst["kv_free_blocks"] == TIGHT_POOL
+    # Every freed block made its way back into the controller's lease (the whole pool).
+    assert inst["kv_leased_blocks"] == TIGHT_POOL, inst
 
 
 def test_requests_with_an_slo_are_counted_by_class_in_stats(deployment):

@@ -2,34 +2,49 @@
 
 import pytest
 
-from common.wire.internal_messages import Allocate, FreeBlocks, PoolInit, PoolStatsQuery
+from common.wire.internal_messages import FreeBlocks, LeaseBlocks, PoolInit, PoolStatsQuery
 from common.zmq_io import Incoming
-from services.kvcache.pool import BlockPool, PoolExhausted
+from services.kvcache.pool import BlockPool
 from services.kvcache.service import KVCacheManager
 
 
-def test_allocate_grows_tables_and_free_returns_everything():
+def test_leased_blocks_are_assigned_to_tables_and_freed_back():
     pool = BlockPool(10, 16)
-    a, b = pool.allocate([(1, 3), (2, 2)])
-    assert len(a) == 3 and len(b) == 2 and not set(a) & set(b)
-    pool.allocate([(1, 1)])
-    assert len(pool.table(1)) == 4 and pool.free_blocks == 4 and pool.num_requests == 2
+    lease = pool.lease(6)
+    assert len(lease) == len(set(lease)) == 6 and pool.leased_blocks == 6
+    assert pool.free_blocks == 10  # leased but unassigned blocks are still free
+    pool.assign(1, lease[:3])
+    pool.assign(2, lease[3:5])
+    pool.assign(1, lease[5:])
+    assert pool.table(1) == lease[:3] + lease[5:] and pool.free_blocks == 4
+    assert pool.num_requests == 2 and pool.leased_blocks == 0
     assert pool.free([1, 99]) == 4
-    assert pool.free_blocks == 8 and pool.table(1) == []
+    assert pool.free_blocks == 8 and pool.table(1) == [] and pool.leased_blocks == 0
 
 
-def test_allocation_is_all_or_nothing():
+def test_a_lease_is_at_most_the_unleased_free_blocks():
     pool = BlockPool(4, 16)
-    pool.allocate([(1, 3)])
-    with pytest.raises(PoolExhausted, match="2 blocks wanted, 1 free"):
-        pool.allocate([(2, 1), (3, 1)])
-    assert pool.free_blocks == 1 and pool.table(2) == []
+    assert len(pool.lease(3)) == 3
+    assert len(pool.lease(3)) == 1 and pool.lease(3) == []
+
+
+def test_only_leased_blocks_can_be_assigned():
+    pool = BlockPool(8, 16)
+    lease = pool.lease(2)
+    with pytest.raises(ValueError, match="not leased"):
+        pool.assign(1, [lease[0], 7 if 7 not in lease else 6])
+    assert pool.table(1) == [] and pool.leased_blocks == 2  # all or nothing
+    pool.assign(1, lease)
+    with pytest.raises(ValueError, match="not leased"):
+        pool.assign(2, lease[:1])  # already in a table
 
 
 def test_block_ids_stay_unique_under_churn():
     pool = BlockPool(64, 16)
     for round_ in range(20):
-        pool.allocate([(round_, 3), (1000 + round_, 2)])
+        lease = pool.lease(5)
+        pool.assign(round_, lease[:3])
+        pool.assign(1000 + round_, lease[3:])
         pool.free([round_])
     held = [b for r in range(1000, 1020) for b in pool.table(r)]
     assert len(held) == len(set(held)) == 40 and pool.free_blocks == 24
@@ -46,15 +61,15 @@ async def test_the_manager_refuses_a_bad_pool_and_serves_on(tmp_path, monkeypatc
         await manager.handle(Incoming(b"c", PoolInit(1, 0, 8, 16)))
         await manager.handle(Incoming(b"c", PoolInit(2, 0, 0, 16)))   # crashed the manager
         await manager.handle(Incoming(b"c", PoolInit(3, 1, 4, 0)))
-        await manager.handle(Incoming(b"c", Allocate(4, 0, [(7, 2)])))
+        await manager.handle(Incoming(b"c", LeaseBlocks(4, 0, 2)))
     finally:
         manager.endpoint.close()
-    ok, no_blocks, no_size, allocated = replies
+    ok, no_blocks, no_size, leased = replies
     assert ok.ok and ok.free_blocks == 8
     assert not no_blocks.ok and no_blocks.error == (
         "a pool needs num_blocks >= 1 and block_size >= 1, got num_blocks=0, block_size=16")
     assert not no_size.ok and "block_size=0" in no_size.error
-    assert allocated.ok and len(allocated.granted[0]) == 2 and allocated.free_blocks == 6
+    assert leased.ok and len(leased.granted[0]) == 2 and leased.free_blocks == 8
     assert set(manager.pools) == {0}  # the refused ones left the pools as they were
 
 

@@ -1,0 +1,72 @@
+"""The controller's block lease against a real kv-cache manager over a real socket: the pool's
+first lease, dispatches that draw without asking, the manager's books following the
+assignments, frees flowing back and the lease topped up from them, and a plan that needs more
+than the lease holds waiting for a top-up."""
+
+from __future__ import annotations
+
+import asyncio
+
+import zmq
+
+from common.scheduling import make_policy
+from common.stats import ControllerMetrics
+from common.zmq_io import Endpoint, make_context
+from services.controller.instance import ServedInstance
+from services.controller.kv_link import KVLink
+from services.kvcache.service import KVCacheManager
+
+
+async def _until(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_the_lease_serves_dispatches_and_refills_from_frees(tmp_path):
+    address = f"ipc://{tmp_path}/kvcache"
+    manager = KVCacheManager(address)
+    server = asyncio.create_task(manager.serve())
+    kv = Endpoint(make_context(), zmq.DEALER, connect=address, identity=b"controller")
+    link = KVLink(kv, lease_blocks=8)
+
+    async def replies():
+        while True:
+            link.rpc.dispatch(await kv.recv())
+
+    reader = asyncio.create_task(replies())
+    inst = ServedInstance.create(0, 2, 2, 16, make_policy("fcfs"),
+                                 ControllerMetrics(started=0.0), None, None)
+    try:
+        assert await link.init_pool(inst, 20)
+        pool = manager.pools[0]
+        assert len(inst.lease) == 8 and pool.leased_blocks == 8 and pool.free_blocks == 20
+        # A dispatch draws from the lease; the manager learns of it afterwards.
+        granted = inst.draw([(1, 3), (2, 2)])
+        link.assigned(inst, granted)
+        inst.core.free_blocks -= 5  # what the core's commit does
+        await _until(lambda: pool.num_requests == 2)
+        assert pool.table(1) == granted[1] and pool.table(2) == granted[2]
+        assert len(inst.lease) == 3 and not set(inst.lease) & {b for g in granted.values()
+                                                               for b in g}
+        # The lease is topped up from the manager's free blocks, to its target.
+        link.flush([inst])
+        await _until(lambda: len(inst.lease) == 8)
+        assert pool.free_blocks == 15 and pool.leased_blocks == 8
+        # Frees go back to the manager, and nothing more is leased past the target.
+        link.free(0, 1)
+        inst.core.free_blocks += 3
+        link.flush([inst])
+        await _until(lambda: pool.table(1) == [])
+        assert len(inst.lease) == 8 and pool.free_blocks == 18
+        # A plan needing more than the lease waits for a top-up of what it lacks.
+        assert await link.top_up_for(inst, 12)
+        assert len(inst.lease) == 12 and link.lease_waits == 1
+        # ...and is refused, with the books left alone, when the manager has too few.
+        assert not await link.top_up_for(inst, 40)
+        assert len(inst.lease) == 18 and pool.free_blocks == 18
+    finally:
+        reader.cancel()
+        server.cancel()
+        kv.close()
