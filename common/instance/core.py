@@ -31,8 +31,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from operator import attrgetter
 
+from common.instance.batch import CoreBatch
 from common.instance.request import CoreRequest, Finish
-from common.instance.views import make_inflight, make_kv, make_snapshot, view as _view
+from common.instance.views import make_kv, make_snapshot, view as _view
+from common.instance.waiting import WaitingHead
 from common.scheduling.types import (WHOLE_QUEUE, MicroBatchPlan, SchedulerSnapshot,
                                      WaitingNeed)
 from common.stats import ControllerMetrics, Moments
@@ -47,39 +49,6 @@ def _name(policy) -> str:
 class PlanError(RuntimeError):
     """A policy asked for something the core refuses (an unknown request, more tokens than
     are schedulable, blocks that are not free): a bug in the policy."""
-
-
-class CoreBatch:
-    """A micro-batch in the pipeline and the shape its cost depends on."""
-
-    __slots__ = ("mb_id", "sampling", "partial", "chunks", "iview", "decode", "prefill",
-                 "context", "keys", "longest", "dispatched_at")
-
-    def __init__(self, mb_id: int, dispatched_at: float, sampling: list, partial: list,
-                 chunks: list | None, decode: int, prefill: int, context: int, keys: int,
-                 longest: int):
-        self.mb_id = mb_id
-        self.dispatched_at = dispatched_at
-        self.sampling: list[CoreRequest] = sampling
-        """Requests that get a token from this micro-batch, in chunk order."""
-        self.partial: list[CoreRequest] = partial
-        """Requests with a non-final prefill chunk here (ready while it is in flight)."""
-        self.chunks: list[tuple[CoreRequest, int, int, int]] | None = chunks
-        """(request, start, tokens, new blocks) per chunk, when the core keeps details."""
-        self.decode = decode
-        self.prefill = prefill
-        self.context = context
-        """Sum of the decodes' contexts."""
-        self.keys = keys
-        """Query-key pairs of the prefill tokens."""
-        self.longest = longest
-        """Longest decode context."""
-        self.iview = make_inflight(decode, prefill)
-        """What a policy sees of it while it is in flight."""
-
-    @property
-    def requests(self) -> list[CoreRequest]:
-        return self.sampling + self.partial
 
 
 class InstanceCore:
@@ -122,11 +91,7 @@ class InstanceCore:
         self.set_waiting_need(waiting_need)
 
     def set_waiting_need(self, need: WaitingNeed) -> None:
-        self._need = need
-        self._head: tuple = ()
-        self._head_valid = False
-        self._head_whole = True
-        """The cached head is the whole queue."""
+        self.head = WaitingHead(need)
 
     def resize_pool(self, total_blocks: int) -> None:
         """The pool is known (the controller learns it once every stage has registered)."""
@@ -154,8 +119,7 @@ class InstanceCore:
         else:
             pos = bisect.bisect_left(waiting, req.order, key=_order)
             waiting.insert(pos, req)
-        if self._head_whole or pos < len(self._head):
-            self._head_valid = False
+        self.head.queued_at(pos)
 
     def finish(self, req: CoreRequest, reason: Finish, now: float, error: str = "") -> bool:
         """Ends a request (abort, error, or a stop condition). Its blocks are released now,
@@ -172,7 +136,7 @@ class InstanceCore:
                 self._drop_ready(req)
         else:
             self.waiting.remove(req)
-            self._head_valid = False
+            self.head.valid = False
         m = self.metrics
         m.finished[reason.name.lower()] += 1
         self.finished += 1
@@ -213,40 +177,10 @@ class InstanceCore:
         for r in self.ready:
             v = r.view
             add(v if v is not None else _view(r))
-        return make_snapshot(now, self.depth, self._waiting_head(), tuple(views),
-                             self.num_running, tuple([b.iview for b in self.inflight.values()]),
+        waiting = self.head.views_of(self.waiting, self.num_running)
+        return make_snapshot(now, self.depth, waiting, tuple(views), self.num_running,
+                             tuple([b.iview for b in self.inflight.values()]),
                              make_kv(self.total_blocks, self.free_blocks, self.block_size))
-
-    def _waiting_head(self) -> tuple:
-        need = self._need
-        head = self._head
-        if self._head_valid:
-            if need.max_num_seqs is None or self._head_whole:
-                return head
-            if len(head) > need.max_num_seqs - self.num_running:  # still enough seats
-                return head
-        if need.whole:
-            seats = tokens_needed = 1 << 62
-        else:
-            seats = need.min_requests
-            if need.max_num_seqs is not None:
-                seats = max(need.max_num_seqs - self.num_running + 1, seats)
-            tokens_needed = need.tokens
-        views = []
-        add = views.append
-        tokens = 0
-        whole = True
-        for r in self.waiting:
-            v = r.view
-            add(v if v is not None else _view(r))
-            tokens += r.prompt + r.out - r.computed
-            if len(views) >= seats and tokens >= tokens_needed:
-                whole = len(views) == len(self.waiting)
-                break
-        head = self._head = tuple(views)
-        self._head_valid = True
-        self._head_whole = whole
-        return head
 
     def has_room(self) -> bool:
         return len(self.inflight) < self.max_inflight
@@ -388,7 +322,7 @@ class InstanceCore:
             if not r.awaiting:  # a partial prompt chunk: still schedulable
                 bisect.insort(self.ready, r, key=_order)
         self.num_running += len(started)
-        self._head_valid = False
+        self.head.valid = False
 
     # ---- completion -------------------------------------------------------------------------
 

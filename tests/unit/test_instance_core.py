@@ -170,14 +170,17 @@ def test_next_plan_carries_out_preemptions_and_stops_when_the_pipeline_is_full()
 
 # ---- the simulator's requests: true lengths apart from the clients' caps ------------------------
 
+class Cost:
+    """A cost model: a fixed cost per step plus a cost per token of each kind."""
+
+    def stage_step_s(self, s):
+        return 1e-3 + 1e-5 * s.prefill_tokens + 1e-4 * s.decode_tokens
+
+    def transfer_s(self, n):
+        return 0.0
+
+
 def test_simulated_requests_stop_at_eos_below_their_cap():
-    class Cost:
-        def stage_step_s(self, s):
-            return 1e-3 + 1e-5 * s.prefill_tokens + 1e-4 * s.decode_tokens
-
-        def transfer_s(self, n):
-            return 0.0
-
     cfg = build_cluster({"model": {"shape": "tiny", "max_model_len": 2048},
                          "cluster": {"stages": 2}, "kvcache": {"num_blocks": 2048}})
     outputs = [5 + 7 * i for i in range(20)]
@@ -197,13 +200,6 @@ def test_simulated_requests_stop_at_eos_below_their_cap():
 def test_the_simulators_report_gives_slo_attainment_per_class():
     from common.scheduling.types import SLO
     from conveyor.sim.report import format_summary
-
-    class Cost:
-        def stage_step_s(self, s):
-            return 1e-3 + 1e-4 * s.decode_tokens + 1e-5 * s.prefill_tokens
-
-        def transfer_s(self, n):
-            return 0.0
 
     cfg = build_cluster({"model": {"shape": "tiny"}, "cluster": {"stages": 2}})
     wl = Workload([0.0] * 30, [64] * 30, [20] * 30)

@@ -50,13 +50,19 @@ def test_block_ids_stay_unique_under_churn():
     assert len(held) == len(set(held)) == 40 and pool.free_blocks == 24
 
 
-async def test_the_manager_refuses_a_bad_pool_and_serves_on(tmp_path, monkeypatch):
+def manager_and_replies(tmp_path, monkeypatch) -> tuple[KVCacheManager, list]:
+    """A manager whose replies are collected instead of sent."""
     manager = KVCacheManager(f"ipc://{tmp_path}/kvcache")
-    replies = []
+    replies: list = []
 
     async def send(msg, identity):
         replies.append(msg)
     monkeypatch.setattr(manager.endpoint, "send", send)
+    return manager, replies
+
+
+async def test_the_manager_refuses_a_bad_pool_and_serves_on(tmp_path, monkeypatch):
+    manager, replies = manager_and_replies(tmp_path, monkeypatch)
     try:
         await manager.handle(Incoming(b"c", PoolInit(1, 0, 8, 16)))
         await manager.handle(Incoming(b"c", PoolInit(2, 0, 0, 16)))   # crashed the manager
@@ -74,12 +80,7 @@ async def test_the_manager_refuses_a_bad_pool_and_serves_on(tmp_path, monkeypatc
 
 
 async def test_a_message_the_manager_fails_on_is_answered_not_fatal(tmp_path, monkeypatch):
-    manager = KVCacheManager(f"ipc://{tmp_path}/kvcache")
-    replies = []
-
-    async def send(msg, identity):
-        replies.append(msg)
-    monkeypatch.setattr(manager.endpoint, "send", send)
+    manager, replies = manager_and_replies(tmp_path, monkeypatch)
     monkeypatch.setattr(manager, "answer", lambda msg: 1 / 0)
     try:
         await manager.handle(Incoming(b"c", PoolStatsQuery(9)))
