@@ -34,6 +34,8 @@ class Incoming:
     identity: bytes | None
     message: Message | None
     error: str | None = None
+    request_id: int | None = None
+    """With an undecodable public message whose `id` could still be read: that id."""
 
 
 def make_context() -> zmq.asyncio.Context:
@@ -117,7 +119,7 @@ class Endpoint:
         try:
             msg = decode([f.buffer for f in frames])
         except ProtocolError as e:
-            return Incoming(identity, None, str(e))
+            return Incoming(identity, None, str(e), e.request_id)
         return Incoming(identity, msg, None)
 
     def close(self) -> None:

@@ -35,7 +35,29 @@ _body_encoder = msgspec.msgpack.Encoder()
 
 
 class ProtocolError(ValueError):
-    """A frame could not be decoded: wrong version, unknown type, malformed or truncated body."""
+    """A frame could not be decoded: wrong version, unknown type, malformed or truncated body.
+    `request_id` is the body's `id` when it could still be read (a public message with a bad
+    field), so the refusal reaches that request alone; None otherwise."""
+
+    def __init__(self, message: str, request_id: int | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class _IdOnly(msgspec.Struct):
+    """A public message's `id`, its other fields skipped."""
+
+    id: int
+
+
+_id_decoder = msgspec.msgpack.Decoder(_IdOnly)
+
+
+def _request_id(body: bytes | memoryview) -> int | None:
+    try:
+        return _id_decoder.decode(body).id
+    except Exception:  # no readable id: the refusal cannot be attributed
+        return None
 
 
 class EncodeError(ValueError):
@@ -95,9 +117,13 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
         raise ProtocolError(f"unknown message type {type_id}")
     cls, decoder = entry
     name = cls.__name__
-    body = _decode(decoder, frames[1], f"{name} body", f"invalid {name} message",
-                   f"malformed or truncated {name} body")
-    return body
+    try:
+        return _decode(decoder, frames[1], f"{name} body", f"invalid {name} message",
+                       f"malformed or truncated {name} body")
+    except ProtocolError as e:
+        if issubclass(cls, InternalMessage):
+            raise
+        raise ProtocolError(str(e), _request_id(frames[1])) from None
 
 
 def _decode(decoder: msgspec.msgpack.Decoder, data: bytes | memoryview, what: str,

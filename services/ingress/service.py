@@ -93,7 +93,9 @@ class Ingress:
         self.ctrl_rpc = RpcClient(self.ctrl)
         self.active: dict[int, ClientRequest] = {}
         self.by_client: dict[tuple[bytes, int], ClientRequest] = {}
-        self._req_ids = itertools.count(1)
+        # Ids start from this start's clock (ms << 20), so a restarted ingress never reuses
+        # an id the controller may still hold from before.
+        self._req_ids = itertools.count((time.time_ns() // 1_000_000) << 20)
         self.admission: Admission[ClientRequest, ValidRequest] = Admission(
             self._prepare, self._submit, self._refuse)
 
@@ -125,8 +127,13 @@ class Ingress:
     async def _on_client(self, inc: Incoming) -> None:
         msg = inc.message
         if msg is None:
-            log.warning("bad frame from client", error=inc.error)
-            self._send(inc.identity, ErrorReply(NO_REQUEST_ID, ErrorCode.PROTOCOL, inc.error))
+            log.warning("bad frame from client", error=inc.error, client_id=inc.request_id)
+            if inc.request_id is not None:  # a request with a bad field: refuse it alone
+                self._send(inc.identity, ErrorReply(inc.request_id, ErrorCode.INVALID_REQUEST,
+                                                    inc.error))
+            else:
+                self._send(inc.identity, ErrorReply(NO_REQUEST_ID, ErrorCode.PROTOCOL,
+                                                    inc.error))
         elif isinstance(msg, GenerateRequest):
             self._on_generate(inc.identity, msg)
         elif isinstance(msg, CancelRequest):

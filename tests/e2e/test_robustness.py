@@ -77,19 +77,22 @@ def _raw_exchange(address: str, frames: list[bytes], timeout_ms: int = 10_000):
         sock.close()
 
 
-@pytest.mark.parametrize("frames, message", [
-    ([b"\x00\x01garbage"], "expected a header and a body frame"),
+@pytest.mark.parametrize("frames, message, code, rid", [
+    ([b"\x00\x01garbage"], "expected a header and a body frame", 2, -1),
     ([msgspec.msgpack.encode([PROTOCOL_VERSION + 8, 1]), b"\x80"],
-     f"unsupported protocol version {PROTOCOL_VERSION + 8}"),
+     f"unsupported protocol version {PROTOCOL_VERSION + 8}", 2, -1),
     ([encode(GenerateRequest(id=5, prompt="x"))[0],
       encode(GenerateRequest(id=5, prompt="a long enough prompt"))[1][:-6]],
-     "malformed or truncated GenerateRequest body"),
+     "malformed or truncated GenerateRequest body", 2, -1),
+    # The id is still readable: the refusal goes to that request alone, as an invalid request.
     ([encode(GenerateRequest(id=5))[0], msgspec.msgpack.encode({"id": 5, "promt": "x"})],
-     "unknown field `promt`"),
+     "unknown field `promt`", 1, 5),
+    ([encode(GenerateRequest(id=5))[0], msgspec.msgpack.encode({"id": 6, "prompt": 3})],
+     "Expected `str | null`, got `int`", 1, 6),
 ])
-def test_malformed_frames_get_a_protocol_error(deployment, frames, message):
+def test_malformed_frames_get_a_protocol_error(deployment, frames, message, code, rid):
     (version, type_id), body = _raw_exchange(deployment.address, frames)
-    assert version == PROTOCOL_VERSION and body["code"] == 2 and body["id"] == -1
+    assert version == PROTOCOL_VERSION and body["code"] == code and body["id"] == rid
     assert message in body["message"]
     assert_still_serving(deployment)
 

@@ -193,3 +193,23 @@ async def test_admission_skips_closed_items_and_keeps_order():
     runner.cancel()
     assert prepared == ["a", "bad", "closed-during", "b"]
     assert admitted == ["A", "B"] and refused == ["bad item"]
+
+
+async def test_a_restarted_ingress_never_reuses_a_request_id(monkeypatch):
+    """A restarted ingress used to count from 1 again while the controller still held the old
+    ids ("duplicate request id" for 6 of 10 requests)."""
+    monkeypatch.setattr(service, "load_tokenizer", lambda src: real_tokenizer(src))
+    ids = []
+    for _ in range(2):
+        cfg = load_config(None, {"model.source": "tiny", "model.load_format": "dummy",
+                                 "endpoints.ingress": f"tcp://127.0.0.1:{free_port()}",
+                                 "endpoints.controller": f"tcp://127.0.0.1:{free_port()}"})
+        ingress = service.Ingress(cfg)
+        try:
+            ids.append([next(ingress._req_ids) for _ in range(1000)])
+        finally:
+            ingress.clients.close()
+            ingress.ctrl.close()
+        await asyncio.sleep(0.002)
+    first, restarted = ids
+    assert min(restarted) > max(first) and max(restarted) < 2**63

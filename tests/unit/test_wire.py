@@ -144,3 +144,17 @@ def test_random_frames_raise_only_protocol_errors():
 def test_unencodable_values_are_named(msg, expected):
     with pytest.raises(EncodeError, match="GenerateRequest cannot be encoded: " + expected):
         encode(msg)
+
+
+def test_a_public_body_with_a_bad_field_still_names_its_request():
+    header = encode(GenerateRequest(id=1))[0]
+    with pytest.raises(ProtocolError) as bad_field:
+        decode([header, msgspec.msgpack.encode({"id": 42, "prompt": ["not", "text"]})])
+    assert bad_field.value.request_id == 42 and "$.prompt" in str(bad_field.value)
+    with pytest.raises(ProtocolError) as truncated:
+        decode([header, encode(GenerateRequest(id=42, prompt="a prompt"))[1][:-3]])
+    assert truncated.value.request_id is None
+    internal = encode(StepPlan(1, [], []))
+    with pytest.raises(ProtocolError) as inner:
+        decode([internal[0], msgspec.msgpack.encode({"id": 3})])
+    assert inner.value.request_id is None  # internal peers' errors are never attributed
