@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 
 from common.config import SchedulerConfig
+from common.scheduling.policy import waiting_need_of
 from conveyor.sim.cluster_file import ClusterError, ClusterFile, KVSection
 
 GIB = 1024**3
@@ -105,28 +106,18 @@ class ClusterConfig:
     def activation_bytes_per_token(self) -> int:
         return self.shape.hidden_size * DTYPE_BYTES[self.dtype]
 
-    @property
-    def max_num_seqs(self) -> int:
-        return int(getattr(self.scheduler, "max_num_seqs", 128))
-
-    @property
-    def head_tokens(self) -> int:
-        """Auto waiting head: pending prompt tokens it must cover, the most any built-in policy
-        can use: a micro-batch's token budget (fcfs, sarathi) or prefill_iterations x
-        max_prefill_tokens (the point past which throttle's budget no longer grows)."""
-        s = self.scheduler
-        candidates = [getattr(s, "max_num_batched_tokens", 0), getattr(s, "max_prefill_tokens", 0)]
-        if isinstance(getattr(s, "prefill_iterations", None), int):
-            candidates.append(s.prefill_iterations * getattr(s, "max_prefill_tokens", 0))
-        return max([int(c) for c in candidates if isinstance(c, (int, float))] + [1])
-
     def describe_head(self) -> str:
+        """The waiting head a policy is shown (simulator.waiting_head), in words."""
         if self.waiting_head < 0:
             return "the whole queue"
-        if self.waiting_head == 0:
-            return (f"auto: free seats + 1 (at least 2) requests and {self.head_tokens} "
-                    f"pending tokens")
-        return f"{self.waiting_head} requests"
+        if self.waiting_head > 0:
+            return f"{self.waiting_head} requests"
+        need = waiting_need_of(self.make_policy())
+        if need.whole:
+            return "auto: the whole queue (the policy's own need)"
+        seats = f"free seats + 1 (at least {need.min_requests})" if need.max_num_seqs else \
+            f"{need.min_requests}"
+        return f"auto (the policy's need): {seats} requests and {need.tokens} pending tokens"
 
     def make_policy(self):
         from common.scheduling import make_policy_from

@@ -80,9 +80,9 @@ class SimulatorSection(_Section):
     """Ingress time per request (validation, tokenization, forwarding), one request at a time:
     a burst reaches the controller spread out. Latencies still count from the client's send."""
     waiting_head: int = 0
-    """Waiting requests passed in a snapshot: 0 = auto (as many as the free seats can admit and
-    at least the pending tokens any built-in policy can use: the same plans as with the whole
-    queue), N = the first N, -1 = the whole queue (what the controller passes)."""
+    """Waiting requests passed in a snapshot: 0 = what the policy declares it needs
+    (SchedulingPolicy.waiting_need, as the controller passes), N = the first N, -1 = the whole
+    queue."""
     context_quantum: float = 1.0
     """Mean decode context is rounded to a multiple of this many tokens before costing (lets the
     step-cost cache hit); 0 = exact."""

@@ -103,7 +103,7 @@ def test_files_and_overrides(tmp_path):
     path.write_text('[model]\nshape = "tiny"\n[cluster]\nstages = 2\n[kvcache]\nnum_blocks = 64\n'
                     '[scheduler]\npolicy = "sarathi"\nmax_num_seqs = 8\n')
     cfg = load_cluster(path, {"scheduler.policy": "throttle", "cluster.instances": 3})
-    assert (cfg.policy, cfg.instances, cfg.max_num_seqs) == ("throttle", 3, 8)
+    assert (cfg.policy, cfg.instances, cfg.scheduler.max_num_seqs) == ("throttle", 3, 8)
     policy = cfg.make_policy()
     assert policy.name == "throttle" and policy.max_num_seqs == 8
     assert cfg.with_policy("fcfs", max_num_batched_tokens=99).make_policy() \
