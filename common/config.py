@@ -70,6 +70,9 @@ class DeploymentConfig(_Section):
     """Where stages compute; `auto` picks CUDA when available."""
     threads_per_stage: int = 0
     """Torch intra-op threads per stage on CPU; 0 shares the machine's cores among stages."""
+    routing: Literal["least-loaded", "round-robin"] = "least-loaded"
+    """Which instance takes a request (common/scheduling/routing.py): the one with the fewest
+    tokens still to process, or each in turn."""
 
 
 class EndpointsConfig(_Section):

@@ -32,7 +32,9 @@ def configure_logging(role: str, fmt: str = "console", level: str = "info",
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line (print() writes the line and its newline apart): processes that
+        # share a log file then never cut each other's lines.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()
@@ -50,12 +52,18 @@ def debug_enabled() -> bool:
 
 
 def read_json_events(path: str | Path) -> Iterator[dict]:
-    """The events of a log written with format json, in order; other lines (a supervisor's
-    console lines) are skipped. For scripts that analyse a deployment's log."""
+    """The events of a log written with format json, in order; other text (a supervisor's
+    console lines) is skipped, and two events on one line (another program's output cut in
+    mid-line) are both read. For scripts and tests that analyse a deployment's log."""
+    decoder = json.JSONDecoder()
     for line in Path(path).read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            yield event
+        pos = line.find("{")
+        while pos >= 0:
+            try:
+                event, end = decoder.raw_decode(line, pos)
+            except ValueError:
+                pos = line.find("{", pos + 1)
+                continue
+            if isinstance(event, dict):
+                yield event
+            pos = line.find("{", end)

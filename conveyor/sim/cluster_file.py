@@ -37,7 +37,8 @@ class ClusterSection(_Section):
     instances: int = 1
     stages: int = 2
     routing: Literal["least-loaded", "round-robin"] = "least-loaded"
-    """least-loaded: the controller's rule (fewest tokens still to process, Instance.load)."""
+    """A router of common/scheduling/routing.py, as the controller's deployment.routing:
+    least-loaded (fewest tokens still to process, InstanceCore.load) or round-robin."""
     host_cores: int = 0
     """CPU cores an instance's stage processes share (a CPU deployment on one machine); 0: a
     device each (sharing.py explains the sharing model)."""

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from common.instance.request import pool_misfit
+from common.scheduling.routing import make_router
 from conveyor.sim.cluster import ClusterConfig
 from conveyor.sim.pipeline import Pipeline, StepTimer
 from conveyor.sim.results import SimResult, finalize, shard_results
@@ -105,10 +106,6 @@ class Shard:
         return Pipeline(cfg.num_stages, self.queue.push)
 
 
-def _load(inst: SimInstance) -> int:
-    return inst.load
-
-
 def _done(finished: Any) -> int:
     """Requests served to the end (at EOS or at their cap)."""
     return finished["length"] + finished["stop"]
@@ -163,14 +160,14 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
     metrics = shard.metrics
     finished = metrics.finished
     requests: list[SimRequest] = []
-    round_robin = cfg.routing == "round-robin"
+    router = make_router(cfg.routing)
+    all_instances = [0] * cfg.instances
     advance = shard.queue.run_until
     pack, unpack, size = _MSG.pack, _MSG.unpack, _MSG.size
     write, read = os.write, os.read
     n = len(workload)
     clock = time.perf_counter
     next_report = clock() + progress_every_s
-    accepted = 0
     others_done = 0
     touched: list[SimInstance] = []  # got requests at instant `touched_t`, to schedule
     touched_t = 0.0
@@ -196,25 +193,28 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
                 requests.append(req)
                 metrics.finished["error"] += 1
             continue
-        if round_robin:
-            target = accepted % cfg.instances
+        if not router.reads_loads:  # every worker sees every arrival: all agree
+            target = router.route(all_instances)
         else:
-            best = min(instances, key=_load) if instances else None
-            load, target = (best.load, best.index) if best is not None else (1 << 62, 1 << 62)
-            if links:
+            local = router.route([inst.load for inst in instances]) if instances else -1
+            load, target = ((instances[local].load, instances[local].index) if local >= 0
+                            else (1 << 62, 1 << 62))
+            if links:  # a decomposable router: pick among the workers' picks
                 msg = pack(load, target, _done(finished))
                 for _, wfd in links:
                     write(wfd, msg)
                 others_done = 0
+                picks = [(target, load)] if local >= 0 else []
                 for rfd, _ in links:
                     data = read(rfd, size)
                     if len(data) != size:
                         raise RuntimeError("a simulation worker stopped")
                     other = unpack(data)
                     others_done += other[2]
-                    if other[0] < load or (other[0] == load and other[1] < target):
-                        load, target = other[0], other[1]
-        accepted += 1
+                    if other[1] != 1 << 62:
+                        picks.append((other[1], other[0]))
+                picks.sort()
+                target = picks[router.route([p[1] for p in picks])][0]
         if target in owned:
             metrics.prompt_tokens += req.prompt
             requests.append(req)
@@ -247,6 +247,10 @@ def simulate(cfg: ClusterConfig, cost: Any, workload: Workload, workers: int = 1
     if workers <= 0:
         workers = min(os.cpu_count() or 1, 8)
     workers = max(1, min(int(workers), cfg.instances))
+    router = make_router(cfg.routing)
+    if workers > 1 and router.reads_loads and not router.decomposable:
+        raise ValueError(f"router {router.name!r} weighs every instance's load at once: "
+                         f"simulate it with one worker")
     if workers > 1 and "fork" not in mp.get_all_start_methods():
         workers = 1
     t0 = time.perf_counter()

@@ -23,6 +23,7 @@ from common.instance import CoreRequest, Finish, pool_misfit
 from common.log import debug_enabled, get_logger
 from common.model import resolve_model
 from common.scheduling import make_policy_from
+from common.scheduling.routing import make_router
 from common.scheduling.types import SLO, MicroBatchPlan
 from common.stats import ControllerMetrics
 from common.wire.client_messages import ErrorCode
@@ -54,6 +55,7 @@ class Controller:
                                   cfg.kvcache.block_size, make_policy_from(sc.policy, sc),
                                   self.metrics, self._on_release, self._on_finish)
             for i in range(cfg.deployment.instances)]
+        self.router = make_router(cfg.deployment.routing)
         self.requests: dict[int, CoreRequest] = {}
         """Live requests by id (finished ones leave at once, even with a batch in flight)."""
         ctx = make_context()
@@ -142,7 +144,8 @@ class Controller:
         req = CoreRequest(msg.req_id, now, len(msg.prompt_token_ids), msg.max_tokens,
                           self.max_model_len, stops, list(msg.prompt_token_ids), slo,
                           tag=Served(msg.sampling, msg.arrival))
-        inst = min(self.instances, key=lambda i: (not i.ready, i.core.load))
+        inst = self.instances[self.router.route([i.core.load for i in self.instances],
+                                                [i.ready for i in self.instances])]
         self.requests[req.req_id] = req
         inst.core.add(req, now)
         if inst.pool_ready and not self._fits(inst, req, now):

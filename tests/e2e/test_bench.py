@@ -7,6 +7,7 @@ import json
 
 from typer.testing import CliRunner
 
+from common.log import read_json_events
 from conveyor.cli.app import app
 
 
@@ -67,8 +68,7 @@ def test_bench_sweep_starts_each_deployment_and_keeps_its_log(tmp_path):
     assert (run["stages"], run["policy"]) == (2, "throttle")
     assert run["summary"]["completed"] == 4 and run["summary"]["failed"] == 0
     assert "| 2 | throttle |" in (folder / "sweep.md").read_text()
-    events = [json.loads(line) for line in (folder / "serve-throttle-s2.log").read_text()
-              .splitlines() if line.startswith("{")]
+    events = list(read_json_events(folder / "serve-throttle-s2.log"))
     dispatched = [e for e in events if e.get("event") == "dispatched"]
     # The warm-up request is not measured; the four measured prompts of 16 tokens are.
     assert sum(e["prefill_tokens"] for e in dispatched) >= 4 * 16

@@ -1,0 +1,69 @@
+"""Which instance takes an arriving request: the router seam, called by the controller and the
+simulator alike. Pure, as the policies are: the instances' published loads in (tokens still to
+process for the requests placed there, `InstanceCore.load`, in instance order), a position out.
+CascadeInfer's length groups will be a router of their own.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+
+class Router(ABC):
+    name: ClassVar[str]
+    decomposable: ClassVar[bool] = False
+    """Routing over all instances equals routing over the picks of any split of them (in
+    instance order): a driver that spreads instances over processes (the simulator's workers)
+    may pick per process, then among the picks."""
+    reads_loads: ClassVar[bool] = True
+
+    @abstractmethod
+    def route(self, loads: Sequence[int], ready: Sequence[bool] | None = None) -> int:
+        """The position in `loads` of the instance that takes the request; `ready` (same
+        order) marks the instances able to serve now (None: all)."""
+
+
+class LeastLoaded(Router):
+    """The instance with the fewest tokens still to process (ready ones first; the lowest
+    index on a tie)."""
+
+    name = "least-loaded"
+    decomposable = True
+
+    def route(self, loads: Sequence[int], ready: Sequence[bool] | None = None) -> int:
+        if ready is not None and not all(ready) and any(ready):
+            return min((k for k, r in enumerate(ready) if r), key=loads.__getitem__)
+        return min(range(len(loads)), key=loads.__getitem__)
+
+
+class RoundRobin(Router):
+    """Each request to the next ready instance in turn, whatever their loads."""
+
+    name = "round-robin"
+    reads_loads = False
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def route(self, loads: Sequence[int], ready: Sequence[bool] | None = None) -> int:
+        n = len(loads)
+        for k in range(n):
+            pos = (self._next + k) % n
+            if ready is None or ready[pos]:
+                self._next = pos + 1
+                return pos
+        pos = self._next % n  # none ready: keep the turn going
+        self._next = pos + 1
+        return pos
+
+
+ROUTERS: dict[str, type[Router]] = {r.name: r for r in (LeastLoaded, RoundRobin)}
+
+
+def make_router(name: str) -> Router:
+    try:
+        return ROUTERS[name]()
+    except KeyError:
+        raise ValueError(f"unknown router {name!r}; choose from {', '.join(ROUTERS)}") from None
