@@ -4,7 +4,7 @@ the default deployment (logging JSON), sends requests one at a time, each with t
 empty, and reads each request's `queue_s` from the controller's `request finished` line: from
 the request reaching the controller to its first micro-batch being committed, which is the
 scheduling loop's wake-up, the policy and the KV blocks (an `Allocate` round trip to the
-kv-cache manager before commit eff1dc8's successor; a draw from the controller's lease since).
+kv-cache manager up to commit eff1dc8; a draw from the controller's lease since 70f6298).
 
     .venv/bin/python scripts/dispatch_latency.py --requests 40
     .venv/bin/python scripts/dispatch_latency.py --checkout /path/to/other/checkout

@@ -15,13 +15,12 @@ class CoreBatch:
     """A micro-batch in the pipeline and the shape its cost depends on."""
 
     __slots__ = ("mb_id", "sampling", "partial", "chunks", "iview", "decode", "prefill",
-                 "context", "keys", "longest", "dispatched_at")
+                 "context", "keys", "longest")
 
-    def __init__(self, mb_id: int, dispatched_at: float, sampling: list, partial: list,
+    def __init__(self, mb_id: int, sampling: list, partial: list,
                  chunks: list | None, decode: int, prefill: int, context: int, keys: int,
                  longest: int):
         self.mb_id = mb_id
-        self.dispatched_at = dispatched_at
         self.sampling: list[CoreRequest] = sampling
         """Requests that get a token from this micro-batch, in chunk order."""
         self.partial: list[CoreRequest] = partial

@@ -88,10 +88,7 @@ class InstanceCore:
         self.max_used = 0
         self.tokens_per_batch = Moments()
         """Prefill plus decode tokens of each micro-batch."""
-        self.set_waiting_need(waiting_need)
-
-    def set_waiting_need(self, need: WaitingNeed) -> None:
-        self.head = WaitingHead(need)
+        self.head = WaitingHead(waiting_need)
 
     def resize_pool(self, total_blocks: int) -> None:
         """The pool is known (the controller learns it once every stage has registered)."""
@@ -182,23 +179,20 @@ class InstanceCore:
                              tuple([b.iview for b in self.inflight.values()]),
                              make_kv(self.total_blocks, self.free_blocks, self.block_size))
 
-    def has_room(self) -> bool:
-        return len(self.inflight) < self.max_inflight
-
     def next_plan(self, policy, now: float) -> MicroBatchPlan | None:
         """The policy's next micro-batch (its preemptions carried out), or None when the
         pipeline is full or the policy has nothing to dispatch."""
         while len(self.inflight) < self.max_inflight and (self.ready or self.waiting):
             self.policy_calls += 1
             plan: MicroBatchPlan = policy.schedule(self.snapshot(now))
-            preempted = self.preempt(plan.preempt, now) if plan.preempt else 0
+            preempted = self.preempt(plan.preempt) if plan.preempt else 0
             if plan.chunks:
                 return plan
             if not preempted:
                 return None
         return None
 
-    def preempt(self, req_ids: Sequence[int], now: float) -> int:
+    def preempt(self, req_ids: Sequence[int]) -> int:
         """Victims lose their KV and wait to be recomputed; requests in flight are kept."""
         by_id = self.by_id
         victims = []
@@ -253,16 +247,16 @@ class InstanceCore:
         for c in plan.chunks:
             r = by_id.get(c.req_id)
             if r is None or r.finished:
-                raise PlanError(f"{_name(policy)} scheduled request {c.req_id}, which is not live on "
-                                f"instance {self.index}")
+                raise PlanError(f"{_name(policy)} scheduled request {c.req_id}, which is not "
+                                f"live on instance {self.index}")
             n = c.num_tokens
             start = r.computed
             end = start + n
             known = r.prompt + r.out
             blocks = r.blocks
             if end > known or n < 1:  # an awaiting request has nothing schedulable
-                raise PlanError(f"{_name(policy)} scheduled {n} tokens of request {c.req_id}, which "
-                                f"has {0 if r.awaiting else known - start} schedulable")
+                raise PlanError(f"{_name(policy)} scheduled {n} tokens of request {c.req_id}, "
+                                f"which has {0 if r.awaiting else known - start} schedulable")
             if not r.running:
                 started.append(r)
             need = 0
@@ -290,8 +284,8 @@ class InstanceCore:
             if details is not None:
                 details.append((r, start, n, need))
         if free < 0:
-            raise PlanError(f"{_name(policy)} scheduled {self.free_blocks - free} blocks with only "
-                            f"{self.free_blocks} free (instance {self.index})")
+            raise PlanError(f"{_name(policy)} scheduled {self.free_blocks - free} blocks with "
+                            f"only {self.free_blocks} free (instance {self.index})")
         self.free_blocks = free
         used = self.total_blocks - free
         if used > self.max_used:
@@ -300,7 +294,7 @@ class InstanceCore:
             self._start(started, now)
         if sampling and self.ready:
             self.ready = [r for r in self.ready if not r.awaiting]
-        batch = CoreBatch(next(self._mb_ids), now, sampling, partial, details, decode, prefill,
+        batch = CoreBatch(next(self._mb_ids), sampling, partial, details, decode, prefill,
                           context, keys, longest)
         self.inflight[batch.mb_id] = batch
         self.load -= prefill + decode

@@ -37,7 +37,7 @@ class CoreRequest:
     computed or in flight. Times are on the driver's clock (the `now` it passes in)."""
 
     __slots__ = ("req_id", "order", "arrival", "prompt", "prompt_token_ids", "output_token_ids",
-                 "out", "max_tokens", "stop_token_ids", "max_context", "length_stop", "computed",
+                 "out", "max_tokens", "stop_token_ids", "length_stop", "computed",
                  "blocks",
                  "inflight", "awaiting", "running", "finished", "finish", "error",
                  "last_scheduled", "first_scheduled", "first_token", "last_token", "itl",
@@ -61,7 +61,6 @@ class CoreRequest:
         self.out = 0
         self.max_tokens = max_tokens
         self.stop_token_ids = frozenset(stop_token_ids)
-        self.max_context = max_context
         self.length_stop = min(max_tokens, max_context - prompt)
         """Outputs at which it ends with LENGTH: max_tokens, or the context's end if sooner."""
         self.computed = 0

@@ -130,10 +130,13 @@ async def _send(client: AsyncClient, sample: Sample, cfg: RunConfig, rec: Reques
                 t0: float, max_tokens: int | None = None) -> None:
     """One streamed request, its timings written into `rec`; failures are recorded, not
     raised, so one bad request does not end the run."""
+    from conveyor.bench.report import request_slo  # report imports this module
+
+    slo = request_slo(cfg.slo_s)
     kwargs: dict[str, Any] = {"max_tokens": max_tokens or sample.output_len,
                               "ignore_eos": cfg.ignore_eos, "temperature": cfg.temperature,
-                              "ttft_slo_s": cfg.slo_s.get("ttft"),
-                              "tpot_slo_s": cfg.slo_s.get("tpot")}  # request_slo's rule
+                              "ttft_slo_s": slo.ttft_s if slo else None,
+                              "tpot_slo_s": slo.tpot_s if slo else None}
     if sample.prompt_token_ids is not None:
         prompt, kwargs["prompt_token_ids"] = None, sample.prompt_token_ids
     else:

@@ -30,7 +30,6 @@ from typing import Any
 import msgspec
 
 from common.config import SchedulerConfig
-from common.scheduling.policy import waiting_need_of
 from conveyor.sim.cluster_file import ClusterError, ClusterFile, KVSection
 
 GIB = 1024**3
@@ -108,16 +107,14 @@ class ClusterConfig:
 
     def describe_head(self) -> str:
         """The waiting head a policy is shown (simulator.waiting_head), in words."""
-        if self.waiting_head < 0:
-            return "the whole queue"
-        if self.waiting_head > 0:
-            return f"{self.waiting_head} requests"
-        need = waiting_need_of(self.make_policy())
+        from conveyor.sim.state import waiting_need  # the rule the instances apply
+
+        need = waiting_need(self.make_policy(), self.waiting_head)
         if need.whole:
-            return "auto: the whole queue (the policy's own need)"
+            return "the whole queue"
         seats = f"free seats + 1 (at least {need.min_requests})" if need.max_num_seqs else \
             f"{need.min_requests}"
-        return f"auto (the policy's need): {seats} requests and {need.tokens} pending tokens"
+        return f"{seats} requests and {need.tokens} pending tokens"
 
     def make_policy(self):
         from common.scheduling import make_policy_from

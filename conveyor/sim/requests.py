@@ -26,6 +26,3 @@ class SimRequest(CoreRequest):
         """Position in the workload."""
         self.true_output = true_output
         """Tokens it generates before EOS."""
-
-    def next_token(self) -> int:
-        return SIM_EOS if self.out + 1 >= self.true_output else 0

@@ -142,7 +142,7 @@ class SimInstance(InstanceCore):
         self._gauge(now)
         if next(iter(self.inflight)) != batch.mb_id:
             raise SimulationError("micro-batches completed out of dispatch order")
-        # Each sampled request's token: EOS at its true length (SimRequest.next_token, inlined).
+        # Each sampled request's token: EOS at its true length (SimRequest.true_output).
         sampling = batch.sampling
         if self.honors_eos:
             tokens = [SIM_EOS if r.out + 1 >= r.true_output else 0 for r in sampling]

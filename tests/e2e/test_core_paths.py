@@ -25,14 +25,15 @@ def expected():
     return prompts, [reference.greedy(p, MAX_NEW) for p in prompts]
 
 
-async def _cancelled_stream(client: AsyncClient, text: str) -> tuple[int, str]:
+async def _cancelled_stream(client: AsyncClient, text: str) -> int:
+    """Deltas seen before leaving the stream (which cancels it) after the third."""
     async with client.stream(text, max_tokens=200, temperature=0, ignore_eos=True) as stream:
         seen = 0
         async for _ in stream:
             seen += 1
             if seen == 3:
                 break
-    return seen, stream.result.finish_reason if stream.result else "cancelled"
+    return seen
 
 
 async def _mixed_load(address: str):
@@ -54,8 +55,7 @@ def test_eos_aborts_and_preemption_through_the_controller(deployment, expected):
         assert got.token_ids == ref, f"diverged for a {len(prompt)}-token prompt"
         assert got.finish_reason == ("stop" if len(ref) < MAX_NEW else "length")
     assert any(len(ref) < MAX_NEW for ref in want), "one answer must end at EOS"
-    for seen, _ in results[len(PROMPTS):]:
-        assert seen == 3
+    assert results[len(PROMPTS):] == [3, 3]
     pools = deployment.wait_kv_free()
     assert pools[0].free_blocks == pools[0].total_blocks == TIGHT_POOL
     assert pools[0].requests == 0
