@@ -88,9 +88,6 @@ class EndpointsConfig(_Section):
     """Instance i rendezvouses at dist_base_port + i; 0 picks free ports when serving."""
     run_dir: str = ""
     """Folder for ipc sockets and the resolved config; empty derives one from the ingress port."""
-    metrics_http: str = "127.0.0.1:0"
-    """host:port of the controller's Prometheus endpoint (GET /metrics); port 0 picks a free
-    port, an empty string turns it off."""
 
 
 class SchedulerConfig(_Section):
@@ -144,6 +141,32 @@ class IngressConfig(_Section):
     max_frame_bytes: int = 16 * 2**20
     """Largest frame a client may send (ZeroMQ MAXMSGSIZE); ZeroMQ drops a larger one unread
     and disconnects the client, which gets no reply. 0: no limit."""
+    max_queued_requests: int = 4096
+    """Admission control: most requests received and not yet given their first token, over
+    the whole deployment; beyond it a request is refused at once (overloaded: HTTP 503 with
+    Retry-After, ZeroMQ error code 3)."""
+    max_queued_prompt_tokens: int = 2**20
+    """Admission control: most prompt tokens of those queued requests (a request alone is
+    always let in, whatever its size, so a long prompt is never refused for its length)."""
+    api_keys: list[str] = []
+    """Keys a client must present (HTTP `Authorization: Bearer KEY` on /v1/*, the ZeroMQ
+    GenerateRequest's `api_key`); empty: no key. CONVEYOR_API_KEY (comma-separated) adds keys."""
+    shutdown_timeout_s: float = 30.0
+    """On SIGTERM the ingress stops admitting and lets requests in flight finish for at most
+    this long; what is still running then is ended with an error, never dropped silently."""
+    retry_after_s: int = 1
+    """Retry-After (seconds) sent with an overloaded or draining refusal."""
+
+
+class HttpConfig(_Section):
+    """The OpenAI-compatible HTTP endpoint of the ingress (services/ingress/http/)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    """0 picks a free port (printed by `conveyor serve`)."""
+    served_model_name: str = ""
+    """The model id of /v1/models and of requests' `model`; empty: the model's name."""
 
 
 class LoggingConfig(_Section):
@@ -175,6 +198,7 @@ class ConveyorConfig(_Section):
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     kvcache: KVCacheConfig = msgspec.field(default_factory=KVCacheConfig)
     ingress: IngressConfig = msgspec.field(default_factory=IngressConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     slo: SLOConfig = msgspec.field(default_factory=SLOConfig)
 
@@ -208,6 +232,13 @@ class ConveyorConfig(_Section):
             (self.ingress.default_max_tokens >= 1, "ingress.default_max_tokens must be >= 1"),
             (self.ingress.keepalive_s > 0, "ingress.keepalive_s must be > 0"),
             (self.ingress.max_prompt_bytes >= 0, "ingress.max_prompt_bytes must be >= 0"),
+            (self.ingress.max_queued_requests >= 1, "ingress.max_queued_requests must be >= 1"),
+            (self.ingress.max_queued_prompt_tokens >= 1,
+             "ingress.max_queued_prompt_tokens must be >= 1"),
+            (self.ingress.shutdown_timeout_s >= 0, "ingress.shutdown_timeout_s must be >= 0"),
+            (self.ingress.retry_after_s >= 0, "ingress.retry_after_s must be >= 0"),
+            (all(self.ingress.api_keys), "ingress.api_keys must not hold an empty key"),
+            (0 <= self.http.port <= 65535, "http.port must be in [0, 65535]"),
             (self.ingress.max_frame_bytes == 0 or self.ingress.max_frame_bytes >
              self.max_prompt_bytes, "ingress.max_frame_bytes must exceed the prompt limit "
              f"({self.max_prompt_bytes} bytes), so a prompt too long is answered, not dropped"),
@@ -303,15 +334,15 @@ def resolve(cfg: ConveyorConfig) -> ConveyorConfig:
     run_dir = ep.run_dir or os.path.join(
         os.environ.get("XDG_RUNTIME_DIR") or "/tmp", f"conveyor-{_port_of(ingress)}")
     base = ep.dist_base_port or _free_port_block(cfg.deployment.instances, ep.dist_host)
-    metrics_http = ep.metrics_http
-    if metrics_http.endswith(":0"):
-        host = metrics_http.rsplit(":", 1)[0]
-        metrics_http = f"{host}:{free_port(host)}"
     endpoints = msgspec.structs.replace(
-        ep, ingress=ingress, run_dir=run_dir, dist_base_port=base, metrics_http=metrics_http,
+        ep, ingress=ingress, run_dir=run_dir, dist_base_port=base,
         controller=ep.controller.replace("{run_dir}", run_dir),
         kvcache=ep.kvcache.replace("{run_dir}", run_dir))
-    return msgspec.structs.replace(cfg, endpoints=endpoints)
+    http = cfg.http
+    if http.enabled and http.port == 0:
+        host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+        http = msgspec.structs.replace(http, port=free_port(host))
+    return msgspec.structs.replace(cfg, endpoints=endpoints, http=http)
 
 
 def save_config(cfg: ConveyorConfig, path: str | os.PathLike) -> Path:

@@ -138,7 +138,7 @@ class InstanceCore:
         m.finished[reason.name.lower()] += 1
         self.finished += 1
         if reason is Finish.STOP or reason is Finish.LENGTH:
-            m.record_request(req.timings())
+            m.record_request(req.timings(), req.prompt, req.out)
             if req.slo is not None:
                 m.record_slo(req.slo.label, req.slo_met())
         if self.on_finish is not None:

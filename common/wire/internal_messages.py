@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from common.stats import ControllerStats
 from common.wire.framing import InternalMessage, register
 
 
@@ -57,7 +58,7 @@ class StatusReply(InternalMessage):
     call_id: int
     ready: bool
     detail: str
-    stats: dict[str, Any]
+    stats: ControllerStats
 
 
 # ---- requests: ingress <-> controller ------------------------------------------------------

@@ -15,12 +15,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from conveyor.bench.arrivals import rate_text
 from conveyor.bench.runner import RequestRecord, RunResult
 from common.scheduling.types import SLO
-from common.stats import mean_std
+from common.stats import ControllerStats
 
 SLO_METRICS = ("ttft", "tpot", "e2e")
 PERCENTILES = (50, 90, 99)
@@ -113,94 +114,65 @@ def summarize(records: Sequence[RequestRecord], duration_s: float,
 
 # ---- controller counters over the window ----------------------------------------------------
 
-def _delta(before: dict, after: dict, key: str) -> float | None:
-    a, b = after.get(key), before.get(key)
-    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
-    return a - b if ok else None
+def stage_window(window: ControllerStats) -> list[dict[str, Any]]:
+    """Per stage over the window (`ControllerStats.since`): steps, busy/pending/idle seconds
+    and the bubble ratio, the share of the time a stage had unfinished requests that it
+    nevertheless sat idle."""
+    return [{"instance": s.instance, "stage": s.stage, "steps": s.steps, "busy_s": s.busy_s,
+             "pending_s": s.pending_s, "idle_s": s.idle_s, "bubble_ratio": s.bubble_ratio}
+            for s in window.stages]
 
 
-def stage_window(before: dict, after: dict) -> list[dict[str, Any]]:
-    """Per stage over the window: steps, busy/pending/idle seconds and the bubble ratio, the
-    share of the time a stage had unfinished requests that it nevertheless sat idle."""
-    start = {(s.get("instance"), s.get("stage")): s for s in before.get("stages") or []}
-    rows = []
-    for s in after.get("stages") or []:
-        b = start.get((s.get("instance"), s.get("stage")))
-        if b is None:
-            continue
-        d = {k: _delta(b, s, k) for k in ("steps", "busy_s", "pending_s", "idle_s")}
-        if d["pending_s"] is None or d["idle_s"] is None:
-            continue  # an older controller without these counters
-        rows.append({"instance": s.get("instance"), "stage": s.get("stage"), **d,
-                     "bubble_ratio": d["idle_s"] / d["pending_s"] if d["pending_s"] > 0
-                     else None})
-    return rows
-
-
-def batch_tokens_window(before: dict, after: dict) -> dict[str, dict[str, Any]]:
+def batch_tokens_window(window: ControllerStats) -> dict[str, dict[str, Any]]:
     """Micro-batch count and mean/std of tokens per micro-batch, per phase, from the
-    cumulative count, sum and sum of squares (std is the population one)."""
+    window's count, sum and sum of squares (std is the population one)."""
     out = {}
     for phase in ("prefill", "decode"):
-        b = (before.get("batch_tokens") or {}).get(phase) or {}
-        a = (after.get("batch_tokens") or {}).get(phase) or {}
-        d = {k: _delta(b, a, k) for k in ("count", "sum", "sumsq")}
-        if None in d.values():
-            continue
-        mean, std = mean_std(d["count"], d["sum"], d["sumsq"])
-        out[phase] = {"count": d["count"], "mean": mean, "std": std}
+        m = getattr(window.batch_tokens, phase)
+        mean, std = m.mean_std()
+        out[phase] = {"count": m.count, "mean": mean, "std": std}
     return out
 
 
-def instance_gauges(after: dict, samples: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def instance_gauges(after: ControllerStats, samples: Iterable[dict[str, Any]]
+                    ) -> list[dict[str, Any]]:
     """Per instance: its gauges at the end and their peaks among the samples taken during the
-    run (KV use as a fraction of the instance's blocks)."""
-    def kv_used(i: dict) -> float | None:
-        total, free = i.get("kv_total_blocks"), i.get("kv_free_blocks")
-        return 1 - free / total if isinstance(total, int) and total > 0 and \
-            isinstance(free, int) else None
-
-    rows: dict[Any, dict[str, Any]] = {}
-    for pos, inst in enumerate(after.get("instances") or []):
-        key = inst.get("instance", pos)
-        rows[key] = {"instance": key, **{k: inst[k] for k in ("waiting", "running", "inflight",
-                     "kv_total_blocks", "kv_free_blocks") if k in inst}}
+    run (`{"t", "instances": [InstanceStats]}`; KV use as a fraction of the instance's
+    blocks)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for inst in after.instances:
+        rows[inst.instance] = {"instance": inst.instance, "waiting": inst.waiting,
+                               "running": inst.running, "inflight": inst.inflight,
+                               "kv_total_blocks": inst.kv_total_blocks,
+                               "kv_free_blocks": inst.kv_free_blocks}
     for sample in samples:
-        for pos, inst in enumerate(sample.get("instances") or []):
-            key = inst.get("instance", pos)
-            row = rows.setdefault(key, {"instance": key})
+        for inst in sample["instances"]:
+            row = rows.setdefault(inst.instance, {"instance": inst.instance})
             for k in ("waiting", "running", "inflight"):
-                if isinstance(inst.get(k), int):
-                    row[f"peak_{k}"] = max(row.get(f"peak_{k}", 0), inst[k])
-            used = kv_used(inst)
-            if used is not None:
+                row[f"peak_{k}"] = max(row.get(f"peak_{k}", 0), getattr(inst, k))
+            if inst.kv_total_blocks > 0:
+                used = 1 - inst.kv_free_blocks / inst.kv_total_blocks
                 row["peak_kv_used"] = max(row.get("peak_kv_used", 0.0), used)
     return list(rows.values())
 
 
-def controller_window(before: dict | None, after: dict | None,
+def controller_window(before: ControllerStats | None, after: ControllerStats | None,
                       samples: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
-    """What the controller saw during the window; sections whose keys the controller does not
-    report are left out rather than guessed."""
-    if not after:
+    """What the controller saw during the window; without both snapshots only what the last
+    one says (or nothing without it)."""
+    if after is None:
         return {}
-    out: dict[str, Any] = {}
-    if "policy" in after:
-        out["policy"] = after["policy"]
-    if before:
-        counters = {k: _delta(before, after, k) for k in
-                    ("prompt_tokens", "generated_tokens", "micro_batches", "preemptions")}
-        counters = {k: v for k, v in counters.items() if v is not None}
-        if counters:
-            out["counters"] = counters
-        stages = stage_window(before, after)
+    out: dict[str, Any] = {"policy": after.policy} if after.policy else {}
+    if before is not None:
+        window = after.since(before)
+        out["counters"] = {k: getattr(window, k) for k in
+                           ("prompt_tokens", "generated_tokens", "micro_batches", "preemptions")}
+        stages = stage_window(window)
         if stages:
             out["stages"] = stages
             ratios = [s["bubble_ratio"] for s in stages if s["bubble_ratio"] is not None]
             out["mean_bubble_ratio"] = sum(ratios) / len(ratios) if ratios else None
-        batches = batch_tokens_window(before, after)
-        if batches:
-            out["batch_tokens"] = batches
+        out["batch_tokens"] = batch_tokens_window(window)
     instances = instance_gauges(after, samples)
     if instances:
         out["instances"] = instances
@@ -216,8 +188,10 @@ def build_result(run: RunResult, config: dict[str, Any],
                                               run.gauge_samples)
     return {"config": config, "health": run.health, "summary": summary,
             "warmup_failures": run.warmup_failures,
-            "controller_snapshots": {"before": run.stats_before, "after": run.stats_after},
-            "gauge_samples": run.gauge_samples, "requests": run.records_json()}
+            "controller_snapshots": msgspec.to_builtins({"before": run.stats_before,
+                                                         "after": run.stats_after}),
+            "gauge_samples": msgspec.to_builtins(run.gauge_samples),
+            "requests": run.records_json()}
 
 
 def result_filename(policy: str, rate: float, stages: int | None = None, kind: str = "bench",

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from conveyor.bench.arrivals import arrival_times
 from conveyor.bench.datasets import Sample
+from common.stats import ControllerStats
 from conveyor.client import DEFAULT_ADDRESS, AsyncClient, ConveyorError
 
 WARMUP_MAX_TOKENS = 16
@@ -76,10 +77,10 @@ class RunResult:
     duration_s: float
     """From the first request sent to the last one finished."""
     health: dict[str, Any]
-    stats_before: dict[str, Any] | None
-    stats_after: dict[str, Any] | None
+    stats_before: ControllerStats | None
+    stats_after: ControllerStats | None
     gauge_samples: list[dict[str, Any]]
-    """{"t": seconds into the window, "instances": the controller's per-instance gauges}."""
+    """{"t": seconds into the window, "instances": the controller's InstanceStats}."""
     warmup_failures: int = 0
 
     def records_json(self) -> list[dict[str, Any]]:
@@ -170,13 +171,13 @@ async def _send(client: AsyncClient, sample: Sample, cfg: RunConfig, rec: Reques
 
 
 async def _safe_stats(client: AsyncClient, attempts: int = 1, timeout_s: float = 10.0
-                      ) -> dict[str, Any] | None:
+                      ) -> ControllerStats | None:
     """The controller's stats, or None. A busy controller can miss the ingress's deadline for
     a status query (NotReadyError) or a reply can be late (ConnectionFailed); the window's
     snapshots are worth a few tries, a gauge sample is not."""
     for attempt in range(attempts):
         try:
-            return await client.stats(timeout=timeout_s)
+            return ControllerStats.from_builtins(await client.stats(timeout=timeout_s))
         except ConveyorError:
             if attempt + 1 < attempts:
                 await asyncio.sleep(0.5)
@@ -189,9 +190,8 @@ async def _sample_gauges(client: AsyncClient, interval_s: float, t0: float,
     idle, so the peaks of queues and KV use are only seen while the load is on."""
     while True:
         stats = await _safe_stats(client, timeout_s=max(2.0, 4 * interval_s))
-        if stats is not None and "instances" in stats:
-            out.append({"t": round(time.perf_counter() - t0, 3),
-                        "instances": stats["instances"]})
+        if stats is not None:
+            out.append({"t": round(time.perf_counter() - t0, 3), "instances": stats.instances})
         await asyncio.sleep(interval_s)
 
 

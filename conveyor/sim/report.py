@@ -14,10 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from conveyor.sim.engine import SimResult
-from common.stats import mean_std
+from common.stats import ControllerMetrics, ControllerStats, InstanceStats, StageStats, mean_std
 
 RECORDS_AUTO_TOKEN_LIMIT = 1_000_000
 """--records auto keeps the per-token gaps in the result file up to this many tokens."""
@@ -60,26 +61,22 @@ def duration_s(result: SimResult) -> float:
     return max(last - result.first_arrival_s, 0.0)
 
 
-def zero_stats(result: SimResult) -> dict[str, Any]:
+def zero_stats(result: SimResult) -> ControllerStats:
     """The controller's stats before the run (every counter at zero)."""
-    stages = [{"instance": i, "stage": s, "steps": 0, "busy_s": 0.0, "wait_s": 0.0,
-               "pending_s": 0.0, "idle_s": 0.0} for (i, s) in sorted(result.stage_busy)]
-    zero = {"count": 0, "sum": 0.0, "sumsq": 0.0}
-    return {"prompt_tokens": 0, "generated_tokens": 0, "micro_batches": 0, "preemptions": 0,
-            "stages": stages, "batch_tokens": {"prefill": dict(zero), "decode": dict(zero)}}
+    zero = ControllerMetrics(started=0.0, num_instances=result.cfg.instances).snapshot(
+        0.0, policy=result.cfg.policy)
+    return msgspec.structs.replace(zero, stages=[StageStats(instance=i, stage=s)
+                                                 for (i, s) in sorted(result.stage_busy)])
 
 
-def final_stats(result: SimResult) -> dict[str, Any]:
-    """The controller's stats at the end of the run (its `StatusReply.stats` layout)."""
-    stats = result.metrics.as_dict(result.end_s)
-    stats["model"] = result.cfg.shape_name
-    stats["policy"] = result.cfg.policy
-    stats["pipeline_depth"] = result.cfg.num_stages
-    stats["instances"] = [{"instance": i["instance"], "ready": True, "waiting": 0, "running": 0,
-                           "inflight": 0, "kv_total_blocks": i["kv_total_blocks"],
-                           "kv_free_blocks": i["kv_total_blocks"], "kv_utilization": 0.0}
-                          for i in result.instances]
-    return stats
+def final_stats(result: SimResult) -> ControllerStats:
+    """The controller's stats at the end of the run (what its StatusReply would carry)."""
+    return result.metrics.snapshot(
+        result.end_s, model=result.cfg.shape_name, policy=result.cfg.policy,
+        pipeline_depth=result.cfg.num_stages,
+        instances=[InstanceStats(instance=i["instance"], kv_total_blocks=i["kv_total_blocks"],
+                                 kv_free_blocks=i["kv_total_blocks"])
+                   for i in result.instances])
 
 
 def stage_bubbles(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -98,7 +95,7 @@ def stage_bubbles(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def summarize(result: SimResult, slo: dict[str, float] | None = None,
-              records: list | None = None, stats: dict[str, Any] | None = None
+              records: list | None = None, stats: ControllerStats | None = None
               ) -> dict[str, Any]:
     """bench's summary of the run, plus the simulator's own section (`stats`: final_stats,
     when the caller has it already)."""
@@ -143,7 +140,7 @@ def simulator_section(result: SimResult, stage_rows: list[dict[str, Any]]) -> di
         "max_kv_used": max((i["max_kv_used"] for i in inst), default=0.0),
         "preemptions": m.preemptions,
         "finished": {"stop": m.finished["stop"], "length": m.finished["length"]},
-        "slo": m.slo_attainment(),
+        "slo": msgspec.to_builtins(m.slo_attainment()),
         "stages": stage_bubbles(stage_rows),
         "instances": [{k: v for k, v in i.items() if k != "samples"} for i in inst],
     }
@@ -219,7 +216,8 @@ def build_result(result: SimResult, config: dict[str, Any], workload: dict[str, 
 
     out = {"config": config, "cluster": result.cfg.describe(), "workload": workload,
            "summary": summary,
-           "controller_snapshots": {"before": zero_stats(result), "after": stats},
+           "controller_snapshots": msgspec.to_builtins({"before": zero_stats(result),
+                                                        "after": stats}),
            "gauge_samples": gauge_samples(result),
            "requests": [] if records == "none" else [asdict(r) for r in recs],
            "requests_itl": with_itl}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from common.instance import CoreBatch, CoreRequest, InstanceCore
 from common.scheduling.policy import SchedulingPolicy, waiting_need_of
-from common.stats import ControllerMetrics
+from common.stats import ControllerMetrics, InstanceStats
 from common.wire.client_messages import ErrorCode
 from common.wire.internal_messages import Chunk, RequestSampling, SampleSpec, StepPlan
 
@@ -90,14 +90,14 @@ class ServedInstance:
     def ready(self) -> bool:
         return self.all_stages_registered and self.pool_ready
 
-    def stats(self) -> dict:
+    def stats(self) -> InstanceStats:
         """Live queue lengths and KV use, for the controller's status and metrics."""
         c = self.core
         used = 1 - c.free_blocks / c.total_blocks if c.total_blocks else 0.0
-        return {"instance": c.index, "ready": self.ready, "waiting": len(c.waiting),
-                "running": c.num_running, "inflight": len(c.inflight),
-                "kv_total_blocks": c.total_blocks, "kv_free_blocks": c.free_blocks,
-                "kv_leased_blocks": len(self.lease), "kv_utilization": round(used, 6)}
+        return InstanceStats(instance=c.index, ready=self.ready, waiting=len(c.waiting),
+                             running=c.num_running, inflight=len(c.inflight),
+                             kv_total_blocks=c.total_blocks, kv_free_blocks=c.free_blocks,
+                             kv_leased_blocks=len(self.lease), kv_utilization=round(used, 6))
 
     def step_plans(self, batch: CoreBatch, granted: dict[int, list[int]]
                    ) -> tuple[StepPlan, StepPlan]:

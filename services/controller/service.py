@@ -25,7 +25,7 @@ from common.model import resolve_model
 from common.scheduling import make_policy_from
 from common.scheduling.routing import make_router
 from common.scheduling.types import SLO, MicroBatchPlan
-from common.stats import ControllerMetrics
+from common.stats import ControllerMetrics, ControllerStats
 from common.wire.client_messages import ErrorCode
 from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, RequestOutput,
                                            RequestOutputs, StatusQuery, StatusReply, StepDone,
@@ -33,7 +33,6 @@ from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, R
 from common.zmq_io import Endpoint, Incoming, make_context
 from services.controller.instance import Served, ServedInstance
 from services.controller.kv_link import KVLink
-from services.controller.prometheus import start_metrics_endpoint
 
 log = get_logger()
 _WIRE_FINISH = {f: FinishReason[f.name] for f in Finish}
@@ -74,8 +73,6 @@ class Controller:
                  stages=self.cfg.deployment.stages)
         tasks = [asyncio.create_task(self._kv_replies()),
                  asyncio.create_task(self.kv_link.rpc.fail_on_disconnect("kv-cache manager"))]
-        metrics_server = await start_metrics_endpoint(
-            self.cfg.endpoints.metrics_http, lambda: self._stats(time.monotonic()))
         tasks += [asyncio.create_task(self._schedule_loop(inst)) for inst in self.instances]
         try:
             while True:
@@ -91,8 +88,6 @@ class Controller:
         finally:
             for t in tasks:
                 t.cancel()
-            if metrics_server is not None:
-                metrics_server.close()
             self.endpoint.close()
             self.kv.close()
 
@@ -328,16 +323,13 @@ class Controller:
         return StatusReply(call_id, ready, "; ".join(missing) or "ready",
                            self._stats(time.monotonic()))
 
-    def _stats(self, now: float) -> dict:
-        """Everything the controller measures (cumulative; see metrics.py) plus live state."""
-        stats = self.metrics.as_dict(now)
-        stats["model"] = self.model_name
-        stats["policy"] = self.cfg.scheduler.policy
-        stats["pipeline_depth"] = self.cfg.deployment.stages
-        stats["metrics_http"] = self.cfg.endpoints.metrics_http
-        stats["instances"] = [i.stats() for i in self.instances]
-        stats["kv_lease_waits"] = self.kv_link.lease_waits
-        return stats
+    def _stats(self, now: float) -> ControllerStats:
+        """Everything the controller measures (cumulative; common/stats) plus live state."""
+        return self.metrics.snapshot(
+            now, model=self.model_name, policy=self.cfg.scheduler.policy,
+            pipeline_depth=self.cfg.deployment.stages,
+            instances=[i.stats() for i in self.instances],
+            kv_lease_waits=self.kv_link.lease_waits)
 
 
 def _ended(req: CoreRequest | None) -> bool:

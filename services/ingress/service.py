@@ -18,11 +18,13 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 
 from common.config import ConveyorConfig
 from common.log import get_logger
 from common.model import resolve_model
+from common.stats import IngressStats
 from common.wire.client_messages import (NO_REQUEST_ID, CancelRequest, ErrorCode, ErrorReply,
                                          Finished, GenerateRequest, HealthReply, HealthRequest,
                                          Ping, StatsReply, StatsRequest, TokenDelta)
@@ -202,9 +204,10 @@ class Ingress:
             self._send(identity, ErrorReply(msg.id, ErrorCode.NOT_READY, str(e)))
             return
         if isinstance(msg, StatsRequest):
-            stats = dict(status.stats, ingress={"active_requests": len(self.active),
-                                                "awaiting_admission": self.admission.waiting})
-            self._send(identity, StatsReply(msg.id, stats))
+            ingress = IngressStats(active_requests=len(self.active),
+                                   awaiting_admission=self.admission.waiting)
+            stats = msgspec.structs.replace(status.stats, ingress=ingress)
+            self._send(identity, StatsReply(msg.id, stats.to_builtins()))
             return
         dep = self.cfg.deployment
         self._send(identity, HealthReply(msg.id, status.ready, self.model_name, dep.stages,

@@ -13,6 +13,7 @@ from conveyor.bench.report import (build_result, controller_window, format_table
 from conveyor.bench.runner import RequestRecord, RunResult
 from conveyor.bench.sweep import markdown_table
 from conveyor.cli.app import app
+from common.stats import ControllerStats, InstanceStats
 
 
 def _record(i: int, ttft: float, tpot_s: float, out: int = 11, prompt: int = 20,
@@ -99,14 +100,18 @@ def test_the_cli_refuses_bad_input_before_doing_any_work():
         assert text in flat
 
 
-def _snapshot(steps, busy, pending, idle, prefill, decode, **extra) -> dict:
-    return {"policy": "throttle", "generated_tokens": extra.get("generated", 0),
-            "stages": [{"instance": 0, "stage": s, "steps": steps[s], "busy_s": busy[s],
-                        "pending_s": pending[s], "idle_s": idle[s]} for s in range(2)],
-            "batch_tokens": {"prefill": dict(zip(("count", "sum", "sumsq"), prefill)),
-                             "decode": dict(zip(("count", "sum", "sumsq"), decode))},
-            "instances": [{"instance": 0, "waiting": 0, "running": 0, "inflight": 0,
-                           "kv_total_blocks": 100, "kv_free_blocks": 100}]}
+def _snapshot(steps, busy, pending, idle, prefill, decode, **extra) -> ControllerStats:
+    return ControllerStats.from_builtins({
+        "policy": "throttle", "generated_tokens": extra.get("generated", 0),
+        "stages": [{"instance": 0, "stage": s, "steps": steps[s], "busy_s": busy[s],
+                    "pending_s": pending[s], "idle_s": idle[s]} for s in range(2)],
+        "batch_tokens": {"prefill": dict(zip(("count", "sum", "sumsq"), prefill)),
+                         "decode": dict(zip(("count", "sum", "sumsq"), decode))},
+        "instances": [{"instance": 0, "kv_total_blocks": 100, "kv_free_blocks": 100}]})
+
+
+def _gauges(**fields) -> list[InstanceStats]:
+    return [InstanceStats(instance=0, kv_total_blocks=100, **fields)]
 
 
 def test_bubble_ratio_and_batch_tokens_over_the_window():
@@ -116,14 +121,12 @@ def test_bubble_ratio_and_batch_tokens_over_the_window():
     # micro-batches of [2, 4, 4, 4, 5, 5, 7, 9] tokens: mean 5, population std 2.
     after = _snapshot([30, 28], [8.0, 6.0], [15.0, 13.0], [4.0, 4.5],
                       (3 + 8, 30 + 40, 350 + 232), (4, 8, 16), generated=107)
-    samples = [{"t": 0.5, "instances": [{"instance": 0, "waiting": 3, "running": 2,
-                                         "inflight": 1, "kv_total_blocks": 100,
-                                         "kv_free_blocks": 60}]},
-               {"t": 1.5, "instances": [{"instance": 0, "waiting": 1, "running": 4,
-                                         "inflight": 2, "kv_total_blocks": 100,
-                                         "kv_free_blocks": 75}]}]
+    samples = [{"t": 0.5, "instances": _gauges(waiting=3, running=2, inflight=1,
+                                               kv_free_blocks=60)},
+               {"t": 1.5, "instances": _gauges(waiting=1, running=4, inflight=2,
+                                               kv_free_blocks=75)}]
     ctl = controller_window(before, after, samples)
-    assert ctl["policy"] == "throttle" and ctl["counters"] == {"generated_tokens": 100}
+    assert ctl["policy"] == "throttle" and ctl["counters"]["generated_tokens"] == 100
     s0, s1 = ctl["stages"]
     assert (s0["steps"], s0["pending_s"], s0["idle_s"]) == (20, 10.0, 2.5)
     assert s0["bubble_ratio"] == pytest.approx(0.25)
@@ -136,13 +139,12 @@ def test_bubble_ratio_and_batch_tokens_over_the_window():
     assert inst["peak_kv_used"] == pytest.approx(0.4) and inst["kv_free_blocks"] == 100
 
 
-def test_missing_controller_keys_leave_sections_out():
-    old = {"policy": "fcfs", "stages": [{"instance": 0, "stage": 0, "steps": 5,
-                                         "compute_s": 1.0, "wait_s": 0.1}]}
-    ctl = controller_window(old, old)
-    assert ctl == {"policy": "fcfs"}
+def test_missing_snapshots_leave_sections_out():
     assert controller_window(None, None) == {}
-    assert controller_window(None, {"policy": "x"}) == {"policy": "x"}
+    assert controller_window(None, ControllerStats(policy="x")) == {"policy": "x"}
+    # A stage that appeared during the window (its instance came up late) has no window.
+    after = ControllerStats.from_builtins({"stages": [{"instance": 0, "stage": 0}]})
+    assert "stages" not in controller_window(ControllerStats(), after)
 
 
 def test_table_and_json_output(tmp_path):

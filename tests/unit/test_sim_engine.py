@@ -160,12 +160,12 @@ def test_an_idle_pipeline_is_not_counted_as_bubbles():
     # but bubbles count only while requests are pending.
     res = simulate(cluster(stages=2), LinearCost(1e-3, 0, 0),
                    Workload([0.0, 1.0, 2.0], [10] * 3, [2] * 3))
-    stats = res.metrics.as_dict(res.end_s)
-    assert res.end_s > 2.0 and len(stats["stages"]) == 2
-    for s in stats["stages"]:
+    stats = res.metrics.snapshot(res.end_s)
+    assert res.end_s > 2.0 and len(stats.stages) == 2
+    for s in stats.stages:
         # Pending only while each request runs (a few ms each), not the 2 s between them.
-        assert 0 < s["pending_s"] < 0.05
-        assert s["idle_s"] < 0.05 and s["idle_s"] <= s["pending_s"]
+        assert 0 < s.pending_s < 0.05
+        assert s.idle_s < 0.05 and s.idle_s <= s.pending_s
 
 
 # ---- memory pressure ----------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_worker_processes_give_identical_results():
     key = [(r.instance, r.first_token, r.last_token, r.out) for r in one.requests]
     assert key == [(r.instance, r.first_token, r.last_token, r.out) for r in two.requests]
     assert len({r.instance for r in one.requests}) == 4
-    assert one.metrics.as_dict(one.end_s)["stages"] == two.metrics.as_dict(two.end_s)["stages"]
+    assert one.metrics.snapshot(one.end_s).stages == two.metrics.snapshot(two.end_s).stages
     assert not math.isnan(one.end_s)
 
 

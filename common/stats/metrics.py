@@ -1,23 +1,23 @@
-"""What the controller measures while serving, reported through StatusReply.stats and the
-Prometheus endpoint. Every figure is cumulative since start (seconds, tokens, counts), so a
-client such as `conveyor bench` gets the figures of any window by differencing two snapshots.
-
-Bubble ratio: a stage is idle whenever it is not computing while its instance has unfinished
-requests; idle / pending wall time is the fraction of the pipeline lost to bubbles (the figure
-gLLM and Planck report). Time with nothing to serve is not counted as a bubble.
-"""
+"""The accumulators the controller and the simulator fill while serving; `snapshot` turns
+them into the typed `ControllerStats` (snapshot.py). `merge` adds up the shares kept by the
+simulator's worker processes."""
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from common.stats.snapshot import (REQUEST_LATENCIES, BatchTokens, ControllerStats,
+                                   HistogramStats, MomentsStats, SLOAttainment, StageStats,
+                                   request_times)
+
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0,
                      300.0)
-
+LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
+                  100000)
+"""Token counts per request (prompt, generation): vLLM's 1-2-5 series."""
 
 @dataclass
 class Moments:
@@ -37,36 +37,33 @@ class Moments:
         self.sum += other.sum
         self.sumsq += other.sumsq
 
-    def as_dict(self) -> dict:
-        return {"count": self.count, "sum": self.sum, "sumsq": self.sumsq}
-
-
-def mean_std(count: float, total: float, sumsq: float) -> tuple[float | None, float | None]:
-    """Mean and population standard deviation from a count, sum and sum of squares."""
-    if count <= 0:
-        return None, None
-    mean = total / count
-    return mean, math.sqrt(max(0.0, sumsq / count - mean * mean))
+    def snapshot(self) -> MomentsStats:
+        return MomentsStats(count=self.count, sum=self.sum, sumsq=self.sumsq)
 
 
 @dataclass
 class Histogram:
-    """A Prometheus-style cumulative histogram of latencies in seconds."""
+    """A Prometheus-style histogram (of seconds, or of token counts)."""
 
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    bounds: tuple[float, ...] = LATENCY_BUCKETS_S
+    counts: list[int] = field(default_factory=list)
     total: Moments = field(default_factory=Moments)
 
-    def add(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
-        self.total.add(seconds)
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * (len(self.bounds) + 1)
+
+    def add(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total.add(value)
 
     def merge(self, other: Histogram) -> None:
         self.counts = [a + b for a, b in zip(self.counts, other.counts)]
         self.total.merge(other.total)
 
-    def as_dict(self) -> dict:
-        return {"buckets": list(LATENCY_BUCKETS_S), "counts": list(self.counts),
-                **self.total.as_dict()}
+    def snapshot(self) -> HistogramStats:
+        t = self.total
+        return HistogramStats(buckets=list(self.bounds), counts=list(self.counts),
+                              count=t.count, sum=t.sum, sumsq=t.sumsq)
 
 
 @dataclass
@@ -106,6 +103,14 @@ class PendingClock:
             self.since = other.since
 
 
+def _latency_histograms() -> dict[str, Histogram]:
+    return {name: Histogram() for name in REQUEST_LATENCIES}
+
+
+def _length_histograms() -> dict[str, Histogram]:
+    return {name: Histogram(LENGTH_BUCKETS) for name in ("prompt", "generation")}
+
+
 @dataclass
 class ControllerMetrics:
     started: float
@@ -122,9 +127,8 @@ class ControllerMetrics:
     slo_met: Counter = field(default_factory=Counter)
     """Requests that finished within their SLO, by class (SLO.label)."""
     slo_missed: Counter = field(default_factory=Counter)
-    ttft: Histogram = field(default_factory=Histogram)
-    tpot: Histogram = field(default_factory=Histogram)
-    e2e: Histogram = field(default_factory=Histogram)
+    latency: dict[str, Histogram] = field(default_factory=_latency_histograms)
+    lengths: dict[str, Histogram] = field(default_factory=_length_histograms)
 
     def __post_init__(self) -> None:
         self.pending = [PendingClock() for _ in range(self.num_instances)]
@@ -142,8 +146,11 @@ class ControllerMetrics:
                 continue
             if isinstance(mine, Counter):
                 mine.update(theirs)
-            elif isinstance(mine, (Moments, Histogram)):
+            elif isinstance(mine, Moments):
                 mine.merge(theirs)
+            elif f.name in ("latency", "lengths"):
+                for name, hist in mine.items():
+                    hist.merge(theirs[name])
             elif f.name == "stages":
                 for key, counters in theirs.items():
                     mine.setdefault(key, StageCounters()).merge(counters)
@@ -167,43 +174,44 @@ class ControllerMetrics:
         self.prefill_per_batch.add(prefill_tokens)
         self.decode_per_batch.add(decode_tokens)
 
-    def record_request(self, timings: dict[str, float]) -> None:
-        for key, hist in (("ttft_s", self.ttft), ("tpot_s", self.tpot), ("e2e_s", self.e2e)):
-            if key in timings:
-                hist.add(timings[key])
+    def record_request(self, timings: dict[str, float], prompt_tokens: int | None = None,
+                       generated_tokens: int | None = None) -> None:
+        """A request that finished normally: its `latency_timings` and its lengths."""
+        for name, seconds in request_times(timings).items():
+            self.latency[name].add(seconds)
+        if prompt_tokens is not None:
+            self.lengths["prompt"].add(prompt_tokens)
+        if generated_tokens is not None:
+            self.lengths["generation"].add(generated_tokens)
 
     def record_slo(self, label: str, met: bool | None) -> None:
         if met is not None:
             (self.slo_met if met else self.slo_missed)[label] += 1
 
-    def slo_attainment(self) -> dict[str, dict]:
+    def slo_attainment(self) -> dict[str, SLOAttainment]:
         """Per SLO class: requests that met and missed their targets, and the fraction met."""
         out = {}
         for label in sorted(set(self.slo_met) | set(self.slo_missed)):
             met, missed = self.slo_met[label], self.slo_missed[label]
-            out[label] = {"met": met, "missed": missed,
-                          "attainment": round(met / (met + missed), 6)}
+            out[label] = SLOAttainment(met=met, missed=missed,
+                                       attainment=round(met / (met + missed), 6))
         return out
 
-    def as_dict(self, now: float) -> dict:
+    def snapshot(self, now: float, **live) -> ControllerStats:
+        """The counters as of `now`; `live` fills the snapshot's other fields (model, policy,
+        instances' gauges...), which only the controller or the simulator knows."""
         stages = []
         for (i, s), c in sorted(self.stages.items()):
             pending_s = self.pending[i].read(now) if i < len(self.pending) else 0.0
-            stages.append({"instance": i, "stage": s, "steps": c.steps,
-                           "busy_s": round(c.busy_s, 6), "wait_s": round(c.wait_s, 6),
-                           "pending_s": round(pending_s, 6),
-                           "idle_s": round(max(pending_s - c.busy_s, 0.0), 6)})
-        return {
-            "uptime_s": round(now - self.started, 3),
-            "finished": dict(self.finished),
-            "prompt_tokens": self.prompt_tokens,
-            "generated_tokens": self.generated_tokens,
-            "micro_batches": self.micro_batches,
-            "preemptions": self.preemptions,
-            "slo": self.slo_attainment(),
-            "stages": stages,
-            "batch_tokens": {"prefill": self.prefill_per_batch.as_dict(),
-                             "decode": self.decode_per_batch.as_dict()},
-            "latency": {"ttft_s": self.ttft.as_dict(), "tpot_s": self.tpot.as_dict(),
-                        "e2e_s": self.e2e.as_dict()},
-        }
+            stages.append(StageStats(instance=i, stage=s, steps=c.steps, busy_s=c.busy_s,
+                                     wait_s=c.wait_s, pending_s=pending_s,
+                                     idle_s=max(pending_s - c.busy_s, 0.0)))
+        return ControllerStats(
+            uptime_s=now - self.started, finished=dict(self.finished),
+            prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
+            micro_batches=self.micro_batches, preemptions=self.preemptions,
+            slo=self.slo_attainment(), stages=stages,
+            batch_tokens=BatchTokens(prefill=self.prefill_per_batch.snapshot(),
+                                     decode=self.decode_per_batch.snapshot()),
+            latency={k: h.snapshot() for k, h in self.latency.items()},
+            lengths={k: h.snapshot() for k, h in self.lengths.items()}, **live)

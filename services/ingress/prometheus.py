@@ -1,0 +1,164 @@
+"""The deployment's metrics as a Prometheus page (GET /metrics on the HTTP port).
+
+A prometheus-client collector over one `ControllerStats` snapshot (the controller's counters
+plus the ingress's section): the page and `conveyor stats` are the same figures, so they can
+never disagree. Names follow vLLM's after `conveyor_` (`conveyor_num_requests_waiting`,
+`conveyor_time_to_first_token_seconds`, ...) so its dashboards can be reused; every series
+carries a `model_name` label. The per-stage busy, idle and pending series are Conveyor's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, Metric, SummaryMetricFamily)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from common.stats import ControllerStats, HistogramStats
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+LATENCY_SERIES = {
+    "queue_s": ("conveyor_request_queue_time_seconds", "Seconds a request waited before its "
+                "first scheduling."),
+    "prefill_s": ("conveyor_request_prefill_time_seconds", "Seconds from a request's first "
+                  "scheduling to its first token."),
+    "decode_s": ("conveyor_request_decode_time_seconds", "Seconds from a request's first "
+                 "token to its last."),
+    "ttft_s": ("conveyor_time_to_first_token_seconds", "Time to first token, seconds."),
+    "tpot_s": ("conveyor_time_per_output_token_seconds", "Mean seconds per output token after "
+               "the first, per request."),
+    "e2e_s": ("conveyor_e2e_request_latency_seconds", "Seconds from arrival to the last "
+              "token."),
+}
+LENGTH_SERIES = {
+    "prompt": ("conveyor_request_prompt_tokens", "Prompt tokens per finished request."),
+    "generation": ("conveyor_request_generation_tokens", "Generated tokens per finished "
+                   "request."),
+}
+
+
+def render(stats: ControllerStats, model_name: str) -> bytes:
+    """The Prometheus text page (format 0.0.4) of one snapshot."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatsCollector(stats, model_name))
+    return generate_latest(registry)
+
+
+class _StatsCollector:
+    def __init__(self, stats: ControllerStats, model_name: str):
+        self.stats, self.model = stats, model_name
+
+    def collect(self) -> Iterator[Metric]:
+        s, m = self.stats, self.model
+        yield _gauge("conveyor_uptime_seconds", "Seconds since the controller started.",
+                     s.uptime_s, m)
+        success = CounterMetricFamily("conveyor_request_success", "Requests finished, by "
+                                      "reason.", labels=["model_name", "finished_reason"])
+        for reason, n in sorted(s.finished.items()):
+            success.add_metric([m, reason], n)
+        yield success
+        for name, value, help_text in (
+                ("conveyor_prompt_tokens", s.prompt_tokens, "Prompt tokens received."),
+                ("conveyor_generation_tokens", s.generated_tokens, "Tokens generated."),
+                ("conveyor_micro_batches", s.micro_batches, "Micro-batches completed."),
+                ("conveyor_num_preemptions", s.preemptions,
+                 "Requests preempted (KV dropped, recomputed)."),
+                ("conveyor_kv_lease_waits", s.kv_lease_waits,
+                 "Dispatches that waited for the KV lease to be topped up.")):
+            yield _counter(name, help_text, value, m)
+        yield from self._instances()
+        yield from self._stages()
+        for phase in ("prefill", "decode"):
+            moments = getattr(s.batch_tokens, phase)
+            summary = SummaryMetricFamily(f"conveyor_batch_{phase}_tokens",
+                                          f"{phase.capitalize()} tokens per micro-batch.",
+                                          labels=["model_name"])
+            summary.add_metric([m], moments.count, moments.sum)
+            yield summary
+        for key, (name, help_text) in LATENCY_SERIES.items():
+            if key in s.latency:
+                yield _histogram(name, help_text, s.latency[key], m)
+        for key, (name, help_text) in LENGTH_SERIES.items():
+            if key in s.lengths:
+                yield _histogram(name, help_text, s.lengths[key], m)
+        for attr in ("met", "missed"):
+            c = CounterMetricFamily(f"conveyor_slo_{attr}", f"Requests that {attr} their SLO, "
+                                    "by class.", labels=["model_name", "slo_class"])
+            for label, a in sorted(s.slo.items()):
+                c.add_metric([m, label], getattr(a, attr))
+            yield c
+        if s.ingress is not None:
+            yield from self._ingress()
+
+    def _instances(self) -> Iterator[Metric]:
+        series = (("conveyor_num_requests_waiting", "waiting", "Requests waiting for KV."),
+                  ("conveyor_num_requests_running", "running", "Requests holding KV."),
+                  ("conveyor_num_micro_batches_inflight", "inflight",
+                   "Micro-batches in the pipeline."),
+                  ("conveyor_kv_cache_usage_ratio", "kv_utilization",
+                   "Fraction of KV blocks in use."))
+        for name, attr, help_text in series:
+            g = GaugeMetricFamily(name, help_text, labels=["model_name", "instance"])
+            for inst in self.stats.instances:
+                g.add_metric([self.model, str(inst.instance)], getattr(inst, attr))
+            yield g
+
+    def _stages(self) -> Iterator[Metric]:
+        series = (("conveyor_stage_busy_seconds", "busy_s", "Seconds a stage spent computing."),
+                  ("conveyor_stage_idle_seconds", "idle_s",
+                   "Seconds a stage sat idle while its instance had unfinished requests."),
+                  ("conveyor_stage_pending_seconds", "pending_s",
+                   "Wall seconds its instance had unfinished requests."))
+        for name, attr, help_text in series:
+            c = CounterMetricFamily(name, help_text, labels=["model_name", "instance", "stage"])
+            for st in self.stats.stages:
+                c.add_metric([self.model, str(st.instance), str(st.stage)], getattr(st, attr))
+            yield c
+
+    def _ingress(self) -> Iterator[Metric]:
+        ing, m = self.stats.ingress, self.model
+        yield _gauge("conveyor_num_requests_queued", "Requests received and not yet given "
+                     "their first token (bounded by ingress.max_queued_requests).",
+                     ing.queued_requests, m)
+        yield _gauge("conveyor_num_prompt_tokens_queued", "Prompt tokens of the queued "
+                     "requests.", ing.queued_prompt_tokens, m)
+        rejected = CounterMetricFamily("conveyor_request_rejected", "Requests refused before "
+                                       "they were served, by reason.",
+                                       labels=["model_name", "reason"])
+        for reason, n in sorted(ing.rejected.items()):
+            rejected.add_metric([m, reason], n)
+        yield rejected
+        yield _counter("conveyor_request_disconnected", "Requests aborted because their "
+                       "client went away.", ing.disconnects, m)
+        yield _gauge("conveyor_draining", "1 while the ingress drains before exiting.",
+                     int(ing.draining), m)
+
+
+def _gauge(name: str, help_text: str, value: float, model: str) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, help_text, labels=["model_name"])
+    g.add_metric([model], value)
+    return g
+
+
+def _counter(name: str, help_text: str, value: float, model: str) -> CounterMetricFamily:
+    c = CounterMetricFamily(name, help_text, labels=["model_name"])
+    c.add_metric([model], value)
+    return c
+
+
+def _histogram(name: str, help_text: str, h: HistogramStats, model: str
+               ) -> HistogramMetricFamily:
+    buckets, cumulative = [], 0
+    for bound, count in zip([*map(_bound_text, h.buckets), "+Inf"], h.counts):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    hist = HistogramMetricFamily(name, help_text, labels=["model_name"])
+    hist.add_metric([model], buckets, h.sum)
+    return hist
+
+
+def _bound_text(bound: float) -> str:
+    return repr(float(bound))
