@@ -29,6 +29,8 @@ class Deployment:
     run_dir: Path
     proc: subprocess.Popen
     log_path: Path
+    http_url: str = ""
+    """The OpenAI-compatible endpoint, e.g. http://127.0.0.1:PORT (…/v1 is the API's base)."""
 
     @property
     def kvcache_address(self) -> str:
@@ -99,12 +101,13 @@ def start_deployment(stages: int = 2, instances: int = 1, sets: tuple[str, ...] 
                      timeout_s: float = 300.0, sigint_ignored: bool = False) -> Deployment:
     """`conveyor serve` in a child process, returned once ready. sigint_ignored: start it the
     way a background job of a non-interactive shell starts, with SIGINT ignored."""
-    port = free_port()
+    port, http_port = free_port(), free_port()
     run_dir = Path(tempfile.mkdtemp(prefix="cvy-"))
     log_path = run_dir / "serve.log"
     cmd = [sys.executable, "-m", "conveyor.cli", "serve", "--stages", str(stages),
            "--instances", str(instances), "--address", f"tcp://127.0.0.1:{port}", "--no-smoke",
-           "--set", f"endpoints.run_dir={msgspec.json.encode(str(run_dir)).decode()}"]
+           "--set", f"endpoints.run_dir={msgspec.json.encode(str(run_dir)).decode()}",
+           "--set", f"http.port={http_port}"]
     for s in sets:
         cmd += ["--set", s]
     with open(log_path, "w") as log:  # the child keeps its own descriptor
@@ -112,7 +115,8 @@ def start_deployment(stages: int = 2, instances: int = 1, sets: tuple[str, ...] 
             cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
             preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored
             else None)
-    dep = Deployment(f"tcp://127.0.0.1:{port}", run_dir, proc, log_path)
+    dep = Deployment(f"tcp://127.0.0.1:{port}", run_dir, proc, log_path,
+                     f"http://127.0.0.1:{http_port}")
     deadline = time.monotonic() + timeout_s
     with dep.client(connect_timeout=1.0) as client:
         while True:
@@ -133,7 +137,7 @@ def stop_deployment(dep: Deployment) -> int:
     if dep.alive():
         dep.proc.send_signal(signal.SIGTERM)
         try:
-            dep.proc.wait(timeout=30)
+            dep.proc.wait(timeout=60)  # the ingress's drain, then the rest
         except subprocess.TimeoutExpired:
             dep.proc.kill()
             dep.proc.wait()

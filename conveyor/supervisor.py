@@ -79,8 +79,15 @@ class Supervisor:
             for child, code in dead))
 
     def stop(self, grace_s: float = 10.0) -> None:
+        """Stops the ingress first and gives it its drain (ingress.shutdown_timeout_s: the
+        requests in flight finish, which needs every other process), then the rest."""
         self.stopping = True
-        live = [c for c in reversed(self.children) if c.proc and c.proc.poll() is None]
+        ingress, rest = self.children[-1:], self.children[-2::-1]
+        self._stop(ingress, self.cfg.ingress.shutdown_timeout_s + grace_s)
+        self._stop(rest, grace_s)
+
+    def _stop(self, children: list[Child], grace_s: float) -> None:
+        live = [c for c in children if c.proc and c.proc.poll() is None]
         for child in live:
             child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s

@@ -21,9 +21,10 @@ NO_REQUEST_ID = -1
 class ErrorCode(IntEnum):
     INVALID_REQUEST = 1   # bad parameter, prompt too long, unknown field: fix the request
     PROTOCOL = 2          # malformed frame, wrong version: fix the client
-    OVERLOADED = 3        # the server cannot take the request now: retry later
+    OVERLOADED = 3        # the server cannot take the request now (queue full, draining): retry
     INTERNAL = 4          # the server failed while serving it
     NOT_READY = 5         # the deployment is still starting
+    UNAUTHORIZED = 6      # the deployment has API keys and the request's api_key is not one
 
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
@@ -49,6 +50,8 @@ class GenerateRequest(Message):
     raw: bool = False
     params: dict[str, Any] = {}
     stream: bool = True
+    api_key: str | None = None
+    """Needed when the deployment has API keys (`ingress.api_keys`, CONVEYOR_API_KEY)."""
 
 
 class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

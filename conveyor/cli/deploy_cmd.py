@@ -32,10 +32,13 @@ def build_config(config: Optional[Path], sets: list[str], **shortcuts) -> Convey
     """The config file (or defaults), then --set overrides, then the named shortcut options."""
     names = {"model": "model.source", "stages": "deployment.stages",
              "instances": "deployment.instances", "policy": "scheduler.policy",
-             "address": "endpoints.ingress", "log_format": "logging.format"}
+             "address": "endpoints.ingress", "log_format": "logging.format",
+             "http_host": "http.host", "http_port": "http.port",
+             "served_model_name": "http.served_model_name", "api_key": "ingress.api_keys",
+             "shutdown_timeout": "ingress.shutdown_timeout_s"}
     try:
         overrides = dict(parse_override(s) for s in sets)
-        overrides.update({names[k]: v for k, v in shortcuts.items() if v is not None})
+        overrides.update({names[k]: v for k, v in shortcuts.items() if v not in (None, [])})
         return load_config(config, overrides)
     except ConfigError as e:
         _fail(str(e))
@@ -72,6 +75,18 @@ def serve(
     set_: list[str] = typer.Option([], "--set", help="Override any setting: section.key=value "
                                    "(repeatable), e.g. --set scheduler.max_num_seqs=64."),
     log_format: Optional[str] = typer.Option(None, help="console or json."),
+    http_host: Optional[str] = typer.Option(None, help="Host of the OpenAI-compatible HTTP "
+                                            "endpoint (default 127.0.0.1)."),
+    http_port: Optional[int] = typer.Option(None, help="Its port (default 8000; 0: any free "
+                                            "port). --set http.enabled=false turns it off."),
+    api_key: list[str] = typer.Option([], "--api-key", help="A key clients must present "
+                                      "(repeatable; CONVEYOR_API_KEY, comma-separated, adds "
+                                      "more): HTTP Authorization: Bearer, the SDK's api_key."),
+    served_model_name: Optional[str] = typer.Option(None, help="The model id of /v1/models "
+                                                    "(default: the model's name)."),
+    shutdown_timeout: Optional[float] = typer.Option(None, help="On Ctrl-C or SIGTERM, seconds "
+                                                     "requests in flight may take to finish "
+                                                     "(default 30)."),
     smoke: bool = typer.Option(True, help="Answer a smoke-test prompt once ready."),
     ready_timeout: float = typer.Option(600.0, help="Seconds to wait for every stage to load."),
 ) -> None:
@@ -80,7 +95,10 @@ def serve(
     from conveyor.supervisor import ChildDied, Supervisor
 
     cfg = resolve(build_config(config, set_, model=model, stages=stages, instances=instances,
-                               policy=policy, address=address, log_format=log_format))
+                               policy=policy, address=address, log_format=log_format,
+                               http_host=http_host, http_port=http_port, api_key=api_key,
+                               served_model_name=served_model_name,
+                               shutdown_timeout=shutdown_timeout))
     dep = cfg.deployment
     # SIGTERM (systemd, supervisord) and SIGINT both stop the deployment cleanly. SIGINT is set
     # explicitly: a process started in the background of a non-interactive shell (nohup, CI
@@ -92,7 +110,7 @@ def serve(
     say(f"starting {cfg.model.source}: {dep.stages} stage(s) x {dep.instances} instance(s), "
         f"policy {cfg.scheduler.policy}, config {sup.config_path}")
     client = Client(cfg.endpoints.ingress.replace("0.0.0.0", "127.0.0.1").replace("*", "127.0.0.1"),
-                    connect_timeout=2.0)
+                    connect_timeout=2.0, api_key=(cfg.ingress.api_keys or [None])[0])
     code = 0
     try:
         sup.start()
@@ -110,8 +128,9 @@ def serve(
             time.sleep(0.5)
         say(f"ready: {health.model} at {cfg.endpoints.ingress} (max_model_len "
             f"{health.max_model_len})")
-        if cfg.endpoints.metrics_http:
-            say(f"metrics: http://{cfg.endpoints.metrics_http}/metrics")
+        if cfg.http.enabled:
+            url = f"http://{cfg.http.host}:{cfg.http.port}"
+            say(f"http: {url}/v1 (OpenAI-compatible; {url}/health, {url}/metrics)")
         if smoke:
             r = client.generate(SMOKE_PROMPT, max_tokens=48, temperature=0.0, timeout=120)
             say(f"smoke test: {SMOKE_PROMPT!r} -> {r.text!r} "

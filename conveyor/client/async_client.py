@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import uuid
 from typing import Any
 
@@ -32,10 +33,13 @@ DEFAULT_ADDRESS = f"tcp://127.0.0.1:{DEFAULT_INGRESS_PORT}"
 
 class AsyncClient:
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None,
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, api_key: str | None = None):
         """`timeout` bounds every request (None: no bound) unless a call sets its own;
-        `connect_timeout` bounds the first contact with the ingress."""
+        `connect_timeout` bounds the first contact with the ingress; `api_key` (default:
+        CONVEYOR_API_KEY's first key) goes with every generation."""
         self.address = address
+        env_keys = os.environ.get("CONVEYOR_API_KEY", "").split(",")
+        self.api_key = api_key if api_key is not None else (env_keys[0].strip() or None)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._ctx = zmq.asyncio.Context.instance()
@@ -71,7 +75,8 @@ class AsyncClient:
         """Starts a generation and returns an async iterator of StreamDelta; `stream.result`
         holds the GenerationResult once it is exhausted. Leaving an `async with` block early
         cancels the request on the server."""
-        req = _build_request(next(self._ids), prompt, kwargs, stream=_deltas)
+        req = _build_request(next(self._ids), prompt, kwargs, stream=_deltas,
+                             api_key=self.api_key)
         return AsyncStream(self, req, self.timeout if timeout is None else timeout)
 
     async def health(self, timeout: float = 10.0) -> Health:
@@ -239,8 +244,8 @@ class AsyncStream:
         self._client._queues.pop(self._req.id, None)
 
 
-def _build_request(request_id: int, prompt: str | None, kwargs: dict[str, Any], stream: bool
-                   ) -> GenerateRequest:
+def _build_request(request_id: int, prompt: str | None, kwargs: dict[str, Any], stream: bool,
+                   api_key: str | None = None) -> GenerateRequest:
     messages = kwargs.pop("messages", None)
     prompt_token_ids = kwargs.pop("prompt_token_ids", None)
     raw = bool(kwargs.pop("raw", False))
@@ -250,4 +255,4 @@ def _build_request(request_id: int, prompt: str | None, kwargs: dict[str, Any], 
                     for m in messages]
     return GenerateRequest(id=request_id, prompt=prompt, messages=messages,
                            prompt_token_ids=prompt_token_ids, raw=raw, params=params,
-                           stream=stream)
+                           stream=stream, api_key=api_key)

@@ -28,7 +28,15 @@ class ProtocolError(ConveyorError):
 
 
 class OverloadedError(ConveyorError):
+    """The server's queue is full, or it is shutting down: retry later (or elsewhere)."""
+
     code = ErrorCode.OVERLOADED
+
+
+class AuthenticationError(ConveyorError):
+    """The deployment has API keys and the client's `api_key` is not one of them."""
+
+    code = ErrorCode.UNAUTHORIZED
 
 
 class NotReadyError(ConveyorError):
@@ -52,7 +60,8 @@ class RequestTimeout(ConveyorError):
 
 
 _BY_CODE = {cls.code: cls for cls in
-            (InvalidRequestError, ProtocolError, OverloadedError, NotReadyError, ServerError)}
+            (InvalidRequestError, ProtocolError, OverloadedError, NotReadyError, ServerError,
+             AuthenticationError)}
 
 
 def error_from_reply(code: int, message: str) -> ConveyorError:

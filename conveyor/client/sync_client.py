@@ -20,12 +20,13 @@ from conveyor.client.types import GenerationResult, Health, StreamDelta
 
 class Client:
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None,
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, api_key: str | None = None):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="conveyor-client",
                                         daemon=True)
         self._thread.start()
-        self._async = AsyncClient(address, timeout=timeout, connect_timeout=connect_timeout)
+        self._async = AsyncClient(address, timeout=timeout, connect_timeout=connect_timeout,
+                                  api_key=api_key)
 
     @property
     def address(self) -> str:

@@ -7,6 +7,12 @@ detokenized text back. Cheap checks run on receipt; tokenizing runs in a worker 
 is noticed when a send to it fails (ROUTER in mandatory mode, probed with Ping while its
 requests run) and its requests are aborted, so their KV is freed and nobody else waits behind
 them.
+
+The OpenAI-compatible HTTP endpoint (services/ingress/http/) runs in this same event loop and
+goes through the same path: `open_request` checks and queues a request whose replies (the
+public messages) go to a sink of the HTTP handler's instead of the ZeroMQ socket. Admission
+control (queue_bounds.py) refuses what would queue beyond the bounds; on SIGTERM the ingress
+drains (`drain`): it admits nothing new and lets what runs finish.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import signal
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import msgspec
 import zmq
@@ -24,19 +31,23 @@ import zmq
 from common.config import ConveyorConfig
 from common.log import get_logger
 from common.model import resolve_model
-from common.stats import IngressStats
+from common.stats import ControllerStats, IngressStats
 from common.wire.client_messages import (NO_REQUEST_ID, CancelRequest, ErrorCode, ErrorReply,
                                          Finished, GenerateRequest, HealthReply, HealthRequest,
-                                         Ping, StatsReply, StatsRequest, TokenDelta)
+                                         Ping, StatsReply, StatsRequest)
 from common.wire.framing import Message
 from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, RequestOutput,
                                            RequestOutputs, RequestSampling, StatusQuery,
                                            SubmitRequest)
 from common.zmq_io import Endpoint, Incoming, PeerDisconnected, RpcClient, make_context
 from services.ingress.admission import Admission
+from services.ingress.api_keys import ApiKeys
 from services.ingress.detokenizer import IncrementalDetokenizer
-from services.ingress.tokenizer import load_tokenizer
-from services.ingress.validation import (CheckedRequest, InvalidRequest, Limits, ValidRequest,
+from services.ingress.client_request import (ClientRequest, ControllerUnavailable, Draining,
+                                             Unauthorized, refusal)
+from services.ingress.queue_bounds import Overloaded, QueueBounds
+from services.ingress.tokenizer import load_tokenizer, tokenizer_folder
+from services.ingress.validation import (InvalidRequest, Limits, ValidRequest,
                                          check, finalize, tokenize)
 
 log = get_logger()
@@ -45,40 +56,15 @@ _FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
                  FinishReason.ABORT: "cancelled"}
 
 
-@dataclass(eq=False)
-class ClientRequest:
-    identity: bytes
-    client_id: int
-    req_id: int
-    stream: bool
-    checked: CheckedRequest
-    detok: IncrementalDetokenizer
-    prompt_tokens: int = 0
-    received: float = field(default_factory=time.time)
-    first_token: float | None = None
-    tokens_streamed: int = 0
-    submitted: bool = False
-    """Sent to the controller (before that, it is waiting for admission)."""
-    closed: bool = False
-    """Finished, cancelled or lost: admission drops it if it is still waiting."""
-
-    def stream_delta(self, final: bool = False) -> TokenDelta | None:
-        """What the client has not seen yet, as one TokenDelta (None when there is nothing)."""
-        text = self.detok.take_delta(final)
-        tokens = self.detok.token_ids[self.tokens_streamed:]
-        if not text and not tokens:
-            return None
-        self.tokens_streamed += len(tokens)
-        return TokenDelta(self.client_id, text, tokens)
-
-
 class Ingress:
     def __init__(self, cfg: ConveyorConfig):
         self.cfg = cfg
         src = resolve_model(cfg.model.source, cfg.model.load_format, cfg.model.tokenizer)
         self.model_name = src.display_name
+        self.served_model_name = cfg.http.served_model_name or src.display_name
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(src)
+        self.tokenizer_folder = tokenizer_folder(src)
         log.info("tokenizer loaded", model=self.model_name,
                  has_tokenizer=self.tokenizer is not None,
                  load_s=round(time.perf_counter() - t0, 2))
@@ -100,14 +86,25 @@ class Ingress:
         self._req_ids = itertools.count((time.time_ns() // 1_000_000) << 20)
         self.admission: Admission[ClientRequest, ValidRequest] = Admission(
             self._prepare, self._submit, self._refuse)
+        self.api_keys = ApiKeys(cfg.ingress.api_keys)
+        self.bounds = QueueBounds(cfg.ingress.max_queued_requests,
+                                  cfg.ingress.max_queued_prompt_tokens)
+        self.disconnects = 0
+        self.draining = False
+        self.http = None
 
     async def serve(self) -> None:
         await self.ctrl.send(Hello("ingress"))
-        log.info("ingress listening", address=self.clients.address)
+        log.info("ingress listening", address=self.clients.address,
+                 api_keys=self.api_keys.required)
         tasks = [asyncio.create_task(self._controller_loop()),
                  asyncio.create_task(self._keepalive_loop()),
                  asyncio.create_task(self.admission.run()),
                  asyncio.create_task(self.ctrl_rpc.fail_on_disconnect("controller"))]
+        if self.cfg.http.enabled:
+            from services.ingress.http.server import HttpServer  # starlette: only when used
+            self.http = HttpServer(self)
+            tasks.append(asyncio.create_task(self.http.serve()))
         try:
             while True:
                 inc = await self.clients.recv()
@@ -151,23 +148,48 @@ class Ingress:
                                                 f"{type(msg).__name__} is not a client request"))
 
     def _on_generate(self, identity: bytes, msg: GenerateRequest) -> None:
-        if (identity, msg.id) in self.by_client:
-            self._send(identity, ErrorReply(msg.id, ErrorCode.INVALID_REQUEST,
-                                            f"request id {msg.id} is already in flight"))
-            return
         try:
-            checked = check(msg, self.tokenizer, self.limits)
-        except InvalidRequest as e:
-            log.info("request refused", client_id=msg.id, reason=str(e))
-            self._send(identity, ErrorReply(msg.id, ErrorCode.INVALID_REQUEST, str(e)))
-            return
+            if not self.api_keys.check(msg.api_key):
+                raise Unauthorized("invalid or missing API key (api_key)")
+            self.open_request(identity, msg)
+        except (InvalidRequest, Unauthorized, Overloaded) as e:
+            self._send(identity, ErrorReply(msg.id, self.count_refusal(e, msg.id), str(e)))
+
+    def open_request(self, identity: bytes, msg: GenerateRequest,
+                     sink: Callable[[Message], None] | None = None) -> ClientRequest:
+        """Checks a request and queues it for admission; its replies go to `sink` (or to the
+        ZeroMQ client `identity`). Raises InvalidRequest or Overloaded (nothing is queued)."""
+        if (identity, msg.id) in self.by_client:
+            raise InvalidRequest(f"request id {msg.id} is already in flight")
+        if self.draining:
+            raise Draining("the server is shutting down and admits no new requests")
+        checked = check(msg, self.tokenizer, self.limits)
+        self.bounds.enter()
         # Known from now on, so that a cancel, a duplicate id or the client's loss finds it
         # while it waits for admission.
         cr = ClientRequest(identity, msg.id, next(self._req_ids), msg.stream, checked,
-                           IncrementalDetokenizer(self.tokenizer, checked.params.stop))
+                           IncrementalDetokenizer(self.tokenizer, checked.params.stop),
+                           sink=sink)
         self.active[cr.req_id] = cr
         self.by_client[(identity, msg.id)] = cr
         self.admission.put(cr)
+        return cr
+
+    def count_refusal(self, error: Exception, client_id: int) -> ErrorCode:
+        """Counts and logs a refusal; returns its error code."""
+        code, reason = refusal(error)
+        self.bounds.rejected[reason] += 1
+        log.info("request refused", client_id=client_id, reason=reason, detail=str(error))
+        return code
+
+    def cancel(self, cr: ClientRequest, reason: str, disconnected: bool = False) -> None:
+        """Ends a request whose client no longer wants it (an HTTP client that went away),
+        without a reply: its KV is freed, and it is never submitted if it still waits."""
+        if cr.closed:
+            return
+        self.disconnects += disconnected
+        self._abort([cr], reason)
+        self._forget(cr)
 
     def _prepare(self, cr: ClientRequest) -> ValidRequest:
         """In the admission thread: reads only `cr.checked`, which nothing else changes."""
@@ -176,6 +198,8 @@ class Ingress:
     def _submit(self, cr: ClientRequest, valid: ValidRequest) -> None:
         p = valid.params
         cr.prompt_tokens = len(valid.prompt_token_ids)
+        self.bounds.add_prompt(cr.prompt_tokens)  # raises Overloaded: refused below
+        cr.queued_tokens = cr.prompt_tokens
         self.ctrl.send_nowait(SubmitRequest(
             cr.req_id, valid.prompt_token_ids, valid.max_tokens,
             RequestSampling(p.temperature, p.top_p, p.top_k, p.seed), p.stop_token_ids,
@@ -183,36 +207,54 @@ class Ingress:
         cr.submitted = True
 
     def _refuse(self, cr: ClientRequest, error: Exception) -> None:
-        if isinstance(error, InvalidRequest):
-            log.info("request refused", client_id=cr.client_id, reason=str(error))
-            code, text = ErrorCode.INVALID_REQUEST, str(error)
+        if refusal(error) is not None:
+            code, text = self.count_refusal(error, cr.client_id), str(error)
         else:
             log.error("preparing a request failed", client_id=cr.client_id, error=repr(error))
             code, text = ErrorCode.INTERNAL, f"preparing the request failed: {error!r}"
-        self._send(cr.identity, ErrorReply(cr.client_id, code, text))
+        self._reply(cr, ErrorReply(cr.client_id, code, text))
         self._forget(cr)
 
-    async def _answer_status(self, identity: bytes, msg: HealthRequest | StatsRequest) -> None:
+    async def status(self) -> tuple[bool, str, ControllerStats]:
+        """(ready, detail, stats with the ingress's section); ready is false while draining.
+        Raises ControllerUnavailable when the controller does not answer."""
         try:
             status = await self.ctrl_rpc.call(lambda cid: StatusQuery(cid), STATUS_TIMEOUT_S)
         except asyncio.TimeoutError:
-            self._send(identity, ErrorReply(msg.id, ErrorCode.NOT_READY,
-                                            "the controller did not answer within "
-                                            f"{STATUS_TIMEOUT_S:g}s"))
-            return
+            raise ControllerUnavailable("the controller did not answer within "
+                                        f"{STATUS_TIMEOUT_S:g}s") from None
         except PeerDisconnected as e:
+            raise ControllerUnavailable(str(e)) from None
+        ingress = IngressStats(active_requests=len(self.active),
+                               awaiting_admission=self.admission.waiting,
+                               queued_requests=self.bounds.requests,
+                               queued_prompt_tokens=self.bounds.prompt_tokens,
+                               rejected=dict(self.bounds.rejected),
+                               disconnects=self.disconnects, draining=self.draining)
+        stats = msgspec.structs.replace(status.stats, ingress=ingress)
+        if self.draining:
+            return False, "draining: the ingress is shutting down", stats
+        return status.ready, status.detail, stats
+
+    async def _answer_status(self, identity: bytes, msg: HealthRequest | StatsRequest) -> None:
+        try:
+            ready, detail, stats = await self.status()
+        except ControllerUnavailable as e:
             self._send(identity, ErrorReply(msg.id, ErrorCode.NOT_READY, str(e)))
             return
         if isinstance(msg, StatsRequest):
-            ingress = IngressStats(active_requests=len(self.active),
-                                   awaiting_admission=self.admission.waiting)
-            stats = msgspec.structs.replace(status.stats, ingress=ingress)
             self._send(identity, StatsReply(msg.id, stats.to_builtins()))
             return
         dep = self.cfg.deployment
-        self._send(identity, HealthReply(msg.id, status.ready, self.model_name, dep.stages,
+        self._send(identity, HealthReply(msg.id, ready, self.model_name, dep.stages,
                                          dep.instances, self.cfg.scheduler.policy,
-                                         self.cfg.model.max_model_len, status.detail))
+                                         self.cfg.model.max_model_len, detail))
+
+    def _reply(self, cr: ClientRequest, msg: Message) -> None:
+        if cr.sink is not None:
+            cr.sink(msg)
+        else:
+            self._send(cr.identity, msg)
 
     def _send(self, identity: bytes, msg: Message) -> bool:
         """Sends without blocking; a client that is gone or not reading loses its requests."""
@@ -232,6 +274,7 @@ class Ingress:
         if victims:
             log.warning("aborting requests of a lost client", reason=reason,
                         req_ids=[cr.req_id for cr in victims])
+            self.disconnects += len(victims)
             self._abort(victims, reason)
             for cr in victims:
                 self._forget(cr)
@@ -239,7 +282,7 @@ class Ingress:
     async def _keepalive_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.ingress.keepalive_s)
-            for identity in {cr.identity for cr in self.active.values()}:
+            for identity in {cr.identity for cr in self.active.values() if cr.sink is None}:
                 self._send(identity, Ping())
 
     # ---- controller ---------------------------------------------------------------------
@@ -262,11 +305,12 @@ class Ingress:
             return  # cancelled or lost client: late tokens are dropped
         if out.finish == FinishReason.ERROR:
             code = out.error_code or ErrorCode.INTERNAL
-            self._send(cr.identity, ErrorReply(cr.client_id, code, out.error))
+            self._reply(cr, ErrorReply(cr.client_id, code, out.error))
             self._forget(cr)
             return
         if out.token_ids and cr.first_token is None:
             cr.first_token = time.time()
+            self._dequeue(cr)
         cr.detok.push(out.token_ids)
         if cr.detok.stopped:
             # A stop string ended it: the controller keeps going until told otherwise.
@@ -278,15 +322,15 @@ class Ingress:
         elif cr.stream:
             delta = cr.stream_delta()
             if delta is not None:
-                self._send(cr.identity, delta)
+                self._reply(cr, delta)
 
     def _finish(self, cr: ClientRequest, reason: FinishReason) -> None:
         now = time.time()
         d = cr.detok
         delta = cr.stream_delta(final=True) if cr.stream else None
         if delta is not None:
-            self._send(cr.identity, delta)
-        self._send(cr.identity, Finished(
+            self._reply(cr, delta)
+        self._reply(cr, Finished(
             cr.client_id, d.text, list(d.token_ids), _FINISH_NAMES[reason], cr.prompt_tokens,
             len(d.token_ids), round((cr.first_token or now) - cr.received, 6),
             round(now - cr.received, 6)))
@@ -297,12 +341,60 @@ class Ingress:
         if req_ids:
             self.ctrl.send_nowait(AbortRequests(req_ids, reason))
 
+    def _dequeue(self, cr: ClientRequest) -> None:
+        if cr.queued:
+            cr.queued = False
+            self.bounds.leave(cr.queued_tokens)
+
     def _forget(self, cr: ClientRequest) -> None:
         cr.closed = True
+        self._dequeue(cr)
         self.active.pop(cr.req_id, None)
         if self.by_client.get((cr.identity, cr.client_id)) is cr:  # the id may be reused since
             del self.by_client[(cr.identity, cr.client_id)]
 
 
+    # ---- shutdown -----------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Stops admitting (health says not ready, new requests are refused as overloaded)
+        and waits for the requests in flight, at most `ingress.shutdown_timeout_s`; those
+        still running then end with an error reply, so none is dropped silently."""
+        self.draining = True
+        timeout = self.cfg.ingress.shutdown_timeout_s
+        log.info("draining", requests=len(self.active), timeout_s=timeout)
+        deadline = time.monotonic() + timeout
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(self.active.values())
+        if left:
+            log.warning("shutdown timeout: ending requests still running", count=len(left))
+            self._abort(left, "the server shut down")
+            for cr in left:
+                self._reply(cr, ErrorReply(cr.client_id, ErrorCode.INTERNAL,
+                                           f"the server shut down before the request finished "
+                                           f"(ingress.shutdown_timeout_s = {timeout:g})"))
+                self._forget(cr)
+        await asyncio.sleep(0.05)  # the last replies leave before the sockets close
+        if self.http is not None:
+            await self.http.stop()
+        log.info("drained")
+
+
 async def run(cfg: ConveyorConfig) -> None:
-    await Ingress(cfg).serve()
+    """Serves until SIGTERM or SIGINT, then drains and exits; a second signal exits at once.
+    (These handlers replace run_service's plain cancel for this process.)"""
+    ingress = Ingress(cfg)
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if ingress.draining:
+            main.cancel()
+            return
+        task = asyncio.create_task(ingress.drain())
+        task.add_done_callback(lambda _: main.cancel())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await ingress.serve()

@@ -22,6 +22,20 @@ def cache_root() -> Path:
     return Path(base) / "tokenizers"
 
 
+def tokenizer_folder(src: ModelSource) -> Path | None:
+    """A folder that transformers loads the tokenizer of `src` from: the model's own, or for a
+    GGUF the one saved under the cache (what /v1/models gives as `root`, so that tools such as
+    `vllm bench serve` find a tokenizer offline). None for a model without a tokenizer."""
+    if src.tokenizer_dir is None:
+        return None
+    if not src.tokenizer_gguf_file:
+        return Path(src.tokenizer_dir)
+    gguf = Path(src.tokenizer_dir) / src.tokenizer_gguf_file
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    return cache_root() / key[:16]
+
+
 def load_tokenizer(src: ModelSource) -> Any | None:
     """The tokenizer of `src`, or None for a model without one (token ids only)."""
     if src.tokenizer_dir is None:
@@ -31,10 +45,7 @@ def load_tokenizer(src: ModelSource) -> Any | None:
 
     if not src.tokenizer_gguf_file:
         return AutoTokenizer.from_pretrained(src.tokenizer_dir)
-    gguf = Path(src.tokenizer_dir) / src.tokenizer_gguf_file
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-    cached = cache_root() / key[:16]
+    cached = tokenizer_folder(src)
     if (cached / "tokenizer_config.json").exists():
         try:
             return AutoTokenizer.from_pretrained(cached)
