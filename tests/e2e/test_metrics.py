@@ -1,5 +1,5 @@
-"""The controller's metrics, through the control plane (SDK stats) and the Prometheus
-endpoint, against a real deployment running Token Throttling."""
+"""The controller's metrics, through the control plane (SDK stats) and the Prometheus page
+on the HTTP port, against a real deployment running Token Throttling."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import urllib.error
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.client import AsyncClient
 
 N_REQUESTS = 6
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
 MAX_NEW = 12
 
 
@@ -29,11 +31,14 @@ def _scrape(url: str) -> str:
         return reply.read().decode()
 
 
-def _sample(text: str, series: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{series} not in the metrics page")
+def _sample(text: str, series: str, **labels: str) -> float:
+    """A sample of the page by name and labels (model_name is on every series)."""
+    want = dict(labels, model_name=MODEL)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == series and s.labels == want:
+                return s.value
+    raise AssertionError(f"{series} {want} not in the metrics page")
 
 
 @pytest.mark.parametrize("deployment", [{"stages": 2, "sets": ("scheduler.policy=throttle",)}],
@@ -62,14 +67,18 @@ def test_stats_and_prometheus_agree_on_what_was_served(deployment):
     assert prefill["sum"] >= sum(r.prompt_tokens for r in results)
     assert stats["instances"][0]["kv_utilization"] == 0.0
 
-    url = f"http://{stats['metrics_http']}"
+    url = deployment.http_url
     page = _scrape(url + "/metrics")
-    assert _sample(page, "conveyor_request_ttft_seconds_count") == \
+    assert _sample(page, "conveyor_time_to_first_token_seconds_count") == \
         stats["latency"]["ttft_s"]["count"]
-    assert _sample(page, 'conveyor_stage_busy_seconds_total{instance="0",stage="1"}') > 0
-    assert _sample(page, "conveyor_generated_tokens_total") == stats["generated_tokens"]
-    assert _sample(page, 'conveyor_request_e2e_seconds_bucket{le="+Inf"}') == \
+    assert _sample(page, "conveyor_stage_busy_seconds_total", instance="0", stage="1") > 0
+    assert _sample(page, "conveyor_generation_tokens_total") == stats["generated_tokens"]
+    assert _sample(page, "conveyor_e2e_request_latency_seconds_bucket", le="+Inf") == \
         stats["latency"]["e2e_s"]["count"]
+    assert _sample(page, "conveyor_request_generation_tokens_sum") == \
+        stats["lengths"]["generation"]["sum"] >= N_REQUESTS * MAX_NEW
+    assert _sample(page, "conveyor_kv_cache_usage_ratio", instance="0") == 0.0
+    assert _sample(page, "conveyor_num_requests_waiting", instance="0") == 0
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(url + "/other", timeout=10)
     assert err.value.code == 404
