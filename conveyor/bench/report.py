@@ -181,12 +181,33 @@ def controller_window(before: ControllerStats | None, after: ControllerStats | N
 
 # ---- output ---------------------------------------------------------------------------------
 
+VLLM_NAMES = {"ttft": "ttft", "tpot": "tpot", "itl": "itl", "e2e": "e2el"}
+VLLM_STATS = {"mean": "mean", "std": "std", "p50": "median", "p90": "p90", "p99": "p99"}
+
+
+def vllm_keys(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary under the flat names of `vllm bench serve`'s result JSON (mean_ttft_ms,
+    p99_tpot_ms, request_throughput, ...), so vLLM's tooling reads a Conveyor result."""
+    out = {k: summary[k] for k in ("completed", "total_input_tokens", "total_output_tokens",
+                                    "request_throughput", "output_throughput",
+                                    "total_token_throughput")}
+    out["duration"] = summary["duration_s"]
+    if "goodput" in summary:
+        out["request_goodput"] = summary["goodput"]["request_goodput"]
+    for ours, theirs in VLLM_NAMES.items():
+        dist = summary.get(ours) or {}
+        for stat, name in VLLM_STATS.items():
+            if dist.get(stat) is not None:
+                out[f"{name}_{theirs}_ms"] = 1e3 * dist[stat]
+    return out
+
+
 def build_result(run: RunResult, config: dict[str, Any],
                  slo: dict[str, float] | None = None) -> dict[str, Any]:
     summary = summarize(run.records, run.duration_s, slo)
     summary["controller"] = controller_window(run.stats_before, run.stats_after,
                                               run.gauge_samples)
-    return {"config": config, "health": run.health, "summary": summary,
+    return {**vllm_keys(summary), "config": config, "health": run.health, "summary": summary,
             "warmup_failures": run.warmup_failures,
             "controller_snapshots": msgspec.to_builtins({"before": run.stats_before,
                                                          "after": run.stats_after}),

@@ -47,6 +47,12 @@ class RunConfig:
     slo_s: dict[str, float] = field(default_factory=dict)
     """The goodput SLO (ttft, tpot, e2e); its ttft and tpot travel with every request, so
     schedulers that plan by SLO see them and `conveyor stats` counts their attainment."""
+    backend: str = "conveyor"
+    """conveyor (the SDK over ZeroMQ at `address`), or openai / openai-chat (any
+    OpenAI-compatible server at `base_url`, see openai_backend.py)."""
+    base_url: str = "http://127.0.0.1:8000"
+    model: str | None = None
+    """The model the openai backends ask for (default: the server's first)."""
 
 
 @dataclass
@@ -145,6 +151,13 @@ async def _send(client: AsyncClient, sample: Sample, cfg: RunConfig, rec: Reques
     sent = time.perf_counter()
     rec.start_s = sent - t0
     last: float | None = None
+    if cfg.backend != "conveyor":
+        try:
+            await client.send(prompt, kwargs.get("prompt_token_ids"), kwargs["max_tokens"],
+                              cfg, rec)
+        except Exception as e:  # the server's refusal or a broken stream: this request's
+            rec.error = f"{type(e).__name__}: {e}"
+        return
     try:
         async with client.stream(prompt, timeout=cfg.request_timeout_s, **kwargs) as stream:
             async for delta in stream:
@@ -215,7 +228,7 @@ async def run_benchmark(samples: list[Sample], cfg: RunConfig) -> RunResult:
     offsets = arrival_times(len(samples), cfg.request_rate, cfg.burstiness, cfg.seed)
     records = [RequestRecord(i, s.prompt_len, s.output_len) for i, s in enumerate(samples)]
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-    async with AsyncClient(cfg.address, timeout=cfg.request_timeout_s) as client:
+    async with _client(cfg) as client:
         health = await client.wait_ready(timeout=cfg.ready_timeout_s)
         warmup_failures = await _warm_up(client, samples, cfg)
         stats_before = await _safe_stats(client, attempts=SNAPSHOT_ATTEMPTS)
@@ -232,7 +245,7 @@ async def run_benchmark(samples: list[Sample], cfg: RunConfig) -> RunResult:
 
         t0 = time.perf_counter()
         poller = (asyncio.create_task(_sample_gauges(client, cfg.stats_interval_s, t0, gauges))
-                  if cfg.stats_interval_s > 0 else None)
+                  if cfg.stats_interval_s > 0 and cfg.backend == "conveyor" else None)
         tasks = []
         try:
             for sample, rec, offset in zip(samples, records, offsets):
@@ -251,3 +264,13 @@ async def run_benchmark(samples: list[Sample], cfg: RunConfig) -> RunResult:
         stats_after = await _safe_stats(client, attempts=SNAPSHOT_ATTEMPTS)
     return RunResult(records, duration, asdict(health), stats_before, stats_after, gauges,
                      warmup_failures)
+
+
+def _client(cfg: RunConfig):
+    """The SDK's client, or for the openai backends their client (the same methods)."""
+    if cfg.backend == "conveyor":
+        return AsyncClient(cfg.address, timeout=cfg.request_timeout_s)
+    from conveyor.bench.openai_backend import OpenAIBackend
+
+    return OpenAIBackend(cfg.base_url, cfg.backend == "openai-chat", cfg.model,
+                         cfg.request_timeout_s)

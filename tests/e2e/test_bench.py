@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from common.log import read_json_events
@@ -51,6 +53,23 @@ def test_bench_random_dataset_end_to_end(deployment, tmp_path):
     for stage in ctl["stages"]:
         assert stage["bubble_ratio"] is not None and 0.0 <= stage["bubble_ratio"] <= 1.0
     assert result_file.with_name("run-cdf.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("backend", ["openai", "openai-chat"])
+def test_bench_drives_the_http_endpoint_as_an_openai_server(deployment, tmp_path, backend):
+    result_file = tmp_path / "http.json"
+    out = CliRunner().invoke(app, [
+        "bench", "--backend", backend, "--base-url", deployment.http_url, "--dataset", "random",
+        "--random-prompt", "words", "--num-prompts", "4", "--random-input-len", "24",
+        "--random-output-len", "6", "--request-rate", "inf", "--request-timeout", "60",
+        "--result-file", str(result_file), "--no-progress", "--no-plots"])
+    assert out.exit_code == 0, out.output + (deployment.log_tail() if out.exception else "")
+    data = json.loads(result_file.read_text())
+    assert data["completed"] == 4 and data["summary"]["failed"] == 0
+    assert data["health"]["backend"] == backend and data["health"]["max_model_len"] == 2048
+    assert all(r["output_tokens"] == r["expected_output_len"] == 6 for r in data["requests"])
+    assert data["mean_ttft_ms"] > 0 and data["p99_e2el_ms"] >= data["median_e2el_ms"]
+    assert data["summary"]["controller"] == {}  # an OpenAI server reports no controller
 
 
 def test_bench_sweep_starts_each_deployment_and_keeps_its_log(tmp_path):

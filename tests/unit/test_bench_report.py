@@ -160,6 +160,11 @@ def test_table_and_json_output(tmp_path):
     data = json.loads(path.read_text())  # strict JSON: the infinite rate is a string
     assert data["config"]["request_rate"] == "inf"
     assert data["summary"]["ttft"]["p99"] == pytest.approx(0.99)  # seconds in the JSON
+    # vLLM's flat keys, in its units (milliseconds), beside Conveyor's own.
+    assert data["p99_ttft_ms"] == pytest.approx(990.0)
+    assert data["request_throughput"] == data["summary"]["request_throughput"]
+    assert {"mean_tpot_ms", "median_itl_ms", "std_e2el_ms", "output_throughput",
+            "duration", "completed"} <= set(data)
     assert len(data["requests"]) == 102 and data["requests"][-1]["error"] == "ServerError: boom"
     runs = [{"stages": 2, "policy": "throttle", "rate": 1.0, "summary": result["summary"]},
             {"stages": 2, "policy": "bogus", "rate": 1.0, "summary": None,
