@@ -122,12 +122,15 @@ def _stream_reply(client: Client, history: list[dict], params: dict[str, Any]) -
 
 
 def health(address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP)) -> None:
-    """Print whether the deployment is ready, and what it serves."""
+    """Print whether the deployment is ready, and what it serves; exit 1 when it is not ready
+    (starting, draining) or does not answer, so scripts and probes can rely on the status."""
     try:
         with Client(address) as client:
-            typer.echo(json.dumps(client.health().__dict__))
+            reply = client.health()
     except ConveyorError as e:
         _error(e)
+    typer.echo(json.dumps(reply.__dict__))
+    raise typer.Exit(0 if reply.ready else 1)
 
 
 def stats(address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP)) -> None:
