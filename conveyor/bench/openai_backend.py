@@ -90,6 +90,9 @@ class OpenAIBackend:
         extra = {"ignore_eos": cfg.ignore_eos}
         common = {"model": self.model, "temperature": cfg.temperature, "stream": True,
                   "stream_options": {"include_usage": True}, "extra_body": extra}
+        # Timed from before the call: it returns once the response starts, which a server
+        # (Conveyor's among them) may delay until the first token.
+        sent = time.perf_counter()
         if self.chat:
             if prompt is None:
                 raise ValueError("--backend openai-chat needs text prompts "
@@ -101,7 +104,6 @@ class OpenAIBackend:
             stream = await self.api.completions.create(
                 prompt=prompt if prompt is not None else token_ids, max_tokens=max_tokens,
                 **common)
-        sent = time.perf_counter()
         last = None
         async for chunk in stream:
             now = time.perf_counter()
