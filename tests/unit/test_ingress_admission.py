@@ -56,7 +56,8 @@ async def setup(monkeypatch):
     monkeypatch.setattr(service, "load_tokenizer", lambda src: Slowed(real_tokenizer(src)))
     cfg = load_config(None, {"model.source": "tiny", "model.load_format": "dummy",
                              "endpoints.ingress": f"tcp://127.0.0.1:{free_port()}",
-                             "endpoints.controller": f"tcp://127.0.0.1:{free_port()}"})
+                             "endpoints.controller": f"tcp://127.0.0.1:{free_port()}",
+                             "http.port": free_port()})
     ctx = zmq.asyncio.Context.instance()
     ctrl = ctx.socket(zmq.ROUTER)
     ctrl.bind(cfg.endpoints.controller)
