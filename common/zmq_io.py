@@ -27,6 +27,7 @@ from common.wire import Message, ProtocolError, decode, encode
 # A generous high-water mark: dropping control messages is never acceptable; back-pressure is
 # handled by the scheduler (bounded micro-batches in flight), not by the socket.
 _HWM = 100_000
+_MONITOR_IDS = itertools.count(1)
 
 
 @dataclass
@@ -39,7 +40,18 @@ class Incoming:
 
 
 def make_context() -> zmq.asyncio.Context:
-    return zmq.asyncio.Context.instance()
+    """A context for one service object (or client), destroyed with it: never the process-wide
+    Context.instance(), so that what one of them leaves behind (tests run several in one
+    process) cannot reach the sockets of another."""
+    return zmq.asyncio.Context()
+
+
+async def stop_tasks(tasks: list[asyncio.Task]) -> None:
+    """Cancels a service's tasks and waits until each has run its own clean-up, so that the
+    sockets they use are closed after them, never under them."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def ensure_ipc_dir(address: str) -> None:
@@ -166,7 +178,12 @@ class RpcClient:
         process died or closed the socket), every call in flight fails at once with
         PeerDisconnected instead of waiting out its timeout. ZeroMQ reconnects by itself;
         later calls go through once the peer is back."""
-        monitor = self.endpoint.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # A name of its own: pyzmq's default is derived from the socket's file descriptor,
+        # which a later socket reuses while a dead socket's monitor may still hold the name
+        # (a leaked, garbage-collected endpoint then broke the connections of every socket of
+        # the process's context: tests/unit/test_zmq_io.py::test_a_collected_endpoint_...).
+        monitor = self.endpoint.sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED, addr=f"inproc://conveyor-monitor-{next(_MONITOR_IDS)}")
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())

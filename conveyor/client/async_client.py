@@ -21,6 +21,7 @@ import zmq.asyncio
 
 from common.config import DEFAULT_INGRESS_PORT
 from common.wire import EncodeError, decode, encode
+from common.zmq_io import make_context
 from common.wire.client_messages import (NO_REQUEST_ID, CancelRequest, ChatMessage, ErrorReply,
                                          Finished, GenerateRequest, HealthReply, HealthRequest,
                                          StatsReply, StatsRequest, TokenDelta)
@@ -42,7 +43,9 @@ class AsyncClient:
         self.api_key = api_key if api_key is not None else (env_keys[0].strip() or None)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self._ctx = zmq.asyncio.Context.instance()
+        # A context of its own (make_context), not the process-wide Context.instance(): a
+        # client lives inside someone else's process, beside other clients and sockets.
+        self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._ids = itertools.count(1)
         self._queues: dict[int, asyncio.Queue] = {}
@@ -106,6 +109,9 @@ class AsyncClient:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
         self._connected = False
 
     # ---- plumbing -----------------------------------------------------------------------
@@ -135,6 +141,7 @@ class AsyncClient:
             # the server never sees it: refuse it here, as the server refuses what it can see.
             raise InvalidRequestError(str(e)) from None
         if self._sock is None:
+            self._ctx = self._ctx or make_context()
             self._sock = self._ctx.socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
             # A stable identity across reconnects keeps the server's view of our requests.

@@ -30,7 +30,7 @@ from common.wire.client_messages import ErrorCode
 from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, RequestOutput,
                                            RequestOutputs, StatusQuery, StatusReply, StepDone,
                                            SubmitRequest)
-from common.zmq_io import Endpoint, Incoming, make_context
+from common.zmq_io import Endpoint, Incoming, make_context, stop_tasks
 from services.controller.instance import Served, ServedInstance
 from services.controller.kv_link import KVLink
 
@@ -57,7 +57,7 @@ class Controller:
         self.router = make_router(cfg.deployment.routing)
         self.requests: dict[int, CoreRequest] = {}
         """Live requests by id (finished ones leave at once, even with a batch in flight)."""
-        ctx = make_context()
+        self._ctx = ctx = make_context()
         self.endpoint = Endpoint(ctx, zmq.ROUTER, bind=cfg.endpoints.controller,
                                  router_mandatory=True)
         self.kv = Endpoint(ctx, zmq.DEALER, connect=cfg.endpoints.kvcache, identity=b"controller")
@@ -86,10 +86,10 @@ class Controller:
                     self.kv_link.flush(self.instances)
                     await self._flush_outputs()
         finally:
-            for t in tasks:
-                t.cancel()
+            await stop_tasks(tasks)
             self.endpoint.close()
             self.kv.close()
+            self._ctx.destroy(linger=0)
 
     async def _kv_replies(self) -> None:
         while True:

@@ -39,7 +39,8 @@ from common.wire.framing import Message
 from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, RequestOutput,
                                            RequestOutputs, RequestSampling, StatusQuery,
                                            SubmitRequest)
-from common.zmq_io import Endpoint, Incoming, PeerDisconnected, RpcClient, make_context
+from common.zmq_io import (Endpoint, Incoming, PeerDisconnected, RpcClient, make_context,
+                           stop_tasks)
 from services.ingress.admission import Admission
 from services.ingress.api_keys import ApiKeys
 from services.ingress.detokenizer import IncrementalDetokenizer
@@ -73,7 +74,7 @@ class Ingress:
                              cfg.max_prompt_bytes,
                              {name: (c.ttft_s, c.tpot_s) for name, c in cfg.slo.classes.items()},
                              cfg.slo.default_class)
-        ctx = make_context()
+        self._ctx = ctx = make_context()
         self.clients = Endpoint(ctx, zmq.ROUTER, bind=cfg.endpoints.ingress,
                                 router_mandatory=True, max_frame_bytes=cfg.ingress.max_frame_bytes)
         self.ctrl = Endpoint(ctx, zmq.DEALER, connect=cfg.endpoints.controller,
@@ -116,10 +117,10 @@ class Ingress:
                     rid = getattr(inc.message, "id", NO_REQUEST_ID)
                     self._send(inc.identity, ErrorReply(rid, ErrorCode.INTERNAL, repr(e)))
         finally:
-            for t in tasks:
-                t.cancel()
+            await stop_tasks(tasks)
             self.clients.close()
             self.ctrl.close()
+            self._ctx.destroy(linger=0)
 
     # ---- clients ------------------------------------------------------------------------
 

@@ -25,7 +25,8 @@ log = get_logger()
 class KVCacheManager:
     def __init__(self, address: str):
         self.pools: dict[int, BlockPool] = {}
-        self.endpoint = Endpoint(make_context(), zmq.ROUTER, bind=address)
+        self._ctx = make_context()
+        self.endpoint = Endpoint(self._ctx, zmq.ROUTER, bind=address)
 
     async def serve(self) -> None:
         log.info("kv-cache manager listening", address=self.endpoint.address)
@@ -34,6 +35,7 @@ class KVCacheManager:
                 await self.handle(await self.endpoint.recv())
         finally:
             self.endpoint.close()
+            self._ctx.destroy(linger=0)
 
     async def handle(self, inc: Incoming) -> None:
         if inc.message is None:

@@ -16,6 +16,7 @@ from common.wire import decode, encode
 from common.wire.client_messages import (CancelRequest, ErrorReply, Finished, GenerateRequest,
                                          Ping, TokenDelta)
 from common.wire.internal_messages import Hello, RequestOutput, RequestOutputs, SubmitRequest
+from common.zmq_io import make_context, stop_tasks
 from services.ingress import service
 from services.ingress.admission import Admission
 
@@ -58,7 +59,7 @@ async def setup(monkeypatch):
                              "endpoints.ingress": f"tcp://127.0.0.1:{free_port()}",
                              "endpoints.controller": f"tcp://127.0.0.1:{free_port()}",
                              "http.port": free_port()})
-    ctx = zmq.asyncio.Context.instance()
+    ctx = make_context()
     ctrl = ctx.socket(zmq.ROUTER)
     ctrl.bind(cfg.endpoints.controller)
     ingress = service.Ingress(cfg)
@@ -72,9 +73,8 @@ async def setup(monkeypatch):
         clients.append(sock)
         return sock
     yield ctrl, client
-    serving.cancel()
-    for sock in (ctrl, *clients):
-        sock.close(linger=0)
+    await stop_tasks([serving])  # the ingress closes its sockets before the loop goes
+    ctx.destroy(linger=0)
 
 
 async def recv(sock, timeout: float = 5.0):
@@ -214,3 +214,33 @@ async def test_a_restarted_ingress_never_reuses_a_request_id(monkeypatch):
         await asyncio.sleep(0.002)
     first, restarted = ids
     assert min(restarted) > max(first) and max(restarted) < 2**63
+
+
+async def test_a_stopped_ingress_closes_its_sockets_and_context(monkeypatch):
+    """Each service owns its ZeroMQ context and destroys it when it stops, after its own tasks
+    have run their clean-up: sockets left open on the process-wide context by one in-process
+    ingress, collected later, broke every later socket of that context (the CI failure of
+    test_zmq_io and test_kv_lease after this module)."""
+    monkeypatch.setattr(service, "load_tokenizer", lambda src: real_tokenizer(src))
+    cfg = load_config(None, {"model.source": "tiny", "model.load_format": "dummy",
+                             "endpoints.ingress": f"tcp://127.0.0.1:{free_port()}",
+                             "endpoints.controller": f"tcp://127.0.0.1:{free_port()}",
+                             "http.enabled": False})
+    ingress = service.Ingress(cfg)
+    serving = asyncio.create_task(ingress.serve())
+    await asyncio.sleep(0.2)
+    await stop_tasks([serving])
+    assert ingress.clients.sock.closed and ingress.ctrl.sock.closed
+    assert ingress._ctx.closed
+
+
+def test_a_closed_client_releases_its_loop_and_context():
+    from conveyor.client import Client
+    from conveyor.client.errors import ConnectionFailed
+
+    client = Client(f"tcp://127.0.0.1:{free_port()}", connect_timeout=0.2)
+    with pytest.raises(ConnectionFailed):
+        client.health(timeout=0.2)  # opens the socket (and its context)
+    ctx = client._async._ctx
+    client.close()
+    assert ctx.closed and client._loop.is_closed()

@@ -11,7 +11,7 @@ import zmq
 
 from common.scheduling import make_policy
 from common.stats import ControllerMetrics
-from common.zmq_io import Endpoint, make_context
+from common.zmq_io import Endpoint, make_context, stop_tasks
 from services.controller.instance import ServedInstance
 from services.controller.kv_link import KVLink
 from services.kvcache.service import KVCacheManager
@@ -28,7 +28,8 @@ async def test_the_lease_serves_dispatches_and_refills_from_frees(tmp_path):
     address = f"ipc://{tmp_path}/kvcache"
     manager = KVCacheManager(address)
     server = asyncio.create_task(manager.serve())
-    kv = Endpoint(make_context(), zmq.DEALER, connect=address, identity=b"controller")
+    ctx = make_context()
+    kv = Endpoint(ctx, zmq.DEALER, connect=address, identity=b"controller")
     link = KVLink(kv, lease_blocks=8)
 
     async def replies():
@@ -67,6 +68,6 @@ async def test_the_lease_serves_dispatches_and_refills_from_frees(tmp_path):
         assert not await link.top_up_for(inst, 40)
         assert len(inst.lease) == 18 and pool.free_blocks == 18
     finally:
-        reader.cancel()
-        server.cancel()
+        await stop_tasks([reader, server])
         kv.close()
+        ctx.destroy(linger=0)

@@ -7,14 +7,22 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import zmq
-import zmq.asyncio
 
 from common.config import free_port
 from common.wire import decode, encode
 from common.wire.client_messages import (ErrorReply, GenerateRequest, HealthRequest,
                                          StatsRequest)
-from common.zmq_io import Endpoint, make_context
+from common.zmq_io import Endpoint, make_context, stop_tasks
+
+
+@pytest.fixture
+def ctx():
+    """A context per test, destroyed after it (the services' rule, make_context)."""
+    context = make_context()
+    yield context
+    context.destroy(linger=0)
 
 
 async def _serve(ep: Endpoint) -> None:
@@ -37,8 +45,8 @@ async def _serve(ep: Endpoint) -> None:
         streamer.cancel()
 
 
-async def _worst_ack_latency(address: str, requests: int) -> float:
-    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+async def _worst_ack_latency(ctx, address: str, requests: int) -> float:
+    sock = ctx.socket(zmq.DEALER)
     sock.connect(address)
     worst = 0.0
     try:
@@ -56,22 +64,21 @@ async def _worst_ack_latency(address: str, requests: int) -> float:
     return worst
 
 
-async def test_requests_are_read_promptly_while_replies_stream_out():
+async def test_requests_are_read_promptly_while_replies_stream_out(ctx):
     address = f"tcp://127.0.0.1:{free_port()}"
-    ep = Endpoint(make_context(), zmq.ROUTER, bind=address, router_mandatory=True)
+    ep = Endpoint(ctx, zmq.ROUTER, bind=address, router_mandatory=True)
     server = asyncio.create_task(_serve(ep))
     try:
-        worst = await asyncio.wait_for(_worst_ack_latency(address, 2000), timeout=45)
+        worst = await asyncio.wait_for(_worst_ack_latency(ctx, address, 2000), timeout=45)
     finally:
-        server.cancel()
+        await stop_tasks([server])
         ep.close()
     assert worst < 1.0, f"a request waited {worst:.2f}s to be read"
 
 
-async def test_frames_over_the_size_limit_are_dropped_and_others_still_arrive():
+async def test_frames_over_the_size_limit_are_dropped_and_others_still_arrive(ctx):
     address = f"tcp://127.0.0.1:{free_port()}"
-    ep = Endpoint(make_context(), zmq.ROUTER, bind=address, max_frame_bytes=4096)
-    ctx = zmq.asyncio.Context.instance()
+    ep = Endpoint(ctx, zmq.ROUTER, bind=address, max_frame_bytes=4096)
     big, small = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
     try:
         for sock in (big, small):
@@ -88,10 +95,10 @@ async def test_frames_over_the_size_limit_are_dropped_and_others_still_arrive():
         ep.close()
 
 
-async def test_an_undecodable_frame_is_received_as_its_reason():
+async def test_an_undecodable_frame_is_received_as_its_reason(ctx):
     address = f"tcp://127.0.0.1:{free_port()}"
-    ep = Endpoint(make_context(), zmq.ROUTER, bind=address)
-    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    ep = Endpoint(ctx, zmq.ROUTER, bind=address)
+    sock = ctx.socket(zmq.DEALER)
     try:
         sock.connect(address)
         header = encode(GenerateRequest(1))[0]
@@ -106,13 +113,12 @@ async def test_an_undecodable_frame_is_received_as_its_reason():
         ep.close()
 
 
-async def test_a_call_in_flight_fails_at_once_when_its_peer_goes_away():
+async def test_a_call_in_flight_fails_at_once_when_its_peer_goes_away(ctx):
     """A dead kv-cache manager used to show as a 30 s timeout in the controller."""
     from common.wire.internal_messages import PoolStatsQuery
     from common.zmq_io import PeerDisconnected, RpcClient
 
     address = f"tcp://127.0.0.1:{free_port()}"
-    ctx = make_context()
     server = ctx.socket(zmq.ROUTER)
     server.bind(address)
     client = Endpoint(ctx, zmq.DEALER, connect=address)
@@ -120,7 +126,7 @@ async def test_a_call_in_flight_fails_at_once_when_its_peer_goes_away():
     watcher = asyncio.create_task(rpc.fail_on_disconnect("test peer"))
     try:
         call = asyncio.create_task(rpc.call(lambda cid: PoolStatsQuery(cid), timeout=30))
-        await server.recv_multipart()  # the request arrived: the peer is connected
+        await asyncio.wait_for(server.recv_multipart(), 5)  # arrived: the peer is connected
         start = time.monotonic()
         server.close(linger=0)  # the peer dies without answering
         try:
@@ -130,5 +136,5 @@ async def test_a_call_in_flight_fails_at_once_when_its_peer_goes_away():
             assert "test peer disconnected" in str(e)
         assert time.monotonic() - start < 2.0
     finally:
-        watcher.cancel()
+        await stop_tasks([watcher])
         client.close()
