@@ -21,6 +21,9 @@ from typing import Any, Literal
 
 import msgspec
 
+from common.scheduling.config import (SchedulerConfig, nest_scheduler_table,
+                                      written_scheduler_table)
+
 DEFAULT_INGRESS_PORT = 7600
 PROMPT_BYTES_PER_TOKEN = 32
 """ingress.max_prompt_bytes = 0 allows this many UTF-8 bytes per token of max_model_len: text
@@ -35,15 +38,14 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
-class ModelConfig(_Section):
-    source: str = "smollm2"
-    """What to serve: `smollm2` (the embedded SmolLM2-135M-Instruct GGUF), a path to a `.gguf`
-    file, a Hugging Face folder with safetensors, or a named shape (`llama3-8b`, `tiny`) with
-    load_format `dummy`."""
-    load_format: Literal["auto", "gguf", "safetensors", "dummy"] = "auto"
-    """How to read the weights; `auto` decides from `source`."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Compute dtype; `auto` is float32 on CPU and bfloat16 on CUDA."""
+def _failed(checks: list[tuple[bool, str]]) -> list[str]:
+    return [message for ok, message in checks if not ok]
+
+
+class PlacementConfig(_Section):
+    """What a served model and a simulated one share: the context limit and the split of the
+    layers over the stages (the cluster file's [model] extends it too)."""
+
     max_model_len: int = 2048
     """Longest sequence (prompt + output) a request may reach, in tokens."""
     layer_split: list[int] = []
@@ -55,6 +57,27 @@ class ModelConfig(_Section):
     head_weight: float = 0.5
     """balanced placement: the share of the LM head's full decode cost to plan for (1.0 when
     every token samples, ~0 for prefill-only work)."""
+
+    def problems(self, stages: int, stages_key: str) -> list[str]:
+        return _failed([
+            (self.max_model_len >= 16, "model.max_model_len must be >= 16"),
+            (0.0 <= self.head_weight <= 1.0, "model.head_weight must be in [0, 1]"),
+            (all(n >= 1 for n in self.layer_split), "model.layer_split entries must be >= 1"),
+            (not self.layer_split or len(self.layer_split) == stages,
+             f"model.layer_split has {len(self.layer_split)} entries but {stages_key} is "
+             f"{stages}"),
+        ])
+
+
+class ModelConfig(PlacementConfig):
+    source: str = "smollm2"
+    """What to serve: `smollm2` (the embedded SmolLM2-135M-Instruct GGUF), a path to a `.gguf`
+    file, a Hugging Face folder with safetensors, or a named shape (`llama3-8b`, `tiny`) with
+    load_format `dummy`."""
+    load_format: Literal["auto", "gguf", "safetensors", "dummy"] = "auto"
+    """How to read the weights; `auto` decides from `source`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype; `auto` is float32 on CPU and bfloat16 on CUDA."""
     tokenizer: str = ""
     """Tokenizer source; empty means the model's own (dummy models borrow SmolLM2's)."""
     seed: int = 0
@@ -90,29 +113,6 @@ class EndpointsConfig(_Section):
     """Folder for ipc sockets and the resolved config; empty derives one from the ingress port."""
 
 
-class SchedulerConfig(_Section):
-    """Each policy takes the parameters here that it knows (see `conveyor policies`)."""
-
-    policy: str = "fcfs"
-    """Scheduling policy: fcfs, sarathi or throttle (see `conveyor policies`)."""
-    max_num_seqs: int = 128
-    """Most requests running (holding KV) per instance at once."""
-    max_num_batched_tokens: int = 512
-    """fcfs, sarathi: token budget of one micro-batch (prefill chunks + decodes)."""
-    watermark: float = 0.01
-    """fcfs, sarathi: fraction of KV blocks kept free when admitting new requests."""
-    max_prefill_tokens: int = 512
-    """throttle: most prefill tokens in one micro-batch (gLLM --maxp)."""
-    min_prefill_tokens: int = 32
-    """throttle: fewest prefill tokens per micro-batch while prompts wait (gLLM --minp)."""
-    prefill_iterations: int = 8
-    """throttle: micro-batches the pending prompt tokens are spread over (gLLM --iterp)."""
-    kv_threshold: float = 0.05
-    """throttle: fraction of KV blocks prefill never takes (gLLM --kvthresh)."""
-    max_inflight: int = 0
-    """Micro-batches in flight per instance; 0 means the pipeline depth."""
-
-
 class KVCacheConfig(_Section):
     block_size: int = 16
     """Tokens per KV block."""
@@ -125,6 +125,16 @@ class KVCacheConfig(_Section):
     lease_blocks: int = 0
     """Free blocks the controller holds to assign without asking the kv-cache manager, topped
     up in the background as blocks come free; 0: the whole pool."""
+
+    def problems(self) -> list[str]:
+        return _failed([
+            (self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
+             "kvcache.block_size must be a power of two up to 256"),
+            (self.num_blocks >= 0, "kvcache.num_blocks must be >= 0"),
+            (self.memory_gib > 0, "kvcache.memory_gib must be > 0"),
+            (0 < self.gpu_memory_utilization <= 1,
+             "kvcache.gpu_memory_utilization must be in (0, 1]"),
+        ])
 
 
 class IngressConfig(_Section):
@@ -208,27 +218,11 @@ class ConveyorConfig(_Section):
             (self.deployment.stages >= 1, "deployment.stages must be >= 1"),
             (self.deployment.instances >= 1, "deployment.instances must be >= 1"),
             (self.deployment.threads_per_stage >= 0, "deployment.threads_per_stage must be >= 0"),
-            (self.model.max_model_len >= 16, "model.max_model_len must be >= 16"),
-            (0.0 <= self.model.head_weight <= 1.0, "model.head_weight must be in [0, 1]"),
-            (all(n >= 1 for n in self.model.layer_split), "model.layer_split entries must be >= 1"),
-            (not self.model.layer_split or len(self.model.layer_split) == self.deployment.stages,
-             f"model.layer_split has {len(self.model.layer_split)} entries but deployment.stages "
-             f"is {self.deployment.stages}"),
-            (self.scheduler.max_num_seqs >= 1, "scheduler.max_num_seqs must be >= 1"),
-            (self.scheduler.max_num_batched_tokens >= 1,
-             "scheduler.max_num_batched_tokens must be >= 1"),
-            (self.scheduler.max_inflight >= 0, "scheduler.max_inflight must be >= 0"),
-            (self.kvcache.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
-             "kvcache.block_size must be a power of two up to 256"),
-            (self.kvcache.num_blocks >= 0, "kvcache.num_blocks must be >= 0"),
             (self.kvcache.lease_blocks >= 0, "kvcache.lease_blocks must be >= 0"),
             (not self.slo.default_class or self.slo.default_class in self.slo.classes,
              f"slo.default_class {self.slo.default_class!r} is not one of slo.classes"),
             (all(t is None or (0 < t < math.inf) for c in self.slo.classes.values()
                  for t in (c.ttft_s, c.tpot_s)), "slo.classes targets must be > 0 seconds"),
-            (self.kvcache.memory_gib > 0, "kvcache.memory_gib must be > 0"),
-            (0 < self.kvcache.gpu_memory_utilization <= 1,
-             "kvcache.gpu_memory_utilization must be in (0, 1]"),
             (self.ingress.default_max_tokens >= 1, "ingress.default_max_tokens must be >= 1"),
             (self.ingress.keepalive_s > 0, "ingress.keepalive_s must be > 0"),
             (self.ingress.max_prompt_bytes >= 0, "ingress.max_prompt_bytes must be >= 0"),
@@ -243,12 +237,13 @@ class ConveyorConfig(_Section):
              self.max_prompt_bytes, "ingress.max_frame_bytes must exceed the prompt limit "
              f"({self.max_prompt_bytes} bytes), so a prompt too long is answered, not dropped"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        from common.scheduling import make_policy_from  # pure; imported late to stay light
+        problems = [*_failed(checks), *self.model.problems(self.deployment.stages,
+                                                           "deployment.stages"),
+                    *self.kvcache.problems()]
+        if problems:
+            raise ConfigError(problems[0])
         try:
-            make_policy_from(self.scheduler.policy, self.scheduler)
+            self.scheduler.check()
         except ValueError as e:
             raise ConfigError(f"scheduler: {e}") from None
         return self
@@ -267,6 +262,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     """Reads a TOML/JSON file (or the defaults when `path` is None) and applies dotted overrides
     such as {"deployment.stages": 3}. Raises ConfigError naming the bad key."""
     raw = read_settings(path, overrides)
+    if isinstance(raw.get("scheduler"), dict):
+        try:
+            raw["scheduler"] = nest_scheduler_table(raw["scheduler"])
+        except ValueError as e:
+            raise ConfigError(f"scheduler: {e}") from None
     try:
         cfg = msgspec.convert(raw, ConveyorConfig)
     except msgspec.ValidationError as e:
@@ -296,7 +296,8 @@ def read_settings(path: str | os.PathLike | None, overrides: dict[str, Any] | No
 
 
 def parse_override(assignment: str) -> tuple[str, Any]:
-    """Parses `section.key=value` (value as TOML, falling back to a plain string)."""
+    """Parses `section.key=value` or `section.table.key=value` (value as TOML, falling back to
+    a plain string)."""
     key, sep, value = assignment.partition("=")
     if not sep or "." not in key:
         raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
@@ -308,13 +309,14 @@ def parse_override(assignment: str) -> tuple[str, Any]:
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    section, _, key = dotted.partition(".")
-    if not key:
+    *tables, key = dotted.split(".")
+    if not tables or not key or not all(tables):
         raise ConfigError(f"override key {dotted!r} must be section.key")
-    raw.setdefault(section, {})
-    if not isinstance(raw[section], dict):
-        raise ConfigError(f"config section {section!r} must be a table")
-    raw[section][key] = value
+    for i, name in enumerate(tables):
+        raw = raw.setdefault(name, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config section {'.'.join(tables[:i + 1])!r} must be a table")
+    raw[key] = value
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -348,12 +350,16 @@ def resolve(cfg: ConveyorConfig) -> ConveyorConfig:
 def save_config(cfg: ConveyorConfig, path: str | os.PathLike) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(msgspec.json.format(msgspec.json.encode(cfg), indent=2))
+    p.write_bytes(msgspec.json.format(msgspec.json.encode(to_dict(cfg)), indent=2))
     return p
 
 
-def to_dict(cfg: ConveyorConfig) -> dict[str, Any]:
-    return msgspec.to_builtins(cfg)
+def to_dict(cfg: ConveyorConfig, full: bool = False) -> dict[str, Any]:
+    """The configuration as a file writes it ([scheduler.NAME] tables); with `full`, every
+    policy's settings with their defaults (what `conveyor config` prints)."""
+    raw = msgspec.to_builtins(cfg)
+    raw["scheduler"] = written_scheduler_table(cfg.scheduler, full=full)
+    return raw
 
 
 def _port_of(address: str) -> str:

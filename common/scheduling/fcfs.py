@@ -10,6 +10,9 @@ request needs a block that is not free, the latest-arrived running request is pr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
+
+from msgspec import Meta
 
 from common.scheduling.policy import SchedulingPolicy, register_policy
 from common.scheduling.types import MicroBatchPlan, PlanBuilder, SchedulerSnapshot, WaitingNeed
@@ -22,18 +25,16 @@ class FCFSPolicy(SchedulingPolicy):
     order, chunked prefill under a token budget."""
 
     name = "fcfs"
-    max_num_batched_tokens: int = 512
-    max_num_seqs: int = 128
-    watermark: float = 0.01
+    max_num_batched_tokens: Annotated[int, Meta(ge=1, description=(
+        "token budget of one micro-batch, prefill chunks and decodes together"))] = 512
+    max_num_seqs: Annotated[int, Meta(ge=1, description=(
+        "most requests holding KV at once"))] = 128
+    watermark: Annotated[float, Meta(ge=0, lt=1, description=(
+        "fraction of KV blocks kept free when admitting new requests, so running ones can "
+        "grow without preemption"))] = 0.01
 
-    @classmethod
-    def parameters(cls) -> dict[str, str]:
-        return {
-            "max_num_batched_tokens": "token budget of one micro-batch (default 512)",
-            "max_num_seqs": "most requests holding KV at once (default 128)",
-            "watermark": "fraction of KV blocks kept free when admitting new requests, so "
-                         "running ones can grow without preemption (default 0.01)",
-        }
+    def largest_prefill_chunk(self) -> int:
+        return self.max_num_batched_tokens
 
     def waiting_need(self) -> WaitingNeed:
         """Admission is in arrival order and stops at a request that does not fit, at the token

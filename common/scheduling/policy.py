@@ -1,10 +1,23 @@
-"""The scheduling-policy interface and the registry that `--policy` names resolve through."""
+"""The scheduling-policy interface, its settings, and the registry that `--policy` names resolve
+through.
+
+A policy is a dataclass whose init fields are its settings, each `Annotated` with a msgspec
+`Meta` giving its bounds and its help text (`setting` below). That declaration is the one source
+of a setting's default, validation and meaning: the config file's `[scheduler.NAME]` table,
+`conveyor policies`, `--help` and the table in docs/scheduling.md all read it through
+`policy_settings`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
+
+import msgspec
 
 from common.scheduling.types import WHOLE_QUEUE, MicroBatchPlan, SchedulerSnapshot, WaitingNeed
 
@@ -30,17 +43,68 @@ class SchedulingPolicy(ABC):
         policy that admits in arrival order and stops at a budget can say less."""
         return WHOLE_QUEUE
 
-    @classmethod
-    def parameters(cls) -> dict[str, str]:
-        """Tunable parameters and what they mean (shown by `conveyor policies`)."""
-        return {}
+    def largest_prefill_chunk(self) -> int:
+        """The most prompt tokens one micro-batch may carry: the stage workers warm up on a
+        prompt of this size before reporting ready."""
+        return 512
 
 
-def waiting_need_of(policy: object) -> WaitingNeed:
-    """The policy's declaration, or the whole queue for an object that only has `schedule`
-    (a test's recording wrapper, say)."""
-    need = getattr(policy, "waiting_need", None)
-    return need() if need is not None else WHOLE_QUEUE
+@dataclass(frozen=True)
+class PolicySetting:
+    name: str
+    default: Any
+    type: str
+    help: str
+    bounds: str
+    """The Meta constraints in words, e.g. ">= 1" ("" when unbounded)."""
+
+
+def policy_settings(cls: type) -> list[PolicySetting]:
+    """The settings a policy class declares (its dataclass init fields), in order."""
+    if not dataclasses.is_dataclass(cls):
+        return []
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        hint = hints[f.name]
+        meta = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, msgspec.Meta)),
+                    None)
+        base = typing.get_args(hint)[0] if meta is not None else hint
+        default = f.default if f.default is not dataclasses.MISSING else None
+        out.append(PolicySetting(f.name, default, getattr(base, "__name__", str(base)),
+                                 (meta.description or "") if meta else "", _bounds(meta)))
+    return out
+
+
+def _bounds(meta: msgspec.Meta | None) -> str:
+    if meta is None:
+        return ""
+    parts = [f"{op} {getattr(meta, attr):g}" for attr, op in
+             (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+             if getattr(meta, attr) is not None]
+    return ", ".join(parts)
+
+
+def make_policy(name: str, settings: Mapping[str, Any] | None = None,
+                **more: Any) -> SchedulingPolicy:
+    """Policy `name` with the given settings (the rest at their defaults), validated against
+    its declaration: an unknown setting, a wrong type or a value out of bounds is a ValueError
+    naming it."""
+    cls = policy_class(name)
+    given = {**(settings or {}), **more}
+    known = [s.name for s in policy_settings(cls)]
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"policy {name!r} has no setting {unknown[0]!r} (its settings: "
+                         f"{', '.join(known) or 'none'})")
+    try:
+        return msgspec.convert(given, cls)
+    except msgspec.ValidationError as e:  # "... - at `$.kv_threshold`": name the setting
+        raise ValueError(f"policy {name!r}: {str(e).replace('`$.', f'`{name}.')}") from None
+    except (TypeError, ValueError) as e:  # a check across settings, in __post_init__
+        raise ValueError(f"policy {name!r}: {e}") from None
 
 
 _POLICIES: dict[str, type[SchedulingPolicy]] = {}
@@ -65,21 +129,11 @@ def policy_class(name: str) -> type[SchedulingPolicy]:
                          f"choose from {', '.join(policy_names())}") from None
 
 
-def make_policy(name: str, **params: Any) -> SchedulingPolicy:
-    cls = policy_class(name)
-    try:
-        return cls(**params)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"bad parameters for policy {name!r}: {e}") from None
-
-
-def make_policy_from(name: str, settings: object) -> SchedulingPolicy:
-    """Builds policy `name` from a settings object (the scheduler config section), taking the
-    attributes whose names match the policy's parameters and ignoring the others, which
-    belong to other policies."""
-    cls = policy_class(name)
-    names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-    return make_policy(name, **{n: getattr(settings, n) for n in names if hasattr(settings, n)})
+def waiting_need_of(policy: object) -> WaitingNeed:
+    """The policy's declaration, or the whole queue for an object that only has `schedule`
+    (a test's recording wrapper, say)."""
+    need = getattr(policy, "waiting_need", None)
+    return need() if need is not None else WHOLE_QUEUE
 
 
 def _load_builtin() -> None:

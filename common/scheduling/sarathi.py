@@ -25,12 +25,6 @@ class SarathiPolicy(FCFSPolicy):
 
     name = "sarathi"
 
-    @classmethod
-    def parameters(cls) -> dict[str, str]:
-        return {**super().parameters(),
-                "max_num_batched_tokens": "the fixed token budget of every micro-batch, "
-                                          "decodes included (default 512)"}
-
     def schedule(self, snap: SchedulerSnapshot) -> MicroBatchPlan:
         plan = PlanBuilder(snap, self.max_num_batched_tokens, self.max_num_seqs)
         decodes, prefills = split_ready(snap.ready)

@@ -21,6 +21,9 @@ tokens separately, from global state:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
+
+from msgspec import Meta
 
 from common.scheduling.policy import SchedulingPolicy, register_policy
 from common.scheduling.sarathi import by_readiness, schedule_prefills
@@ -35,35 +38,25 @@ class ThrottlePolicy(SchedulingPolicy):
     budget from pending prompt tokens, throttled by KV utilization."""
 
     name = "throttle"
-    max_prefill_tokens: int = 512
-    min_prefill_tokens: int = 32
-    prefill_iterations: int = 8
-    kv_threshold: float = 0.05
-    max_num_seqs: int = 128
+    max_prefill_tokens: Annotated[int, Meta(ge=1, description=(
+        "most prefill tokens in one micro-batch, reached when the KV cache is empty "
+        "(gLLM --maxp)"))] = 512
+    min_prefill_tokens: Annotated[int, Meta(ge=1, description=(
+        "fewest prefill tokens a micro-batch is given while prompts wait (gLLM --minp)"))] = 32
+    prefill_iterations: Annotated[int, Meta(ge=1, description=(
+        "micro-batches over which the pending prompt tokens are spread (gLLM --iterp)"))] = 8
+    kv_threshold: Annotated[float, Meta(ge=0, lt=1, description=(
+        "fraction of KV blocks prefill never takes, left for running requests to grow "
+        "(gLLM --kvthresh)"))] = 0.05
+    max_num_seqs: Annotated[int, Meta(ge=1, description=(
+        "most requests holding KV at once, and most decodes in one micro-batch "
+        "(gLLM --maxd)"))] = 128
 
     def __post_init__(self) -> None:
-        if self.max_prefill_tokens < 1 or self.min_prefill_tokens < 1:
-            raise ValueError("max_prefill_tokens and min_prefill_tokens must be >= 1")
-        if self.prefill_iterations < 1:
-            raise ValueError("prefill_iterations must be >= 1")
-        if not 0.0 <= self.kv_threshold < 1.0:
-            raise ValueError("kv_threshold must be in [0, 1)")
         self._turn = 0
 
-    @classmethod
-    def parameters(cls) -> dict[str, str]:
-        return {
-            "max_prefill_tokens": "most prefill tokens in one micro-batch, reached when the KV "
-                                  "cache is empty (gLLM --maxp; default 512)",
-            "min_prefill_tokens": "fewest prefill tokens a micro-batch is given while prompts "
-                                  "wait (gLLM --minp; default 32)",
-            "prefill_iterations": "micro-batches over which the pending prompt tokens are "
-                                  "spread (gLLM --iterp; default 8)",
-            "kv_threshold": "fraction of KV blocks prefill never takes, left for running "
-                            "requests to grow (gLLM --kvthresh; default 0.05)",
-            "max_num_seqs": "most requests holding KV at once, and most decodes in one "
-                            "micro-batch (gLLM --maxd; default 128)",
-        }
+    def largest_prefill_chunk(self) -> int:
+        return self.max_prefill_tokens
 
     def waiting_need(self) -> WaitingNeed:
         """Prefills are admitted in arrival order (as fcfs), and the pending tokens W of the

@@ -45,15 +45,15 @@ def build_config(config: Optional[Path], sets: list[str], **shortcuts) -> Convey
 
 
 def _policy_help() -> str:
-    """--policy help naming every policy and parameter with its default (from the policies
-    themselves, so the help cannot drift from the code)."""
-    from common.scheduling import policy_class, policy_names
+    """--policy help naming every policy and setting with its default (from the policies'
+    own declarations, so the help cannot drift from the code)."""
+    from common.scheduling import policy_class, policy_names, policy_settings
 
-    parts = ["Scheduling policy (default fcfs). Parameters are set with --set "
-             "scheduler.NAME=VALUE."]
+    parts = ["Scheduling policy (default fcfs). Its settings are set with --set "
+             "scheduler.POLICY.SETTING=VALUE (`conveyor policies` lists them)."]
     for name in policy_names():
-        params = "; ".join(f"{p}: {meaning}" for p, meaning in
-                           policy_class(name).parameters().items())
+        params = "; ".join(f"{s.name} ({s.default}): {s.help}"
+                           for s in policy_settings(policy_class(name)))
         parts.append(f"{name} -- {params}.")
     return "\n\n".join(parts)
 
@@ -73,7 +73,7 @@ def serve(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML or JSON config "
                                           "file; the options above override it."),
     set_: list[str] = typer.Option([], "--set", help="Override any setting: section.key=value "
-                                   "(repeatable), e.g. --set scheduler.max_num_seqs=64."),
+                                   "(repeatable), e.g. --set scheduler.throttle.max_num_seqs=64."),
     log_format: Optional[str] = typer.Option(None, help="console or json."),
     http_host: Optional[str] = typer.Option(None, help="Host of the OpenAI-compatible HTTP "
                                             "endpoint (default 127.0.0.1)."),
@@ -194,18 +194,39 @@ def show_config(
 ) -> None:
     """Print the effective configuration as JSON (a starting point for a config file)."""
     cfg = build_config(config, set_)
-    typer.echo(json.dumps(to_dict(resolve(cfg) if resolved else cfg), indent=2))
+    typer.echo(json.dumps(to_dict(resolve(cfg) if resolved else cfg, full=True), indent=2))
 
 
-def policies() -> None:
-    """List the scheduling policies and their parameters."""
-    from common.scheduling import policy_class, policy_names
+def policies(markdown: bool = typer.Option(False, help="Print each policy's settings as the "
+                                           "Markdown table docs/scheduling.md carries.")
+             ) -> None:
+    """List the scheduling policies and their settings (defaults and bounds)."""
+    from common.scheduling import policy_names
 
     for name in policy_names():
-        cls = policy_class(name)
-        typer.echo(f"{name}: {' '.join((cls.__doc__ or '').split())}")
-        for param, meaning in cls.parameters().items():
-            typer.echo(f"    --set scheduler.{param}=...  {meaning}")
+        typer.echo(settings_table(name) if markdown else _settings_text(name))
+
+
+def _settings_text(name: str) -> str:
+    from common.scheduling import policy_class, policy_settings
+
+    cls = policy_class(name)
+    lines = [f"{name}: {' '.join((cls.__doc__ or '').split())}"]
+    for s in policy_settings(cls):
+        bounds = f", {s.bounds}" if s.bounds else ""
+        lines.append(f"    --set scheduler.{name}.{s.name}={s.default}  ({s.type}{bounds}) "
+                     f"{s.help}")
+    return "\n".join(lines)
+
+
+def settings_table(name: str) -> str:
+    """Policy `name`'s settings as a Markdown table (docs/scheduling.md holds one per policy,
+    and a test checks that it is this one)."""
+    from common.scheduling import policy_class, policy_settings
+
+    rows = [f"| `scheduler.{name}.{s.name}` | {s.default} | {s.bounds or 'any'} | {s.help} |"
+            for s in policy_settings(policy_class(name))]
+    return "\n".join(["| setting | default | bounds | meaning |", "|---|---|---|---|", *rows])
 
 
 def register(app: typer.Typer) -> None:

@@ -8,8 +8,8 @@ resolved into a ClusterConfig: stage layer counts, KV pool size, the policy's se
     [kvcache]    block_size and the pool size per instance: num_blocks, or memory per stage
                  (memory_gib on CPU, like `conveyor serve`; gpu_memory_gib with
                  gpu_memory_utilization for GPUs, sized the way services/stage/devices.py does)
-    [scheduler]  policy and its parameters: the very keys of `conveyor serve`'s [scheduler]
-                 (built with `make_policy_from`), plus parameters of any other registered policy
+    [scheduler]  `conveyor serve`'s very section (common/scheduling/config.py): policy,
+                 max_inflight and a [scheduler.NAME] table of settings per policy
     [link]       bandwidth_gbps (0: the cost model's transfer_s), latency_us (added per hop)
     [simulator]  dispatch_latency_us, ingress_us, waiting_head, context_quantum, sample_points,
                  step_jitter, seed
@@ -29,7 +29,8 @@ from typing import Any
 
 import msgspec
 
-from common.config import SchedulerConfig
+from common.scheduling.config import (SchedulerConfig, scheduler_section,
+                                      written_scheduler_table)
 from conveyor.sim.cluster_file import ClusterError, ClusterFile, KVSection
 
 GIB = 1024**3
@@ -59,8 +60,7 @@ class ClusterConfig:
     num_blocks: int
     """KV blocks per instance (the smallest of its stages' pools, as the controller takes)."""
     policy: str
-    scheduler: Any
-    """Settings object the policy is built from (make_policy_from)."""
+    scheduler: SchedulerConfig
     max_inflight: int
     routing: str = "least-loaded"
     host_cores: int = 0
@@ -117,15 +117,12 @@ class ClusterConfig:
         return f"{seats} requests and {need.tokens} pending tokens"
 
     def make_policy(self):
-        from common.scheduling import make_policy_from
+        return self.scheduler.build_policy()
 
-        return make_policy_from(self.policy, self.scheduler)
-
-    def with_policy(self, policy: str, **params: Any) -> "ClusterConfig":
-        """A copy running `policy` (checked), with parameters overridden."""
-        settings = _Settings(vars(self.scheduler) | params)
-        settings.policy = policy
-        cfg = dataclasses.replace(self, policy=policy, scheduler=settings)
+    def with_policy(self, policy: str, **settings: Any) -> "ClusterConfig":
+        """A copy running `policy` (checked), with some of its settings changed."""
+        cfg = dataclasses.replace(self, policy=policy,
+                                  scheduler=self.scheduler.with_settings(policy, **settings))
         _check_policy(cfg)
         return cfg
 
@@ -137,7 +134,7 @@ class ClusterConfig:
                 "max_model_len": self.max_model_len, "dtype": self.dtype,
                 "block_size": self.block_size, "kv_blocks_per_instance": self.num_blocks,
                 "kv_sizing": self.kv_sizing, "policy": self.policy,
-                "scheduler": {k: v for k, v in vars(self.scheduler).items()},
+                "scheduler": written_scheduler_table(self.scheduler),
                 "max_inflight": self.max_inflight, "routing": self.routing,
                 "host_cores": self.host_cores, "host_corun_speed": self.host_corun_speed,
                 "host_corun_prefill": [list(p) for p in self.host_corun_prefill],
@@ -146,13 +143,6 @@ class ClusterConfig:
                 "dispatch_latency_s": self.dispatch_latency_s, "ingress_s": self.ingress_s,
                 "waiting_head": self.describe_head(), "context_quantum": self.context_quantum,
                 "step_jitter": self.step_jitter, "seed": self.seed, "cost": dict(self.cost)}
-
-
-class _Settings:
-    """Scheduler settings: `conveyor serve`'s SchedulerConfig fields plus extra parameters."""
-
-    def __init__(self, values: dict[str, Any]):
-        self.__dict__.update(values)
 
 
 def named_shape(name: str) -> Any:
@@ -201,31 +191,6 @@ def _check_policy(cfg: ClusterConfig) -> None:
         raise ClusterError(f"scheduler: {e}") from None
 
 
-def _scheduler_settings(raw: dict[str, Any]) -> _Settings:
-    """SchedulerConfig's fields (type-checked, with their defaults) plus keys that some other
-    registered policy takes as a parameter; anything else is an error."""
-    from common.scheduling import policy_class, policy_names
-
-    known = {f for f in SchedulerConfig.__struct_fields__}
-    extra_ok: set[str] = set()
-    for name in policy_names():
-        cls = policy_class(name)
-        if dataclasses.is_dataclass(cls):
-            extra_ok.update(f.name for f in dataclasses.fields(cls))
-    base = {k: v for k, v in raw.items() if k in known}
-    unknown = sorted(k for k in raw if k not in known and k not in extra_ok)
-    if unknown:
-        raise ClusterError(f"scheduler: unknown key(s) {', '.join(unknown)}; known: "
-                           f"{', '.join(sorted(known | extra_ok))}")
-    try:
-        sc = msgspec.convert(base, SchedulerConfig)
-    except msgspec.ValidationError as e:
-        raise ClusterError(f"scheduler: {e}") from None
-    values = {f: getattr(sc, f) for f in SchedulerConfig.__struct_fields__}
-    values.update({k: v for k, v in raw.items() if k not in known})
-    return _Settings(values)
-
-
 def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
     """A ClusterConfig from the parsed TOML (a dict); raises ClusterError naming the problem."""
     try:
@@ -243,13 +208,7 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
         (all(a[0] < b[0] for a, b in zip(c.host_corun_prefill, c.host_corun_prefill[1:]))
          and all(n >= 1 for n, _ in c.host_corun_prefill),
          "cluster.host_corun_prefill: token counts must be >= 1 and increasing"),
-        (m.max_model_len >= 16, "model.max_model_len must be >= 16"),
-        (kv.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
-         "kvcache.block_size must be a power of two up to 256"),
-        (kv.num_blocks >= 0, "kvcache.num_blocks must be >= 0"),
-        (kv.memory_gib > 0, "kvcache.memory_gib must be > 0"),
         (kv.gpu_memory_gib >= 0, "kvcache.gpu_memory_gib must be >= 0"),
-        (0 < kv.gpu_memory_utilization <= 1, "kvcache.gpu_memory_utilization must be in (0, 1]"),
         (f.link.bandwidth_gbps >= 0, "link.bandwidth_gbps must be >= 0"),
         (f.link.latency_us >= 0, "link.latency_us must be >= 0"),
         (sim.dispatch_latency_us >= 0, "simulator.dispatch_latency_us must be >= 0"),
@@ -259,17 +218,13 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
         (sim.sample_points >= 2, "simulator.sample_points must be >= 2"),
         (0 <= sim.step_jitter <= 1, "simulator.step_jitter must be in [0, 1]"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ClusterError(message)
+    problems = [message for ok, message in checks if not ok]
+    problems += m.problems(c.stages, "cluster.stages") + kv.problems()
+    if problems:
+        raise ClusterError(problems[0])
     shape = named_shape(m.shape)
     from common.model.placement import stage_layer_bounds
 
-    if m.layer_split and len(m.layer_split) != c.stages:
-        raise ClusterError(f"model.layer_split has {len(m.layer_split)} entries but "
-                           f"cluster.stages is {c.stages}")
-    if not 0.0 <= m.head_weight <= 1.0:
-        raise ClusterError("model.head_weight must be in [0, 1]")
     try:  # the very split the stage workers and the profiler use
         bounds = stage_layer_bounds(shape, c.stages, m.layer_split, m.placement, m.head_weight)
     except ValueError as e:
@@ -278,19 +233,18 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
     stages = [StageSpec(end - start, i == 0, i == c.stages - 1)
               for i, (start, end) in enumerate(bounds)]
     num_blocks, how = kv_blocks_per_instance(shape, stages, kv, m.dtype)
-    settings = _scheduler_settings(dict(f.scheduler))
-    if settings.max_num_seqs < 1:
-        raise ClusterError("scheduler.max_num_seqs must be >= 1")
-    if settings.max_inflight < 0:
-        raise ClusterError("scheduler.max_inflight must be >= 0")
+    try:
+        sc = scheduler_section(f.scheduler)
+    except ValueError as e:
+        raise ClusterError(f"scheduler: {e}") from None
     cost = dict(f.cost)
     if cost.get("device") and cost.get("profile"):
         raise ClusterError("cost: give device or profile, not both")
     cfg = ClusterConfig(
         name=f.name or name, shape_name=m.shape, shape=shape, instances=c.instances,
         stages=stages, max_model_len=m.max_model_len, dtype=m.dtype, block_size=kv.block_size,
-        num_blocks=num_blocks, policy=settings.policy, scheduler=settings,
-        max_inflight=settings.max_inflight or c.stages, routing=c.routing,
+        num_blocks=num_blocks, policy=sc.policy, scheduler=sc,
+        max_inflight=sc.max_inflight or c.stages, routing=c.routing,
         host_cores=c.host_cores, host_corun_speed=c.host_corun_speed,
         host_corun_prefill=tuple((int(n), float(v)) for n, v in c.host_corun_prefill),
         link_bandwidth_bytes_s=f.link.bandwidth_gbps * 1e9,

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from common.config import KVCacheConfig, PlacementConfig
+
 
 class ClusterError(ValueError):
     """A cluster file is missing, malformed or inconsistent."""
@@ -17,18 +19,12 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
-class ModelSection(_Section):
+class ModelSection(PlacementConfig):
+    """`conveyor serve`'s placement settings (max_model_len, layer_split, placement,
+    head_weight: common.config.PlacementConfig), on a named shape instead of weights."""
+
     shape: str = "smollm2-135m"
     """A named model shape (common/model/shape.py NAMED_SHAPES)."""
-    max_model_len: int = 2048
-    """Longest sequence (prompt + output); a request stops there, as in the controller."""
-    layer_split: list[int] = []
-    """Layers per stage; empty lets `placement` choose (as `conveyor serve` does)."""
-    placement: Literal["balanced", "even"] = "balanced"
-    """balanced: the LM head of the last stage counts as extra layers (common/model/placement.py);
-    even: split by layer count."""
-    head_weight: float = 0.5
-    """balanced placement: share of the LM head's full decode cost to plan for."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights, activations and KV dtype: sizes the KV pool and the activations sent."""
 
@@ -53,16 +49,14 @@ class ClusterSection(_Section):
     blend of the two by its time split (pipeline.py's StepTimer)."""
 
 
-class KVSection(_Section):
-    block_size: int = 16
-    num_blocks: int = 0
-    """Blocks per instance; 0 sizes the pool from the memory below."""
-    memory_gib: float = 0.5
-    """KV memory per stage (CPU sizing, kvcache.memory_gib of `conveyor serve`)."""
+class KVSection(KVCacheConfig):
+    """`conveyor serve`'s [kvcache] (memory_gib sizes a CPU stage's pool), plus a GPU's memory
+    to size it as on a GPU. lease_blocks is accepted and plays no part: the simulator has no
+    kv-cache manager round trip to avoid."""
+
     gpu_memory_gib: float = 0.0
     """>0: size as on a GPU of this much memory per stage: utilization share, less the stage's
     weights and 2 GiB of working room, as services/stage/devices.py does."""
-    gpu_memory_utilization: float = 0.9
 
 
 class LinkSection(_Section):

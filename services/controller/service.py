@@ -22,7 +22,6 @@ from common.costmodel import BatchShape
 from common.instance import CoreRequest, Finish, pool_misfit
 from common.log import debug_enabled, get_logger
 from common.model import resolve_model
-from common.scheduling import make_policy_from
 from common.scheduling.routing import make_router
 from common.scheduling.types import SLO, MicroBatchPlan
 from common.stats import ControllerMetrics, ControllerStats
@@ -45,13 +44,12 @@ class Controller:
         self.model_name = src.display_name
         self.eos_token_ids = tuple(src.shape.eos_token_ids)
         self.max_model_len = cfg.model.max_model_len
-        sc = cfg.scheduler
         self.metrics = ControllerMetrics(started=time.monotonic(),
                                          num_instances=cfg.deployment.instances)
         # One policy object per instance: policies may keep private state between calls.
         self.instances = [
             ServedInstance.create(i, cfg.deployment.stages, cfg.max_inflight,
-                                  cfg.kvcache.block_size, make_policy_from(sc.policy, sc),
+                                  cfg.kvcache.block_size, cfg.scheduler.build_policy(),
                                   self.metrics, self._on_release, self._on_finish)
             for i in range(cfg.deployment.instances)]
         self.router = make_router(cfg.deployment.routing)

@@ -65,12 +65,13 @@ class StageWorker:
         self.sock.connect(ep.controller)
 
     def warm_up(self) -> None:
-        """One micro-batch of the largest size the controller plans (one prompt of
-        max_num_batched_tokens tokens, written to blocks no request holds yet), before this
+        """One micro-batch of the largest size the controller plans (one prompt of the
+        policy's largest prefill chunk, written to blocks no request holds yet), before this
         stage reports ready: the first big prefill of a fresh process ran up to 50% slower than
         later ones (allocator growth, first-touch memory, lazy kernel set-up on a GPU), and that
         cost belonged to the first requests' TTFT."""
-        tokens = min(self.cfg.scheduler.max_num_batched_tokens, self.cfg.model.max_model_len,
+        tokens = min(self.cfg.scheduler.build_policy().largest_prefill_chunk(),
+                     self.cfg.model.max_model_len,
                      self.num_blocks * self.block_size)
         if tokens < 2:
             return

@@ -27,8 +27,8 @@ PROMPTS = [
     [{"role": "user", "content": "Read this and say what the keeper did first: " + STORY * 9}],
 ]
 SMALL_BUDGET = ("scheduler.max_num_batched_tokens=32",)
-SMALL_THROTTLE = ("scheduler.policy=throttle", "scheduler.max_prefill_tokens=48",
-                  "scheduler.min_prefill_tokens=8")
+SMALL_THROTTLE = ("scheduler.policy=throttle", "scheduler.throttle.max_prefill_tokens=48",
+                  "scheduler.throttle.min_prefill_tokens=8")
 
 
 @pytest.fixture(scope="module")

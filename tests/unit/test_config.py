@@ -15,7 +15,7 @@ def test_file_and_overrides(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[deployment]\nstages = 3\n[scheduler]\npolicy = "fcfs"\n')
     cfg = load_config(path, {"scheduler.max_num_seqs": 8})
-    assert cfg.deployment.stages == 3 and cfg.scheduler.max_num_seqs == 8
+    assert cfg.deployment.stages == 3 and cfg.scheduler.build_policy().max_num_seqs == 8
 
 
 @pytest.mark.parametrize("text, message", [
