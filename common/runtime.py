@@ -1,12 +1,36 @@
-"""Process entry helper: uvloop, signal handling and clean shutdown for asyncio services."""
+"""Process entry helper: uvloop, signal handling and clean shutdown for asyncio services, and
+the rule that no long-lived task of a service dies unseen."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import traceback
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 from common.log import get_logger
+
+
+class ServiceTaskEnded(RuntimeError):
+    """A long-lived task of a service failed or returned: the service stops, so its process
+    exits and its supervisor sees it, instead of living on with a part that serves nothing."""
+
+
+async def until_one_ends(tasks: dict[str, asyncio.Task]) -> NoReturn:
+    """Waits on a service's long-lived tasks (none of which should ever end); the first that
+    does is logged, with its traceback when it failed, and ends the wait as ServiceTaskEnded.
+    The caller's `finally` stops the others (zmq_io.stop_tasks)."""
+    done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+    task = next(iter(done))
+    name = next(n for n, t in tasks.items() if t is task)
+    error = None if task.cancelled() else task.exception()
+    if error is not None:
+        get_logger().error("a service task failed", task=name, error=repr(error),
+                           traceback="".join(traceback.format_exception(error)))
+        raise ServiceTaskEnded(f"{name} failed: {error!r}") from error
+    get_logger().error("a service task ended", task=name)
+    raise ServiceTaskEnded(f"{name} ended")
 
 
 def run_service(main: Callable[[], Awaitable[None]]) -> None:

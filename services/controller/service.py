@@ -29,6 +29,7 @@ from common.wire.client_messages import ErrorCode
 from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, RequestOutput,
                                            RequestOutputs, StatusQuery, StatusReply, StepDone,
                                            SubmitRequest)
+from common.runtime import until_one_ends
 from common.zmq_io import Endpoint, Incoming, make_context, stop_tasks
 from services.controller.instance import Served, ServedInstance
 from services.controller.kv_link import KVLink
@@ -69,25 +70,30 @@ class Controller:
         log.info("controller listening", address=self.endpoint.address,
                  policy=self.cfg.scheduler.policy, instances=len(self.instances),
                  stages=self.cfg.deployment.stages)
-        tasks = [asyncio.create_task(self._kv_replies()),
-                 asyncio.create_task(self.kv_link.rpc.fail_on_disconnect("kv-cache manager"))]
-        tasks += [asyncio.create_task(self._schedule_loop(inst)) for inst in self.instances]
+        tasks = {"messages": asyncio.create_task(self._messages()),
+                 "kv-cache replies": asyncio.create_task(self._kv_replies()),
+                 "kv-cache watch": asyncio.create_task(
+                     self.kv_link.rpc.fail_on_disconnect("kv-cache manager"))}
+        tasks.update({f"scheduler of instance {inst.index}":
+                      asyncio.create_task(self._schedule_loop(inst)) for inst in self.instances})
         try:
-            while True:
-                inc = await self.endpoint.recv()
-                try:
-                    await self.handle(inc)
-                except Exception:  # one bad message must not stop the controller
-                    log.exception("failed to handle a message",
-                                  type=type(inc.message).__name__)
-                finally:
-                    self.kv_link.flush(self.instances)
-                    await self._flush_outputs()
+            await until_one_ends(tasks)
         finally:
-            await stop_tasks(tasks)
+            await stop_tasks(list(tasks.values()))
             self.endpoint.close()
             self.kv.close()
             self._ctx.destroy(linger=0)
+
+    async def _messages(self) -> None:
+        while True:
+            inc = await self.endpoint.recv()
+            try:
+                await self.handle(inc)
+            except Exception:  # one bad message must not stop the controller
+                log.exception("failed to handle a message", type=type(inc.message).__name__)
+            finally:
+                self.kv_link.flush(self.instances)
+                await self._flush_outputs()
 
     async def _kv_replies(self) -> None:
         while True:

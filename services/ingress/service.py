@@ -39,6 +39,7 @@ from common.wire.framing import Message
 from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, RequestOutput,
                                            RequestOutputs, RequestSampling, StatusQuery,
                                            SubmitRequest)
+from common.runtime import until_one_ends
 from common.zmq_io import (Endpoint, Incoming, PeerDisconnected, RpcClient, make_context,
                            stop_tasks)
 from services.ingress.admission import Admission
@@ -98,31 +99,41 @@ class Ingress:
         await self.ctrl.send(Hello("ingress"))
         log.info("ingress listening", address=self.clients.address,
                  api_keys=self.api_keys.required)
-        tasks = [asyncio.create_task(self._controller_loop()),
-                 asyncio.create_task(self._keepalive_loop()),
-                 asyncio.create_task(self.admission.run()),
-                 asyncio.create_task(self.ctrl_rpc.fail_on_disconnect("controller"))]
+        tasks = {"client messages": asyncio.create_task(self._client_loop()),
+                 "controller messages": asyncio.create_task(self._controller_loop()),
+                 "keepalive": asyncio.create_task(self._keepalive_loop()),
+                 "admission": asyncio.create_task(self.admission.run()),
+                 "controller watch": asyncio.create_task(
+                     self.ctrl_rpc.fail_on_disconnect("controller"))}
         if self.cfg.http.enabled:
             from services.ingress.http.server import HttpServer  # starlette: only when used
             self.http = HttpServer(self)
-            tasks.append(asyncio.create_task(self.http.serve()))
+            tasks["http"] = asyncio.create_task(self._serve_http())
         try:
-            while True:
-                inc = await self.clients.recv()
-                try:
-                    await self._on_client(inc)
-                except Exception as e:  # a bug met by one message must not stop the ingress
-                    log.error("failed to handle a client message", error=repr(e),
-                              traceback=traceback.format_exc())
-                    rid = getattr(inc.message, "id", NO_REQUEST_ID)
-                    self._send(inc.identity, ErrorReply(rid, ErrorCode.INTERNAL, repr(e)))
+            await until_one_ends(tasks)
         finally:
-            await stop_tasks(tasks)
+            await stop_tasks(list(tasks.values()))
             self.clients.close()
             self.ctrl.close()
             self._ctx.destroy(linger=0)
 
     # ---- clients ------------------------------------------------------------------------
+
+    async def _serve_http(self) -> None:
+        await self.http.serve()
+        if self.draining:  # stopped by the drain, which ends the process itself when done
+            await asyncio.Future()
+
+    async def _client_loop(self) -> None:
+        while True:
+            inc = await self.clients.recv()
+            try:
+                await self._on_client(inc)
+            except Exception as e:  # a bug met by one message must not stop the ingress
+                log.error("failed to handle a client message", error=repr(e),
+                          traceback=traceback.format_exc())
+                rid = getattr(inc.message, "id", NO_REQUEST_ID)
+                self._send(inc.identity, ErrorReply(rid, ErrorCode.INTERNAL, repr(e)))
 
     async def _on_client(self, inc: Incoming) -> None:
         msg = inc.message
