@@ -173,11 +173,13 @@ class RpcClient:
             if not fut.done():
                 fut.set_exception(exc)
 
-    async def fail_on_disconnect(self, peer: str) -> None:
+    async def fail_on_disconnect(self, peer: str,
+                                 on_disconnect: Callable[[], None] | None = None) -> None:
         """Runs for the endpoint's life: whenever the connection to the peer drops (its
         process died or closed the socket), every call in flight fails at once with
-        PeerDisconnected instead of waiting out its timeout. ZeroMQ reconnects by itself;
-        later calls go through once the peer is back."""
+        PeerDisconnected instead of waiting out its timeout, and `on_disconnect` runs (to fail
+        what else depended on the peer). ZeroMQ reconnects by itself; later calls go through
+        once the peer is back."""
         # A name of its own: pyzmq's default is derived from the socket's file descriptor,
         # which a later socket reuses while a dead socket's monitor may still hold the name
         # (a leaked, garbage-collected endpoint then broke the connections of every socket of
@@ -191,6 +193,8 @@ class RpcClient:
                     pending = sum(not f.done() for f in self._pending.values())
                     log.error("peer disconnected", peer=peer, calls_failed=pending)
                     self.fail_all(PeerDisconnected(f"the {peer} disconnected"))
+                    if on_disconnect is not None:
+                        on_disconnect()
         finally:  # the endpoint may be closed already (shutdown cancels this task late)
             if not self.endpoint.sock.closed:
                 self.endpoint.sock.disable_monitor()

@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from common.config import DEFAULT_INGRESS_PORT
 from common.wire import EncodeError, decode, encode
@@ -30,6 +31,8 @@ from conveyor.client.errors import (ConnectionFailed, InvalidRequestError, Proto
 from conveyor.client.types import GenerationResult, Health, StreamDelta
 
 DEFAULT_ADDRESS = f"tcp://127.0.0.1:{DEFAULT_INGRESS_PORT}"
+HEARTBEAT_MS = 1000
+"""ZMTP heartbeat interval to the ingress; 3 missed ones count as a lost connection."""
 
 
 class AsyncClient:
@@ -50,6 +53,7 @@ class AsyncClient:
         self._ids = itertools.count(1)
         self._queues: dict[int, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
         self._connected = False
         self._connecting: asyncio.Lock | None = None
 
@@ -103,9 +107,11 @@ class AsyncClient:
             await asyncio.sleep(poll_s)
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._reader = self._watcher = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -126,6 +132,8 @@ class AsyncClient:
                                    f"within {timeout:g}s") from None
         finally:
             self._queues.pop(msg.id, None)
+        if isinstance(reply, ConnectionFailed):
+            raise reply
         if isinstance(reply, ErrorReply):
             raise error_from_reply(reply.code, reply.message)
         if not isinstance(reply, reply_cls):
@@ -146,8 +154,13 @@ class AsyncClient:
             self._sock.setsockopt(zmq.LINGER, 0)
             # A stable identity across reconnects keeps the server's view of our requests.
             self._sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+            # ZMTP heartbeats: an ingress whose host vanished without closing the connection
+            # is noticed within seconds too, not only one whose process died.
+            self._sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+            self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
             self._sock.connect(self.address)
             self._reader = asyncio.create_task(self._read_loop())
+            self._watcher = asyncio.create_task(self._watch_connection(self._sock))
         if check_connection and not self._connected:
             await self._ensure_connected()
         queue: asyncio.Queue = asyncio.Queue()
@@ -161,6 +174,27 @@ class AsyncClient:
             if not self._connected:
                 await self.health(self.connect_timeout)
                 self._connected = True
+
+    async def _watch_connection(self, sock: zmq.asyncio.Socket) -> None:
+        """Whenever the connection to the ingress drops, every request in flight fails at once
+        with ConnectionFailed (it is lost with the ingress's state); ZeroMQ reconnects by itself,
+        and the next request checks the ingress again before it is sent."""
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED,
+                                          addr=f"inproc://conveyor-client-{uuid.uuid4().hex}")
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] != zmq.EVENT_DISCONNECTED:
+                    continue
+                self._connected = False
+                lost = ConnectionFailed(f"the connection to the ingress at {self.address} was "
+                                        "lost; requests in flight were lost with it")
+                for queue in self._queues.values():
+                    queue.put_nowait(lost)
+        finally:
+            if not sock.closed:
+                sock.disable_monitor()
+            monitor.close(linger=0)
 
     async def _read_loop(self) -> None:
         while True:
@@ -220,6 +254,8 @@ class AsyncStream:
                                                msg.ttft_s, msg.e2e_s)
             elif isinstance(msg, ErrorReply):
                 raise error_from_reply(msg.code, msg.message)
+            elif isinstance(msg, ConnectionFailed):
+                raise msg
             else:
                 raise ProtocolError(f"unexpected reply {type(msg).__name__}")
         raise StopAsyncIteration

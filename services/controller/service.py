@@ -187,6 +187,14 @@ class Controller:
 
     async def _on_hello(self, msg: Hello, identity: bytes) -> None:
         if msg.role == "ingress":
+            if self.ingress_identity not in (None, identity) and self.requests:
+                # A restarted ingress: the old one's clients were failed when it died, so its
+                # requests serve nobody; they are aborted and their KV freed.
+                log.warning("a new ingress connected: aborting the old one's requests",
+                            requests=len(self.requests))
+                now = time.monotonic()
+                for req in list(self.requests.values()):
+                    self._end(req, Finish.ABORT, now, "the ingress restarted")
             self.ingress_identity = identity
             log.info("ingress connected")
             return

@@ -104,7 +104,7 @@ class Ingress:
                  "keepalive": asyncio.create_task(self._keepalive_loop()),
                  "admission": asyncio.create_task(self.admission.run()),
                  "controller watch": asyncio.create_task(
-                     self.ctrl_rpc.fail_on_disconnect("controller"))}
+                     self.ctrl_rpc.fail_on_disconnect("controller", self._controller_lost))}
         if self.cfg.http.enabled:
             from services.ingress.http.server import HttpServer  # starlette: only when used
             self.http = HttpServer(self)
@@ -310,6 +310,19 @@ class Ingress:
             elif not self.ctrl_rpc.dispatch(inc):
                 log.warning("unexpected message from the controller",
                             type=type(inc.message).__name__)
+
+    def _controller_lost(self) -> None:
+        """The controller's process went away: its state, and with it every request it held,
+        is gone. Each is failed at once (a client would otherwise wait out its own timeout);
+        requests still being tokenized go on to a controller that is back by then, or fail."""
+        lost = [cr for cr in self.active.values() if cr.submitted]
+        if lost:
+            log.error("the controller went away: failing its requests", requests=len(lost))
+        for cr in lost:
+            self._reply(cr, ErrorReply(cr.client_id, ErrorCode.INTERNAL,
+                                       "the controller went away while serving this request; "
+                                       "it was lost (retry once the deployment is back)"))
+            self._forget(cr)
 
     def _on_output(self, out: RequestOutput) -> None:
         cr = self.active.get(out.req_id)

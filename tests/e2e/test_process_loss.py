@@ -1,0 +1,141 @@
+"""Processes that die under load, in a deployment started role by role the way supervisord or
+systemd start it (one `conveyor start ROLE` each): the clients of a dead ingress or controller
+learn at once instead of waiting out their own timeouts, and a restarted ingress serves again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from common.config import free_port, load_config, resolve, save_config
+from conveyor.client import Client
+from conveyor.client.errors import ConnectionFailed, ServerError
+from conveyor.local_deployment import Deployment
+
+LONG = dict(max_tokens=400, temperature=0, ignore_eos=True)
+
+
+class RoleByRole:
+    """Every process of a 2-stage tiny deployment started on its own, from one config file."""
+
+    def __init__(self, run_dir: Path):
+        port = free_port()
+        cfg = resolve(load_config(None, {
+            "model.source": "tiny", "model.load_format": "dummy",
+            "endpoints.ingress": f"tcp://127.0.0.1:{port}", "endpoints.run_dir": str(run_dir),
+            "http.enabled": False, "kvcache.num_blocks": 256}))
+        self.config = save_config(cfg, run_dir / "config.json")
+        self.run_dir = run_dir
+        self.address = cfg.endpoints.ingress
+        self.procs: dict[str, subprocess.Popen] = {}
+        for role in ("kvcache", "controller", "stage 0", "stage 1", "ingress"):
+            self.start(role)
+
+    def start(self, role: str) -> None:
+        name, _, stage = role.partition(" ")
+        args = [sys.executable, "-m", "conveyor.cli", "start", name, "--config",
+                str(self.config)] + (["--instance", "0", "--stage", stage] if stage else [])
+        log = open(self.run_dir / f"{role.replace(' ', '-')}.log", "a")
+        self.procs[role] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    def kill(self, role: str) -> None:
+        self.procs[role].send_signal(signal.SIGKILL)
+        self.procs[role].wait(10)
+
+    def wait_ready(self, client: Client, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if client.health(timeout=1.0).ready:
+                    return
+            except ConnectionFailed:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"not ready after {timeout_s}s")
+
+    def kv_free(self, timeout_s: float) -> bool:
+        kv = Deployment(self.address, self.run_dir, self.procs["kvcache"], self.run_dir)
+        pools = kv.wait_kv_free(timeout_s=timeout_s)
+        return all(p.free_blocks == p.total_blocks for p in pools)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    dep = RoleByRole(tmp_path)
+    yield dep
+    dep.stop()
+
+
+def _streams_in_flight(client: Client, n: int):
+    """n streams, each running in a thread until it ends; returns (errors, when) lists that the
+    threads fill with the exception each stream ended with and the time it did."""
+    errors: list = [None] * n
+    ended: list = [None] * n
+    started = [threading.Event() for _ in range(n)]
+
+    def run(i: int) -> None:
+        try:
+            for _ in client.stream(f"Story number {i}:", **LONG):
+                started[i].set()
+        except Exception as e:  # what the test asserts on
+            errors[i] = e
+        ended[i] = time.monotonic()
+        started[i].set()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for ev in started:
+        assert ev.wait(60), "a stream never started"
+    return threads, errors, ended
+
+
+def test_a_killed_ingress_fails_its_streams_at_once_and_a_restarted_one_serves(deployment):
+    with Client(deployment.address, timeout=60) as client:
+        deployment.wait_ready(client)
+        threads, errors, ended = _streams_in_flight(client, 4)
+        killed = time.monotonic()
+        deployment.kill("ingress")
+        for t in threads:
+            t.join(10)
+        assert all(isinstance(e, ConnectionFailed) for e in errors), errors
+        assert max(ended) - killed < 2.0, f"clients learned after {max(ended) - killed:.1f}s"
+        assert "connection to the ingress" in str(errors[0])
+        deployment.start("ingress")  # as Restart= would
+        deployment.wait_ready(client)
+        result = client.generate("Hello", max_tokens=5, temperature=0, ignore_eos=True)
+        assert result.completion_tokens == 5
+    # The old ingress's requests were aborted when the new one said hello: all KV is back.
+    assert deployment.kv_free(timeout_s=15)
+
+
+def test_a_killed_controller_fails_the_ingress_requests_at_once(deployment):
+    with Client(deployment.address, timeout=60) as client:
+        deployment.wait_ready(client)
+        threads, errors, ended = _streams_in_flight(client, 4)
+        killed = time.monotonic()
+        deployment.kill("controller")
+        for t in threads:
+            t.join(10)
+        assert all(isinstance(e, ServerError) for e in errors), errors
+        assert "the controller went away" in str(errors[0])
+        assert max(ended) - killed < 2.0, f"clients learned after {max(ended) - killed:.1f}s"
+        assert deployment.procs["ingress"].poll() is None  # the ingress itself lives on
