@@ -25,12 +25,12 @@ LONG = dict(max_tokens=400, temperature=0, ignore_eos=True)
 class RoleByRole:
     """Every process of a 2-stage tiny deployment started on its own, from one config file."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, **overrides):
         port = free_port()
         cfg = resolve(load_config(None, {
             "model.source": "tiny", "model.load_format": "dummy",
             "endpoints.ingress": f"tcp://127.0.0.1:{port}", "endpoints.run_dir": str(run_dir),
-            "http.enabled": False, "kvcache.num_blocks": 256}))
+            "http.enabled": False, "kvcache.num_blocks": 256, **overrides}))
         self.config = save_config(cfg, run_dir / "config.json")
         self.run_dir = run_dir
         self.address = cfg.endpoints.ingress
@@ -78,8 +78,8 @@ class RoleByRole:
 
 
 @pytest.fixture
-def deployment(tmp_path):
-    dep = RoleByRole(tmp_path)
+def deployment(tmp_path, request):
+    dep = RoleByRole(tmp_path, **getattr(request, "param", {}))
     yield dep
     dep.stop()
 
@@ -139,3 +139,24 @@ def test_a_killed_controller_fails_the_ingress_requests_at_once(deployment):
         assert "the controller went away" in str(errors[0])
         assert max(ended) - killed < 2.0, f"clients learned after {max(ended) - killed:.1f}s"
         assert deployment.procs["ingress"].poll() is None  # the ingress itself lives on
+
+
+@pytest.mark.parametrize("deployment", [{}, {"kvcache.lease_blocks": 16}],
+                         ids=["whole-pool-lease", "small-lease"], indirect=True)
+def test_a_paused_kv_cache_manager_is_survived(deployment):
+    """SIGSTOP of the kv-cache manager for 30 s, then SIGCONT: it used to wedge the deployment
+    for good (the 30 s allocation timeout ended the instance's only scheduling task). With a
+    small lease the controller must wait for the manager to top it up."""
+    with Client(deployment.address, timeout=120) as client:
+        deployment.wait_ready(client)
+        threads, errors, ended = _streams_in_flight(client, 4)
+        deployment.procs["kvcache"].send_signal(signal.SIGSTOP)
+        time.sleep(30)
+        deployment.procs["kvcache"].send_signal(signal.SIGCONT)
+        for t in threads:
+            t.join(60)
+        assert all(e is None or isinstance(e, ServerError) for e in errors), errors
+        result = client.generate("Hello", max_tokens=5, temperature=0, ignore_eos=True,
+                                 timeout=10)
+        assert result.completion_tokens == 5  # served again, within its 10 s
+    assert deployment.kv_free(timeout_s=15)
