@@ -96,6 +96,9 @@ class DeploymentConfig(_Section):
     routing: Literal["least-loaded", "round-robin"] = "least-loaded"
     """Which instance takes a request (common/scheduling/routing.py): the one with the fewest
     tokens still to process, or each in turn."""
+    step_timeout_s: float = 30.0
+    """A micro-batch in flight longer than this marks its instance degraded in health (not
+    ready, naming the stage it waits on) until it completes."""
 
 
 class EndpointsConfig(_Section):
@@ -218,6 +221,7 @@ class ConveyorConfig(_Section):
             (self.deployment.stages >= 1, "deployment.stages must be >= 1"),
             (self.deployment.instances >= 1, "deployment.instances must be >= 1"),
             (self.deployment.threads_per_stage >= 0, "deployment.threads_per_stage must be >= 0"),
+            (self.deployment.step_timeout_s > 0, "deployment.step_timeout_s must be > 0"),
             (self.kvcache.lease_blocks >= 0, "kvcache.lease_blocks must be >= 0"),
             (not self.slo.default_class or self.slo.default_class in self.slo.classes,
              f"slo.default_class {self.slo.default_class!r} is not one of slo.classes"),

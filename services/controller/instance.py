@@ -16,6 +16,7 @@ from common.scheduling.policy import SchedulingPolicy, waiting_need_of
 from common.stats import ControllerMetrics, InstanceStats
 from common.wire.client_messages import ErrorCode
 from common.wire.internal_messages import Chunk, RequestSampling, SampleSpec, StepPlan
+from services.controller.liveness import Liveness
 
 
 @dataclass
@@ -50,6 +51,8 @@ class ServedInstance:
     """How many the lease is topped up to (kvcache.lease_blocks; the pool when 0)."""
     refilling: bool = False
     """A top-up of the lease is on its way."""
+    liveness: Liveness = field(default_factory=lambda: Liveness(30.0))
+    """When each micro-batch in flight was dispatched, and how far it came (health)."""
 
     def draw(self, wants: list[tuple[int, int]]) -> dict[int, list[int]]:
         """Block ids for each (req_id, count) from the lease (which must hold enough)."""
@@ -71,12 +74,12 @@ class ServedInstance:
 
     @classmethod
     def create(cls, index: int, depth: int, max_inflight: int, block_size: int,
-               policy: SchedulingPolicy, metrics: ControllerMetrics, on_release, on_finish
-               ) -> "ServedInstance":
+               policy: SchedulingPolicy, metrics: ControllerMetrics, on_release, on_finish,
+               step_timeout_s: float = 30.0) -> "ServedInstance":
         core = InstanceCore(index, depth, max_inflight, block_size, 0, metrics,
                             waiting_need_of(policy), keep_chunks=True, on_release=on_release,
                             on_finish=on_finish)
-        return cls(core, policy)
+        return cls(core, policy, liveness=Liveness(step_timeout_s))
 
     @property
     def index(self) -> int:

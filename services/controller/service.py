@@ -51,7 +51,8 @@ class Controller:
         self.instances = [
             ServedInstance.create(i, cfg.deployment.stages, cfg.max_inflight,
                                   cfg.kvcache.block_size, cfg.scheduler.build_policy(),
-                                  self.metrics, self._on_release, self._on_finish)
+                                  self.metrics, self._on_release, self._on_finish,
+                                  cfg.deployment.step_timeout_s)
             for i in range(cfg.deployment.instances)]
         self.router = make_router(cfg.deployment.routing)
         self.requests: dict[int, CoreRequest] = {}
@@ -235,6 +236,7 @@ class Controller:
             log.error("stage failed a micro-batch", instance=msg.instance, stage=msg.stage,
                       mb_id=msg.mb_id, error=msg.error)
         now = time.monotonic()
+        inst.liveness.stage_done(msg.mb_id, msg.stage, msg.stage == core.depth - 1, now)
         if msg.stage != core.depth - 1:
             if msg.error and batch is not None:  # the micro-batch is lost: fail its requests
                 for req in batch.requests:
@@ -298,6 +300,7 @@ class Controller:
             wants = core.block_wants(plan)
         granted = inst.draw(wants)  # no round trip: the manager learns of it afterwards
         batch = core.commit(plan, time.monotonic(), inst.policy)
+        inst.liveness.dispatched(batch.mb_id, time.monotonic())
         self.kv_link.assigned(inst, granted)
         first, rest = inst.step_plans(batch, granted)
         if debug_enabled():  # the micro-batch's shape, for scripts/step_timeline.py
@@ -328,12 +331,14 @@ class Controller:
             log.error("cannot reach the ingress", error=str(e))
 
     def _status(self, call_id: int) -> StatusReply:
-        ready = all(i.ready for i in self.instances)
-        missing = [f"instance {i.index}: {len(i.stage_identities)}/{i.core.depth} stages"
-                   + ("" if i.pool_ready else ", pool pending")
-                   for i in self.instances if not i.ready]
-        return StatusReply(call_id, ready, "; ".join(missing) or "ready",
-                           self._stats(time.monotonic()))
+        now = time.monotonic()
+        problems = [f"instance {i.index}: {len(i.stage_identities)}/{i.core.depth} stages"
+                    + ("" if i.pool_ready else ", pool pending")
+                    for i in self.instances if not i.ready]
+        problems += [f"degraded: instance {i.index}: {why}" for i in self.instances
+                     if i.ready and (why := i.liveness.overdue(now))]
+        return StatusReply(call_id, not problems, "; ".join(problems) or "ready",
+                           self._stats(now))
 
     def _stats(self, now: float) -> ControllerStats:
         """Everything the controller measures (cumulative; common/stats) plus live state."""

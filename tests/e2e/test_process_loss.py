@@ -160,3 +160,23 @@ def test_a_paused_kv_cache_manager_is_survived(deployment):
                                  timeout=10)
         assert result.completion_tokens == 5  # served again, within its 10 s
     assert deployment.kv_free(timeout_s=15)
+
+
+@pytest.mark.parametrize("deployment", [{"deployment.step_timeout_s": 1.5}], indirect=True)
+def test_health_says_degraded_while_a_stage_is_stopped(deployment):
+    """A stopped stage looks alive to every process; health used to say ready all along."""
+    with Client(deployment.address, timeout=120) as client:
+        deployment.wait_ready(client)
+        threads, errors, ended = _streams_in_flight(client, 2)
+        deployment.procs["stage 1"].send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(3.0)
+            health = client.health()
+            assert not health.ready
+            assert "degraded: instance 0: stage 1 is overdue" in health.detail
+        finally:
+            deployment.procs["stage 1"].send_signal(signal.SIGCONT)
+        for t in threads:
+            t.join(60)
+        assert errors == [None, None]  # the streams went on once it did
+        assert client.health().ready
