@@ -96,6 +96,11 @@ class DeploymentConfig(_Section):
     routing: Literal["least-loaded", "round-robin"] = "least-loaded"
     """Which instance takes a request (common/scheduling/routing.py): the one with the fewest
     tokens still to process, or each in turn."""
+    stage_restarts: int = 3
+    """`conveyor serve` restarts an instance's stages when one dies (the others' process group
+    is gone with it) at most this many times within restart_window_s; one more death gives up
+    and stops the deployment naming the stage. 0: never restart."""
+    restart_window_s: float = 60.0
     step_timeout_s: float = 30.0
     """A micro-batch in flight longer than this marks its instance degraded in health (not
     ready, naming the stage it waits on) until it completes."""
@@ -222,6 +227,8 @@ class ConveyorConfig(_Section):
             (self.deployment.instances >= 1, "deployment.instances must be >= 1"),
             (self.deployment.threads_per_stage >= 0, "deployment.threads_per_stage must be >= 0"),
             (self.deployment.step_timeout_s > 0, "deployment.step_timeout_s must be > 0"),
+            (self.deployment.stage_restarts >= 0, "deployment.stage_restarts must be >= 0"),
+            (self.deployment.restart_window_s > 0, "deployment.restart_window_s must be > 0"),
             (self.kvcache.lease_blocks >= 0, "kvcache.lease_blocks must be >= 0"),
             (not self.slo.default_class or self.slo.default_class in self.slo.classes,
              f"slo.default_class {self.slo.default_class!r} is not one of slo.classes"),

@@ -2,8 +2,11 @@
 
 Children run `conveyor start ROLE` on the resolved config, each in its own session (so Ctrl-C
 reaches only the supervisor, which then stops them in order) and with a parent-death signal (so
-none outlives a supervisor that was killed). If any child exits while serving, the supervisor
-says which one and how, stops the rest, and exits non-zero.
+none outlives a supervisor that was killed). If a stage dies, the supervisor restarts every
+stage of its instance (their process group died with it) on a fresh rendezvous port, so no
+stale peer can join the new group, and the controller re-queues the instance's requests; a
+stage that keeps dying (deployment.stage_restarts within restart_window_s), or any other child
+that exits, makes it say which one and how, stop the rest, and exit non-zero.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import ConveyorConfig, save_config
+from common.config import ConveyorConfig, free_port, save_config
 
 _PR_SET_PDEATHSIG = 1
 
@@ -30,6 +33,8 @@ class Child:
     name: str
     args: list[str]
     proc: subprocess.Popen | None = None
+    instance: int | None = None
+    """For a stage: its instance."""
 
 
 def _die_with_parent() -> None:
@@ -51,15 +56,55 @@ class Supervisor:
                          Child("controller", base + ["controller"] + tail)]
         self.children += [
             Child(f"stage {i}.{s}", base + ["stage", "--instance", str(i), "--stage", str(s)]
-                  + tail)
+                  + tail, instance=i)
             for i in range(dep.instances) for s in range(dep.stages)]
+        self.restarts: dict[int, list[float]] = {i: [] for i in range(dep.instances)}
         self.children.append(Child("ingress", base + ["ingress"] + tail))
         self.stopping = False
 
     def start(self) -> None:
         for child in self.children:
-            child.proc = subprocess.Popen(child.args, start_new_session=True,
-                                          preexec_fn=_die_with_parent)
+            self._spawn(child)
+
+    def _spawn(self, child: Child, extra: list[str] = ()) -> None:
+        child.proc = subprocess.Popen(child.args + list(extra), start_new_session=True,
+                                      preexec_fn=_die_with_parent)
+
+    def recover(self) -> list[str]:
+        """Restarts the stages of every instance that lost one (within the crash budget) and
+        says what it did; raises ChildDied for any other death, or a stage past the budget."""
+        dead = [c for c in self.children if c.proc and c.proc.poll() is not None]
+        stages = {c.instance for c in dead if c.instance is not None}
+        if self.stopping or not dead or any(c.instance is None for c in dead):
+            self.check()
+            return []
+        dep, said = self.cfg.deployment, []
+        now = time.monotonic()
+        for i in sorted(stages):
+            recent = [t for t in self.restarts[i] if now - t < dep.restart_window_s]
+            if len(recent) >= dep.stage_restarts:
+                why = ("stage restarts are off (deployment.stage_restarts = 0)"
+                       if not dep.stage_restarts else
+                       f"it keeps dying ({len(recent)} restarts of instance {i} in "
+                       f"{dep.restart_window_s:g}s): giving up")
+                raise ChildDied(f"{_deaths([c for c in dead if c.instance == i])}; {why}")
+            self.restarts[i] = recent + [now]
+            said.append(f"{_deaths([c for c in dead if c.instance == i])}; restarting instance "
+                        f"{i}'s stages (restart {len(recent) + 1} of {dep.stage_restarts} in "
+                        f"{dep.restart_window_s:g}s)")
+            self._restart_instance(i)
+        return said
+
+    def _restart_instance(self, i: int) -> None:
+        group = [c for c in self.children if c.instance == i]
+        for child in group:  # the survivors' process group is broken: they start afresh too
+            if child.proc.poll() is None:
+                child.proc.kill()
+                child.proc.wait()
+        # A new rendezvous port is a new generation of the group: a stale peer cannot join it.
+        port = free_port(self.cfg.endpoints.dist_host)
+        for child in group:
+            self._spawn(child, ["--set", f"endpoints.dist_base_port={port - i}"])
 
     def check(self) -> None:
         """Raises ChildDied naming every child that has exited. One death often takes its
@@ -67,16 +112,9 @@ class Supervisor:
         those killed by a signal first: they are the likelier cause."""
         if self.stopping:
             return
-        dead = [(child, code) for child in self.children
-                if child.proc and (code := child.proc.poll()) is not None]
-        if not dead:
-            return
-        dead.sort(key=lambda item: item[1] >= 0)
-        raise ChildDied("; ".join(
-            f"{child.name} (pid {child.proc.pid}) "
-            + (f"killed by signal {signal.Signals(-code).name}" if code < 0
-               else f"exited with code {code}")
-            for child, code in dead))
+        dead = [child for child in self.children if child.proc and child.proc.poll() is not None]
+        if dead:
+            raise ChildDied(_deaths(dead))
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stops the ingress first and gives it its drain (ingress.shutdown_timeout_s: the
@@ -99,3 +137,13 @@ class Supervisor:
                       file=sys.stderr)
                 child.proc.kill()
                 child.proc.wait()
+
+
+def _deaths(children: list[Child]) -> str:
+    """Who died and how, those killed by a signal first (the likelier cause)."""
+    def how(child: Child) -> str:
+        code = child.proc.returncode
+        return (f"{child.name} (pid {child.proc.pid}) "
+                + (f"killed by signal {signal.Signals(-code).name}" if code < 0
+                   else f"exited with code {code}"))
+    return "; ".join(how(c) for c in sorted(children, key=lambda c: c.proc.returncode >= 0))

@@ -392,6 +392,21 @@ class InstanceCore:
                 self._remove(r, now)
         return batch
 
+    def reset_pipeline(self, now: float) -> int:
+        """The instance's stages lost their state (one died; they start afresh): the
+        micro-batches in flight are dropped without their tokens, and every running request
+        loses its KV and waits to be recomputed, keeping what it has generated (its client sees
+        a pause, not an error). Returns how many requests wait again."""
+        for batch in self.inflight.values():
+            for r in batch.requests:
+                r.inflight = 0
+                r.awaiting = False
+                r.view = None
+                if r.finished and r.req_id in self.by_id:
+                    self._remove(r, now)  # ended while in flight: its blocks go back now
+        self.inflight.clear()
+        return self.preempt([r.req_id for r in self.by_id.values() if r.running])
+
     def fail_batch(self, mb_id: int, error: str, now: float) -> CoreBatch | None:
         """A stage failed `mb_id`: its requests end with `error` and it leaves the pipeline."""
         batch = self.inflight.get(mb_id)

@@ -120,6 +120,10 @@ class ControllerMetrics:
     generated_tokens: int = 0
     micro_batches: int = 0
     preemptions: int = 0
+    pipeline_recoveries: int = 0
+    """Times an instance's stages restarted and its requests were taken back."""
+    requests_recovered: int = 0
+    """Requests re-queued for recompute by those recoveries."""
     stages: dict[tuple[int, int], StageCounters] = field(default_factory=dict)
     pending: list[PendingClock] = field(default_factory=list)
     prefill_per_batch: Moments = field(default_factory=Moments)
@@ -210,7 +214,8 @@ class ControllerMetrics:
             uptime_s=now - self.started, finished=dict(self.finished),
             prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
             micro_batches=self.micro_batches, preemptions=self.preemptions,
-            slo=self.slo_attainment(), stages=stages,
+            pipeline_recoveries=self.pipeline_recoveries,
+            requests_recovered=self.requests_recovered, slo=self.slo_attainment(), stages=stages,
             batch_tokens=BatchTokens(prefill=self.prefill_per_batch.snapshot(),
                                      decode=self.decode_per_batch.snapshot()),
             latency={k: h.snapshot() for k, h in self.latency.items()},

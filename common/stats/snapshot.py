@@ -127,6 +127,9 @@ class ControllerStats(_Snapshot):
     generated_tokens: int = 0
     micro_batches: int = 0
     preemptions: int = 0
+    pipeline_recoveries: int = 0
+    """Times an instance's stages restarted and its requests were taken back."""
+    requests_recovered: int = 0
     slo: dict[str, SLOAttainment] = {}
     """Per SLO class (SLO.label)."""
     stages: list[StageStats] = []
@@ -166,7 +169,9 @@ class ControllerStats(_Snapshot):
             prompt_tokens=self.prompt_tokens - before.prompt_tokens,
             generated_tokens=self.generated_tokens - before.generated_tokens,
             micro_batches=self.micro_batches - before.micro_batches,
-            preemptions=self.preemptions - before.preemptions, slo=slo,
+            preemptions=self.preemptions - before.preemptions,
+            pipeline_recoveries=self.pipeline_recoveries - before.pipeline_recoveries,
+            requests_recovered=self.requests_recovered - before.requests_recovered, slo=slo,
             stages=[s.since(start[(s.instance, s.stage)]) for s in self.stages
                     if (s.instance, s.stage) in start],
             batch_tokens=BatchTokens(

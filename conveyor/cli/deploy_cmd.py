@@ -137,7 +137,8 @@ def serve(
                 f"({r.completion_tokens} tokens in {r.e2e_s:.2f}s)")
         say("serving; Ctrl-C stops")
         while True:
-            sup.check()
+            for line in sup.recover():
+                typer.secho(f"conveyor: {line}", fg=typer.colors.YELLOW, err=True)
             time.sleep(0.5)
     except KeyboardInterrupt:
         say("stopping")

@@ -33,6 +33,7 @@ from common.runtime import until_one_ends
 from common.zmq_io import Endpoint, Incoming, make_context, stop_tasks
 from services.controller.instance import Served, ServedInstance
 from services.controller.kv_link import KVLink
+from services.controller.liveness import Liveness
 
 log = get_logger()
 _WIRE_FINISH = {f: FinishReason[f.name] for f in Finish}
@@ -204,6 +205,8 @@ class Controller:
             log.warning("ignored hello", role=msg.role, instance=msg.instance, stage=msg.stage)
             return
         inst = self.instances[msg.instance]
+        if msg.stage in inst.stage_identities:  # a stage says hello once: this one restarted
+            self._pipeline_lost(inst, msg.stage)
         inst.stage_identities[msg.stage] = identity
         inst.stage_blocks[msg.stage] = msg.kv_blocks
         log.info("stage registered", instance=msg.instance, stage=msg.stage,
@@ -218,6 +221,25 @@ class Controller:
             for req in list(inst.core.waiting):
                 self._fits(inst, req, now)
             inst.wake.set()
+        elif inst.ready:  # every stage back after a restart: the same pool serves on
+            log.info("instance serving again", instance=inst.index,
+                     waiting=len(inst.core.waiting))
+            inst.wake.set()
+
+    def _pipeline_lost(self, inst: ServedInstance, stage: int) -> None:
+        """A stage of `inst` registered again: it restarted, and its pipeline with it (the
+        supervisor restarts every stage of the instance, whose process group and KV are gone).
+        The instance serves nothing until all its stages are back; its micro-batches in flight
+        are dropped and its running requests wait to be recomputed, keeping their tokens."""
+        now = time.monotonic()
+        requeued = inst.core.reset_pipeline(now)
+        inst.stage_identities.clear()
+        inst.liveness = Liveness(inst.liveness.timeout_s)
+        self.metrics.pipeline_recoveries += 1
+        self.metrics.requests_recovered += requeued
+        log.warning("stage restarted: recovering the instance", instance=inst.index,
+                    stage=stage, requests_requeued=requeued)
+        self.kv_link.flush(self.instances)  # the requeued requests' blocks go back
 
     def _on_step_done(self, msg: StepDone) -> None:
         if not (0 <= msg.instance < len(self.instances)

@@ -66,6 +66,10 @@ class _StatsCollector:
                 ("conveyor_micro_batches", s.micro_batches, "Micro-batches completed."),
                 ("conveyor_num_preemptions", s.preemptions,
                  "Requests preempted (KV dropped, recomputed)."),
+                ("conveyor_pipeline_recoveries", s.pipeline_recoveries,
+                 "Times an instance's stages restarted and its requests were taken back."),
+                ("conveyor_requests_recovered", s.requests_recovered,
+                 "Requests re-queued for recompute by pipeline recoveries."),
                 ("conveyor_kv_lease_waits", s.kv_lease_waits,
                  "Dispatches that waited for the KV lease to be topped up.")):
             yield _counter(name, help_text, value, m)

@@ -43,8 +43,8 @@ def test_generate_without_a_server_fails_clearly():
     assert "ConnectionFailed: no Conveyor ingress answered at tcp://127.0.0.1:9" in out.stderr
 
 
-def test_serve_fails_loudly_when_a_stage_dies():
-    dep = start_deployment(stages=2)
+def test_serve_fails_loudly_when_a_stage_dies_and_restarts_are_off():
+    dep = start_deployment(stages=2, sets=("deployment.stage_restarts=0",))
     try:
         # Found by command line, not from the log: every process writes that file at once, and
         # a line of one can be cut by another's (structlog writes a line and its newline apart).

@@ -213,3 +213,27 @@ def test_the_simulators_report_gives_slo_attainment_per_class():
                                                "attainment": round(met / 30, 6)}}
     assert "SLO attainment, tight:" in format_summary(s)
     assert all(r.slo.ttft_s == bound for r in res.requests)
+
+
+def test_a_lost_pipeline_requeues_every_running_request_keeping_its_tokens():
+    """A stage died: what is in flight is gone, every request holding KV waits to be
+    recomputed from its prompt and the tokens it already has, and an aborted one leaves."""
+    c, released, finished = core()
+    a, b, gone = request(1), request(2, prompt=40), request(3)
+    for r in (a, b, gone):
+        c.add(r, 0.0)
+    mb = c.commit(plan((1, 20), (2, 16), (3, 20)), 0.0)
+    assert [r.req_id for r in mb.sampling] == [1, 3]  # 2's prompt is half computed
+    c.complete(mb.mb_id, [5, 5], 1.0)
+    assert a.out == 1 and b.computed == 16
+    c.commit(plan((1, 1), (2, 24)), 1.0)  # in flight when the stage dies
+    c.finish(gone, Finish.ABORT, 1.2, "cancelled")
+    assert c.reset_pipeline(1.5) == 2
+    assert not c.inflight and c.free_blocks == 100 and sorted(released) == [1, 2, 3]
+    assert [r.req_id for r in c.waiting] == [1, 2] and 3 not in c.by_id
+    assert (a.out, a.computed, a.blocks, a.running) == (1, 0, 0, False)
+    assert a.output_token_ids == [5] and b.computed == 0
+    # Recomputed: the prompt and the generated token, then decoding goes on.
+    mb = c.commit(plan((1, 21)), 2.0)
+    c.complete(mb.mb_id, [6], 3.0)
+    assert a.output_token_ids == [5, 6] and finished == [(3, Finish.ABORT)]
