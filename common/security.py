@@ -19,10 +19,10 @@ is logged with the peer's address (`log_handshake_failures`, the authenticator).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,23 +193,41 @@ _HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAK
                        | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
-async def log_handshake_failures(sock: zmq.asyncio.Socket, service: str) -> None:
+def _handshake_error(value: int) -> str:
+    names = {zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "the peer does not speak CURVE",
+             zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "the peer's handshake does not decrypt "
+                                                    "(not this deployment's server key)"}
+    if value in names:
+        return names[value]
+    for name in dir(zmq):  # another protocol error: its libzmq name
+        if name.startswith("PROTOCOL_ERROR_") and getattr(zmq, name) == value:
+            return name.lower()
+    return zmq.strerror(value) if value else "unknown"
+
+
+async def log_handshake_failures(sock: zmq.asyncio.Socket, service: str,
+                                 every_s: float = 1.0) -> None:
     """Runs for a server socket's life: logs every connection that failed its handshake (a
     peer without CURVE, or with a wrong server key; refused keys are logged by the ZAP
-    handler, with the key)."""
+    handler, with the key). ZeroMQ peers reconnect every 100 ms, so one stubborn peer would
+    write ten lines a second: at most one line per `every_s`, counting those folded into it."""
     monitor = sock.get_monitor_socket(_HANDSHAKE_FAILURES,
                                       addr=f"inproc://conveyor-handshakes-{next(_MONITOR_IDS)}")
+    last, folded = 0.0, 0
     try:
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 continue  # already logged, with its key, by RoleAuthenticator.callback
-            log.warning("refused a connection: its handshake failed (no CURVE, or not this "
-                        "deployment's server key)", service=service,
+            now = time.monotonic()
+            if now - last < every_s:
+                folded += 1
+                continue
+            log.warning("refused a connection: its handshake failed", service=service,
                         endpoint=event["endpoint"].decode(errors="replace"),
-                        zmq_error=zmq.strerror(event["value"]) if event["value"] else "")
-    except asyncio.CancelledError:
-        raise
+                        reason=_handshake_error(event["value"]), **(
+                            {"earlier_refusals_folded": folded} if folded else {}))
+            last, folded = now, 0
     finally:
         if not sock.closed:
             sock.disable_monitor()

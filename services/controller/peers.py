@@ -23,7 +23,7 @@ log = get_logger()
 def refused(inc: Incoming, reason: str) -> bool:
     """Logs a refused message; returns False, for `return refused(...)`."""
     log.warning("refused a message", type=type(inc.message).__name__, peer=inc.identity,
-                role=inc.role, reason=reason)
+                peer_role=inc.role, reason=reason)
     return False
 
 

@@ -61,7 +61,7 @@ class KVCacheManager:
         if isinstance(inc.message, _POOL_CHANGES) and not (
                 inc.identity == CONTROLLER_IDENTITY and peer_is(inc.role, "controller")):
             log.warning("refused a message", type=type(inc.message).__name__,
-                        peer=inc.identity, role=inc.role,
+                        peer=inc.identity, peer_role=inc.role,
                         reason="only the controller may change the pools")
             call_id = getattr(inc.message, "call_id", 0)
             if call_id:
