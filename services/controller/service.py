@@ -121,8 +121,7 @@ class Controller:
         elif isinstance(msg, StepDone):
             if from_stage(inc, self.instances, msg.instance, msg.stage):
                 self._on_step_done(msg)
-        elif isinstance(msg, (SubmitRequest, AbortRequests)) and \
-                not from_ingress(inc, self.ingress_identity):
+        elif isinstance(msg, (SubmitRequest, AbortRequests)) and not from_ingress(inc):
             pass
         elif isinstance(msg, SubmitRequest):
             self._on_submit(msg)
