@@ -21,6 +21,7 @@ import zmq.auth
 from common.config import free_port
 from common.security import CurveClient, KeyPair, load_key
 from common.wire import decode, encode
+from common.wire.client_messages import CancelRequest
 from common.wire.internal_messages import (AbortRequests, FreeBlocks, Hello, PoolStats,
                                            PoolStatsQuery, RequestSampling, StatusQuery,
                                            StepDone, SubmitRequest)
@@ -211,3 +212,26 @@ def test_another_user_cannot_open_the_ipc_sockets(deployment):
     out = subprocess.run(["/usr/bin/python3", "-c", probe], capture_output=True, text=True,
                          user=65534, group=65534)
     assert out.stdout.strip() == "refused 13", out.stdout + out.stderr
+
+
+def test_one_client_cannot_cancel_anothers_request(deployment):
+    """Cancels are looked up by (the sender's connection, its request id): the same id from
+    another connection finds nothing. The SDK's connection identity is a random UUID, and
+    ZeroMQ refuses a second connection under an identity that is connected."""
+    with deployment.client(timeout=120) as victim, deployment.client(timeout=30) as other:
+        reference = victim.generate(PROMPT, **GREEDY)
+        stream = victim.stream(PROMPT, **GREEDY)
+        tokens = iter(stream)
+        first = next(tokens)
+        ctx, sock = _peer(deployment.address)
+        try:
+            for rid in range(0, 64):  # every id the victim's client has used or will use
+                sock.send_multipart(encode(CancelRequest(rid)))
+            time.sleep(0.5)
+        finally:
+            sock.close()
+            ctx.term()
+        assert other.health().ready
+        rest = list(tokens)
+    assert first.token_ids + [t for d in rest for t in d.token_ids] == reference.token_ids
+    assert stream.result.finish_reason == "length"
