@@ -187,6 +187,20 @@ class HttpConfig(_Section):
     """The model id of /v1/models and of requests' `model`; empty: the model's name."""
 
 
+class SecurityConfig(_Section):
+    """ZeroMQ CURVE on the control plane (common/security.py, docs/architecture.md)."""
+
+    keys_dir: str = ""
+    """A folder of the deployment's key pairs, made by `conveyor keys DIR`: every controller and
+    kv-cache socket then runs CURVE (encrypted; only peers holding one of the deployment's keys
+    get in, each recognised by its role). Empty: no CURVE; ipc sockets are then guarded by the
+    run directory's permissions alone, and a tcp:// control plane is refused."""
+    allow_plaintext_tcp: bool = False
+    """Let a tcp:// controller or kv-cache endpoint run without keys (a closed network, or a
+    measurement of what CURVE costs); anyone who reaches such a port can act on the control
+    plane."""
+
+
 class LoggingConfig(_Section):
     format: Literal["console", "json"] = "console"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -218,6 +232,7 @@ class ConveyorConfig(_Section):
     ingress: IngressConfig = msgspec.field(default_factory=IngressConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     slo: SLOConfig = msgspec.field(default_factory=SLOConfig)
 
     def validate(self) -> "ConveyorConfig":
@@ -355,14 +370,19 @@ def resolve(cfg: ConveyorConfig) -> ConveyorConfig:
     if http.enabled and http.port == 0:
         host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
         http = msgspec.structs.replace(http, port=free_port(host))
-    return msgspec.structs.replace(cfg, endpoints=endpoints, http=http)
+    security = cfg.security
+    if security.keys_dir:  # children may start elsewhere (systemd units have their own cwd)
+        security = msgspec.structs.replace(security, keys_dir=os.path.abspath(security.keys_dir))
+    return msgspec.structs.replace(cfg, endpoints=endpoints, http=http, security=security)
 
 
 def save_config(cfg: ConveyorConfig, path: str | os.PathLike) -> Path:
+    """Writes the config (mode 0600, never through a symlink planted at `path`)."""
+    from common.run_dir import write_private_file  # imports this module
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(msgspec.json.format(msgspec.json.encode(to_dict(cfg)), indent=2))
-    return p
+    return write_private_file(p, msgspec.json.format(msgspec.json.encode(to_dict(cfg)), indent=2))
 
 
 def to_dict(cfg: ConveyorConfig, full: bool = False) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +21,8 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from common.log import get_logger
+from common.run_dir import ensure_private_dir, ipc_folder
+from common.security import CurveClient, CurveServer
 from common.wire import Message, ProtocolError, decode, encode
 
 # A generous high-water mark: dropping control messages is never acceptable; back-pressure is
@@ -37,6 +38,8 @@ class Incoming:
     error: str | None = None
     request_id: int | None = None
     """With an undecodable public message whose `id` could still be read: that id."""
+    role: str | None = None
+    """On a CURVE server socket: the sender's role (common/security.py); None without CURVE."""
 
 
 def make_context() -> zmq.asyncio.Context:
@@ -55,9 +58,11 @@ async def stop_tasks(tasks: list[asyncio.Task]) -> None:
 
 
 def ensure_ipc_dir(address: str) -> None:
-    """ipc:// endpoints live in a folder that must exist before bind."""
-    if address.startswith("ipc://"):
-        os.makedirs(os.path.dirname(address[len("ipc://"):]) or ".", exist_ok=True)
+    """ipc:// endpoints live in a folder that must exist before bind, and be private: whoever
+    can open the socket can speak to the service (common/run_dir.py)."""
+    folder = ipc_folder(address)
+    if folder is not None:
+        ensure_private_dir(folder)
 
 
 log = get_logger()
@@ -73,7 +78,8 @@ class Endpoint:
 
     def __init__(self, ctx: zmq.asyncio.Context, kind: int, *, bind: str | None = None,
                  connect: str | None = None, identity: bytes | None = None,
-                 router_mandatory: bool = False, max_frame_bytes: int = 0):
+                 router_mandatory: bool = False, max_frame_bytes: int = 0,
+                 security: "CurveServer | CurveClient | None" = None):
         self.kind = kind
         self.sock = ctx.socket(kind)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -87,6 +93,9 @@ class Endpoint:
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if max_frame_bytes > 0:  # before bind/connect: connections take the options of then
             self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+        self.curve_server = isinstance(security, CurveServer)
+        if security is not None:  # CURVE (common/security.py), also before bind/connect
+            security.apply(self.sock)
         if bind:
             ensure_ipc_dir(bind)
             self.sock.bind(bind)
@@ -128,11 +137,13 @@ class Endpoint:
         identity = None
         if self.is_router:
             identity, frames = frames[0].bytes, frames[1:]
+        # The ZAP handler named the connection by its role (common/security.py).
+        role = frames[-1].get("User-Id") if self.curve_server and frames else None
         try:
             msg = decode([f.buffer for f in frames])
         except ProtocolError as e:
-            return Incoming(identity, None, str(e), e.request_id)
-        return Incoming(identity, msg, None)
+            return Incoming(identity, None, str(e), e.request_id, role)
+        return Incoming(identity, msg, None, role=role)
 
     def close(self) -> None:
         self.sock.close(linger=0)

@@ -16,7 +16,8 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from common.config import free_port
+from common.config import ConveyorConfig, free_port, load_config
+from common.security import Security
 from common.wire import decode, encode
 from common.wire.internal_messages import PoolStats, PoolStatsQuery
 from conveyor.client import Client, ConnectionFailed
@@ -32,18 +33,26 @@ class Deployment:
     http_url: str = ""
     """The OpenAI-compatible endpoint, e.g. http://127.0.0.1:PORT (…/v1 is the API's base)."""
 
+    def config(self) -> ConveyorConfig:
+        """The resolved config `conveyor serve` handed its processes."""
+        return load_config(self.run_dir / "config.json")
+
     @property
     def kvcache_address(self) -> str:
-        return f"ipc://{self.run_dir}/kvcache"
+        return self.config().endpoints.kvcache
 
     def client(self, **kw) -> Client:
         return Client(self.address, **kw)
 
     def kv_pools(self, timeout_s: float = 5.0) -> list:
         """Asks the kv-cache manager itself (not the controller) for its pools."""
+        cfg = self.config()
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.kvcache_address)
+        curve = Security.for_role(cfg, "controller").client("kvcache")
+        if curve is not None:  # with CURVE: let in by the controller's key, to read only
+            curve.apply(sock)
+        sock.connect(cfg.endpoints.kvcache)
         try:
             sock.send_multipart(encode(PoolStatsQuery(1)))
             if not sock.poll(int(timeout_s * 1000)):

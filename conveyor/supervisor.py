@@ -17,9 +17,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from common.config import ConveyorConfig, free_port, save_config
+from common.run_dir import ensure_private_dir
 
 _PR_SET_PDEATHSIG = 1
 
@@ -47,7 +47,9 @@ def _die_with_parent() -> None:
 class Supervisor:
     def __init__(self, cfg: ConveyorConfig, log_format: str = "console"):
         self.cfg = cfg
-        self.config_path = save_config(cfg, Path(cfg.endpoints.run_dir) / "config.json")
+        # Private (0700, ours, no symlink) before anything is written or bound in it.
+        run_dir = ensure_private_dir(cfg.endpoints.run_dir)
+        self.config_path = save_config(cfg, run_dir / "config.json")
         base = [sys.executable, "-m", "conveyor.cli", "start"]
         tail = ["--config", str(self.config_path), "--log-format", log_format]
         dep = cfg.deployment

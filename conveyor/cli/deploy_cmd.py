@@ -99,13 +99,17 @@ def serve(
                                http_host=http_host, http_port=http_port, api_key=api_key,
                                served_model_name=served_model_name,
                                shutdown_timeout=shutdown_timeout))
+    _check_security(cfg)
     dep = cfg.deployment
     # SIGTERM (systemd, supervisord) and SIGINT both stop the deployment cleanly. SIGINT is set
     # explicitly: a process started in the background of a non-interactive shell (nohup, CI
     # runners) inherits it ignored, and `kill -INT` would then do nothing.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop_signal)
-    sup = Supervisor(cfg, cfg.logging.format)
+    try:
+        sup = Supervisor(cfg, cfg.logging.format)
+    except ConfigError as e:  # an unsafe run directory
+        _fail(str(e))
     say = lambda text: typer.secho(f"conveyor: {text}", fg=typer.colors.GREEN, err=True)  # noqa
     say(f"starting {cfg.model.source}: {dep.stages} stage(s) x {dep.instances} instance(s), "
         f"policy {cfg.scheduler.policy}, config {sup.config_path}")
@@ -169,6 +173,7 @@ def start(
         _fail("endpoints.dist_base_port must be set when processes are started one by one, "
               "so that the stages of an instance find each other")
     cfg = resolve(cfg)
+    _check_security(cfg, (role.value,))
     dep = cfg.deployment
     if role is Role.stage and not (0 <= instance < dep.instances and 0 <= stage < dep.stages):
         _fail(f"stage {instance}.{stage} is outside the deployment "
@@ -186,6 +191,38 @@ def start(
     else:
         from services.kvcache.service import run as main
     run_service(lambda: main(cfg))
+
+
+def _check_security(cfg: ConveyorConfig, roles: tuple[str, ...] | None = None) -> None:
+    """A tcp:// control plane needs keys, and the keys of `roles` (all of them by default)
+    must be there and private, so a process never starts to fail later."""
+    from common.security import ROLES, Security, check_control_plane
+
+    try:
+        check_control_plane(cfg)
+        for role in (roles or ROLES) if cfg.security.keys_dir else ():
+            Security.for_role(cfg, role).check()
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def keys(
+    folder: Path = typer.Argument(..., help="Folder for the key pairs (created private)."),
+    force: bool = typer.Option(False, help="Replace keys already there."),
+) -> None:
+    """Generate a deployment's CURVE keys: one pair per role (controller, kvcache, ingress,
+    stage). Point security.keys_dir at the folder; a stage on another machine needs
+    stage.key_secret and controller.key copied there."""
+    from common.security import generate_keys
+
+    try:
+        files = generate_keys(folder, force)
+    except ConfigError as e:
+        _fail(str(e))
+    for f in files:
+        typer.echo(str(f))
+    typer.secho(f"conveyor: keys written; use them with --set security.keys_dir="
+                f"{folder.resolve()}", fg=typer.colors.GREEN, err=True)
 
 
 def show_config(
@@ -235,3 +272,4 @@ def register(app: typer.Typer) -> None:
     app.command()(start)
     app.command("config")(show_config)
     app.command()(policies)
+    app.command()(keys)

@@ -24,6 +24,7 @@ from common.log import debug_enabled, get_logger
 from common.model import resolve_model
 from common.scheduling.routing import make_router
 from common.scheduling.types import SLO, MicroBatchPlan
+from common.security import Security, log_handshake_failures
 from common.stats import ControllerMetrics, ControllerStats
 from common.wire.client_messages import ErrorCode
 from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, RequestOutput,
@@ -34,6 +35,7 @@ from common.zmq_io import Endpoint, Incoming, make_context, stop_tasks
 from services.controller.instance import Served, ServedInstance
 from services.controller.kv_link import KVLink
 from services.controller.liveness import Liveness
+from services.controller.peers import from_ingress, from_stage, hello_allowed
 
 log = get_logger()
 _WIRE_FINISH = {f: FinishReason[f.name] for f in Finish}
@@ -59,9 +61,12 @@ class Controller:
         self.requests: dict[int, CoreRequest] = {}
         """Live requests by id (finished ones leave at once, even with a batch in flight)."""
         self._ctx = ctx = make_context()
+        self.security = Security.for_role(cfg, "controller")
+        self.auth = self.security.start_authenticator(ctx)  # before bind: no unchecked peer
         self.endpoint = Endpoint(ctx, zmq.ROUTER, bind=cfg.endpoints.controller,
-                                 router_mandatory=True)
-        self.kv = Endpoint(ctx, zmq.DEALER, connect=cfg.endpoints.kvcache, identity=b"controller")
+                                 router_mandatory=True, security=self.security.server())
+        self.kv = Endpoint(ctx, zmq.DEALER, connect=cfg.endpoints.kvcache, identity=b"controller",
+                           security=self.security.client("kvcache"))
         self.kv_link = KVLink(self.kv, cfg.kvcache.lease_blocks)
         self.ingress_identity: bytes | None = None
         self.outputs: list[RequestOutput] = []
@@ -78,10 +83,15 @@ class Controller:
                      self.kv_link.rpc.fail_on_disconnect("kv-cache manager"))}
         tasks.update({f"scheduler of instance {inst.index}":
                       asyncio.create_task(self._schedule_loop(inst)) for inst in self.instances})
+        if self.security.enabled:
+            tasks["handshake watch"] = asyncio.create_task(
+                log_handshake_failures(self.endpoint.sock, "controller"))
         try:
             await until_one_ends(tasks)
         finally:
             await stop_tasks(list(tasks.values()))
+            if self.auth is not None:
+                self.auth.stop()
             self.endpoint.close()
             self.kv.close()
             self._ctx.destroy(linger=0)
@@ -110,7 +120,10 @@ class Controller:
         if msg is None:
             log.warning("dropped undecodable frame", peer=inc.identity, error=inc.error)
         elif isinstance(msg, StepDone):
-            self._on_step_done(msg)
+            if from_stage(inc, self.instances, msg.instance, msg.stage):
+                self._on_step_done(msg)
+        elif isinstance(msg, (SubmitRequest, AbortRequests)) and not from_ingress(inc):
+            pass
         elif isinstance(msg, SubmitRequest):
             self._on_submit(msg)
         elif isinstance(msg, AbortRequests):
@@ -122,7 +135,8 @@ class Controller:
         elif isinstance(msg, StatusQuery):
             await self.endpoint.send(self._status(msg.call_id), inc.identity)
         elif isinstance(msg, Hello):
-            await self._on_hello(msg, inc.identity)
+            if hello_allowed(inc):
+                await self._on_hello(msg, inc.identity)
         else:
             log.warning("unexpected message", type=type(msg).__name__, peer=inc.identity)
 
@@ -189,9 +203,10 @@ class Controller:
 
     async def _on_hello(self, msg: Hello, identity: bytes) -> None:
         if msg.role == "ingress":
-            if self.ingress_identity not in (None, identity) and self.requests:
-                # A restarted ingress: the old one's clients were failed when it died, so its
-                # requests serve nobody; they are aborted and their KV freed.
+            if self.ingress_identity is not None and self.requests:
+                # The ingress says hello once: this one restarted. The old one's clients were
+                # failed when it died, so its requests serve nobody; they are aborted and their
+                # KV freed.
                 log.warning("a new ingress connected: aborting the old one's requests",
                             requests=len(self.requests))
                 now = time.monotonic()

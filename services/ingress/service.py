@@ -42,6 +42,7 @@ from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, R
 from common.runtime import until_one_ends
 from common.zmq_io import (Endpoint, Incoming, PeerDisconnected, RpcClient, make_context,
                            stop_tasks)
+from common.security import INGRESS_IDENTITY, Security
 from services.ingress.admission import Admission
 from services.ingress.api_keys import ApiKeys
 from services.ingress.detokenizer import IncrementalDetokenizer
@@ -79,7 +80,8 @@ class Ingress:
         self.clients = Endpoint(ctx, zmq.ROUTER, bind=cfg.endpoints.ingress,
                                 router_mandatory=True, max_frame_bytes=cfg.ingress.max_frame_bytes)
         self.ctrl = Endpoint(ctx, zmq.DEALER, connect=cfg.endpoints.controller,
-                             identity=b"ingress")
+                             identity=INGRESS_IDENTITY,
+                             security=Security.for_role(cfg, "ingress").client("controller"))
         self.ctrl_rpc = RpcClient(self.ctrl)
         self.active: dict[int, ClientRequest] = {}
         self.by_client: dict[tuple[bytes, int], ClientRequest] = {}

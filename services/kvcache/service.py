@@ -1,13 +1,16 @@
 """The kv-cache manager process: one BlockPool per instance behind a ROUTER socket.
 
 The controller is the only allocator (it initializes a pool once all stages of an instance
-have reported their capacity); anyone may ask for pool statistics (tests, tools, dashboards).
+have reported their capacity): pool changes from any other peer are refused and logged (with
+CURVE, the peer must also hold the controller's key: common/security.py). Any peer that got in
+may ask for pool statistics (tests, tools, dashboards).
 A message the manager cannot act on is answered with a refusal (ok false, and why) or, when it
 expects no answer, logged: one bad message never stops the process every instance relies on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import traceback
 
 import zmq
@@ -16,30 +19,55 @@ from common.config import ConveyorConfig
 from common.log import get_logger
 from common.wire.internal_messages import (AssignBlocks, FreeBlocks, LeaseBlocks, PoolInfo,
                                            PoolInit, PoolReply, PoolStats, PoolStatsQuery)
-from common.zmq_io import Endpoint, Incoming, make_context
+from common.security import (CONTROLLER_IDENTITY, Security, log_handshake_failures,
+                             peer_is)
+from common.zmq_io import Endpoint, Incoming, make_context, stop_tasks
 from services.kvcache.pool import BlockPool
 
 log = get_logger()
 
 
+_POOL_CHANGES = (PoolInit, LeaseBlocks, AssignBlocks, FreeBlocks)
+
+
 class KVCacheManager:
-    def __init__(self, address: str):
+    def __init__(self, address: str, security: Security | None = None):
         self.pools: dict[int, BlockPool] = {}
-        self._ctx = make_context()
-        self.endpoint = Endpoint(self._ctx, zmq.ROUTER, bind=address)
+        self._ctx = ctx = make_context()
+        self.security = security or Security("", "kvcache")
+        self.auth = self.security.start_authenticator(ctx)  # before bind: no unchecked peer
+        self.endpoint = Endpoint(ctx, zmq.ROUTER, bind=address, security=self.security.server())
 
     async def serve(self) -> None:
-        log.info("kv-cache manager listening", address=self.endpoint.address)
+        log.info("kv-cache manager listening", address=self.endpoint.address,
+                 curve=self.security.enabled)
+        watch = (asyncio.create_task(log_handshake_failures(self.endpoint.sock, "kvcache"))
+                 if self.security.enabled else None)
         try:
             while True:
                 await self.handle(await self.endpoint.recv())
         finally:
+            if watch is not None:
+                await stop_tasks([watch])  # its monitor closes before the socket does
+            if self.auth is not None:
+                self.auth.stop()
             self.endpoint.close()
             self._ctx.destroy(linger=0)
 
     async def handle(self, inc: Incoming) -> None:
         if inc.message is None:
             log.warning("dropped undecodable frame", error=inc.error)
+            return
+        if isinstance(inc.message, _POOL_CHANGES) and not (
+                inc.identity == CONTROLLER_IDENTITY and peer_is(inc.role, "controller")):
+            log.warning("refused a message", type=type(inc.message).__name__,
+                        peer=inc.identity, peer_role=inc.role,
+                        reason="only the controller may change the pools")
+            call_id = getattr(inc.message, "call_id", 0)
+            if call_id:
+                await self.endpoint.send(PoolReply(call_id, False, [], 0, "refused: only the "
+                                                   "controller may change the pools"),
+                                         inc.identity)
             return
         try:
             reply = self.answer(inc.message)
@@ -96,4 +124,4 @@ class KVCacheManager:
 
 
 async def run(cfg: ConveyorConfig) -> None:
-    await KVCacheManager(cfg.endpoints.kvcache).serve()
+    await KVCacheManager(cfg.endpoints.kvcache, Security.for_role(cfg, "kvcache")).serve()

@@ -4,10 +4,16 @@ Each instance is its own process group (rank = stage). CPU stages use gloo. CUDA
 distinct GPUs use NCCL. Stages that share one GPU cannot use either directly (NCCL refuses two
 ranks on one device; gloo cannot send CUDA tensors), so they stage through pinned host memory
 over gloo.
+
+The rendezvous store (a TCPStore in stage 0) and gloo's connections listen on `dist_host`
+only: torch's own `tcp://` init would listen on every interface, where anyone could write into
+the store (it has no authentication), and gloo's default device binds to whatever the machine's
+hostname resolves to.
 """
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 
 import torch
@@ -26,9 +32,11 @@ class ActivationLink:
         else:
             self.backend, self.wire_device = "gloo", torch.device("cpu")
         if num_stages > 1:
-            dist.init_process_group(self.backend, init_method=f"tcp://{host}:{port}",
-                                    rank=stage, world_size=num_stages,
-                                    timeout=timedelta(seconds=timeout_s))
+            timeout = timedelta(seconds=timeout_s)
+            dist.init_process_group(self.backend, store=_store(host, port, stage, num_stages,
+                                                               timeout),
+                                    rank=stage, world_size=num_stages, timeout=timeout,
+                                    pg_options=_gloo_options(self.backend, host, timeout))
 
     @property
     def is_first(self) -> bool:
@@ -64,3 +72,32 @@ class ActivationLink:
         finally:
             if self.num_stages > 1 and dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _store(host: str, port: int, stage: int, num_stages: int, timeout: timedelta
+           ) -> dist.TCPStore:
+    """The rendezvous store; stage 0 serves it from a socket bound to `host` alone (torch
+    binds its own listening socket to every interface)."""
+    if stage != 0:
+        return dist.TCPStore(host, port, num_stages, False, timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(128)
+    return dist.TCPStore(host, port, num_stages, True, timeout,
+                         master_listen_fd=listener.detach())
+
+
+def _gloo_options(backend: str, host: str, timeout: timedelta):
+    """gloo's device on `host`'s interface (None for NCCL, whose bootstrap follows
+    NCCL_SOCKET_IFNAME). The options type is private to torch; without it, gloo's default."""
+    if backend != "gloo":
+        return None
+    try:
+        options = dist.ProcessGroupGloo._Options()
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        options._timeout = timeout
+    except AttributeError:  # another torch: the default device (the hostname's address)
+        return None
+    return options

@@ -21,6 +21,7 @@ from common.log import get_logger
 from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepBatch,
                           resolve_model, sample)
 from common.model.placement import stage_layer_bounds
+from common.security import Security, stage_identity
 from common.wire import ProtocolError, decode, encode
 from common.wire.internal_messages import Hello, StepDone, StepPlan
 from services.stage.devices import StagePlacement, place_stage
@@ -59,9 +60,13 @@ class StageWorker:
                                    ep.dist_base_port + instance, self.device,
                                    self.placement.shares_device)
         self.tables: dict[int, list[int]] = {}
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.ctx = zmq.Context()  # its own, as every service's (never Context.instance())
+        self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTING_ID, f"stage-{instance}-{stage}".encode())
+        self.sock.setsockopt(zmq.ROUTING_ID, stage_identity(instance, stage))
+        curve = Security.for_role(cfg, "stage").client("controller")
+        if curve is not None:
+            curve.apply(self.sock)
         self.sock.connect(ep.controller)
 
     def warm_up(self) -> None:
@@ -107,6 +112,7 @@ class StageWorker:
         finally:
             self.link.close()
             self.sock.close(linger=0)
+            self.ctx.term()
 
     def step(self, plan: StepPlan) -> StepDone:
         t_start = time.perf_counter()

@@ -200,9 +200,11 @@ def test_faults_while_a_stream_is_in_flight(deployment, client):
         assert reply.message.startswith("GenerateRequest body is nested too deeply")
         for inner in (f"ipc://{deployment.run_dir}/controller", deployment.kvcache_address):
             _send_raw(inner, [header, DEEP], expect_reply=False)
+        # (From a peer that is not the controller it is refused before it is read; the
+        # manager's refusal of an empty pool itself is tests/unit/test_kv_pool.py's.)
         refused = _send_raw(deployment.kvcache_address, encode(PoolInit(77, 0, 0, 16)), True)
         assert isinstance(refused, PoolReply) and not refused.ok and refused.error == (
-            "a pool needs num_blocks >= 1 and block_size >= 1, got num_blocks=0, block_size=16")
+            "refused: only the controller may change the pools")
         for kwargs, message in [
             (dict(top_k=2**63), "top_k must be in [0, 9223372036854775807] (0 disables it), "
                                 "got 9223372036854775808"),

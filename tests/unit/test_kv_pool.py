@@ -64,10 +64,10 @@ def manager_and_replies(tmp_path, monkeypatch) -> tuple[KVCacheManager, list]:
 async def test_the_manager_refuses_a_bad_pool_and_serves_on(tmp_path, monkeypatch):
     manager, replies = manager_and_replies(tmp_path, monkeypatch)
     try:
-        await manager.handle(Incoming(b"c", PoolInit(1, 0, 8, 16)))
-        await manager.handle(Incoming(b"c", PoolInit(2, 0, 0, 16)))   # crashed the manager
-        await manager.handle(Incoming(b"c", PoolInit(3, 1, 4, 0)))
-        await manager.handle(Incoming(b"c", LeaseBlocks(4, 0, 2)))
+        await manager.handle(Incoming(b"controller", PoolInit(1, 0, 8, 16)))
+        await manager.handle(Incoming(b"controller", PoolInit(2, 0, 0, 16)))   # crashed the manager
+        await manager.handle(Incoming(b"controller", PoolInit(3, 1, 4, 0)))
+        await manager.handle(Incoming(b"controller", LeaseBlocks(4, 0, 2)))
     finally:
         manager.endpoint.close()
     ok, no_blocks, no_size, leased = replies
@@ -83,8 +83,8 @@ async def test_a_message_the_manager_fails_on_is_answered_not_fatal(tmp_path, mo
     manager, replies = manager_and_replies(tmp_path, monkeypatch)
     monkeypatch.setattr(manager, "answer", lambda msg: 1 / 0)
     try:
-        await manager.handle(Incoming(b"c", PoolStatsQuery(9)))
-        await manager.handle(Incoming(b"c", FreeBlocks(0, 0, [1])))  # call_id 0: no reply
+        await manager.handle(Incoming(b"controller", PoolStatsQuery(9)))
+        await manager.handle(Incoming(b"controller", FreeBlocks(0, 0, [1])))  # call_id 0: no reply
     finally:
         manager.endpoint.close()
     assert len(replies) == 1 and replies[0].call_id == 9 and not replies[0].ok
