@@ -33,6 +33,8 @@ class SchedulingPolicy(ABC):
     """
 
     name: ClassVar[str]
+    uses_predictions: ClassVar[bool] = False
+    """Reads RequestView.predicted_output (the simulator then predicts by default)."""
 
     @abstractmethod
     def schedule(self, snap: SchedulerSnapshot) -> MicroBatchPlan: ...

@@ -28,6 +28,7 @@ class S3Policy(FCFSPolicy):
     """S³-style: predicted footprints packed into the KV cache, first fit in arrival order."""
 
     name = "s3"
+    uses_predictions = True
     kv_margin: Annotated[float, Meta(ge=0, description=(
         "KV is reserved for the high predicted output times (1 + this)"))] = 0.0
 

@@ -47,6 +47,7 @@ class SloOdbsPolicy(ThrottlePolicy):
     similar predicted length; KV reserved from predictions."""
 
     name = "slo-odbs"
+    uses_predictions = True
     slo_weight: Annotated[float, Meta(ge=0, description=_SLO_WEIGHT)] = 1.0
     length_weight: Annotated[float, Meta(ge=0, description=_LENGTH_WEIGHT)] = 0.5
     token_seconds: Annotated[float, Meta(gt=0, description=(
