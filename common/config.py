@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from common.prediction.config import PredictorConfig
 from common.scheduling.config import (SchedulerConfig, nest_scheduler_table,
                                       written_scheduler_table)
 
@@ -234,6 +235,8 @@ class ConveyorConfig(_Section):
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     slo: SLOConfig = msgspec.field(default_factory=SLOConfig)
+    predictor: PredictorConfig = msgspec.field(default_factory=PredictorConfig)
+    """Output-length prediction at admission (common/prediction/config.py)."""
 
     def validate(self) -> "ConveyorConfig":
         """Checks that single fields cannot express; returns self for chaining."""
@@ -259,6 +262,8 @@ class ConveyorConfig(_Section):
             (self.ingress.retry_after_s >= 0, "ingress.retry_after_s must be >= 0"),
             (all(self.ingress.api_keys), "ingress.api_keys must not hold an empty key"),
             (0 <= self.http.port <= 65535, "http.port must be in [0, 65535]"),
+            (self.predictor.mode != "oracle", "predictor.mode oracle exists only in the "
+             "simulator (a deployment does not know the true lengths)"),
             (self.ingress.max_frame_bytes == 0 or self.ingress.max_frame_bytes >
              self.max_prompt_bytes, "ingress.max_frame_bytes must exceed the prompt limit "
              f"({self.max_prompt_bytes} bytes), so a prompt too long is answered, not dropped"),

@@ -89,6 +89,9 @@ class InstanceCore:
         self.tokens_per_batch = Moments()
         """Prefill plus decode tokens of each micro-batch."""
         self.head = WaitingHead(waiting_need)
+        self.lengths = None
+        """A common.prediction.RequestLengths: fills predicted lengths as requests are added
+        and learns from those that end at EOS (None: no predictor)."""
 
     def resize_pool(self, total_blocks: int) -> None:
         """The pool is known (the controller learns it once every stage has registered)."""
@@ -103,6 +106,8 @@ class InstanceCore:
             raise ValueError(f"request {req.req_id} is already on instance {self.index}")
         req.instance = self.index
         self.by_id[req.req_id] = req
+        if self.lengths is not None:
+            self.lengths.admit(req)
         self.load += req.prompt + req.max_tokens
         self._enqueue(req)
         self.metrics.prompt_tokens += req.prompt
@@ -141,6 +146,8 @@ class InstanceCore:
             m.record_request(req.timings(), req.prompt, req.out)
             if req.slo is not None:
                 m.record_slo(req.slo.label, req.slo_met())
+        if self.lengths is not None:
+            self.lengths.finished(req)
         if self.on_finish is not None:
             self.on_finish(req)
         if req.inflight == 0:

@@ -41,7 +41,8 @@ class CoreRequest:
                  "blocks",
                  "inflight", "awaiting", "running", "finished", "finish", "error",
                  "last_scheduled", "first_scheduled", "first_token", "last_token", "itl",
-                 "view", "preemptions", "instance", "slo", "predicted_output", "tag")
+                 "view", "preemptions", "instance", "slo", "predicted_output",
+                 "predicted_high", "tag")
 
     def __init__(self, req_id: int, arrival: float, prompt: int, max_tokens: int,
                  max_context: int, stop_token_ids: Iterable[int] = (),
@@ -87,6 +88,8 @@ class CoreRequest:
         self.slo = slo
         self.predicted_output: int | None = None
         """A predictor's estimate of the output length (policies never see the true one)."""
+        self.predicted_high: int | None = None
+        """Its high quantile (common/prediction: KV can be reserved for it)."""
         self.tag = tag
         """The driver's own data (the controller's sampling parameters and wall clock)."""
 

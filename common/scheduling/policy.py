@@ -33,6 +33,8 @@ class SchedulingPolicy(ABC):
     """
 
     name: ClassVar[str]
+    uses_predictions: ClassVar[bool] = False
+    """Reads RequestView.predicted_output (the simulator then predicts by default)."""
 
     @abstractmethod
     def schedule(self, snap: SchedulerSnapshot) -> MicroBatchPlan: ...
@@ -138,4 +140,4 @@ def waiting_need_of(policy: object) -> WaitingNeed:
 
 def _load_builtin() -> None:
     # Importing a policy module registers it.
-    from common.scheduling import fcfs, sarathi, throttle  # noqa: F401
+    from common.scheduling import fcfs, s3, sarathi, slo_odbs, throttle  # noqa: F401

@@ -70,7 +70,10 @@ class RequestView:
     through requests that a budget cannot all take at once."""
     slo: SLO | None = None
     predicted_output: int | None = None
-    """A predictor's estimate of the output length; policies never see the true length."""
+    """A predictor's estimate of the output length (its median); policies never see the true
+    length."""
+    predicted_high: int | None = None
+    """The predictor's high quantile of the output length (see common/prediction)."""
 
     @property
     def pending(self) -> int:

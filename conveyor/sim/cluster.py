@@ -13,6 +13,8 @@ resolved into a ClusterConfig: stage layer counts, KV pool size, the policy's se
     [link]       bandwidth_gbps (0: the cost model's transfer_s), latency_us (added per hop)
     [simulator]  dispatch_latency_us, ingress_us, waiting_head, context_quantum, sample_points,
                  step_jitter, seed
+    [predictor]  output-length prediction (common/prediction/config.py): mode auto | online |
+                 oracle | off, and the model's settings
     [cost]       optional default cost model: device = "h100" (roofline, other keys passed to
                  RooflineCostModel) or profile = "PATH" (a `conveyor profile` JSON)
 
@@ -78,6 +80,14 @@ class ClusterConfig:
     cost: dict[str, Any] = field(default_factory=dict)
     kv_sizing: str = ""
     """How num_blocks was reached (for the report)."""
+    predictor: Any = None
+    """common.prediction.config.PredictorConfig (None: the defaults)."""
+
+    def prediction_mode(self) -> str:
+        """online, oracle or off: what the simulated instances do for this policy."""
+        from common.prediction.config import PredictorConfig
+
+        return (self.predictor or PredictorConfig()).active_mode(self.make_policy(), True)
 
     @property
     def corun_slows(self) -> bool:
@@ -142,7 +152,8 @@ class ClusterConfig:
                 "link_latency_s": self.link_latency_s,
                 "dispatch_latency_s": self.dispatch_latency_s, "ingress_s": self.ingress_s,
                 "waiting_head": self.describe_head(), "context_quantum": self.context_quantum,
-                "step_jitter": self.step_jitter, "seed": self.seed, "cost": dict(self.cost)}
+                "step_jitter": self.step_jitter, "seed": self.seed, "cost": dict(self.cost),
+                "predictor": self.prediction_mode()}
 
 
 def named_shape(name: str) -> Any:
@@ -252,7 +263,8 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
         dispatch_latency_s=sim.dispatch_latency_us * 1e-6, ingress_s=sim.ingress_us * 1e-6,
         waiting_head=sim.waiting_head,
         context_quantum=sim.context_quantum, sample_points=sim.sample_points,
-        step_jitter=sim.step_jitter, seed=sim.seed, cost=cost, kv_sizing=how)
+        step_jitter=sim.step_jitter, seed=sim.seed, cost=cost, kv_sizing=how,
+        predictor=f.predictor)
     _check_policy(cfg)
     return cfg
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import msgspec
 
 from common.config import KVCacheConfig, PlacementConfig
+from common.prediction.config import PredictorConfig
 
 
 class ClusterError(ValueError):
@@ -103,3 +104,4 @@ class ClusterFile(_Section):
     link: LinkSection = msgspec.field(default_factory=LinkSection)
     simulator: SimulatorSection = msgspec.field(default_factory=SimulatorSection)
     cost: dict[str, Any] = {}
+    predictor: PredictorConfig = msgspec.field(default_factory=PredictorConfig)

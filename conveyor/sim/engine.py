@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from common.instance.request import pool_misfit
+from common.prediction.config import PredictorConfig, request_lengths
 from common.scheduling.routing import make_router
 from conveyor.sim.cluster import ClusterConfig
 from conveyor.sim.pipeline import Pipeline, StepTimer
@@ -98,6 +99,12 @@ class Shard:
                                       self._pipeline(cfg), self.metrics, self.queue.push,
                                       cfg.sample_points) for i in indices]
         self.by_index = {inst.index: inst for inst in self.instances}
+        # One predictor for the shard's instances: each learns from every request the shard
+        # finishes at EOS, and only once it has finished (the policies never see true lengths).
+        pc = cfg.predictor or PredictorConfig()
+        lengths = request_lengths(pc, cfg.prediction_mode(), pc.state_file)
+        for inst in self.instances:
+            inst.lengths = lengths
 
     def _pipeline(self, cfg: ClusterConfig) -> Pipeline | SharedHostPipeline:
         if cfg.host_cores > 0 and cfg.num_stages > 1 and (cfg.host_cores < cfg.num_stages
@@ -114,7 +121,8 @@ def _done(finished: Any) -> int:
 # ---- the driver ---------------------------------------------------------------------------------
 
 def make_request(cfg: ClusterConfig, index: int, arrival: float, prompt: int, output: int,
-                 max_tokens: int | None = None, slo: Any = None) -> SimRequest:
+                 max_tokens: int | None = None, slo: Any = None, oracle: bool = False
+                 ) -> SimRequest:
     """A request as the ingress and controller take it. `output` is where it truly ends (its
     EOS); `max_tokens` the client's cap, None for bench's default (the output length, EOS
     ignored). The cap is clamped to the context left; requests that cannot run are failed up
@@ -126,6 +134,8 @@ def make_request(cfg: ClusterConfig, index: int, arrival: float, prompt: int, ou
     cap = max(min(cap, cfg.max_model_len - prompt), 1)
     req = SimRequest(index + 1, index, float(arrival), prompt, cap, output, cfg.max_model_len,
                      ignore_eos, slo)
+    if oracle:  # the ablation that shows what prediction costs: policies see the truth
+        req.predicted_output = req.predicted_high = output
     if prompt < 1:
         req.error = "empty prompt"
     elif prompt >= cfg.max_model_len:
@@ -174,6 +184,7 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
     ingress_s = cfg.ingress_s
     ingress_free = 0.0
     caps = workload.max_tokens or itertools.repeat(None)
+    oracle = cfg.prediction_mode() == "oracle"
     for i, (sent, p, o, cap) in enumerate(zip(workload.arrival_s, workload.prompt_len,
                                               workload.output_len, caps)):
         # The controller gets the request once the ingress, one request at a time, is done
@@ -187,7 +198,7 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
                 inst.schedule(touched_t)
             touched.clear()
         advance(t)
-        req = make_request(cfg, i, sent, p, o, cap, workload.slo)
+        req = make_request(cfg, i, sent, p, o, cap, workload.slo_of(i), oracle)
         if req.error:
             if w == 0:
                 requests.append(req)

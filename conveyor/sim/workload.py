@@ -52,6 +52,8 @@ class Workload:
     with EOS ignored (so every request ends at its cap)."""
     slo: SLO | None = None
     """The latency target every request carries (bench's --slo sends it with each)."""
+    slos: list[SLO | None] | None = None
+    """Per request, its own target instead (a mix of SLO classes); None: `slo` for all."""
 
     def __post_init__(self) -> None:
         n = len(self.arrival_s)
@@ -59,6 +61,8 @@ class Workload:
             raise WorkloadError("arrival_s, prompt_len and output_len differ in length")
         if self.max_tokens is not None and len(self.max_tokens) != n:
             raise WorkloadError("max_tokens and arrival_s differ in length")
+        if self.slos is not None and len(self.slos) != n:
+            raise WorkloadError("slos and arrival_s differ in length")
         if any(b < a for a, b in zip(self.arrival_s, self.arrival_s[1:])):
             order = sorted(range(n), key=self.arrival_s.__getitem__)
             self.arrival_s = [self.arrival_s[i] for i in order]
@@ -66,9 +70,14 @@ class Workload:
             self.output_len = [self.output_len[i] for i in order]
             if self.max_tokens is not None:
                 self.max_tokens = [self.max_tokens[i] for i in order]
+            if self.slos is not None:
+                self.slos = [self.slos[i] for i in order]
 
     def with_slo(self, slo: SLO | None) -> "Workload":
         return dataclasses.replace(self, slo=slo)
+
+    def slo_of(self, i: int) -> SLO | None:
+        return self.slos[i] if self.slos is not None else self.slo
 
     def with_max_tokens(self, cap: int | None) -> "Workload":
         """The same requests sent by a client that caps every one at `cap` tokens and stops
@@ -78,7 +87,7 @@ class Workload:
         caps = None if cap is None else [cap] * len(self)
         return Workload(list(self.arrival_s), list(self.prompt_len), list(self.output_len),
                         {**self.description, "max_tokens": cap if cap else "output length"},
-                        caps, self.slo)
+                        caps, self.slo, self.slos)
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -99,7 +108,8 @@ class Workload:
         return Workload(list(times), list(self.prompt_len), list(self.output_len),
                         {**self.description, "request_rate": request_rate,
                          "burstiness": burstiness, "seed": seed},
-                        None if self.max_tokens is None else list(self.max_tokens), self.slo)
+                        None if self.max_tokens is None else list(self.max_tokens), self.slo,
+                        self.slos)
 
     def summary(self) -> dict[str, Any]:
         n = len(self)

@@ -36,6 +36,7 @@ from services.controller.instance import Served, ServedInstance
 from services.controller.kv_link import KVLink
 from services.controller.liveness import Liveness
 from services.controller.peers import from_ingress, from_stage, hello_allowed
+from services.controller.prediction import ControllerLengths
 
 log = get_logger()
 _WIRE_FINISH = {f: FinishReason[f.name] for f in Finish}
@@ -58,6 +59,11 @@ class Controller:
                                   cfg.deployment.step_timeout_s)
             for i in range(cfg.deployment.instances)]
         self.router = make_router(cfg.deployment.routing)
+        # Output lengths predicted at admission (InstanceCore.add) and learned at EOS, one
+        # predictor for every instance.
+        self.predictor = ControllerLengths(cfg)
+        for inst in self.instances:
+            inst.core.lengths = self.predictor.lengths
         self.requests: dict[int, CoreRequest] = {}
         """Live requests by id (finished ones leave at once, even with a batch in flight)."""
         self._ctx = ctx = make_context()
@@ -92,6 +98,7 @@ class Controller:
             await stop_tasks(list(tasks.values()))
             if self.auth is not None:
                 self.auth.stop()
+            self.predictor.save()
             self.endpoint.close()
             self.kv.close()
             self._ctx.destroy(linger=0)
@@ -185,6 +192,7 @@ class Controller:
         """The core ended a request: tell the ingress of an abort or error (a stop condition
         travels with the request's last token) and log it."""
         self.requests.pop(req.req_id, None)
+        self.predictor.learned()
         if req.finish in (Finish.ABORT, Finish.ERROR):
             self.outputs.append(RequestOutput(req.req_id, [], _WIRE_FINISH[req.finish],
                                               req.error, req.tag.error_code))
@@ -192,6 +200,8 @@ class Controller:
         log.info("request finished", req_id=req.req_id, finish=req.finish.name.lower(),
                  prompt_tokens=req.prompt, output_tokens=req.out, preemptions=req.preemptions,
                  instance=req.instance, **timings, **({"error": req.error} if req.error else {}),
+                 **({"predicted_output": req.predicted_output}
+                    if req.predicted_output is not None else {}),
                  **({"slo": req.slo.label, "slo_met": req.slo_met()} if req.slo else {}))
 
     def _on_release(self, req: CoreRequest) -> None:

@@ -1,0 +1,151 @@
+"""UELLM's SLO-ODBS on continuous batching (He et al., "UELLM: A Unified and Efficient Approach
+for LLM Inference Serving", ICSOC '24; the batch rule from its public code), with its two
+ablations, ODBS (by predicted length only) and SLO-DBS (by SLO only), as policies of their own.
+
+Waiting requests are ordered by  a·slack + b·predicted_output·token_seconds  (UELLM's a·SLO +
+b·length with a = 1, b = 0.5; Conveyor counts the SLO as the slack left to the first-token
+deadline, so a request that has waited rises, and a predicted token as `token_seconds` of it so
+that the two terms share a unit). Each micro-batch admits one group, walking that order: a
+request joins while the group has fewer than `max_group` members (UELLM's B = 10) and
+
+    (predicted − group's longest predicted) · (members + 1) · waste_factor <= max_waste
+
+(UELLM's 1.2 and 15000: the padding a static batch would waste); the first that breaks the
+rule, or that the token budget, the seats or the KV cannot take, closes the group, and the next
+micro-batch starts the next one. UELLM caps each batch's generation at its longest prediction +
+50; Conveyor never cuts a reply short: a request runs to its EOS or max_tokens.
+
+Who goes in is SLO-ODBS's; how much goes in is Token Throttling's (`throttle`, the default:
+the decode and prefill budgets of throttle.py) or a fixed budget (`throttle = false`: every
+ready decode, then `max_prefill_tokens` of prompts). New requests are admitted only while the
+KV cache holds their predicted footprint besides what the running ones are predicted to need
+(predicted_kv.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from msgspec import Meta
+
+from common.scheduling.policy import register_policy
+from common.scheduling.predicted_kv import growth_blocks, running_reserve
+from common.scheduling.sarathi import by_readiness
+from common.scheduling.throttle import ThrottlePolicy
+from common.scheduling.types import (WHOLE_QUEUE, MicroBatchPlan, PlanBuilder, RequestView,
+                                     SchedulerSnapshot, WaitingNeed, split_ready)
+
+_SLO_WEIGHT = "weight a of the slack (seconds to the first-token deadline) in the order"
+_LENGTH_WEIGHT = "weight b of the predicted output (in token_seconds units) in the order"
+
+
+@register_policy
+@dataclass
+class SloOdbsPolicy(ThrottlePolicy):
+    """UELLM SLO-ODBS: waiting requests by slack and predicted length, admitted in groups of
+    similar predicted length; KV reserved from predictions."""
+
+    name = "slo-odbs"
+    uses_predictions = True
+    slo_weight: Annotated[float, Meta(ge=0, description=_SLO_WEIGHT)] = 1.0
+    length_weight: Annotated[float, Meta(ge=0, description=_LENGTH_WEIGHT)] = 0.5
+    token_seconds: Annotated[float, Meta(gt=0, description=(
+        "seconds of slack one predicted output token weighs in the order"))] = 0.01
+    no_slo_slack_s: Annotated[float, Meta(ge=0, description=(
+        "slack counted for a request without a TTFT target"))] = 60.0
+    max_group: Annotated[int, Meta(ge=1, description=(
+        "most new requests admitted in one micro-batch (UELLM's B)"))] = 10
+    max_waste: Annotated[float, Meta(ge=0, description=(
+        "bound of UELLM's batch rule (predicted - longest) x (members + 1) x factor"))] = 15000.0
+    waste_factor: Annotated[float, Meta(ge=0, description=(
+        "factor of UELLM's batch rule"))] = 1.2
+    kv_margin: Annotated[float, Meta(ge=0, description=(
+        "KV is reserved for the high predicted output times (1 + this)"))] = 0.2
+    throttle: Annotated[bool, Meta(description=(
+        "size micro-batches by Token Throttling; false: every ready decode plus "
+        "max_prefill_tokens of prompts"))] = True
+
+    def waiting_need(self) -> WaitingNeed:
+        return WHOLE_QUEUE  # the order is not arrival order: every waiting request may lead
+
+    def order_key(self, req: RequestView, now: float) -> float:
+        slo = req.slo
+        if slo is not None and slo.ttft_s is not None:
+            slack = req.arrival + slo.ttft_s - now
+        else:
+            slack = self.no_slo_slack_s
+        predicted = req.predicted_output if req.predicted_output is not None else req.max_tokens
+        return self.slo_weight * slack + self.length_weight * predicted * self.token_seconds
+
+    def ordered(self, waiting: tuple[RequestView, ...], now: float) -> list[RequestView]:
+        """The waiting requests in SLO-ODBS order (ties: arrival)."""
+        return sorted(waiting, key=lambda r: (self.order_key(r, now), r.arrival))
+
+    def schedule(self, snap: SchedulerSnapshot) -> MicroBatchPlan:
+        decodes, prefills = split_ready(snap.ready)
+        decodes = by_readiness(decodes)
+        if self.throttle:
+            decode_budget = self.decode_budget(snap, len(decodes))
+            prefill_budget = self.prefill_budget(snap, prefills)
+        else:
+            decode_budget = min(len(decodes), self.max_num_seqs)
+            prefill_budget = min(self.max_prefill_tokens,
+                                 snap.kv.block_size * snap.kv.free_blocks)
+        plan = PlanBuilder(snap, decode_budget + prefill_budget, self.max_num_seqs)
+        plan.add_decodes(decodes, limit=decode_budget)
+        plan.token_budget = prefill_budget
+        reserve = self.reserved_blocks(snap) if self.throttle else 0
+        for req in prefills:  # prompts already started go on first, as under throttle
+            if plan.token_budget <= 0:
+                break
+            if not plan.is_preempted(req):
+                plan.try_add(req, min(req.pending, plan.token_budget), reserve)
+        if snap.waiting and plan.token_budget > 0:
+            self.admit_group(plan, snap, max(reserve, running_reserve(snap, self.kv_margin)))
+        if plan.chunks:
+            self._turn += 1
+        return plan.build()
+
+    def admit_group(self, plan: PlanBuilder, snap: SchedulerSnapshot, reserve: int) -> int:
+        """Admits one group from the ordered waiting requests (the module's rule) while each
+        one's predicted footprint fits beside `reserve`; returns how many joined."""
+        members, longest = 0, 0
+        for req in self.ordered(snap.waiting, snap.now):
+            predicted = req.predicted_output if req.predicted_output is not None \
+                else req.max_tokens
+            if members >= self.max_group or plan.token_budget <= 0 \
+                    or plan.seats_used >= self.max_num_seqs:
+                break
+            if members and (predicted - longest) * (members + 1) * self.waste_factor \
+                    > self.max_waste:
+                break
+            chunk = min(req.pending, plan.token_budget)
+            own = growth_blocks(req, snap.kv, self.kv_margin) - snap.kv.blocks_to_add(req, chunk)
+            if snap.num_running == 0 and not members:
+                own = 0  # an idle instance always takes its first request, prediction or not
+            if not plan.try_add(req, chunk, reserve + max(own, 0)):
+                break
+            reserve += max(own, 0)
+            members += 1
+            longest = max(longest, predicted)
+        return members
+
+
+def _ablation(name: str, slo_weight: float, length_weight: float, doc: str) -> type:
+    """A policy of its own for each of UELLM's ablations: SLO-ODBS with other default weights
+    (so `--policy odbs` selects it, and its table has its own defaults)."""
+    cls = dataclass(type(name.replace("-", "_").title().replace("_", "") + "Policy",
+                         (SloOdbsPolicy,), {
+        "__doc__": doc, "name": name,
+        "__annotations__": {"slo_weight": Annotated[float, Meta(ge=0, description=_SLO_WEIGHT)],
+                            "length_weight": Annotated[float, Meta(
+                                ge=0, description=_LENGTH_WEIGHT)]},
+        "slo_weight": slo_weight, "length_weight": length_weight}))
+    cls.__module__ = __name__
+    return register_policy(cls)
+
+
+OdbsPolicy = _ablation("odbs", 0.0, 0.5, "UELLM ODBS: SLO-ODBS ordered by predicted length "
+                       "only.")
+SloDbsPolicy = _ablation("slo-dbs", 1.0, 0.0, "UELLM SLO-DBS: SLO-ODBS ordered by SLO only.")

@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""UELLM's comparison in the simulator (issue 12): SLO-ODBS, its ablations ODBS and SLO-DBS, an
+S³-style baseline, fcfs and throttle, all Conveyor's own policy objects driven by the instance
+core, on a paper-scale cluster (default: Llama-3-8B over four H100 stages, roofline costs,
+deploy/clusters/h100-llama3-8b.toml), with ShareGPT lengths and replies ending at their EOS.
+
+1. Load sweep: Poisson arrivals at --loads fractions of the cluster's capacity (measured: the
+   steady completion rate of a burst under fcfs, the middle 80% of completions), every request
+   drawn into one of three SLO classes scaled to the cluster (Conveyor's choice: TTFT/TPOT
+   targets of 0.1 s/20 ms, 0.5 s/50 ms and 2 s/100 ms, a third each). Reports the SLO violation
+   rate and p99 E2E per policy and load.
+2. UELLM's own experiment: --uellm-prompts requests at t = 0 with end-to-end SLOs drawn as
+   UELLM draws them (80% uniform in 150-300 s, 20% in 90-100 s), scaled by this cluster's fcfs
+   total time over UELLM's S³ total (267 s). The policy is given the E2E SLO as its deadline
+   (Conveyor's SLO carries a TTFT target, which the SLO-ODBS order reads); a violation is an
+   E2E over the SLO. Total time and violation rate, with predicted and with oracle lengths.
+
+The online predictor sees in the simulator only the prompt's length (simulated requests have
+no tokens); it is warm-started on --warm ShareGPT (prompt, reply) lengths of another sample.
+
+    .venv/bin/python scripts/sim_uellm_comparison.py                  # ~3 min
+    .venv/bin/python scripts/sim_uellm_comparison.py --num-prompts 1000 --loads 0.8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.scheduling.types import SLO  # noqa: E402
+
+CLASSES = (SLO(0.1, 0.02, "tight"), SLO(0.5, 0.05, "standard"), SLO(2.0, 0.1, "relaxed"))
+UELLM_S3_TOTAL_S = 267.0
+
+
+def cluster(path: str, policy: str, mode: str, state: str | None) -> Any:
+    from conveyor.sim.cluster import load_cluster
+
+    overrides: dict[str, Any] = {"scheduler.policy": policy, "predictor.mode": mode}
+    if state:
+        overrides["predictor.state_file"] = state
+    return load_cluster(path, overrides)
+
+
+def run(cfg: Any, wl: Any) -> list[Any]:
+    from conveyor.sim.cluster import build_cost_model
+    from conveyor.sim.engine import simulate
+
+    return simulate(cfg, build_cost_model(cfg), wl).requests
+
+
+def warm_state(n: int, directory: Path) -> str | None:
+    """A predictor state trained on n ShareGPT (prompt, reply) lengths of another sample."""
+    if n <= 0:
+        return None
+    from common.prediction import OnlineLengthPredictor
+    from common.prediction.store import save_predictor
+    from conveyor.sim.workload import sharegpt_lengths
+
+    p = OnlineLengthPredictor()
+    for prompt, out in sharegpt_lengths(n, seed=1, max_len=4096):
+        p.observe(prompt, None, out)
+    path = directory / "warm.npz"
+    save_predictor(p, path)
+    return str(path)
+
+
+def capacity(path: str, base: Any) -> float:
+    ends = np.sort([r.last_token for r in run(cluster(path, "fcfs", "off", None), base)])
+    n = len(ends)
+    return 0.8 * n / (ends[int(0.9 * n)] - ends[int(0.1 * n)])
+
+
+def load_sweep(args: Any, base: Any, state: str | None) -> list[dict[str, Any]]:
+    cap = args.capacity or capacity(args.cluster, base)
+    print(f"capacity {cap:.1f} req/s", flush=True)
+    rng = random.Random(args.seed)
+    slos = [rng.choice(CLASSES) for _ in range(len(base))]
+    rows = []
+    for load in args.loads:
+        wl = base.at_rate(cap * load, args.burstiness, args.seed)
+        wl.slos = slos
+        for policy in args.policies:
+            reqs = run(cluster(args.cluster, policy, "auto", state), wl)
+            e2e = [r.timings()["e2e_s"] for r in reqs]
+            row = {"load": load, "rate": round(cap * load, 2), "policy": policy,
+                   "violations": float(np.mean([not r.slo_met() for r in reqs])),
+                   "p99_e2e_s": float(np.percentile(e2e, 99)),
+                   "p99_ttft_s": float(np.percentile([r.timings()["ttft_s"] for r in reqs], 99)),
+                   "preemptions": sum(r.preemptions for r in reqs)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def uellm_experiment(args: Any, state: str | None) -> list[dict[str, Any]]:
+    from conveyor.sim.workload import make_workload
+
+    wl = make_workload("sharegpt", args.uellm_prompts, seed=args.seed + 7,
+                       sharegpt_max_len=4096).with_max_tokens(4096)
+    fcfs_total = max(r.last_token for r in run(cluster(args.cluster, "fcfs", "off", None), wl))
+    scale = fcfs_total / UELLM_S3_TOTAL_S
+    rng = random.Random(args.seed)
+    deadlines = [scale * (rng.uniform(90, 100) if rng.random() < 0.2 else rng.uniform(150, 300))
+                 for _ in range(len(wl))]
+    wl.slos = [SLO(d, None, "e2e") for d in deadlines]
+    rows = []
+    for policy in args.uellm_policies:
+        for mode in ("online", "oracle"):
+            reqs = sorted(run(cluster(args.cluster, policy, mode, state), wl),
+                          key=lambda r: r.index)
+            e2e = [r.timings()["e2e_s"] for r in reqs]
+            row = {"policy": policy, "lengths": "predicted" if mode == "online" else "oracle",
+                   "total_s": max(r.last_token for r in reqs), "mean_e2e_s": float(np.mean(e2e)),
+                   "violations": float(np.mean([t > d for t, d in zip(e2e, deadlines)])),
+                   "slo_scale": scale}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(sweep: list[dict[str, Any]], uellm: list[dict[str, Any]]) -> str:
+    out = ["| load | policy | SLO violations | p99 E2E (s) | p99 TTFT (s) | preemptions |",
+           "|---|---|---|---|---|---|"]
+    out += [f"| {r['load']:.0%} ({r['rate']} req/s) | {r['policy']} | {r['violations']:.1%} | "
+            f"{r['p99_e2e_s']:.2f} | {r['p99_ttft_s']:.3f} | {r['preemptions']} |"
+            for r in sweep]
+    out += ["", "| policy | lengths | total time (s) | mean E2E (s) | SLO violations |",
+            "|---|---|---|---|---|"]
+    out += [f"| {r['policy']} | {r['lengths']} | {r['total_s']:.2f} | {r['mean_e2e_s']:.2f} | "
+            f"{r['violations']:.0%} |" for r in uellm]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cluster", default=str(ROOT / "deploy/clusters/h100-llama3-8b.toml"))
+    ap.add_argument("--num-prompts", type=int, default=3000)
+    ap.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")],
+                    default=[0.5, 0.8, 1.0])
+    ap.add_argument("--capacity", type=float, default=0.0, help="req/s (0: measure it)")
+    ap.add_argument("--burstiness", type=float, default=1.0)
+    ap.add_argument("--policies", type=lambda s: s.split(","),
+                    default=["fcfs", "throttle", "s3", "slo-odbs"])
+    ap.add_argument("--uellm-prompts", type=int, default=100)
+    ap.add_argument("--uellm-policies", type=lambda s: s.split(","),
+                    default=["slo-odbs", "odbs", "slo-dbs", "s3", "fcfs"])
+    ap.add_argument("--warm", type=int, default=5000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    from conveyor.sim.workload import make_workload
+
+    with tempfile.TemporaryDirectory() as tmp:
+        state = warm_state(args.warm, Path(tmp))
+        base = make_workload("sharegpt", args.num_prompts, seed=args.seed,
+                             sharegpt_max_len=4096).with_max_tokens(4096)
+        sweep = load_sweep(args, base, state) if args.loads else []
+        uellm = uellm_experiment(args, state) if args.uellm_prompts else []
+    table = markdown(sweep, uellm)
+    print(table)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "uellm_comparison.md").write_text(table + "\n")
+        Path(args.out, "uellm_comparison.json").write_text(json.dumps(
+            {"sweep": sweep, "uellm": uellm}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

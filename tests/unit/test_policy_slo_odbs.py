@@ -1,0 +1,109 @@
+"""UELLM's SLO-ODBS on continuous batching, its ablations and the S³-style baseline: the order,
+the batch rule and the predicted KV reserve on hand-computed cases, and whole workloads
+finishing through the instance core (with the online predictor filling the lengths)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from common.prediction import OnlineLengthPredictor
+from common.prediction.requests import RequestLengths
+from common.scheduling.policy import make_policy
+from common.scheduling.types import SLO, KVView, RequestView, SchedulerSnapshot
+from tests.unit.policy_driver import MiniDriver
+
+TTFT2 = SLO(ttft_s=2.0)
+
+
+def waiting(req_id, arrival=0.0, pred=100, slo=TTFT2, prompt=16, high=None):
+    return RequestView(req_id, arrival, prompt, prompt, 0, 0, 1 << 20, slo=slo,
+                       predicted_output=pred, predicted_high=high if high is not None else pred)
+
+
+def snap(wait=(), ready=(), free=10_000, total=10_000, running=0, now=10.0):
+    return SchedulerSnapshot(now, 2, tuple(wait), tuple(ready), running, (),
+                             KVView(total, free, 16))
+
+
+def admitted(plan):
+    return [c.req_id for c in plan.chunks]
+
+
+def test_the_order_weighs_slack_and_predicted_length():
+    # keys at now = 10 (a = 1, b = 0.5, 0.01 s a token): A 1 + 1.5 = 2.5, B 1.5 + 0.1 = 1.6,
+    # C (no SLO) 60 + 0.05, D -3 + 5 = 2 (late already, but predicted long).
+    reqs = [waiting(1, 9.0, 300), waiting(2, 9.5, 20), waiting(3, 0.0, 10, slo=None),
+            waiting(4, 5.0, 1000)]
+    order = {name: [r.req_id for r in make_policy(name).ordered(tuple(reqs), 10.0)]
+             for name in ("slo-odbs", "odbs", "slo-dbs")}
+    assert order == {"slo-odbs": [2, 4, 1, 3], "odbs": [3, 2, 1, 4], "slo-dbs": [4, 1, 2, 3]}
+
+
+def test_a_group_closes_at_uellms_waste_rule():
+    # SLO-DBS order = arrival here. 100 then 5000: (5000-100) x 2 x 1.2 = 11760 <= 15000, in;
+    # then 9500: (9500-5000) x 3 x 1.2 = 16200 > 15000, the group closes.
+    policy = make_policy("slo-dbs", throttle=False, max_prefill_tokens=4096)
+    reqs = [waiting(1, 0.0, 100), waiting(2, 0.1, 5000), waiting(3, 0.2, 9500),
+            waiting(4, 0.3, 9500)]
+    assert admitted(policy.schedule(snap(reqs))) == [1, 2]
+    # The next micro-batch starts the next group: 9500 and 9500 (no growth, no waste).
+    assert admitted(policy.schedule(snap(reqs[2:]))) == [3, 4]
+
+
+def test_a_group_has_at_most_max_group_members():
+    policy = make_policy("slo-odbs", throttle=False, max_prefill_tokens=4096)
+    reqs = [waiting(i, i * 0.01, 50) for i in range(1, 13)]
+    assert admitted(policy.schedule(snap(reqs))) == list(range(1, 11))  # UELLM's B = 10
+    assert len(admitted(make_policy("slo-odbs", throttle=False, max_prefill_tokens=4096,
+                                    max_group=3).schedule(snap(reqs)))) == 3
+
+
+def test_admission_keeps_the_predicted_kv_of_running_requests_free():
+    # A running decode: 16 prompt + 10 out, planned to 100 x 1.2 = 120 out: 136 tokens = 9
+    # blocks, 2 held, 7 to come. A new request: 160 prompt (10 blocks) planned to 1200 out:
+    # 1360 tokens = 85 blocks, 75 beyond its prompt. Free 98: the first fits (10 <= 98 - 7 -
+    # 75), a second one does not (10 > 88 - 82 - 75).
+    decode = RequestView(9, 0.0, 16, 26, 25, 2, 1 << 20, num_output_tokens=10,
+                         slo=TTFT2, predicted_output=50, predicted_high=100)
+    reqs = [waiting(1, 1.0, 500, prompt=160, high=1000),
+            waiting(2, 1.1, 500, prompt=160, high=1000)]
+    policy = make_policy("slo-odbs", throttle=False, max_prefill_tokens=4096)
+    plan = policy.schedule(snap(reqs, [decode], free=98, total=100, running=1))
+    assert admitted(plan) == [9, 1]
+    # fcfs, with no reserve, takes both prompts.
+    fcfs = make_policy("fcfs", max_num_batched_tokens=4096).schedule(
+        snap(reqs, [decode], free=98, total=100, running=1))
+    assert admitted(fcfs) == [9, 1, 2]
+
+
+def test_s3_packs_by_predicted_footprint_first_fit():
+    decode = RequestView(9, 0.0, 16, 26, 25, 2, 1 << 20, num_output_tokens=10,
+                         predicted_output=20, predicted_high=20)
+    # 1: 16 + 3000 predicted = 189 blocks, more than the pool: skipped; 2: 16 + 100 = 8 fits.
+    reqs = [waiting(1, 1.0, 3000, slo=None), waiting(2, 1.1, 100, slo=None)]
+    plan = make_policy("s3").schedule(snap(reqs, [decode], free=98, total=100, running=1))
+    assert admitted(plan) == [9, 2]
+
+
+def test_a_request_that_outlives_its_prediction_has_it_doubled():
+    from common.scheduling.predicted_kv import planned_output
+
+    r = RequestView(1, 0.0, 16, 16 + 150, 16 + 149, 11, 1000, num_output_tokens=150,
+                    predicted_output=40, predicted_high=50)
+    assert planned_output(r, 0.0) == 200  # 50 -> 100 -> 200, ahead of its 150 again
+    assert planned_output(RequestView(2, 0.0, 16, 16, 0, 0, 64), 0.2) == 64  # no prediction
+
+
+@pytest.mark.parametrize("name", ["slo-odbs", "odbs", "slo-dbs", "s3"])
+@pytest.mark.parametrize("total_blocks", [80, 2000])
+def test_every_request_finishes_with_the_predictor_filling_lengths(name, total_blocks):
+    driver = MiniDriver(make_policy(name), depth=4, total_blocks=total_blocks)
+    driver.core.lengths = RequestLengths(OnlineLengthPredictor())
+    rng = random.Random(7)
+    for _ in range(60):
+        req = driver.add(prompt=rng.randint(8, 300), max_out=rng.randint(1, 60))
+        assert req.predicted_output is not None and req.predicted_high is not None
+    driver.run()
+    assert all(r.out == r.max_tokens for r in driver.requests)
