@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from common.scheduling.types import StageView
+from common.stats import StageLive
 
 PRIOR_VARIANCE = 1e6
 """The least-squares fit's initial uncertainty: large, so the first few steps decide it."""
@@ -50,10 +51,20 @@ class StepTimeModel:
         p = self.cov
         px = [p[i][0] * x[0] + p[i][1] * x[1] + p[i][2] * x[2] for i in range(3)]
         denom = lam + x[0] * px[0] + x[1] * px[1] + x[2] * px[2]
-        gain = [v / denom for v in px]
-        err = compute_s - (self.theta[0] * x[0] + self.theta[1] * x[1] + self.theta[2] * x[2])
-        self.theta = [t + g * err for t, g in zip(self.theta, gain)]
-        self.cov = [[(p[i][j] - gain[i] * px[j]) / lam for j in range(3)] for i in range(3)]
+        if denom > 0 and denom < float("inf"):
+            gain = [v / denom for v in px]
+            err = compute_s - (self.theta[0] + self.theta[1] * x[1] + self.theta[2] * x[2])
+            self.theta = [t + g * err for t, g in zip(self.theta, gain)]
+            cov = [[(p[i][j] - gain[i] * px[j]) / lam for j in range(3)] for i in range(3)]
+            # Forgetting inflates the covariance along directions the steps do not excite
+            # (no prefill for a while, say) without bound: cap it at the prior, so the fit
+            # stays finite and merely stays ready to learn there.
+            trace = cov[0][0] + cov[1][1] + cov[2][2]
+            if not trace <= 3 * PRIOR_VARIANCE:
+                k = 3 * PRIOR_VARIANCE / trace if trace < float("inf") else 0.0
+                cov = ([[v * k for v in row] for row in cov] if k else
+                       [[PRIOR_VARIANCE if i == j else 0.0 for j in range(3)] for i in range(3)])
+            self.cov = cov
         self.count += 1
         # Exponential averages, started at the first report rather than at 0.
         a = 1.0 / self.count if self.count < 1 / (1 - lam + 1e-12) else 1 - lam
@@ -104,3 +115,18 @@ class StageFeedback:
                                per_decode_s=m.theta[2] if m.count >= 3 else 0.0,
                                steps=m.count, completed=self.completed)
                      for s, m in enumerate(self.models))
+
+
+def live_stages(core, policy) -> list[StageLive]:
+    """Each stage's live gauges for the statistics: its queue and step time, and the SLO
+    budget and target queue of a policy with a stage controller (`stage_report`)."""
+    report = getattr(policy, "stage_report", None)
+    extra = report() if report is not None else {}
+    budgets, targets = extra.get("budgets_s") or [], extra.get("targets") or []
+    queues = core.feedback.queue_lengths(core.inflight.values())
+    out = []
+    for s, m in enumerate(core.feedback.models):
+        b = budgets[s] if s < len(budgets) and budgets[s] != float("inf") else None
+        out.append(StageLive(stage=s, queue=queues[s], step_s=m.mean_s, budget_s=b,
+                             target_queue=targets[s] if s < len(targets) else None))
+    return out

@@ -35,7 +35,8 @@ _IVB = _twin(InflightView)
 
 def view(r: "CoreRequest", _n=_new, _b=_RVB, _c=RequestView) -> RequestView:
     """RequestView(req_id, arrival, prompt, prompt + out, computed, blocks, max_tokens, out,
-    inflight > 0, last_scheduled, slo, predicted_output), cached on the request."""
+    inflight > 0, last_scheduled, slo, predicted_output, first_token), cached on the
+    request."""
     v = _n(_b)
     v.req_id = r.req_id
     v.arrival = r.arrival
@@ -49,6 +50,7 @@ def view(r: "CoreRequest", _n=_new, _b=_RVB, _c=RequestView) -> RequestView:
     v.last_scheduled = r.last_scheduled
     v.slo = r.slo
     v.predicted_output = r.predicted_output
+    v.first_token = r.first_token
     v.__class__ = _c
     r.view = v
     return v

@@ -147,4 +147,4 @@ def waiting_need_of(policy: object) -> WaitingNeed:
 
 def _load_builtin() -> None:
     # Importing a policy module registers it.
-    from common.scheduling import fcfs, sarathi, throttle  # noqa: F401
+    from common.scheduling import fcfs, planck, sarathi, throttle  # noqa: F401

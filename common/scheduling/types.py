@@ -71,6 +71,8 @@ class RequestView:
     slo: SLO | None = None
     predicted_output: int | None = None
     """A predictor's estimate of the output length; policies never see the true length."""
+    first_token: float | None = None
+    """When its first token came back (None before): decode deadlines count from it."""
 
     @property
     def pending(self) -> int:

@@ -187,7 +187,7 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
                 inst.schedule(touched_t)
             touched.clear()
         advance(t)
-        req = make_request(cfg, i, sent, p, o, cap, workload.slo)
+        req = make_request(cfg, i, sent, p, o, cap, workload.slo_of(i))
         if req.error:
             if w == 0:
                 requests.append(req)

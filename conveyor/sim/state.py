@@ -67,7 +67,10 @@ class SimInstance(InstanceCore):
         self.sample_interval = 1e-3
         self._next_sample = 0.0
         self.stage_queue_area = [0.0] * cfg.num_stages
-        """Time integral of each stage's queue (the stage feedback's count)."""
+        """Time integral of each stage's queue: the time each micro-batch spent there (from
+        reaching it, its activations sent, to its end there), added up as it completes."""
+        self._sent: dict[int, float] = {}
+        """When each micro-batch in flight reached stage 0 (dispatched)."""
         self.stage_samples: list[tuple[float, tuple[int, ...], int]] = []
         """(time, each stage's queue, micro-batches allowed in flight), with `samples`."""
         self.samples: list[tuple[float, int, int, int]] = [(0.0, 0, 0, 0)]
@@ -83,18 +86,13 @@ class SimInstance(InstanceCore):
             self.wait_area += len(self.waiting) * dt
             self.used_area += (self.total_blocks - self.free_blocks) * dt
             self.inflight_area += len(self.inflight) * dt
-            if self.inflight:
-                area = self.stage_queue_area
-                for stage, q in enumerate(self.feedback.queue_lengths(self.inflight.values())):
-                    area[stage] += q * dt
             self._g_t = now
 
     def _sample(self, now: float) -> None:
         samples = self.samples
         samples.append((now, len(self.waiting), self.num_running,
                         self.total_blocks - self.free_blocks))
-        self.stage_samples.append((now, tuple(self.feedback.queue_lengths(
-            self.inflight.values())), self.allowance))
+        self.stage_samples.append((now, self.stage_queues_at(now), self.allowance))
         if len(samples) >= 2 * self.sample_points:
             del samples[1::2]
             del self.stage_samples[1::2]
@@ -145,6 +143,7 @@ class SimInstance(InstanceCore):
                                                batch.keys / prefill if prefill else 0.0,
                                                batch.longest)
             batch.stage_ends = []
+            self._sent[batch.mb_id] = now + self.dispatch_latency
             self.pipeline.submit(now + self.dispatch_latency, durations, hop, self.on_complete,
                                  batch, corun, batch.stage_ends)
             if self.dispatch_latency:
@@ -153,6 +152,23 @@ class SimInstance(InstanceCore):
                 break
         if now >= self._next_sample:
             self._sample(now)
+
+    def stage_queues_at(self, now: float) -> tuple[int, ...]:
+        """Each stage's queue at `now` as the stage feedback counts it, from the logs."""
+        queues = [0] * self.depth
+        for batch in self.inflight.values():
+            log = batch.stage_ends or ()
+            queues[min(sum(1 for e in log if e[0] <= now), self.depth - 1)] += 1
+        return tuple(queues)
+
+    def _add_stage_times(self, batch: Any) -> None:
+        reached = self._sent.pop(batch.mb_id, None)
+        if reached is None or not batch.stage_ends:
+            return
+        area = self.stage_queue_area
+        for stage, (end, _, _) in enumerate(batch.stage_ends):
+            area[stage] += end - reached
+            reached = end
 
     def report_stages(self, now: float) -> None:
         """Every stage end the clock has passed, to the core's stage feedback, in order."""
@@ -173,6 +189,7 @@ class SimInstance(InstanceCore):
         if next(iter(self.inflight)) != batch.mb_id:
             raise SimulationError("micro-batches completed out of dispatch order")
         self.report_stages(now)  # this batch's last stage included
+        self._add_stage_times(batch)
         # Each sampled request's token: EOS at its true length (SimRequest.true_output).
         sampling = batch.sampling
         if self.honors_eos:

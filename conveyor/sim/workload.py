@@ -52,6 +52,8 @@ class Workload:
     with EOS ignored (so every request ends at its cap)."""
     slo: SLO | None = None
     """The latency target every request carries (bench's --slo sends it with each)."""
+    slos: list[SLO | None] | None = None
+    """Each request's own target (SLO classes mixed in one workload), over `slo`."""
 
     def __post_init__(self) -> None:
         n = len(self.arrival_s)
@@ -66,9 +68,20 @@ class Workload:
             self.output_len = [self.output_len[i] for i in order]
             if self.max_tokens is not None:
                 self.max_tokens = [self.max_tokens[i] for i in order]
+            if self.slos is not None:
+                self.slos = [self.slos[i] for i in order]
 
     def with_slo(self, slo: SLO | None) -> "Workload":
         return dataclasses.replace(self, slo=slo)
+
+    def with_slo_mix(self, classes: list[tuple[SLO, float]], seed: int = 0) -> "Workload":
+        """Each request given one of `classes` at random, by weight (seeded)."""
+        rng = random.Random(seed)
+        slos, weights = [c for c, _ in classes], [w for _, w in classes]
+        return dataclasses.replace(self, slos=rng.choices(slos, weights, k=len(self)))
+
+    def slo_of(self, i: int) -> SLO | None:
+        return self.slos[i] if self.slos is not None else self.slo
 
     def with_max_tokens(self, cap: int | None) -> "Workload":
         """The same requests sent by a client that caps every one at `cap` tokens and stops
@@ -78,7 +91,7 @@ class Workload:
         caps = None if cap is None else [cap] * len(self)
         return Workload(list(self.arrival_s), list(self.prompt_len), list(self.output_len),
                         {**self.description, "max_tokens": cap if cap else "output length"},
-                        caps, self.slo)
+                        caps, self.slo, self.slos)
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -99,7 +112,8 @@ class Workload:
         return Workload(list(times), list(self.prompt_len), list(self.output_len),
                         {**self.description, "request_rate": request_rate,
                          "burstiness": burstiness, "seed": seed},
-                        None if self.max_tokens is None else list(self.max_tokens), self.slo)
+                        None if self.max_tokens is None else list(self.max_tokens), self.slo,
+                        self.slos)
 
     def summary(self) -> dict[str, Any]:
         n = len(self)
