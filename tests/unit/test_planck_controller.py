@@ -2,7 +2,6 @@
 (common/scheduling/stage_control.py): the step-time model, the queue counts, the core's one
 in-flight rule, and the controller's response to a step in load in the simulator."""
 
-import dataclasses
 from pathlib import Path
 
 import pytest
