@@ -137,3 +137,20 @@ def test_after_a_load_step_the_bottleneck_queue_is_held_at_target():
     plain, plain_end = run("throttle")
     assert ctl <= 2.0 < 2.2 < plain
     assert ctl_end == pytest.approx(plain_end, rel=0.01)  # no throughput given up
+
+
+def test_stage_gauges_reach_conveyor_stats_and_prometheus():
+    from common.stats import ControllerStats, InstanceStats, StageLive
+    from services.ingress.prometheus import render
+
+    inst = InstanceStats(instance=0, inflight_allowed=6,
+                         stages=[StageLive(stage=0, queue=1, step_s=0.01, budget_s=0.02,
+                                           target_queue=2.0),
+                                 StageLive(stage=1, queue=3, step_s=0.03)])
+    text = render(ControllerStats(instances=[inst]), "m").decode()
+    assert 'conveyor_stage_queue_micro_batches{instance="0",model_name="m",stage="1"} 3.0' in text
+    assert 'conveyor_stage_slo_budget_seconds{instance="0",model_name="m",stage="0"} 0.02' in text
+    assert 'stage="1"' not in text.split("conveyor_stage_slo_budget_seconds")[2].split("#")[0]
+    assert 'conveyor_num_micro_batches_allowed{instance="0",model_name="m"} 6.0' in text
+    assert ControllerStats.from_builtins(ControllerStats(instances=[inst]).to_builtins()) \
+        .instances[0].stages[1].queue == 3
