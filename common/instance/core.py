@@ -12,10 +12,17 @@ The cycle, driven by the wrapper:
 * `commit` dispatches a plan: chunks take their blocks and advance `computed` (it counts
   in-flight tokens); a chunk that reaches the last known token samples, and its request awaits
   that token (not schedulable until the micro-batch returns);
+* `stage_done` takes one stage's report of a micro-batch (its compute and wait time) into the
+  stage feedback (feedback.py): per-stage step-time models and queue lengths, shown to a
+  policy that reads them (`SchedulingPolicy.reads_stage_feedback`) as `snapshot.stages`;
 * `complete` takes the last stage's sampled tokens and applies the stop conditions (stop
   tokens, max_tokens, the context length); `finish` ends a request for any other reason
   (abort, error). A finished request's blocks are released once no micro-batch in flight
   still holds it.
+
+How many micro-batches may be in flight is one rule, here: the policy's
+`inflight_allowance(max_inflight, stages)` (by default `max_inflight` itself; a feedback
+controller may move it), so the controller and the simulator obey the same allowance.
 
 The policy is shown `waiting` as a head of the queue, sized by the policy's own declaration
 (`SchedulingPolicy.waiting_need`), and not asked at all when nothing is waiting and every
@@ -32,6 +39,7 @@ from collections.abc import Callable, Sequence
 from operator import attrgetter
 
 from common.instance.batch import CoreBatch
+from common.instance.feedback import StageFeedback
 from common.instance.request import CoreRequest, Finish
 from common.instance.views import make_kv, make_snapshot, view as _view
 from common.instance.waiting import WaitingHead
@@ -92,6 +100,9 @@ class InstanceCore:
         self.lengths = None
         """A common.prediction.RequestLengths: fills predicted lengths as requests are added
         and learns from those that end at EOS (None: no predictor)."""
+        self.feedback = StageFeedback(depth)
+        self.allowance = max_inflight
+        """Micro-batches the policy last allowed in flight (`inflight_allowance`)."""
 
     def resize_pool(self, total_blocks: int) -> None:
         """The pool is known (the controller learns it once every stage has registered)."""
@@ -175,7 +186,10 @@ class InstanceCore:
 
     # ---- scheduling -------------------------------------------------------------------------
 
-    def snapshot(self, now: float) -> SchedulerSnapshot:
+    def stage_views(self) -> tuple:
+        return self.feedback.views(self.inflight.values())
+
+    def snapshot(self, now: float, stages: tuple | None = None) -> SchedulerSnapshot:
         views = []
         add = views.append
         for r in self.ready:
@@ -184,14 +198,27 @@ class InstanceCore:
         waiting = self.head.views_of(self.waiting, self.num_running)
         return make_snapshot(now, self.depth, waiting, tuple(views), self.num_running,
                              tuple([b.iview for b in self.inflight.values()]),
-                             make_kv(self.total_blocks, self.free_blocks, self.block_size))
+                             make_kv(self.total_blocks, self.free_blocks, self.block_size),
+                             stages)
+
+    def inflight_limit(self, policy, stages: tuple | None) -> int:
+        """The one rule for how many micro-batches may be in flight: the policy's allowance
+        given the stage feedback, `max_inflight` for a policy without one."""
+        allow = getattr(policy, "inflight_allowance", None)
+        self.allowance = (self.max_inflight if allow is None
+                          else max(1, int(allow(self.max_inflight, stages))))
+        return self.allowance
 
     def next_plan(self, policy, now: float) -> MicroBatchPlan | None:
         """The policy's next micro-batch (its preemptions carried out), or None when the
         pipeline is full or the policy has nothing to dispatch."""
-        while len(self.inflight) < self.max_inflight and (self.ready or self.waiting):
+        if not (self.ready or self.waiting):
+            return None
+        stages = self.stage_views() if getattr(policy, "reads_stage_feedback", False) else None
+        limit = self.inflight_limit(policy, stages)
+        while len(self.inflight) < limit and (self.ready or self.waiting):
             self.policy_calls += 1
-            plan: MicroBatchPlan = policy.schedule(self.snapshot(now))
+            plan: MicroBatchPlan = policy.schedule(self.snapshot(now, stages))
             preempted = self.preempt(plan.preempt) if plan.preempt else 0
             if plan.chunks:
                 return plan
@@ -302,7 +329,7 @@ class InstanceCore:
         if sampling and self.ready:
             self.ready = [r for r in self.ready if not r.awaiting]
         batch = CoreBatch(next(self._mb_ids), sampling, partial, details, decode, prefill,
-                          context, keys, longest)
+                          context, keys, longest, plan.deadline)
         self.inflight[batch.mb_id] = batch
         self.load -= prefill + decode
         self.metrics.record_batch(prefill, decode)
@@ -326,6 +353,17 @@ class InstanceCore:
         self.head.valid = False
 
     # ---- completion -------------------------------------------------------------------------
+
+    def stage_done(self, mb_id: int, stage: int, compute_s: float, wait_s: float) -> None:
+        """Stage `stage` reports micro-batch `mb_id` done (call it before `complete` for the
+        last stage): its step time feeds that stage's model, its progress the queues. A
+        report of a micro-batch no longer in flight (failed, or completed) is dropped: its
+        shape is gone."""
+        batch = self.inflight.get(mb_id)
+        if batch is None or not 0 <= stage < self.depth:
+            return
+        self.feedback.step_done(stage, batch.prefill, batch.decode, compute_s, wait_s)
+        batch.stage_reported(stage)
 
     def complete(self, mb_id: int, tokens: Sequence[int], now: float) -> CoreBatch:
         """The last stage finished `mb_id`, sampling `tokens` (one per `batch.sampling`, in

@@ -35,8 +35,8 @@ _IVB = _twin(InflightView)
 
 def view(r: "CoreRequest", _n=_new, _b=_RVB, _c=RequestView) -> RequestView:
     """RequestView(req_id, arrival, prompt, prompt + out, computed, blocks, max_tokens, out,
-    inflight > 0, last_scheduled, slo, predicted_output, predicted_high), cached on the
-    request."""
+    inflight > 0, last_scheduled, slo, predicted_output, predicted_high, first_token),
+    cached on the request."""
     v = _n(_b)
     v.req_id = r.req_id
     v.arrival = r.arrival
@@ -51,15 +51,16 @@ def view(r: "CoreRequest", _n=_new, _b=_RVB, _c=RequestView) -> RequestView:
     v.slo = r.slo
     v.predicted_output = r.predicted_output
     v.predicted_high = r.predicted_high
+    v.first_token = r.first_token
     v.__class__ = _c
     r.view = v
     return v
 
 
 def make_snapshot(now: float, depth: int, waiting: tuple, ready: tuple, num_running: int,
-                  inflight: tuple, kv: KVView, _n=_new, _b=_SSB,
+                  inflight: tuple, kv: KVView, stages: tuple | None = None, _n=_new, _b=_SSB,
                   _c=SchedulerSnapshot) -> SchedulerSnapshot:
-    """SchedulerSnapshot(now, depth, waiting, ready, num_running, inflight, kv)."""
+    """SchedulerSnapshot(now, depth, waiting, ready, num_running, inflight, kv, stages)."""
     v = _n(_b)
     v.now = now
     v.pipeline_depth = depth
@@ -68,6 +69,7 @@ def make_snapshot(now: float, depth: int, waiting: tuple, ready: tuple, num_runn
     v.num_running = num_running
     v.inflight = inflight
     v.kv = kv
+    v.stages = stages
     v.__class__ = _c
     return v
 
@@ -81,10 +83,13 @@ def make_kv(total: int, free: int, block_size: int, _n=_new, _b=_KVB, _c=KVView)
     return v
 
 
-def make_inflight(decode: int, prefill: int, _n=_new, _b=_IVB,
+def make_inflight(decode: int, prefill: int, stages_done: int = 0,
+                  deadline: float = float("inf"), _n=_new, _b=_IVB,
                   _c=InflightView) -> InflightView:
     v = _n(_b)
     v.num_decode_tokens = decode
     v.num_prefill_tokens = prefill
+    v.stages_done = stages_done
+    v.deadline = deadline
     v.__class__ = _c
     return v

@@ -35,6 +35,9 @@ class SchedulingPolicy(ABC):
     name: ClassVar[str]
     uses_predictions: ClassVar[bool] = False
     """Reads RequestView.predicted_output (the simulator then predicts by default)."""
+    reads_stage_feedback: ClassVar[bool] = False
+    """Whether the snapshot should carry the stage feedback (`SchedulerSnapshot.stages`);
+    building it costs a little per micro-batch, so only a policy that reads it gets it."""
 
     @abstractmethod
     def schedule(self, snap: SchedulerSnapshot) -> MicroBatchPlan: ...
@@ -44,6 +47,12 @@ class SchedulingPolicy(ABC):
         it (the drivers show it no more). The default, the whole queue, is always right; a
         policy that admits in arrival order and stops at a budget can say less."""
         return WHOLE_QUEUE
+
+    def inflight_allowance(self, configured: int, stages: tuple | None) -> int:
+        """How many micro-batches may be in flight now (the instance core asks before every
+        plan; `configured` is scheduler.max_inflight, resolved). A feedback controller
+        moves it with the stages' queues; by default it is the configured figure."""
+        return configured
 
     def largest_prefill_chunk(self) -> int:
         """The most prompt tokens one micro-batch may carry: the stage workers warm up on a
@@ -140,4 +149,4 @@ def waiting_need_of(policy: object) -> WaitingNeed:
 
 def _load_builtin() -> None:
     # Importing a policy module registers it.
-    from common.scheduling import fcfs, s3, sarathi, slo_odbs, throttle  # noqa: F401
+    from common.scheduling import fcfs, planck, s3, sarathi, slo_odbs, throttle  # noqa: F401

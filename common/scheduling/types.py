@@ -74,6 +74,8 @@ class RequestView:
     length."""
     predicted_high: int | None = None
     """The predictor's high quantile of the output length (see common/prediction)."""
+    first_token: float | None = None
+    """When its first token came back (None before): decode deadlines count from it."""
 
     @property
     def pending(self) -> int:
@@ -91,6 +93,38 @@ class InflightView:
 
     num_decode_tokens: int
     num_prefill_tokens: int
+    stages_done: int = 0
+    """Stages that have reported it done (the stage feedback, common/instance/feedback.py)."""
+    deadline: float = float("inf")
+    """The plan's deadline (`MicroBatchPlan.deadline`): when it should leave the last stage."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageView:
+    """What one stage reported of late (common/instance/feedback.py): its queue (micro-batches
+    it has received and not finished, the one in service included) and a step-time model
+    fit online to its reports, `base_s + per_prefill_s * prefill + per_decode_s * decode`."""
+
+    stage: int
+    queue: int
+    step_s: float
+    """Recent mean compute time of a step (seconds)."""
+    wait_s: float = 0.0
+    """Recent mean time the stage waited for its input activations."""
+    base_s: float = 0.0
+    per_prefill_s: float = 0.0
+    per_decode_s: float = 0.0
+    steps: int = 0
+    """Reports the model has taken (0: nothing known yet)."""
+    completed: int = 0
+    """Micro-batches that have left the pipeline (the same in every stage's view)."""
+
+    def predict(self, prefill: int, decode: int) -> float:
+        """Seconds this stage should take for a step of that shape (the mean step until the
+        model has a fit)."""
+        if self.per_prefill_s == 0.0 and self.per_decode_s == 0.0:
+            return self.step_s
+        return max(self.base_s + self.per_prefill_s * prefill + self.per_decode_s * decode, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +155,9 @@ class SchedulerSnapshot:
     """Requests holding KV, including those awaiting a token (the seats taken)."""
     inflight: tuple[InflightView, ...]
     kv: KVView
+    stages: tuple[StageView, ...] | None = None
+    """The stage feedback, for a policy that declares it reads it
+    (`SchedulingPolicy.reads_stage_feedback`); None otherwise."""
 
 
 class ScheduledChunk(NamedTuple):
@@ -137,6 +174,9 @@ class MicroBatchPlan:
     chunks: tuple[ScheduledChunk, ...] = ()
     preempt: tuple[int, ...] = ()
     """Requests to send back to the waiting queue (their KV freed, recomputed later)."""
+    deadline: float = float("inf")
+    """When the policy wants this micro-batch out of the last stage (an SLO-aware policy's
+    budget; shown back as `InflightView.deadline` while it is in flight)."""
 
     @property
     def empty(self) -> bool:

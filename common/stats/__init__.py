@@ -5,9 +5,10 @@ from common.stats.metrics import (LATENCY_BUCKETS_S, LENGTH_BUCKETS, ControllerM
                                   Histogram, Moments, PendingClock, StageCounters)
 from common.stats.snapshot import (REQUEST_LATENCIES, BatchTokens, ControllerStats,
                                    HistogramStats, IngressStats, InstanceStats, MomentsStats,
-                                   SLOAttainment, StageStats, mean_std, request_times)
+                                   SLOAttainment, StageLive, StageStats, mean_std,
+                                   request_times)
 
 __all__ = ["LATENCY_BUCKETS_S", "LENGTH_BUCKETS", "REQUEST_LATENCIES", "BatchTokens",
            "ControllerMetrics", "ControllerStats", "Histogram", "HistogramStats",
            "IngressStats", "InstanceStats", "Moments", "MomentsStats", "PendingClock",
-           "SLOAttainment", "StageCounters", "StageStats", "mean_std", "request_times"]
+           "SLOAttainment", "StageCounters", "StageLive", "StageStats", "mean_std", "request_times"]

@@ -79,6 +79,21 @@ class StageStats(_Snapshot):
         return self.idle_s / self.pending_s if self.pending_s > 0 else None
 
 
+class StageLive(_Snapshot):
+    """Live gauges of one stage (the stage feedback, common/instance/feedback.py)."""
+
+    stage: int
+    queue: int = 0
+    """Micro-batches the stage has received and not finished."""
+    step_s: float = 0.0
+    """Recent mean compute time of its steps."""
+    budget_s: float | None = None
+    """The stage's SLO budget for its tightest micro-batch (an SLO-aware policy's; None
+    without one)."""
+    target_queue: float | None = None
+    """The stage controller's target queue (None without a controller)."""
+
+
 class InstanceStats(_Snapshot):
     """Live gauges of one instance (not cumulative)."""
 
@@ -91,6 +106,9 @@ class InstanceStats(_Snapshot):
     kv_free_blocks: int = 0
     kv_leased_blocks: int = 0
     kv_utilization: float = 0.0
+    inflight_allowed: int = 0
+    """Micro-batches the policy allows in flight now (InstanceCore.inflight_limit)."""
+    stages: list[StageLive] = []
 
 
 class SLOAttainment(_Snapshot):

@@ -166,13 +166,17 @@ class Pipeline:
         self.steps = 0
 
     def submit(self, now: float, durations: tuple[float, ...], hop: float,
-               on_done: Callable[[Any, float], None], arg: Any, corun: float = 1.0) -> None:
+               on_done: Callable[[Any, float], None], arg: Any, corun: float = 1.0,
+               stage_log: list | None = None) -> None:
         """A micro-batch dispatched at `now`; `on_done(arg, t)` runs when the last stage
         finishes it (one event, its path being fixed now). Stages that are devices of their
-        own do not slow each other, so `corun` plays no part here."""
-        self.push(self.run(now, durations, hop), on_done, arg)
+        own do not slow each other, so `corun` plays no part here. `stage_log` gets each
+        stage's (end, compute, wait) now, ahead of time: the simulator reports them to the
+        stage feedback once its clock passes each end (state.py), with no event of their own."""
+        self.push(self.run(now, durations, hop, stage_log), on_done, arg)
 
-    def run(self, now: float, durations: tuple[float, ...], hop: float) -> float:
+    def run(self, now: float, durations: tuple[float, ...], hop: float,
+            stage_log: list | None = None) -> float:
         """Sends a micro-batch dispatched at `now` through every stage; returns when the last
         stage finishes it."""
         free, busy, wait = self.free, self.busy, self.wait
@@ -181,15 +185,19 @@ class Pipeline:
         s = 0
         for d in durations:
             f = free[s]
+            waited = 0.0
             if t > f:
                 start = t
                 if s:
-                    wait[s] += t - (f if f > now else now)
+                    waited = t - (f if f > now else now)
+                    wait[s] += waited
             else:
                 start = f
             end = start + d
             free[s] = end
             busy[s] += d
+            if stage_log is not None:
+                stage_log.append((end, d, waited))
             t = end + hop
             s += 1
         self.steps += 1

@@ -142,7 +142,8 @@ def simulator_section(result: SimResult, stage_rows: list[dict[str, Any]]) -> di
         "finished": {"stop": m.finished["stop"], "length": m.finished["length"]},
         "slo": msgspec.to_builtins(m.slo_attainment()),
         "stages": stage_bubbles(stage_rows),
-        "instances": [{k: v for k, v in i.items() if k != "samples"} for i in inst],
+        "instances": [{k: v for k, v in i.items() if k not in ("samples", "stage_samples")}
+                      for i in inst],
     }
 
 

@@ -47,7 +47,9 @@ def _instance_raw(inst: SimInstance) -> dict[str, Any]:
             "micro_batches": count,
             "tokens_per_batch": {"count": count, "sum": s, "sumsq": sq, "mean": mean, "std": std},
             "preemptions": inst.preemptions, "finished": inst.finished,
-            "policy_calls": inst.policy_calls, "samples": inst.samples}
+            "policy_calls": inst.policy_calls, "samples": inst.samples,
+            "stage_queue_area": list(inst.stage_queue_area),
+            "stage_samples": inst.stage_samples}
 
 
 def shard_results(shard: Any) -> dict[str, Any]:
@@ -82,7 +84,9 @@ def finalize(cfg: ClusterConfig, requests: list[SimRequest], parts: list[dict[st
         total = raw["kv_total_blocks"]
         wait_area, used_area, max_used = (raw.pop("wait_area"), raw.pop("used_area"),
                                           raw.pop("max_used_blocks"))
+        queue_area = raw.pop("stage_queue_area")
         instances.append({**raw, "mean_waiting": wait_area / span,
+                          "mean_stage_queue": [a / span for a in queue_area],
                           "mean_inflight": raw.pop("inflight_area") / span,
                           "mean_kv_used": used_area / span / total if total else 0.0,
                           "max_kv_used": max_used / total if total else 0.0})

@@ -32,11 +32,12 @@ _DONE = 1e-9
 
 
 class _Job:
-    __slots__ = ("durations", "hop", "on_done", "arg", "dispatched", "corun")
+    __slots__ = ("durations", "hop", "on_done", "arg", "dispatched", "corun", "stage_log",
+                 "waited")
 
     def __init__(self, durations: tuple[float, ...], hop: float,
                  on_done: Callable[[Any, float], None], arg: Any, dispatched: float,
-                 corun: float):
+                 corun: float, stage_log: list | None = None):
         self.durations = durations
         self.hop = hop
         self.on_done = on_done
@@ -44,6 +45,9 @@ class _Job:
         self.dispatched = dispatched
         self.corun = corun
         """Its speed while another stage computes, before the sharing of cores."""
+        self.stage_log = stage_log
+        """(end, compute, wait) per stage as each finishes (Pipeline.submit's)."""
+        self.waited = 0.0
 
 
 class SharedHostPipeline:
@@ -70,11 +74,14 @@ class SharedHostPipeline:
         self.steps = 0
 
     def submit(self, now: float, durations: tuple[float, ...], hop: float,
-               on_done: Callable[[Any, float], None], arg: Any, corun: float = 1.0) -> None:
+               on_done: Callable[[Any, float], None], arg: Any, corun: float = 1.0,
+               stage_log: list | None = None) -> None:
         """A micro-batch dispatched to stage 0 at `now`; `on_done(arg, t)` runs when the last
         stage finishes it. corun: its speed while another stage computes (caches, memory
-        bandwidth), before the sharing of cores."""
-        self.push(now, self._arrive, (0, _Job(durations, hop, on_done, arg, now, corun)))
+        bandwidth), before the sharing of cores. stage_log: as Pipeline.submit's, each entry
+        added when its stage finishes."""
+        self.push(now, self._arrive, (0, _Job(durations, hop, on_done, arg, now, corun,
+                                              stage_log)))
 
     # ---- events ---------------------------------------------------------------------------------
 
@@ -84,7 +91,8 @@ class SharedHostPipeline:
         if self.running[stage] is None:
             if stage:
                 since = self.idle_since[stage]
-                self.wait[stage] += now - (since if since > job.dispatched else job.dispatched)
+                job.waited = now - (since if since > job.dispatched else job.dispatched)
+                self.wait[stage] += job.waited
             self._start(stage, job, now)
         else:
             self.queued[stage].append(job)
@@ -100,6 +108,9 @@ class SharedHostPipeline:
             if job is None or self.left[stage] > _DONE:
                 continue
             self.busy[stage] += now - self.started[stage]
+            if job.stage_log is not None:
+                job.stage_log.append((now, now - self.started[stage], job.waited))
+            job.waited = 0.0
             self.running[stage] = None
             self.idle_since[stage] = now
             if stage == last:

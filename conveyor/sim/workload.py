@@ -76,6 +76,12 @@ class Workload:
     def with_slo(self, slo: SLO | None) -> "Workload":
         return dataclasses.replace(self, slo=slo)
 
+    def with_slo_mix(self, classes: list[tuple[SLO, float]], seed: int = 0) -> "Workload":
+        """Each request given one of `classes` at random, by weight (seeded)."""
+        rng = random.Random(seed)
+        slos, weights = [c for c, _ in classes], [w for _, w in classes]
+        return dataclasses.replace(self, slos=rng.choices(slos, weights, k=len(self)))
+
     def slo_of(self, i: int) -> SLO | None:
         return self.slos[i] if self.slos is not None else self.slo
 

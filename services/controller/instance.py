@@ -12,6 +12,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from common.instance import CoreBatch, CoreRequest, InstanceCore
+from common.instance.feedback import live_stages
 from common.scheduling.policy import SchedulingPolicy, waiting_need_of
 from common.stats import ControllerMetrics, InstanceStats
 from common.wire.client_messages import ErrorCode
@@ -100,7 +101,8 @@ class ServedInstance:
         return InstanceStats(instance=c.index, ready=self.ready, waiting=len(c.waiting),
                              running=c.num_running, inflight=len(c.inflight),
                              kv_total_blocks=c.total_blocks, kv_free_blocks=c.free_blocks,
-                             kv_leased_blocks=len(self.lease), kv_utilization=round(used, 6))
+                             kv_leased_blocks=len(self.lease), kv_utilization=round(used, 6),
+                             inflight_allowed=c.allowance, stages=live_stages(c, self.policy))
 
     def step_plans(self, batch: CoreBatch, granted: dict[int, list[int]]
                    ) -> tuple[StepPlan, StepPlan]:

@@ -278,6 +278,7 @@ class Controller:
                       compute_s=round(msg.compute_s, 6), wait_s=round(msg.wait_s, 6))
         inst = self.instances[msg.instance]
         core = inst.core
+        core.stage_done(msg.mb_id, msg.stage, msg.compute_s, msg.wait_s)  # the stage feedback
         batch = core.inflight.get(msg.mb_id)
         if msg.error:
             log.error("stage failed a micro-batch", instance=msg.instance, stage=msg.stage,

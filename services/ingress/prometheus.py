@@ -109,6 +109,27 @@ class _StatsCollector:
             for inst in self.stats.instances:
                 g.add_metric([self.model, str(inst.instance)], getattr(inst, attr))
             yield g
+        g = GaugeMetricFamily("conveyor_num_micro_batches_allowed", "Micro-batches the policy "
+                              "allows in flight now.", labels=["model_name", "instance"])
+        for inst in self.stats.instances:
+            g.add_metric([self.model, str(inst.instance)], inst.inflight_allowed)
+        yield g
+        stage_series = (("conveyor_stage_queue_micro_batches", "queue",
+                         "Micro-batches a stage has received and not finished."),
+                        ("conveyor_stage_step_seconds", "step_s",
+                         "Recent mean compute time of a stage's steps."),
+                        ("conveyor_stage_slo_budget_seconds", "budget_s",
+                         "A stage's SLO budget for its tightest micro-batch (Planck)."),
+                        ("conveyor_stage_target_queue_micro_batches", "target_queue",
+                         "The stage controller's target queue (Planck)."))
+        for name, attr, help_text in stage_series:
+            g = GaugeMetricFamily(name, help_text, labels=["model_name", "instance", "stage"])
+            for inst in self.stats.instances:
+                for st in inst.stages:
+                    value = getattr(st, attr)
+                    if value is not None:
+                        g.add_metric([self.model, str(inst.instance), str(st.stage)], value)
+            yield g
 
     def _stages(self) -> Iterator[Metric]:
         series = (("conveyor_stage_busy_seconds", "busy_s", "Seconds a stage spent computing."),

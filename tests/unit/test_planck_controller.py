@@ -1,0 +1,156 @@
+"""The stage feedback (common/instance/feedback.py) and the stage controller
+(common/scheduling/stage_control.py): the step-time model, the queue counts, the core's one
+in-flight rule, and the controller's response to a step in load in the simulator."""
+
+from pathlib import Path
+
+import pytest
+
+from common.instance import InstanceCore
+from common.instance.feedback import StageFeedback, StepTimeModel
+from common.scheduling.policy import make_policy
+from common.scheduling.stage_control import ControllerGains, StageController
+from common.scheduling.types import StageView
+from common.stats import ControllerMetrics
+from tests.unit.policy_driver import MiniDriver
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_step_time_model_recovers_a_linear_stage():
+    m = StepTimeModel(forgetting=0.98)
+    shapes = [(0, 8), (512, 4), (128, 16), (0, 32), (2048, 0), (256, 8)] * 20
+    for p, d in shapes:
+        m.update(p, d, 0.002 + 1e-5 * p + 2e-4 * d)
+    assert m.predict(1000, 10) == pytest.approx(0.002 + 1e-2 + 2e-3, rel=1e-3)
+    assert m.theta[1] == pytest.approx(1e-5, rel=1e-3)
+
+
+def test_the_model_stays_finite_when_a_direction_is_never_excited():
+    m = StepTimeModel(forgetting=0.9)
+    for _ in range(5000):  # decode only: prefill never seen, forgetting inflates its variance
+        m.update(0, 16, 0.01)
+    assert m.predict(0, 16) == pytest.approx(0.01, rel=1e-6)
+    assert all(abs(v) < 1e7 for row in m.cov for v in row)
+
+
+class _Batch:
+    def __init__(self, done):
+        self.stages_done = done
+
+
+def test_queues_count_the_micro_batches_each_stage_holds():
+    fb = StageFeedback(4)
+    assert fb.queue_lengths([_Batch(0), _Batch(0), _Batch(1), _Batch(3)]) == [2, 1, 0, 1]
+
+
+class _Allow:
+    """fcfs that allows two micro-batches in flight, whatever is configured."""
+
+    def __init__(self):
+        self.inner = make_policy("fcfs")
+        self.seen = []
+
+    reads_stage_feedback = True
+
+    def schedule(self, snap):
+        self.seen.append(snap.stages)
+        return self.inner.schedule(snap)
+
+    def inflight_allowance(self, configured, stages):
+        return 2
+
+
+def test_the_core_obeys_the_policy_allowance_and_takes_stage_reports():
+    policy = _Allow()
+    core = InstanceCore(0, 4, 4, 16, 1000, ControllerMetrics(started=0.0))
+    d = MiniDriver(policy, depth=4, total_blocks=1000)
+    d.core = core
+    for _ in range(6):
+        d.add(400, 4)  # one prompt per 512-token micro-batch
+    while (plan := core.next_plan(policy, 0.0)) is not None:
+        core.commit(plan, 0.0, policy)
+    assert len(core.inflight) == 2 and core.allowance == 2
+    first = next(iter(core.inflight.values()))
+    core.stage_done(first.mb_id, 0, 0.01, 0.0)
+    core.stage_done(first.mb_id, 2, 0.02, 0.001)  # overtook stage 1's report
+    assert first.stages_done == 3 and first.iview.stages_done == 3
+    assert core.feedback.queue_lengths(core.inflight.values()) == [1, 0, 0, 1]
+    views = core.stage_views()
+    assert views[0].queue == 1 and views[0].step_s == pytest.approx(0.01)
+    assert views[3].queue == 1 and views[3].steps == 0
+
+
+def _views(queues, step=0.01, completed=0):
+    return tuple(StageView(stage=s, queue=q, step_s=step, completed=completed)
+                 for s, q in enumerate(queues))
+
+
+def test_the_pi_lowers_admission_when_a_stage_is_over_target_and_clamps():
+    c = StageController(ControllerGains(kp=0.2, ki=0.1, min_target=1.0, max_target=2.0,
+                                        min_inflight=0, max_inflight=0,
+                                        min_prefill_fraction=0.25, initial_headroom=0.5))
+    assert c.allowance(4) == 6 and c.prefill_cap(2048) == 1280
+    for k in range(1, 30):  # a stage holding 4 against a target of 2: error -2 each time
+        c.update(_views([0, 0, 0, 4], completed=k), (), 0.0, float("inf"))
+    assert c.u == 0.0 and c.allowance(4) == 4 and c.prefill_cap(2048) == 512
+    for k in range(30, 60):  # queues short but nobody waits: no windup upwards
+        c.update(_views([0, 0, 0, 0], completed=k), (), 0.0, float("inf"), demand=False)
+    assert c.u == 0.0
+    c.update(_views([0, 0, 0, 0], completed=60), (), 0.0, float("inf"), demand=True)
+    assert c.u > 0.0
+    c.update(_views([0, 0, 0, 0], completed=60), (), 0.0, float("inf"), demand=True)
+    assert c.u == pytest.approx(0.1 * 2.0)  # error +2, unchanged: only the integral term
+    c.update(_views([0, 0, 0, 0], completed=60), (), 0.0, float("inf"), demand=True)
+    assert c.u == pytest.approx(0.2)  # the same completion counts once
+
+
+def test_little_law_targets_follow_the_stage_budgets():
+    c = StageController(ControllerGains(0.0, 0.0, 1.0, 8.0, 0, 0, 0.25, 0.5))
+    # A pass budget of 0.12 s over four stages of 10, 10, 10, 30 ms: 0.02, 0.02, 0.02, 0.06;
+    # micro-batches pass at the bottleneck's 1/0.03 per second: targets 1 (clamped), 2.
+    stages = tuple(StageView(stage=s, queue=0, step_s=t, completed=1)
+                   for s, t in enumerate((0.01, 0.01, 0.01, 0.03)))
+    c.update(stages, (), 0.0, 0.12)
+    assert c.budgets == pytest.approx([0.02, 0.02, 0.02, 0.06])
+    assert c.targets == pytest.approx([1.0, 1.0, 1.0, 2.0])
+
+
+def test_after_a_load_step_the_bottleneck_queue_is_held_at_target():
+    """The uneven 4-stage H100 cluster: a trickle, then a step to 50 requests/s for 8 s. With
+    the controller free to go below P in flight, the bottleneck's time-averaged queue stays
+    under its target (2) at the same throughput; Token Throttling alone holds it above."""
+    from conveyor.sim.cluster import build_cost_model, load_cluster
+    from conveyor.sim.engine import simulate
+    from conveyor.sim.workload import Workload
+
+    base = load_cluster(ROOT / "deploy/clusters/h100-4stage-uneven.toml")
+    cost = build_cost_model(base, None)
+    arrivals = [i * 0.5 for i in range(10)] + [5.0 + i * 0.02 for i in range(400)]
+    wl = Workload.from_lengths([(256, 256)] * len(arrivals), arrivals)
+
+    def run(policy, **settings):
+        r = simulate(base.with_policy(policy, **settings), cost, wl)
+        return r.instances[0]["mean_stage_queue"][3], r.end_s
+
+    ctl, ctl_end = run("planck-throttle", allocation=False, controller_min_inflight=1)
+    plain, plain_end = run("throttle")
+    assert ctl <= 2.0 < 2.2 < plain
+    assert ctl_end == pytest.approx(plain_end, rel=0.01)  # no throughput given up
+
+
+def test_stage_gauges_reach_conveyor_stats_and_prometheus():
+    from common.stats import ControllerStats, InstanceStats, StageLive
+    from services.ingress.prometheus import render
+
+    inst = InstanceStats(instance=0, inflight_allowed=6,
+                         stages=[StageLive(stage=0, queue=1, step_s=0.01, budget_s=0.02,
+                                           target_queue=2.0),
+                                 StageLive(stage=1, queue=3, step_s=0.03)])
+    text = render(ControllerStats(instances=[inst]), "m").decode()
+    assert 'conveyor_stage_queue_micro_batches{instance="0",model_name="m",stage="1"} 3.0' in text
+    assert 'conveyor_stage_slo_budget_seconds{instance="0",model_name="m",stage="0"} 0.02' in text
+    assert 'stage="1"' not in text.split("conveyor_stage_slo_budget_seconds")[2].split("#")[0]
+    assert 'conveyor_num_micro_batches_allowed{instance="0",model_name="m"} 6.0' in text
+    assert ControllerStats.from_builtins(ControllerStats(instances=[inst]).to_builtins()) \
+        .instances[0].stages[1].queue == 3
