@@ -15,12 +15,15 @@ class CoreBatch:
     """A micro-batch in the pipeline and the shape its cost depends on."""
 
     __slots__ = ("mb_id", "sampling", "partial", "chunks", "iview", "decode", "prefill",
-                 "context", "keys", "longest", "stages_done", "deadline", "stage_ends")
+                 "context", "keys", "longest", "stages_done", "deadline", "stage_ends",
+                 "dispatched")
 
     def __init__(self, mb_id: int, sampling: list, partial: list,
                  chunks: list | None, decode: int, prefill: int, context: int, keys: int,
-                 longest: int, deadline: float = float("inf")):
+                 longest: int, deadline: float = float("inf"), dispatched: float = 0.0):
         self.mb_id = mb_id
+        self.dispatched = dispatched
+        """When the core committed it (the driver's clock)."""
         self.sampling: list[CoreRequest] = sampling
         """Requests that get a token from this micro-batch, in chunk order."""
         self.partial: list[CoreRequest] = partial

@@ -329,7 +329,7 @@ class InstanceCore:
         if sampling and self.ready:
             self.ready = [r for r in self.ready if not r.awaiting]
         batch = CoreBatch(next(self._mb_ids), sampling, partial, details, decode, prefill,
-                          context, keys, longest, plan.deadline)
+                          context, keys, longest, plan.deadline, now)
         self.inflight[batch.mb_id] = batch
         self.load -= prefill + decode
         self.metrics.record_batch(prefill, decode)

@@ -284,7 +284,7 @@ class Controller:
             log.error("stage failed a micro-batch", instance=msg.instance, stage=msg.stage,
                       mb_id=msg.mb_id, error=msg.error)
         now = time.monotonic()
-        inst.liveness.stage_done(msg.mb_id, msg.stage, msg.stage == core.depth - 1, now)
+        inst.liveness.answered(msg.stage, now)
         if msg.stage != core.depth - 1:
             if msg.error and batch is not None:  # the micro-batch is lost: fail its requests
                 for req in batch.requests:
@@ -348,7 +348,6 @@ class Controller:
             wants = core.block_wants(plan)
         granted = inst.draw(wants)  # no round trip: the manager learns of it afterwards
         batch = core.commit(plan, time.monotonic(), inst.policy)
-        inst.liveness.dispatched(batch.mb_id, time.monotonic())
         self.kv_link.assigned(inst, granted)
         first, rest = inst.step_plans(batch, granted)
         if debug_enabled():  # the micro-batch's shape, for scripts/step_timeline.py
@@ -384,7 +383,7 @@ class Controller:
                     + ("" if i.pool_ready else ", pool pending")
                     for i in self.instances if not i.ready]
         problems += [f"degraded: instance {i.index}: {why}" for i in self.instances
-                     if i.ready and (why := i.liveness.overdue(now))]
+                     if i.ready and (why := i.liveness.overdue(i.core.inflight.values(), now))]
         return StatusReply(call_id, not problems, "; ".join(problems) or "ready",
                            self._stats(now))
 
