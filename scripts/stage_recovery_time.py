@@ -1,0 +1,85 @@
+"""How long a stage's death interrupts serving (issue 17): a `conveyor serve` deployment
+streams greedy requests, stage 1 is SIGKILLed, and we time, per kill, the longest pause any
+stream saw (its last token before the kill to its first after) and when a new request sent
+right after the kill completed. The supervisor restarts the instance's stages; the controller
+re-queues their requests for recompute.
+
+    .venv/bin/python scripts/stage_recovery_time.py --kills 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conveyor.local_deployment import start_deployment, stop_deployment  # noqa: E402
+
+
+def one_kill(dep, streams: int, tokens: int) -> dict:
+    arrivals: list[list[float]] = [[] for _ in range(streams)]
+    errors: list = []
+    with dep.client(timeout=300) as client:
+        def run(i: int) -> None:
+            try:
+                for _ in client.stream(f"Tell the story of river number {i}.", max_tokens=tokens,
+                                       temperature=0, ignore_eos=True):
+                    arrivals[i].append(time.monotonic())
+            except Exception as e:  # reported, not raised: the figure says what failed
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+        for t in threads:
+            t.start()
+        while min(len(a) for a in arrivals) < 5:
+            time.sleep(0.01)
+        killed = time.monotonic()
+        os.kill(dep.process_pid("stage", instance=0, stage=1), signal.SIGKILL)
+        fresh = client.generate("Say hi.", max_tokens=4, temperature=0, timeout=300)
+        served = time.monotonic() - killed
+        for t in threads:
+            t.join(300)
+    pauses = []
+    for a in arrivals:
+        before = [t for t in a if t <= killed]
+        after = [t for t in a if t > killed]
+        if before and after:
+            pauses.append(after[0] - before[-1])
+    return {"pause_s": max(pauses) if pauses else None, "new_request_s": served,
+            "fresh_tokens": fresh.completion_tokens, "errors": errors}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kills", type=int, default=5)
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=200)
+    args = ap.parse_args()
+    dep = start_deployment(stages=2, sets=("deployment.stage_restarts=1000",))
+    try:
+        runs = []
+        for k in range(args.kills):
+            r = one_kill(dep, args.streams, args.tokens)
+            runs.append(r)
+            print(f"kill {k + 1}: longest stream pause {r['pause_s']:.2f}s, new request "
+                  f"served {r['new_request_s']:.2f}s after the kill, errors {len(r['errors'])}",
+                  flush=True)
+    finally:
+        stop_deployment(dep)
+    pauses = [r["pause_s"] for r in runs if r["pause_s"] is not None]
+    served = [r["new_request_s"] for r in runs]
+    print(json.dumps({"kills": len(runs), "median_pause_s": statistics.median(pauses),
+                      "median_new_request_s": statistics.median(served),
+                      "errors": sum(len(r["errors"]) for r in runs)}))
+
+
+if __name__ == "__main__":
+    main()
