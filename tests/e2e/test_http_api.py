@@ -111,6 +111,10 @@ def test_refusals_have_their_status_and_error_body(deployment, api):
     (model,) = models["data"]
     assert (model["id"], model["object"], model["max_model_len"]) == ("smol", "model", 2048)
     assert model["root"] and "owned_by" in model and "created" in model
+    assert api.models.retrieve("smol").model_dump()["max_model_len"] == 2048  # GET /v1/models/smol
+    with pytest.raises(openai.NotFoundError) as unknown:
+        api.models.retrieve("gpt-4")
+    assert unknown.value.body["code"] == "model_not_found"
 
 
 def test_api_keys_are_required_on_both_protocols(deployment):

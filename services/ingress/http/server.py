@@ -59,6 +59,7 @@ class HttpServer:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.model_card, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
         ])
@@ -86,11 +87,23 @@ class HttpServer:
     async def models(self, request: Request) -> Response:
         if (denied := self._denied(request)) is not None:
             return denied
+        return JSONResponse({"object": "list", "data": [self._card()]})
+
+    async def model_card(self, request: Request) -> Response:
+        """GET /v1/models/{id}: the one model's card, or 404 for any other id."""
+        if (denied := self._denied(request)) is not None:
+            return denied
+        model = request.path_params["model"]
+        if model != self.model:
+            return self._refused(404, f"the model `{model}` does not exist; this server serves "
+                                 f"`{self.model}`", next(self._ids), "model", "model_not_found")
+        return JSONResponse(self._card())
+
+    def _card(self) -> dict:
         folder = self.ingress.tokenizer_folder
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.model, "object": "model", "created": self.created,
-            "owned_by": "conveyor", "root": str(folder) if folder else None, "parent": None,
-            "max_model_len": self.ingress.cfg.model.max_model_len}]})
+        return {"id": self.model, "object": "model", "created": self.created,
+                "owned_by": "conveyor", "root": str(folder) if folder else None,
+                "parent": None, "max_model_len": self.ingress.cfg.model.max_model_len}
 
     async def health(self, request: Request) -> Response:
         try:
