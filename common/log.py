@@ -39,7 +39,24 @@ def configure_logging(role: str, fmt: str = "console", level: str = "info",
     )
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(role=role, **context)
+    _route_stdlib_logging(renderer, _LEVELS[level])
     return structlog.get_logger()
+
+
+def _route_stdlib_logging(renderer, level: int) -> None:
+    """Lines that libraries log through the standard library (transformers, torch, asyncio,
+    uvicorn) get the same format, level, timestamp and role as Conveyor's own, one write each.
+    Below warning only when debugging: their info lines are not the service's story."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.contextvars.merge_contextvars,
+                           structlog.processors.add_log_level,
+                           structlog.processors.TimeStamper(fmt="iso", utc=False),
+                           structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))
 
 
 def get_logger() -> structlog.stdlib.BoundLogger:

@@ -38,3 +38,24 @@ def test_the_reader_takes_two_events_cut_into_one_line_and_skips_other_text(tmp_
     path.write_text('conveyor: starting\n{"event": "a"}{"event": "b", "n": 2}\n\n'
                     'noise {not json\n{"event": "c"}\n')
     assert [e["event"] for e in read_json_events(path)] == ["a", "b", "c"]
+
+
+LIBRARY = """
+import logging
+from common.log import configure_logging
+log = configure_logging("ingress", "json", "info")
+logging.getLogger("uvicorn.error").warning("port %d is taken", 8000)
+logging.getLogger("transformers").info("an info line of a library")
+log.info("own event", n=1)
+"""
+
+
+def test_library_log_lines_get_the_services_format_and_role(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with open(path, "w") as f:
+        subprocess.run([sys.executable, "-c", LIBRARY], stderr=f, check=True, timeout=60)
+    events = list(read_json_events(path))
+    assert [e["event"] for e in events] == ["port 8000 is taken", "own event"]
+    library = events[0]
+    assert (library["role"], library["level"], library["logger"]) == \
+        ("ingress", "warning", "uvicorn.error") and "timestamp" in library
