@@ -24,6 +24,36 @@ from conveyor.client import Client, ConnectionFailed
 
 
 
+def kv_pools(cfg: ConveyorConfig, timeout_s: float = 5.0) -> list:
+    """Asks a deployment's kv-cache manager itself (not the controller) for its pools."""
+    with zmq.Context() as ctx:  # its own, never the process-wide instance
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        curve = Security.for_role(cfg, "controller").client("kvcache")
+        if curve is not None:  # with CURVE: let in by the controller's key, to read only
+            curve.apply(sock)
+        sock.connect(cfg.endpoints.kvcache)
+        try:
+            sock.send_multipart(encode(PoolStatsQuery(1)))
+            if not sock.poll(int(timeout_s * 1000)):
+                raise TimeoutError("kv-cache manager did not answer")
+            msg = decode(sock.recv_multipart())
+            assert isinstance(msg, PoolStats)
+            return msg.pools
+        finally:
+            sock.close()
+
+
+def wait_kv_free(cfg: ConveyorConfig, timeout_s: float = 10.0) -> list:
+    """Polls until every pool has all its blocks free (or the time is up); returns the pools."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pools = kv_pools(cfg)
+        if all(p.free_blocks == p.total_blocks for p in pools) or time.monotonic() > deadline:
+            return pools
+        time.sleep(0.05)
+
+
 @dataclass
 class Deployment:
     address: str
@@ -45,32 +75,10 @@ class Deployment:
         return Client(self.address, **kw)
 
     def kv_pools(self, timeout_s: float = 5.0) -> list:
-        """Asks the kv-cache manager itself (not the controller) for its pools."""
-        cfg = self.config()
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        curve = Security.for_role(cfg, "controller").client("kvcache")
-        if curve is not None:  # with CURVE: let in by the controller's key, to read only
-            curve.apply(sock)
-        sock.connect(cfg.endpoints.kvcache)
-        try:
-            sock.send_multipart(encode(PoolStatsQuery(1)))
-            if not sock.poll(int(timeout_s * 1000)):
-                raise TimeoutError("kv-cache manager did not answer")
-            msg = decode(sock.recv_multipart())
-            assert isinstance(msg, PoolStats)
-            return msg.pools
-        finally:
-            sock.close()
+        return kv_pools(self.config(), timeout_s)
 
     def wait_kv_free(self, timeout_s: float = 10.0) -> list:
-        """Polls until every pool has all its blocks free; returns the pools."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            pools = self.kv_pools()
-            if all(p.free_blocks == p.total_blocks for p in pools) or time.monotonic() > deadline:
-                return pools
-            time.sleep(0.05)
+        return wait_kv_free(self.config(), timeout_s)
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -103,6 +103,9 @@ class InstanceCore:
         self.feedback = StageFeedback(depth)
         self.allowance = max_inflight
         """Micro-batches the policy last allowed in flight (`inflight_allowance`)."""
+        self._traits: tuple = (None, False, None)
+        """(policy, reads_stage_feedback, inflight_allowance) of the last policy seen: looked
+        up once per policy, not on every plan."""
 
     def resize_pool(self, total_blocks: int) -> None:
         """The pool is known (the controller learns it once every stage has registered)."""
@@ -201,10 +204,16 @@ class InstanceCore:
                              make_kv(self.total_blocks, self.free_blocks, self.block_size),
                              stages)
 
+    def _policy_traits(self, policy) -> tuple:
+        if self._traits[0] is not policy:
+            self._traits = (policy, bool(getattr(policy, "reads_stage_feedback", False)),
+                            getattr(policy, "inflight_allowance", None))
+        return self._traits
+
     def inflight_limit(self, policy, stages: tuple | None) -> int:
         """The one rule for how many micro-batches may be in flight: the policy's allowance
         given the stage feedback, `max_inflight` for a policy without one."""
-        allow = getattr(policy, "inflight_allowance", None)
+        allow = self._policy_traits(policy)[2]
         self.allowance = (self.max_inflight if allow is None
                           else max(1, int(allow(self.max_inflight, stages))))
         return self.allowance
@@ -214,7 +223,7 @@ class InstanceCore:
         pipeline is full or the policy has nothing to dispatch."""
         if not (self.ready or self.waiting):
             return None
-        stages = self.stage_views() if getattr(policy, "reads_stage_feedback", False) else None
+        stages = self.stage_views() if self._policy_traits(policy)[1] else None
         limit = self.inflight_limit(policy, stages)
         while len(self.inflight) < limit and (self.ready or self.waiting):
             self.policy_calls += 1

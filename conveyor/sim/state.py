@@ -73,8 +73,6 @@ class SimInstance(InstanceCore):
         self.stage_queue_area = [0.0] * cfg.num_stages
         """Time integral of each stage's queue: the time each micro-batch spent there (from
         reaching it, its activations sent, to its end there), added up as it completes."""
-        self._sent: dict[int, float] = {}
-        """When each micro-batch in flight reached stage 0 (dispatched)."""
         self.stage_samples: list[tuple[float, tuple[int, ...], int]] = []
         """(time, each stage's queue, micro-batches allowed in flight), with `samples`."""
         self.samples: list[tuple[float, int, int, int]] = [(0.0, 0, 0, 0)]
@@ -148,7 +146,6 @@ class SimInstance(InstanceCore):
                                                batch.keys / prefill if prefill else 0.0,
                                                batch.longest)
             batch.stage_ends = []
-            self._sent[batch.mb_id] = now + self.dispatch_latency
             self.pipeline.submit(now + self.dispatch_latency, durations, hop, self.on_complete,
                                  batch, corun, batch.stage_ends)
             if self.dispatch_latency:
@@ -167,9 +164,9 @@ class SimInstance(InstanceCore):
         return tuple(queues)
 
     def _add_stage_times(self, batch: Any) -> None:
-        reached = self._sent.pop(batch.mb_id, None)
-        if reached is None or not batch.stage_ends:
+        if not batch.stage_ends:
             return
+        reached = batch.dispatched + self.dispatch_latency  # when it reached stage 0
         area = self.stage_queue_area
         for stage, (end, _, _) in enumerate(batch.stage_ends):
             area[stage] += end - reached

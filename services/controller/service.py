@@ -129,16 +129,12 @@ class Controller:
         elif isinstance(msg, StepDone):
             if from_stage(inc, self.instances, msg.instance, msg.stage):
                 self._on_step_done(msg)
-        elif isinstance(msg, (SubmitRequest, AbortRequests)) and not from_ingress(inc):
-            pass
         elif isinstance(msg, SubmitRequest):
-            self._on_submit(msg)
+            if from_ingress(inc):
+                self._on_submit(msg)
         elif isinstance(msg, AbortRequests):
-            now = time.monotonic()
-            for req_id in msg.req_ids:
-                req = self.requests.get(req_id)
-                if req is not None:
-                    self._end(req, Finish.ABORT, now, msg.reason)
+            if from_ingress(inc):
+                self._on_abort(msg)
         elif isinstance(msg, StatusQuery):
             await self.endpoint.send(self._status(msg.call_id), inc.identity)
         elif isinstance(msg, Hello):
@@ -173,6 +169,13 @@ class Controller:
         if inst.pool_ready and not self._fits(inst, req, now):
             return
         inst.wake.set()
+
+    def _on_abort(self, msg: AbortRequests) -> None:
+        now = time.monotonic()
+        for req_id in msg.req_ids:
+            req = self.requests.get(req_id)
+            if req is not None:
+                self._end(req, Finish.ABORT, now, msg.reason)
 
     def _fits(self, inst: ServedInstance, req: CoreRequest, now: float) -> bool:
         """A request that could not finish even alone in the pool is refused up front."""

@@ -17,7 +17,7 @@ import pytest
 from common.config import free_port, load_config, resolve, save_config
 from conveyor.client import Client
 from conveyor.client.errors import ConnectionFailed, ServerError
-from conveyor.local_deployment import Deployment
+from conveyor.local_deployment import wait_kv_free
 
 LONG = dict(max_tokens=400, temperature=0, ignore_eos=True)
 
@@ -62,8 +62,7 @@ class RoleByRole:
         raise TimeoutError(f"not ready after {timeout_s}s")
 
     def kv_free(self, timeout_s: float) -> bool:
-        kv = Deployment(self.address, self.run_dir, self.procs["kvcache"], self.run_dir)
-        pools = kv.wait_kv_free(timeout_s=timeout_s)
+        pools = wait_kv_free(load_config(self.config), timeout_s=timeout_s)
         return all(p.free_blocks == p.total_blocks for p in pools)
 
     def stop(self) -> None:
@@ -108,17 +107,24 @@ def _streams_in_flight(client: Client, n: int):
     return threads, errors, ended
 
 
+def _kill_under_streams(deployment, client: Client, role: str, error: type,
+                        message: str) -> None:
+    """Kills `role` under 4 streams: each must end within 2 s with `error` saying `message`."""
+    threads, errors, ended = _streams_in_flight(client, 4)
+    killed = time.monotonic()
+    deployment.kill(role)
+    for t in threads:
+        t.join(10)
+    assert all(isinstance(e, error) for e in errors), errors
+    assert message in str(errors[0])
+    assert max(ended) - killed < 2.0, f"clients learned after {max(ended) - killed:.1f}s"
+
+
 def test_a_killed_ingress_fails_its_streams_at_once_and_a_restarted_one_serves(deployment):
     with Client(deployment.address, timeout=60) as client:
         deployment.wait_ready(client)
-        threads, errors, ended = _streams_in_flight(client, 4)
-        killed = time.monotonic()
-        deployment.kill("ingress")
-        for t in threads:
-            t.join(10)
-        assert all(isinstance(e, ConnectionFailed) for e in errors), errors
-        assert max(ended) - killed < 2.0, f"clients learned after {max(ended) - killed:.1f}s"
-        assert "connection to the ingress" in str(errors[0])
+        _kill_under_streams(deployment, client, "ingress", ConnectionFailed,
+                            "connection to the ingress")
         deployment.start("ingress")  # as Restart= would
         deployment.wait_ready(client)
         result = client.generate("Hello", max_tokens=5, temperature=0, ignore_eos=True)
@@ -130,14 +136,8 @@ def test_a_killed_ingress_fails_its_streams_at_once_and_a_restarted_one_serves(d
 def test_a_killed_controller_fails_the_ingress_requests_at_once(deployment):
     with Client(deployment.address, timeout=60) as client:
         deployment.wait_ready(client)
-        threads, errors, ended = _streams_in_flight(client, 4)
-        killed = time.monotonic()
-        deployment.kill("controller")
-        for t in threads:
-            t.join(10)
-        assert all(isinstance(e, ServerError) for e in errors), errors
-        assert "the controller went away" in str(errors[0])
-        assert max(ended) - killed < 2.0, f"clients learned after {max(ended) - killed:.1f}s"
+        _kill_under_streams(deployment, client, "controller", ServerError,
+                            "the controller went away")
         assert deployment.procs["ingress"].poll() is None  # the ingress itself lives on
 
 
