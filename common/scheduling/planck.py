@@ -23,7 +23,8 @@ from typing import Annotated
 
 from msgspec import Meta
 
-from common.scheduling.policy import SchedulingPolicy, register_policy
+from common.scheduling.fcfs import FCFSPolicy
+from common.scheduling.policy import register_policy
 from common.scheduling.sarathi import by_readiness
 from common.scheduling.slo_allocation import expected_stage_times, pass_deadline
 from common.scheduling.stage_control import ControllerGains, StageController
@@ -147,23 +148,15 @@ class _Planck:
 
 @register_policy
 @dataclass
-class PlanckPolicy(_Planck, SchedulingPolicy, PlanckSettings):
+class PlanckPolicy(_Planck, FCFSPolicy, PlanckSettings):
     """Planck alone: least-slack order under a fixed token budget, decodes first; the stage
-    controller caps prefill and sets the micro-batches in flight."""
+    controller caps prefill and sets the micro-batches in flight. Its budget, seats and
+    watermark are fcfs's settings."""
 
     name = "planck"
-    max_num_batched_tokens: Annotated[int, Meta(ge=1, description=(
-        "token budget of one micro-batch, prefill chunks and decodes together"))] = 512
-    max_num_seqs: Annotated[int, Meta(ge=1, description=(
-        "most requests holding KV at once"))] = 128
-    watermark: Annotated[float, Meta(ge=0, lt=1, description=(
-        "fraction of KV blocks kept free when admitting new requests"))] = 0.01
 
     def __post_init__(self) -> None:
         self._planck_init()
-
-    def largest_prefill_chunk(self) -> int:
-        return self.max_num_batched_tokens
 
     def _budgets(self, snap: SchedulerSnapshot, decodes: list, prefills: list) -> tuple[int, int]:
         return self.max_num_batched_tokens, -1  # prefill: what the decodes leave
