@@ -47,7 +47,7 @@ def test_serve_relays_every_child_line_whole_and_named(deployment):
     assert lines and all(named.match(ln) for ln in lines), \
         [ln for ln in lines if not named.match(ln)][:5]
     for name in ("kvcache", "controller", "ingress", "stage 0.0", "stage 0.1"):
-        assert any(ln.startswith(f"{name:<10}| ") for ln in lines), name
+        assert any(ln.startswith(f"{name:<10} | ") for ln in lines), name
 
 
 def test_generate_without_a_server_fails_clearly():
