@@ -24,8 +24,8 @@ of the tokens, so the DP still prefers the least overloaded split. A boundary x 
 migration_s(x) for each request whose context crosses it.
 
 Boundaries come from a grid: the `grid` quantiles of the sample's decode contexts (token
-weighted), rounded to `align` tokens. The recurrence, over grid points g_0 = 0 < g_1 < ... <
-g_G = inf, groups k and instances m:
+weighted), each raised to the next multiple of `align` tokens. The recurrence, over grid
+points g_0 = 0 < g_1 < ... < g_G = inf, groups k and instances m:
 
     F[1][j][m] = cost(0, j, m)
     F[k][j][m] = min over i < j, 1 <= n <= m - k + 1 of
@@ -119,7 +119,8 @@ class LengthSample:
         """Candidate inner boundaries, ascending, each > 0."""
         s = self.settings
         qs = np.quantile(self.positions, [k / s.grid for k in range(1, s.grid)])
-        points = {int(round(q / s.align) * s.align) for q in qs}
+        # the aligned length just above each quantile: its context stays in the lower group
+        points = {int(math.floor(q / s.align) + 1) * s.align for q in qs}
         return sorted(p for p in points if p > 0)
 
     def stats(self, lo: float, hi: float) -> GroupStats:

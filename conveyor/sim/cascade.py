@@ -17,7 +17,7 @@ One move at a time per instance, as Llumnix's default.
 
 The planners and the refinement run every `plan_interval_ms` while any request is in the
 cluster (a tick that reschedules itself; it stops when the cluster is empty, so the event
-queue drains).
+queue drains), and the planners again whenever a move ends (its two instances are free).
 """
 
 from __future__ import annotations
@@ -148,9 +148,7 @@ class SimCascade:
         if self.refiner is not None and now >= self.next_refine:
             self.next_refine = now + self.cfg.cascade.refine_interval_s
             self._set_groups(self.refiner.refine(now, [i.load for i in self.instances]), now)
-        if self.planner is not None:
-            for move in self.planner.plan(self._states()):
-                self._start(move, now)
+        self._plan(None, now)
         self.push(now + self.interval, self._tick, None)
 
     def _set_groups(self, groups: LengthGroups, now: float) -> None:
@@ -205,7 +203,7 @@ class SimCascade:
     def _stage_done(self, m: _Migration, now: float) -> None:
         req, src = m.req, self.by_index[m.move.src]
         if req.finished or req.instance != src.index:
-            return self._end(m, aborted=True)
+            return self._end(m, True, now)
         left = req.blocks - m.copied
         if left > self.cfg.cascade.pause_blocks and m.stage < self.cfg.cascade.migration_stages:
             return self._next_stage(m, now)
@@ -220,7 +218,7 @@ class SimCascade:
         src, dst = self.by_index[m.move.src], self.by_index[m.move.dst]
         src.migration_stops.pop(req.req_id, None)
         if req.finished or dst.free_blocks < req.blocks:
-            return self._end(m, aborted=True)
+            return self._end(m, True, now)
         left = req.blocks - m.copied
         src.detach(req.req_id, now)
         dst.free_blocks -= req.blocks  # reserved for it during the pause
@@ -235,15 +233,22 @@ class SimCascade:
         dst.free_blocks += m.req.blocks
         dst.adopt(m.req, now)
         self.moves[m.move.reason] += 1
-        self._end(m, aborted=False)
+        self._end(m, False, now)
         dst.schedule(now)
 
-    def _end(self, m: _Migration, aborted: bool) -> None:
+    def _end(self, m: _Migration, aborted: bool, now: float) -> None:
         self.active.pop(m.req.req_id, None)
         self.busy.difference_update((m.move.src, m.move.dst))
         self.by_index[m.move.src].migration_stops.pop(m.req.req_id, None)
         if aborted:
             self.aborted += 1
+        # the two instances are free again: the planners look at once, not at the next tick
+        self.push(now, self._plan, None)
+
+    def _plan(self, _: Any, now: float) -> None:
+        if self.planner is not None:
+            for move in self.planner.plan(self._states()):
+                self._start(move, now)
 
     # ---- report -----------------------------------------------------------------------------
 

@@ -19,11 +19,11 @@ migration (cascade.py) run on one worker: the instances then interact beyond rou
 move between them, on a tick of their own).
 
 Without them, instances interact only through routing. With `workers` > 1 the instances are
-split between processes (forked), each running its instances' events; before every arrival each process runs
-up to the arrival time and sends every other one its least-loaded instance (load, index) over
-a pipe, so all agree on the winner, which takes the request. Results are identical for any
-number of workers; the processes run in parallel between arrivals, so a burst (rate inf) or
-sparse arrivals parallelize best.
+split between processes (forked), each running its instances' events; before every arrival each
+process runs up to the arrival time and sends every other one its least-loaded instance (load,
+index) over a pipe, so all agree on the winner, which takes the request. Results are identical
+for any number of workers; the processes run in parallel between arrivals, so a burst (rate inf)
+or sparse arrivals parallelize best.
 """
 
 from __future__ import annotations
