@@ -107,3 +107,34 @@ def test_the_roofline_charges_mixed_lengths_by_the_penalty():
         StepCost(0, 64, 500.0, 64, 32, False, False, None))
     with pytest.raises(ValueError, match="mixed_length_penalty must be >= 1"):
         RooflineCostModel(shape, "h100", mixed_length_penalty=0.5)
+
+
+def test_simulate_takes_routing_and_groups_on_the_command_line(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from conveyor.cli.app import app
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"arrival_s": 0.05 * i, "prompt_len": 40,
+                                         "output_len": 60}) + "\n" for i in range(6)))
+    cluster = tmp_path / "c.toml"
+    cluster.write_text('[model]\nshape = "tiny"\n[cluster]\ninstances = 2\nstages = 2\n'
+                       '[kvcache]\nnum_blocks = 1024\n[link]\nbandwidth_gbps = 1\n'
+                       '[cascade]\nmigration = ["boundary"]\nplan_interval_ms = 5\n')
+    args = ["simulate", "--config", str(cluster), "--device", "h100", "--workload", "trace",
+            "--trace", str(trace), "--result-dir", str(tmp_path), "--no-plots",
+            "--no-progress", "--routing", "length-groups"]
+    ok = CliRunner().invoke(app, [*args, "--groups", "0-64:1,64-:1"])
+    assert ok.exit_code == 0, ok.output
+    assert "Length groups (at the end):" in ok.output and "6 / 0 / 0" in ok.output
+    bad = CliRunner().invoke(app, [*args, "--groups", "0-64:1,64-:2"])
+    assert bad.exit_code == 1 and "name 3 instance(s), the deployment has 2" in bad.output
+
+
+def test_serve_s_routing_shortcuts_reach_the_deployment_config():
+    from conveyor.cli.deploy_cmd import build_config
+
+    cfg = build_config(None, [], routing="length-groups", groups="0-512:1", instances=None)
+    assert cfg.deployment.routing == "length-groups" and cfg.deployment.groups == "0-512:1"
