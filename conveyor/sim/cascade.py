@@ -22,6 +22,7 @@ queue drains), and the planners again whenever a move ends (its two instances ar
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,10 @@ from common.scheduling.length_groups import LengthGroups
 from common.scheduling.length_routing import LengthGroupRouter
 from common.scheduling.migration import Candidate, InstanceState, Move, make_planner
 from common.scheduling.range_dp import DPSettings, LengthSample, pipeline_round_s, solve
+
+
+BALANCE_OFFER = 8
+"""Running requests per instance offered to the balance rule (the fewest blocks first)."""
 
 
 @dataclass
@@ -108,7 +113,8 @@ class SimCascade:
         if cs.refine and self.router is not None:
             settings = RefineSettings(cs.hysteresis, cs.refine_step, cfg.block_size, cs.drift,
                                       cs.replan_s, cs.window)
-            resolve = (lambda p, o, span: dp_groups(cfg, cost, p, o, span)) \
+            copy = self.copy_s if self.bandwidth else None
+            resolve = (lambda p, o, span: dp_groups(cfg, cost, p, o, span, copy)) \
                 if cfg.groups == "auto" else None
             self.refiner = GroupRefiner(groups, settings, resolve)
             for inst in instances:
@@ -165,12 +171,24 @@ class SimCascade:
             self.refiner.finished(req.last_token or 0.0, req.prompt, req.out)
 
     def _states(self) -> list[InstanceState]:
+        """Each instance's load and the requests a planner could move: those out of their
+        instance's range (the boundary rule's) and the `BALANCE_OFFER` running ones with the
+        fewest blocks (the balance rule takes the fewest that fits), not every request: the
+        planners run every tick over every instance."""
         states = []
+        names = self.cfg.cascade.migration
+        boundary, balance = "boundary" in names, "balance" in names
         for inst in self.instances:
+            hi = self.groups.groups[self.groups.group_of_instance(inst.index)].hi
+            live = [r for r in inst.by_id.values()
+                    if not r.finished and r.req_id not in self.active]
+            offer = [r for r in live if r.prompt + r.out >= hi] if boundary else []
+            if balance:
+                running = [r for r in live if r.running]
+                offer += heapq.nsmallest(BALANCE_OFFER, running, key=lambda r: r.blocks)
             cands = [Candidate(r.req_id, r.prompt + r.out, r.blocks, r.running,
                                (r.prompt + r.out - r.computed) + (r.max_tokens - r.out))
-                     for r in inst.by_id.values() if not r.finished and r.req_id not in
-                     self.active]
+                     for r in dict.fromkeys(offer)]
             states.append(InstanceState(inst.index, inst.load, inst.free_blocks, cands,
                                         busy=inst.index in self.busy))
         return states
