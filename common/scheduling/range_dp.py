@@ -15,7 +15,8 @@ prefill = rate * P / n * T, so T is the fixed point of
 
     T = round_s(rate * P / n * T, rate * D / n * T, C, Cmax)
 
-(iterated from one decode; C is the mean context of the group's decode tokens, Cmax their
+(the least root, by bisection between one decode's round and the largest round the instance
+holds; C is the mean context of the group's decode tokens, Cmax their
 `longest_quantile` quantile: what a batch's longest context is about). The group then adds
 (D + R) * T seconds to a request's expected latency. No fixed point with B within max_batch
 and B * C within kv_tokens (the round outgrows the instance) is an overload: the group costs
@@ -153,21 +154,27 @@ def group_cost(stats: GroupStats, n: int, rate: float, round_s: RoundTime,
         return 0.0
     r_d, r_p = rate * stats.decode / n, rate * stats.prefill / n
     c, cmax = stats.context, max(stats.longest, stats.context)
-    t = round_s(0.0, 1.0, c, cmax)
-    for _ in range(200):
-        b = max(r_d * t, 1.0)
-        if b > settings.max_batch or b * c > settings.kv_tokens or t > 3600:
-            break
-        t_next = round_s(r_p * t, b, c, cmax)
-        if abs(t_next - t) <= 1e-9 + 1e-6 * t:
-            return (stats.decode + stats.rounds) * t_next
-        t = t_next
-    # Overload: the load needed against what the instance carries at its largest round.
+
+    def excess(t: float) -> float:  # > 0: a round of t seconds is too short for its load
+        return round_s(r_p * t, max(r_d * t, 1.0), c, cmax) - t
+
+    t0 = round_s(0.0, 1.0, c, cmax)
     b_max = max(1.0, min(settings.max_batch, settings.kv_tokens / max(c, 1.0)))
-    t_max = round_s(r_p * t, b_max, c, cmax)
-    ratio = max(1.0, r_d * t_max / b_max)
-    share = (stats.decode + stats.prefill) / total_tokens if total_tokens else 1.0
-    return settings.overload_s * ratio * share + (stats.decode + stats.rounds) * t_max
+    t_max = b_max / r_d if r_d > 0 else 3600.0
+    if excess(t0) <= 0:
+        t = t0
+    elif t_max > t0 and excess(t_max) <= 0:
+        lo, hi = t0, t_max  # round_s grows at most linearly in t: one crossing between
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+        t = hi
+    else:  # overload: the load needed against what the instance carries at its largest round
+        t = round_s(r_p * t_max, b_max, c, cmax)
+        ratio = max(1.0, r_d * t / b_max)
+        share = (stats.decode + stats.prefill) / total_tokens if total_tokens else 1.0
+        return settings.overload_s * ratio * share + (stats.decode + stats.rounds) * t
+    return (stats.decode + stats.rounds) * t
 
 
 @dataclass(frozen=True)
