@@ -50,6 +50,12 @@ from common.stats import ControllerMetrics, Moments
 _order = attrgetter("order")
 
 
+def remaining_load(req: CoreRequest) -> int:
+    """What a request adds to its instance's `load`: its known tokens not yet computed plus
+    the tokens it may still generate."""
+    return (req.prompt + req.out - req.computed) + (req.max_tokens - req.out)
+
+
 def _name(policy) -> str:
     return type(policy).__name__ if policy is not None else "the policy"
 
@@ -146,7 +152,7 @@ class InstanceCore:
         req.finish = reason
         req.error = error
         req.view = None
-        self.load -= (req.prompt + req.out - req.computed) + (req.max_tokens - req.out)
+        self.load -= remaining_load(req)
         if req.running:
             if not req.awaiting:
                 self._drop_ready(req)
@@ -201,7 +207,7 @@ class InstanceCore:
         if req.inflight:
             raise ValueError(f"request {req_id} is in a micro-batch in flight on instance "
                              f"{self.index}: detach it once its token is back")
-        self.load -= (req.prompt + req.out - req.computed) + (req.max_tokens - req.out)
+        self.load -= remaining_load(req)
         if req.running:
             self._drop_ready(req)
             self.free_blocks += req.blocks
@@ -230,7 +236,7 @@ class InstanceCore:
         req.instance = self.index
         req.view = None
         self.by_id[req.req_id] = req
-        self.load += (req.prompt + req.out - req.computed) + (req.max_tokens - req.out)
+        self.load += remaining_load(req)
         if req.blocks:
             req.running = True
             self.free_blocks -= req.blocks

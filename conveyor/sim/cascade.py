@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from common.instance.core import remaining_load
 from common.scheduling.group_refinement import GroupRefiner, RefineSettings
 from common.scheduling.length_groups import LengthGroups
 from common.scheduling.length_routing import LengthGroupRouter
@@ -78,8 +79,11 @@ def dp_groups(cfg: Any, cost: Any, prompts: list[int], outputs: list[int], span_
     sample = LengthSample(prompts, outputs, max(len(prompts) / max(span_s, 1e-9), 1e-9),
                           settings)
     hop = float(cost.transfer_s(1)) if hasattr(cost, "transfer_s") else 0.0
-    migration_s = (lambda x: copy_s(math.ceil(x / cfg.block_size))) if copy_s else \
-        (lambda x: 0.0)
+    # What a move adds to its request's latency: the pause for the last blocks (the rest is
+    # copied while it decodes on).
+    last = cs.pause_blocks
+    migration_s = (lambda x: copy_s(min(last, math.ceil(x / cfg.block_size))) if copy_s
+                   else 0.0)
     return solve(sample, cfg.instances, pipeline_round_s(cost, cfg.stages, hop),
                  migration_s).groups
 
@@ -187,8 +191,7 @@ class SimCascade:
                 running = [r for r in live if r.running]
                 offer += heapq.nsmallest(BALANCE_OFFER, running, key=lambda r: r.blocks)
             cands = [Candidate(r.req_id, r.prompt + r.out, r.blocks, r.running,
-                               (r.prompt + r.out - r.computed) + (r.max_tokens - r.out))
-                     for r in dict.fromkeys(offer)]
+                               remaining_load(r)) for r in dict.fromkeys(offer)]
             states.append(InstanceState(inst.index, inst.load, inst.free_blocks, cands,
                                         busy=inst.index in self.busy))
         return states
