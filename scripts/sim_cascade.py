@@ -15,7 +15,8 @@ Schemes (all Conveyor's throttle policy on every instance):
 Capacity is least-loaded's steady completion rate of a burst (the middle 80% of completions);
 arrivals are Poisson at each --loads fraction of it. Goodput counts requests meeting both
 --slo-ttft and --slo-tpot per second. Migrations copy KV over --migration-gbps between
-instances (Llumnix's staged copy and pause, conveyor/sim/cascade.py).
+instances (Llumnix's staged copy and pause, conveyor/sim/cascade.py); the balance rule leaves
+load gaps under --balance-min-gap tokens alone (Llumnix, too, migrates only past a threshold).
 
     .venv/bin/python scripts/sim_cascade.py                       # a few minutes
     .venv/bin/python scripts/sim_cascade.py --instances 16 --stages 2 --device h200
@@ -54,7 +55,8 @@ def cluster(args: Any, scheme: str) -> Any:
                     "gpu_memory_utilization": 0.9},
         "scheduler": {"policy": "throttle", "max_num_seqs": 256, "max_prefill_tokens": 2048},
         "simulator": {"context_quantum": 64, "seed": args.seed},
-        "cascade": {"migration_bandwidth_gbps": args.migration_gbps},
+        "cascade": {"migration_bandwidth_gbps": args.migration_gbps,
+                    "balance_min_gap": args.balance_min_gap},
         "cost": {"device": args.device, "mixed_length_penalty": args.penalty},
     }
     for key, value in SCHEMES[scheme].items():
@@ -152,6 +154,8 @@ def main() -> None:
                     help="mixed_length_penalty (CascadeInfer: 1.1-2.1x; 1 turns it off)")
     ap.add_argument("--migration-gbps", type=float, default=25.0,
                     help="GB/s between instances (25: a 200 Gb/s NIC)")
+    ap.add_argument("--balance-min-gap", type=int, default=4096,
+                    help="tokens of load gap the balance rule leaves alone")
     ap.add_argument("--num-prompts", type=int, default=2000)
     ap.add_argument("--workloads", type=lambda s: s.split(","), default=["sharegpt", "longtail"])
     ap.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")],
