@@ -10,7 +10,9 @@ Schemes (all Conveyor's throttle policy on every instance):
 - llumnix: least-loaded routing plus Llumnix's balancing migrations over all instances;
 - groups: length groups chosen by the range DP on the workload's lengths (cluster.groups =
   auto), requests moving up a group as their context crosses its bound, and balancing within
-  each group.
+  each group;
+- groups-refine (not run by default): the same, the boundaries refined while serving
+  (cascade.refine: nudged toward balanced load, the DP re-run on drift).
 
 Capacity is least-loaded's steady completion rate of a burst (the middle 80% of completions);
 arrivals are Poisson at each --loads fraction of it. Goodput counts requests meeting both
@@ -42,7 +44,10 @@ SCHEMES = {
     "llumnix": {"cluster.routing": "least-loaded", "cascade.migration": ["balance"]},
     "groups": {"cluster.routing": "length-groups", "cluster.groups": "auto",
                "cascade.migration": ["boundary", "balance"]},
+    "groups-refine": {"cluster.routing": "length-groups", "cluster.groups": "auto",
+                      "cascade.migration": ["boundary", "balance"], "cascade.refine": True},
 }
+DEFAULT_SCHEMES = ["least-loaded", "llumnix", "groups"]
 
 
 def cluster(args: Any, scheme: str) -> Any:
@@ -160,7 +165,8 @@ def main() -> None:
     ap.add_argument("--workloads", type=lambda s: s.split(","), default=["sharegpt", "longtail"])
     ap.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")],
                     default=[0.5, 0.7, 0.9])
-    ap.add_argument("--schemes", type=lambda s: s.split(","), default=list(SCHEMES))
+    ap.add_argument("--schemes", type=lambda s: s.split(","), default=DEFAULT_SCHEMES,
+                    help=f"from {', '.join(SCHEMES)}")
     ap.add_argument("--slo-ttft", type=float, default=5.0)
     ap.add_argument("--slo-tpot", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)

@@ -138,3 +138,16 @@ def test_serve_s_routing_shortcuts_reach_the_deployment_config():
 
     cfg = build_config(None, [], routing="length-groups", groups="0-512:1", instances=None)
     assert cfg.deployment.routing == "length-groups" and cfg.deployment.groups == "0-512:1"
+
+
+def test_refinement_moves_the_boundary_when_the_traffic_shifts():
+    cfg = cluster(groups="0-512:1,512-:1", refine=True, refine_interval_s=0.05,
+                  plan_interval_ms=10)
+    n = 200
+    prompts = [60 + (i * 7) % 40 for i in range(n)]  # everything lands in the lower group
+    wl = Workload([0.002 * i for i in range(n)], prompts, [40] * n)
+    result = simulate(cfg, Cost(), wl)
+    bounds = [int(spec.split(":")[0].split("-")[1]) for _, spec in result.cascade["boundaries"]]
+    assert len(bounds) > 1 and bounds[-1] < 512  # moved down toward the traffic
+    assert bounds == sorted(bounds, reverse=True)  # one way: no oscillation
+    assert result.cascade["refinements"]["nudges"] == len(bounds) - 1
