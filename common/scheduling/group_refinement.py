@@ -2,12 +2,18 @@
 when the length distribution drifted, and between runs each boundary nudged toward balanced
 load per instance, with hysteresis.
 
-Local refinement (`nudge`): for each pair of neighbouring groups, the mean published load per
-instance of each (InstanceCore.load, tokens still to process). When the lower group carries
+Local refinement (`nudge`): for each pair of neighbouring groups, the mean load per instance
+of each: the work (prompt plus cap, in tokens) routed to it since the last refinement — what
+the current boundaries send where. (The published backlog, InstanceCore.load, would keep a
+boundary moving long after it went far enough: the backlog of the old boundaries drains
+slowly.) When the lower group carries
 more than (1 + hysteresis) times the upper one's, their boundary moves down by `step` of the
 lower group's width (the lower group gives the upper one its longest lengths), and up when the
-upper one is the heavier; within the band nothing moves, so equal loads, or noise, never make
-the boundary oscillate. A boundary stays at least `align` tokens inside its neighbours.
+upper one is the heavier; within the band nothing moves. A boundary that reverses (it moved
+one way, the load now pushes it back: the balance lies within one step, and noise tips it)
+doubles its own band, up to 8 times the setting, and a move on in the same way sets it back: so
+a boundary settles instead of stepping back and forth, and still follows a real shift. A
+boundary stays at least `align` tokens inside its neighbours.
 
 Drift (`drifted`): the Kolmogorov-Smirnov distance between the prompt lengths of the recent
 window and those the DP last ran on; above `drift` the DP runs again (so does it every
@@ -24,6 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.scheduling.length_groups import UNBOUNDED, LengthGroup, LengthGroups
+
+
+MAX_BAND_GROWTH = 8.0
+"""A boundary's hysteresis grows at most to this many times the setting."""
 
 
 @dataclass(frozen=True)
@@ -56,16 +66,17 @@ def ks_distance(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.abs(fx - fy).max())
 
 
-def nudge(groups: LengthGroups, loads: Sequence[float], settings: RefineSettings
-          ) -> LengthGroups:
-    """One local refinement step of every boundary (module docstring); `loads` per instance."""
+def nudge(groups: LengthGroups, loads: Sequence[float], settings: RefineSettings,
+          bands: Sequence[float] | None = None) -> LengthGroups:
+    """One local refinement step of every boundary (module docstring); `loads` per instance:
+    the work routed to each since the last step; `bands` each boundary's hysteresis (None:
+    settings.hysteresis for all)."""
     gs = groups.groups
-    if len(gs) < 1:
-        return groups
     per = [sum(loads[i] for i in g.instances) / len(g.instances) for g in gs]
     bounds = [g.lo for g in gs[1:]]
-    h, a = settings.hysteresis, settings.align
+    a = settings.align
     for k, b in enumerate(bounds):
+        h = settings.hysteresis if bands is None else bands[k]
         lo_edge = bounds[k - 1] if k else 0  # already moved: boundaries never cross
         hi_edge = gs[k + 1].hi if gs[k + 1].hi < UNBOUNDED else math.inf
         width = b - lo_edge
@@ -98,6 +109,15 @@ class GroupRefiner:
         self.last_plan = 0.0
         self.replans = 0
         self.nudges = 0
+        self._reset_bands()
+
+    def _reset_bands(self) -> None:
+        n = len(self.groups.groups) - 1
+        self.bands = [self.settings.hysteresis] * n
+        """Each boundary's hysteresis: doubled (up to MAX_BAND_GROWTH x) when it reverses,
+        back to the setting when it moves on the same way: a boundary that steps back and
+        forth over noise (one aligned step either side of the balance) stops."""
+        self.last_move = [0] * n
 
     def finished(self, now: float, prompt: int, output: int) -> None:
         self.recent.append((now, prompt, output))
@@ -117,9 +137,26 @@ class GroupRefiner:
             self.planned_on, self.last_plan = prompts, now
             self.replans += 1
         else:
-            new = nudge(self.groups, loads, s)
+            new = nudge(self.groups, loads, s, self.bands)
             if new != self.groups:
                 self.nudges += 1
+                self._moved(new)
         if new != self.groups:
+            if len(new.groups) != len(self.groups.groups):
+                self.groups = new
+                self._reset_bands()
             self.groups = new
         return self.groups
+
+    def _moved(self, new: LengthGroups) -> None:
+        for k, (old, now) in enumerate(zip(self.groups.groups[1:], new.groups[1:])):
+            step = (now.lo > old.lo) - (now.lo < old.lo)
+            if not step:
+                continue
+            base = self.settings.hysteresis
+            if step == -self.last_move[k]:
+                self.bands[k] = min(max(2 * self.bands[k], base or 0.05),
+                                    MAX_BAND_GROWTH * max(base, 0.05))
+            else:
+                self.bands[k] = base
+            self.last_move[k] = step

@@ -124,6 +124,10 @@ class SimCascade:
             for inst in instances:
                 inst.on_finish = self._finished
         self.next_refine = cs.refine_interval_s
+        self.routed = [0] * len(instances)
+        """Tokens routed to each instance since the last refinement: the load the refinement
+        balances (what the current boundaries send where, not the backlog of earlier ones,
+        which would keep pushing a boundary long after it moved far enough)."""
         self.active: dict[int, _Migration] = {}
         """Moves in progress by request id."""
         self.busy: set[int] = set()
@@ -146,7 +150,9 @@ class SimCascade:
 
     # ---- the tick ---------------------------------------------------------------------------
 
-    def arrived(self, now: float) -> None:
+    def arrived(self, now: float, instance: int, work: int) -> None:
+        """A request of `work` tokens (prompt and cap) was routed to `instance`."""
+        self.routed[instance] += work
         if not self.ticking and (self.planner is not None or self.refiner is not None):
             self.ticking = True
             self.push(now + self.interval, self._tick, None)
@@ -157,7 +163,9 @@ class SimCascade:
             return
         if self.refiner is not None and now >= self.next_refine:
             self.next_refine = now + self.cfg.cascade.refine_interval_s
-            self._set_groups(self.refiner.refine(now, [i.load for i in self.instances]), now)
+            routed, self.routed = self.routed, [0] * len(self.instances)
+            if any(routed):  # no arrivals, no evidence: the boundaries stay
+                self._set_groups(self.refiner.refine(now, routed), now)
         self._plan(None, now)
         self.push(now + self.interval, self._tick, None)
 

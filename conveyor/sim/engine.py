@@ -255,7 +255,7 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
             if inst not in touched:
                 touched.append(inst)
             if cascade is not None:
-                cascade.arrived(t)
+                cascade.arrived(t, target, req.prompt + req.max_tokens)
         if progress is not None and (i & 127) == 0:
             now = clock()
             if now >= next_report:

@@ -156,3 +156,13 @@ def test_the_dp_reruns_when_the_prompts_drift():
     assert ks_distance([p for _, p, _ in r.recent], r.planned_on) == 1.0
     r.refine(9.0, [0, 0])
     assert r.replans == 2 and calls == [20, 50]
+
+
+def test_a_boundary_that_reverses_widens_its_band_and_a_move_on_resets_it():
+    r = GroupRefiner(LengthGroups.parse("0-512:1,512-:1"), RefineSettings(hysteresis=0.2))
+    assert r.refine(0.0, [100, 10]).spec() == "0-464:1,464-:1"
+    assert r.refine(1.0, [10, 100]).spec() == "0-512:1,512-:1"  # back: the band doubles
+    assert r.bands == [pytest.approx(0.4)]
+    assert r.refine(2.0, [130, 100]).spec() == "0-512:1,512-:1"  # 1.3 < 1.4: holds
+    assert r.refine(3.0, [10, 100]).spec() == "0-560:1,560-:1"  # on the same way: reset
+    assert r.bands == [pytest.approx(0.2)] and r.nudges == 3
