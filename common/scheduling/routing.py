@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 
-def arrival_length(prompt: int, predicted_output: int | None) -> int:
-    """The length a request is routed by: its prompt plus its predicted output when there is a
-    prediction (UELLM's predictor fills it at admission), its prompt alone otherwise."""
-    return prompt + (predicted_output or 0)
+def arrival_length(prompt: int, predicted_output: int | None, max_tokens: int) -> int:
+    """The length a request is routed by: its prompt plus its predicted output (at most its
+    max_tokens) when there is a prediction (UELLM's predictor fills it at admission), its
+    prompt alone otherwise."""
+    return prompt + min(predicted_output or 0, max_tokens)
 
 
 class Router(ABC):

@@ -223,7 +223,8 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
             if lengths is not None:
                 lengths.admit(req)
             target = router.route([inst.load for inst in instances], None,
-                                  arrival_length(req.prompt, req.predicted_output))
+                                  arrival_length(req.prompt, req.predicted_output,
+                                                 req.max_tokens))
         elif not router.reads_loads:  # every worker sees every arrival: all agree
             target = router.route(all_instances)
         else:

@@ -166,7 +166,7 @@ class Controller:
         if self.router.reads_length:  # predicted before routing (add's admit then keeps it)
             if self.predictor.lengths is not None:
                 self.predictor.lengths.admit(req)
-            length = arrival_length(req.prompt, req.predicted_output)
+            length = arrival_length(req.prompt, req.predicted_output, req.max_tokens)
         inst = self.instances[self.router.route([i.core.load for i in self.instances],
                                                 [i.ready for i in self.instances], length)]
         self.requests[req.req_id] = req

@@ -53,7 +53,8 @@ def test_the_groups_can_be_replaced_but_not_resized():
 
 
 def test_the_length_is_the_prompt_plus_the_prediction_and_old_routers_ignore_it():
-    assert arrival_length(300, None) == 300 and arrival_length(300, 250) == 550
+    assert arrival_length(300, None, 64) == 300 and arrival_length(300, 250, 1000) == 550
+    assert arrival_length(300, 250, 16) == 316  # never past the client's cap
     assert LeastLoaded().route([5, 1, 3], length=10**6) == 1
     assert RoundRobin().route([5, 1, 3], None, 7) == 0
     with pytest.raises(ValueError, match="needs length groups"):
