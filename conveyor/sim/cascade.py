@@ -13,7 +13,8 @@ its blocks at the destination and copies the rest: the pause. Then the destinati
 largest stage's share of b blocks over the link (stage s copies to stage s, all at once). A
 waiting request holds no KV and moves at once. The move is aborted, the request staying at
 the source, when it ends there meanwhile or the destination has no room for it at the pause.
-One move at a time per instance, as Llumnix's default.
+One move at a time per instance, as Llumnix's default. A request preempted at the source
+meanwhile (its KV dropped, the copy stale) aborts its move too.
 
 The planners and the refinement run every `plan_interval_ms` while any request is in the
 cluster (a tick that reschedules itself; it stops when the cluster is empty, so the event
@@ -47,6 +48,8 @@ class _Migration:
     copied: int = 0
     """Blocks copied so far."""
     stage: int = 0
+    preemptions: int = 0
+    """The request's preemptions when the move began: one more, and the copy is stale."""
 
 
 def link_bytes_s(cfg: Any, cost: Any) -> float:
@@ -217,13 +220,13 @@ class SimCascade:
             self.pauses.append(0.0)
             dst.schedule(now)
             return
-        m = _Migration(move, req, now)
+        m = _Migration(move, req, now, preemptions=req.preemptions)
         self.active[req.req_id] = m
         self.busy.update((move.src, move.dst))
         self._next_stage(m, now)
 
     def _next_stage(self, m: _Migration, now: float) -> None:
-        blocks = m.req.blocks - m.copied
+        blocks = max(0, m.req.blocks - m.copied)
         m.stage += 1
         self._copied(blocks)
         m.copied = m.req.blocks
@@ -231,9 +234,9 @@ class SimCascade:
 
     def _stage_done(self, m: _Migration, now: float) -> None:
         req, src = m.req, self.by_index[m.move.src]
-        if req.finished or req.instance != src.index:
+        if req.finished or req.instance != src.index or req.preemptions != m.preemptions:
             return self._end(m, True, now)
-        left = req.blocks - m.copied
+        left = max(0, req.blocks - m.copied)
         if left > self.cfg.cascade.pause_blocks and m.stage < self.cfg.cascade.migration_stages:
             return self._next_stage(m, now)
         if req.inflight:  # stop it when its token is back (SimInstance.on_complete)
@@ -246,9 +249,9 @@ class SimCascade:
         m = self.active[req.req_id]
         src, dst = self.by_index[m.move.src], self.by_index[m.move.dst]
         src.migration_stops.pop(req.req_id, None)
-        if req.finished or dst.free_blocks < req.blocks:
+        if req.finished or dst.free_blocks < req.blocks or req.preemptions != m.preemptions:
             return self._end(m, True, now)
-        left = req.blocks - m.copied
+        left = max(0, req.blocks - m.copied)
         src.detach(req.req_id, now)
         dst.free_blocks -= req.blocks  # reserved for it during the pause
         self._copied(left)
