@@ -15,8 +15,9 @@ Schemes (all Conveyor's throttle policy on every instance):
   (cascade.refine: nudged toward balanced load, the DP re-run on drift).
 
 Capacity is least-loaded's steady completion rate of a burst (the middle 80% of completions);
-arrivals are Poisson at each --loads fraction of it. Goodput counts requests meeting both
---slo-ttft and --slo-tpot per second. Migrations copy KV over --migration-gbps between
+arrivals are Poisson at each --loads fraction of it. Goodput counts requests per second
+meeting both targets of each of --slos (TTFT:TPOT: a loose 5 s / 100 ms and an interactive
+1 s / 25 ms by default). Migrations copy KV over --migration-gbps between
 instances (Llumnix's staged copy and pause, conveyor/sim/cascade.py); the balance rule leaves
 load gaps under --balance-min-gap tokens alone (Llumnix, too, migrates only past a threshold).
 
@@ -111,17 +112,19 @@ def capacity(args: Any, pairs: list[tuple[int, int]]) -> float:
     return 0.8 * n / (ends[int(0.9 * n)] - ends[int(0.1 * n)])
 
 
-def figures(result: Any, slo: dict[str, float]) -> dict[str, Any]:
+def figures(result: Any, slos: list[dict[str, float]]) -> dict[str, Any]:
     from conveyor.sim.report import summarize
 
-    s = summarize(result, slo)
+    s = summarize(result, slos[0])
+    goodput = [s["goodput"]["request_goodput"]] + [
+        summarize(result, slo)["goodput"]["request_goodput"] for slo in slos[1:]]
     e2e = [r.last_token - r.arrival for r in result.requests if not r.error]
     cascade = result.cascade or {}
     return {"mean_e2e_s": float(np.mean(e2e)), "p99_e2e_s": float(np.percentile(e2e, 99)),
             "mean_ttft_s": s["ttft"]["mean"], "mean_tpot_s": s["tpot"]["mean"],
             "request_throughput": s["request_throughput"],
             "output_throughput": s["output_throughput"],
-            "goodput": s["goodput"]["request_goodput"], "failed": s["failed"],
+            "goodput": goodput, "failed": s["failed"],
             "length_spread": s["simulator"]["length_spread"],
             "preemptions": s["simulator"]["preemptions"],
             "groups": cascade.get("groups"), "migrations": cascade.get("migrations"),
@@ -130,10 +133,12 @@ def figures(result: Any, slo: dict[str, float]) -> dict[str, Any]:
                               if cascade.get("mean_pause_s") is not None else None)}
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    out = ["| workload | load | scheme | mean E2E (s) | vs LL | p99 E2E (s) | vs LL | req/s | "
-           "goodput (req/s) | spread | migrations (boundary/balance) | pause (ms) | groups |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def markdown(rows: list[dict[str, Any]], slos: list[dict[str, float]]) -> str:
+    names = " | ".join(f"goodput {s['ttft']:g} s / {1e3 * s['tpot']:g} ms" for s in slos)
+    out = ["| workload | load | scheme | mean E2E (s) | vs LL | p99 E2E (s) | vs LL | mean TTFT "
+           f"(s) | mean TPOT (ms) | req/s | {names} | spread | migrations (boundary/balance) "
+           "| pause (ms) | groups |",
+           "|---" * (14 + len(slos)) + "|"]
     base = {(r["workload"], r["load"]): r for r in rows if r["scheme"] == "least-loaded"}
     for r in rows:
         b = base[(r["workload"], r["load"])]
@@ -142,7 +147,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['workload']} | {r['load']:.0%} ({r['rate']:.1f}/s) | {r['scheme']} | "
             f"{r['mean_e2e_s']:.2f} | {r['mean_e2e_s'] / b['mean_e2e_s']:.2f} | "
             f"{r['p99_e2e_s']:.2f} | {r['p99_e2e_s'] / b['p99_e2e_s']:.2f} | "
-            f"{r['request_throughput']:.2f} | {r['goodput']:.2f} | "
+            f"{r['mean_ttft_s']:.2f} | {1e3 * r['mean_tpot_s']:.1f} | "
+            f"{r['request_throughput']:.2f} | "
+            + " | ".join(f"{g:.2f}" for g in r["goodput"]) + " | "
             f"{r['length_spread'] or 0:.0f} | "
             f"{m.get('boundary', '-')}/{m.get('balance', '-')} | "
             f"{'-' if r['mean_pause_ms'] is None else format(r['mean_pause_ms'], '.2f')} | "
@@ -167,12 +174,13 @@ def main() -> None:
                     default=[0.5, 0.7, 0.9])
     ap.add_argument("--schemes", type=lambda s: s.split(","), default=DEFAULT_SCHEMES,
                     help=f"from {', '.join(SCHEMES)}")
-    ap.add_argument("--slo-ttft", type=float, default=5.0)
-    ap.add_argument("--slo-tpot", type=float, default=0.1)
+    ap.add_argument("--slos", default="5:0.1,1:0.025",
+                    help="goodput SLOs as TTFT:TPOT seconds, comma-separated")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    slo = {"ttft": args.slo_ttft, "tpot": args.slo_tpot}
+    slos = [{"ttft": float(t), "tpot": float(p)}
+            for t, p in (x.split(":") for x in args.slos.split(","))]
     rows = []
     for kind in args.workloads:
         pairs = lengths(kind, args.num_prompts, args.seed)
@@ -183,11 +191,11 @@ def main() -> None:
             for scheme in args.schemes:
                 t0 = time.perf_counter()
                 row = {"workload": kind, "load": load, "rate": cap * load, "scheme": scheme,
-                       **figures(run(args, scheme, wl), slo),
+                       **figures(run(args, scheme, wl), slos),
                        "wall_s": time.perf_counter() - t0}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    table = markdown(rows)
+    table = markdown(rows, slos)
     print(table)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
