@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -118,7 +119,12 @@ def serve(
         sup = Supervisor(cfg, cfg.logging.format)
     except ConfigError as e:  # an unsafe run directory
         _fail(str(e))
-    say = lambda text: typer.secho(f"conveyor: {text}", fg=typer.colors.GREEN, err=True)  # noqa
+
+    def say(text: str, color: str = typer.colors.GREEN) -> None:
+        # Through the relay of the children's lines, so that none cuts this one.
+        line = f"conveyor: {text}"
+        sup.output.write(typer.style(line, fg=color) if sys.stderr.isatty() else line)
+
     say(f"starting {cfg.model.source}: {dep.stages} stage(s) x {dep.instances} instance(s), "
         f"policy {cfg.scheduler.policy}, config {sup.config_path}")
     client = Client(cfg.endpoints.ingress.replace("0.0.0.0", "127.0.0.1").replace("*", "127.0.0.1"),
@@ -150,13 +156,12 @@ def serve(
         say("serving; Ctrl-C stops")
         while True:
             for line in sup.recover():
-                typer.secho(f"conveyor: {line}", fg=typer.colors.YELLOW, err=True)
+                say(line, typer.colors.YELLOW)
             time.sleep(0.5)
     except KeyboardInterrupt:
         say("stopping")
     except (ChildDied, ConveyorError) as e:
-        typer.secho(f"conveyor: error: {e}; stopping the deployment", fg=typer.colors.RED,
-                    err=True)
+        say(f"error: {e}; stopping the deployment", typer.colors.RED)
         code = 1
     finally:
         client.close()

@@ -17,6 +17,7 @@ from dataclasses import asdict
 
 import zmq
 
+from common import sd_notify
 from common.config import ConveyorConfig
 from common.costmodel import BatchShape
 from common.instance import CoreRequest, Finish, pool_misfit
@@ -83,6 +84,7 @@ class Controller:
         log.info("controller listening", address=self.endpoint.address,
                  policy=self.cfg.scheduler.policy, instances=len(self.instances),
                  stages=self.cfg.deployment.stages)
+        sd_notify.ready("controller listening")
         tasks = {"messages": asyncio.create_task(self._messages()),
                  "kv-cache replies": asyncio.create_task(self._kv_replies()),
                  "kv-cache watch": asyncio.create_task(
