@@ -94,9 +94,14 @@ class DeploymentConfig(_Section):
     """Where stages compute; `auto` picks CUDA when available."""
     threads_per_stage: int = 0
     """Torch intra-op threads per stage on CPU; 0 shares the machine's cores among stages."""
-    routing: Literal["least-loaded", "round-robin"] = "least-loaded"
+    routing: Literal["least-loaded", "round-robin", "length-groups"] = "least-loaded"
     """Which instance takes a request (common/scheduling/routing.py): the one with the fewest
-    tokens still to process, or each in turn."""
+    tokens still to process, each in turn, or CascadeInfer's length groups (`groups`: the group
+    whose range holds the request's length, then the less loaded of two of its instances)."""
+    groups: str = ""
+    """With routing = length-groups: the groups as LO-HI:INSTANCES ranges in instance order,
+    e.g. "0-512:2,512-:1" (common/scheduling/length_groups.py), naming exactly `instances`
+    instances. ("auto", the range DP, needs a cost model: only the simulator has one so far.)"""
     stage_restarts: int = 3
     """`conveyor serve` restarts an instance's stages when one dies (the others' process group
     is gone with it) at most this many times within restart_window_s; one more death gives up
@@ -105,6 +110,30 @@ class DeploymentConfig(_Section):
     step_timeout_s: float = 30.0
     """A micro-batch in flight longer than this marks its instance degraded in health (not
     ready, naming the stage it waits on) until it completes."""
+
+    def length_groups(self):
+        """The parsed `groups` (a LengthGroups), None unless routing by length groups."""
+        from common.scheduling.length_groups import LengthGroups
+
+        if self.routing != "length-groups":
+            return None
+        return LengthGroups.parse(self.groups, self.instances)
+
+    def group_problems(self) -> list[str]:
+        if self.routing != "length-groups":
+            return ([f"deployment.groups ({self.groups!r}) needs deployment.routing = "
+                     f"length-groups"] if self.groups else [])
+        if not self.groups:
+            return ["deployment.routing = length-groups needs deployment.groups, e.g. "
+                    "0-512:1,512-:1"]
+        if self.groups == "auto":
+            return ["deployment.groups = auto (the range DP) needs a cost model, which only "
+                    "the simulator has so far: give the ranges, e.g. 0-512:1,512-:1"]
+        try:
+            self.length_groups()
+        except ValueError as e:
+            return [f"deployment.groups: {e}"]
+        return []
 
 
 class EndpointsConfig(_Section):
@@ -268,8 +297,8 @@ class ConveyorConfig(_Section):
              self.max_prompt_bytes, "ingress.max_frame_bytes must exceed the prompt limit "
              f"({self.max_prompt_bytes} bytes), so a prompt too long is answered, not dropped"),
         ]
-        problems = [*_failed(checks), *self.model.problems(self.deployment.stages,
-                                                           "deployment.stages"),
+        problems = [*_failed(checks), *self.deployment.group_problems(),
+                    *self.model.problems(self.deployment.stages, "deployment.stages"),
                     *self.kvcache.problems()]
         if problems:
             raise ConfigError(problems[0])

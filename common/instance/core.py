@@ -50,6 +50,12 @@ from common.stats import ControllerMetrics, Moments
 _order = attrgetter("order")
 
 
+def remaining_load(req: CoreRequest) -> int:
+    """What a request adds to its instance's `load`: its known tokens not yet computed plus
+    the tokens it may still generate."""
+    return (req.prompt + req.out - req.computed) + (req.max_tokens - req.out)
+
+
 def _name(policy) -> str:
     return type(policy).__name__ if policy is not None else "the policy"
 
@@ -146,7 +152,7 @@ class InstanceCore:
         req.finish = reason
         req.error = error
         req.view = None
-        self.load -= (req.prompt + req.out - req.computed) + (req.max_tokens - req.out)
+        self.load -= remaining_load(req)
         if req.running:
             if not req.awaiting:
                 self._drop_ready(req)
@@ -186,6 +192,62 @@ class InstanceCore:
                 self.on_release(req)
         if not self.by_id:
             self.metrics.pending[self.index].update(False, now)
+
+    # ---- moving a request between instances (migration) --------------------------------------
+
+    def detach(self, req_id: int, now: float) -> CoreRequest:
+        """Takes a live request out of this instance to move it to another (`adopt`): it leaves
+        its queue, its blocks go back to this pool (through on_release, as a finished
+        request's do) and its load leaves with it. It keeps `computed` and `blocks`: the KV it
+        carries, which the destination takes. Refused while a micro-batch in flight holds it
+        (its token is not back yet)."""
+        req = self.by_id.get(req_id)
+        if req is None or req.finished:
+            raise ValueError(f"request {req_id} is not live on instance {self.index}")
+        if req.inflight:
+            raise ValueError(f"request {req_id} is in a micro-batch in flight on instance "
+                             f"{self.index}: detach it once its token is back")
+        self.load -= remaining_load(req)
+        if req.running:
+            self._drop_ready(req)
+            self.free_blocks += req.blocks
+            self.num_running -= 1
+            if self.on_release is not None:
+                self.on_release(req)
+            req.running = False
+        else:
+            self.waiting.remove(req)
+        self.head.valid = False
+        req.view = None
+        del self.by_id[req_id]
+        if not self.by_id:
+            self.metrics.pending[self.index].update(False, now)
+        return req
+
+    def adopt(self, req: CoreRequest, now: float) -> None:
+        """Takes a request detached from another instance, with the KV it carries
+        (`req.blocks` blocks, `req.computed` tokens): running if it has KV, waiting
+        otherwise. Its prediction and timings travel with it."""
+        if req.req_id in self.by_id:
+            raise ValueError(f"request {req.req_id} is already on instance {self.index}")
+        if req.blocks > self.free_blocks:
+            raise ValueError(f"request {req.req_id} brings {req.blocks} KV blocks, instance "
+                             f"{self.index} has {self.free_blocks} free")
+        req.instance = self.index
+        req.view = None
+        self.by_id[req.req_id] = req
+        self.load += remaining_load(req)
+        if req.blocks:
+            req.running = True
+            self.free_blocks -= req.blocks
+            self.max_used = max(self.max_used, self.total_blocks - self.free_blocks)
+            self.num_running += 1
+            bisect.insort(self.ready, req, key=_order)
+            self.head.valid = False
+        else:
+            req.computed = 0
+            self._enqueue(req)
+        self.metrics.pending[self.index].update(True, now)
 
     # ---- scheduling -------------------------------------------------------------------------
 

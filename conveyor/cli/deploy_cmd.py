@@ -32,7 +32,8 @@ def _fail(message: str) -> None:
 def build_config(config: Optional[Path], sets: list[str], **shortcuts) -> ConveyorConfig:
     """The config file (or defaults), then --set overrides, then the named shortcut options."""
     names = {"model": "model.source", "stages": "deployment.stages",
-             "instances": "deployment.instances", "policy": "scheduler.policy",
+             "instances": "deployment.instances", "routing": "deployment.routing",
+             "groups": "deployment.groups", "policy": "scheduler.policy",
              "address": "endpoints.ingress", "log_format": "logging.format",
              "http_host": "http.host", "http_port": "http.port",
              "served_model_name": "http.served_model_name", "api_key": "ingress.api_keys",
@@ -68,6 +69,12 @@ def serve(
                                         "Face folder, or a named shape with dummy weights."),
     stages: Optional[int] = typer.Option(None, help="Pipeline stages per instance (default 2)."),
     instances: Optional[int] = typer.Option(None, help="Model instances (default 1)."),
+    routing: Optional[str] = typer.Option(None, help="Which instance takes a request: "
+                                          "least-loaded (default), round-robin or "
+                                          "length-groups (with --groups)."),
+    groups: Optional[str] = typer.Option(None, help="Length groups for --routing "
+                                         "length-groups: LO-HI:INSTANCES ranges in instance "
+                                         "order, e.g. 0-512:2,512-:1 (all --instances)."),
     policy: Optional[str] = typer.Option(None, help=_policy_help()),
     address: Optional[str] = typer.Option(None, help="Client address of the ingress, "
                                           "e.g. tcp://0.0.0.0:7600 (port 0: any free port)."),
@@ -96,8 +103,9 @@ def serve(
     from conveyor.supervisor import ChildDied, Supervisor
 
     cfg = resolve(build_config(config, set_, model=model, stages=stages, instances=instances,
-                               policy=policy, address=address, log_format=log_format,
-                               http_host=http_host, http_port=http_port, api_key=api_key,
+                               routing=routing, groups=groups, policy=policy, address=address,
+                               log_format=log_format, http_host=http_host,
+                               http_port=http_port, api_key=api_key,
                                served_model_name=served_model_name,
                                shutdown_timeout=shutdown_timeout))
     _check_security(cfg)

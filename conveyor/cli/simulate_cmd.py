@@ -72,6 +72,11 @@ def simulate(
                              "same seed as bench gives the same requests)."),
     policy: Optional[str] = typer.Option(None, help="Scheduling policy (default: the cluster "
                                          "file's): fcfs, sarathi, throttle, or any registered."),
+    routing: Optional[str] = typer.Option(None, help="cluster.routing: least-loaded, "
+                                          "round-robin or length-groups (with --groups)."),
+    groups: Optional[str] = typer.Option(None, help="cluster.groups: length groups as "
+                                         "LO-HI:INSTANCES ranges (0-512:2,512-:1) or auto (the "
+                                         "range DP on the workload)."),
     set_: list[str] = typer.Option([], "--set", help="Override a cluster setting, "
                                    "section.key=value (repeatable), e.g. "
                                    "scheduler.max_num_seqs=64 or cluster.instances=8."),
@@ -141,6 +146,10 @@ def simulate(
         raise bad("--set", str(e)) from None
     if policy:
         overrides["scheduler.policy"] = policy
+    if routing:
+        overrides["cluster.routing"] = routing
+    if groups:
+        overrides["cluster.groups"] = groups
     sweep_rates = rate_list(rates) if sweep else [rate]
     sweep_policies = comma_list(policies, "--policies") if sweep else []
     try:

@@ -61,8 +61,10 @@ class StepTimer:
         self.latency = link_latency_s
         self.act_bytes = activation_bytes_per_token
         self.quantum = context_quantum
-        self.pads = bool(getattr(cost, "pads_decode_context", False))
-        """The cost model's attention pads decodes to the longest context (CPU profiles)."""
+        self.pads = bool(getattr(cost, "pads_decode_context", False)
+                         or getattr(cost, "reads_longest_context", False))
+        """The cost model reads the decodes' longest context: its attention pads to it (CPU
+        profiles) or charges mixed lengths (the roofline's mixed_length_penalty)."""
         self.corun = corun
         """Co-run speed of a prefill of n tokens (None: stages do not slow each other)."""
         self.decode_corun = decode_corun

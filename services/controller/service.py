@@ -23,7 +23,7 @@ from common.costmodel import BatchShape
 from common.instance import CoreRequest, Finish, pool_misfit
 from common.log import debug_enabled, get_logger
 from common.model import resolve_model
-from common.scheduling.routing import make_router
+from common.scheduling.routing import arrival_length, make_router
 from common.scheduling.types import SLO, MicroBatchPlan
 from common.security import Security, log_handshake_failures
 from common.stats import ControllerMetrics, ControllerStats
@@ -59,7 +59,7 @@ class Controller:
                                   self.metrics, self._on_release, self._on_finish,
                                   cfg.deployment.step_timeout_s)
             for i in range(cfg.deployment.instances)]
-        self.router = make_router(cfg.deployment.routing)
+        self.router = make_router(cfg.deployment.routing, cfg.deployment.length_groups())
         # Output lengths predicted at admission (InstanceCore.add) and learned at EOS, one
         # predictor for every instance.
         self.predictor = ControllerLengths(cfg)
@@ -164,8 +164,13 @@ class Controller:
         req = CoreRequest(msg.req_id, now, len(msg.prompt_token_ids), msg.max_tokens,
                           self.max_model_len, stops, list(msg.prompt_token_ids), slo,
                           tag=Served(msg.sampling, msg.arrival))
+        length = None
+        if self.router.reads_length:  # predicted before routing (add's admit then keeps it)
+            if self.predictor.lengths is not None:
+                self.predictor.lengths.admit(req)
+            length = arrival_length(req.prompt, req.predicted_output, req.max_tokens)
         inst = self.instances[self.router.route([i.core.load for i in self.instances],
-                                                [i.ready for i in self.instances])]
+                                                [i.ready for i in self.instances], length)]
         self.requests[req.req_id] = req
         inst.core.add(req, now)
         if inst.pool_ready and not self._fits(inst, req, now):
