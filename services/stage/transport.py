@@ -5,19 +5,27 @@ distinct GPUs use NCCL. Stages that share one GPU cannot use either directly (NC
 ranks on one device; gloo cannot send CUDA tensors), so they stage through pinned host memory
 over gloo.
 
-The rendezvous store (a TCPStore in stage 0) and gloo's connections listen on `dist_host`
-only: torch's own `tcp://` init would listen on every interface, where anyone could write into
-the store (it has no authentication), and gloo's default device binds to whatever the machine's
-hostname resolves to.
+The rendezvous store (a TCPStore in stage 0) listens on the rendezvous host's address only
+(torch's own `tcp://` init would listen on every interface, where anyone could write into the
+store: it has no authentication), and each stage's gloo connections listen on the address its
+host reaches the rendezvous host from, which on stage 0's host is that address itself (gloo's
+default device binds to whatever the machine's hostname resolves to). Stages may start in any
+order: each waits at the rendezvous until the instance's last stage has joined, and says so.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from common.addresses import source_address_towards
+from common.log import get_logger
+
+log = get_logger()
 
 
 class ActivationLink:
@@ -33,10 +41,18 @@ class ActivationLink:
             self.backend, self.wire_device = "gloo", torch.device("cpu")
         if num_stages > 1:
             timeout = timedelta(seconds=timeout_s)
+            own = source_address_towards(host)
+            log.info("waiting for the instance's other stages at the rendezvous",
+                     rendezvous=f"{host}:{port}", stages=num_stages, listens_on=own,
+                     hint="every stage of the instance must start; stage 0 serves the "
+                          "rendezvous")
+            t0 = time.monotonic()
             dist.init_process_group(self.backend, store=_store(host, port, stage, num_stages,
                                                                timeout),
                                     rank=stage, world_size=num_stages, timeout=timeout,
-                                    pg_options=_gloo_options(self.backend, host, timeout))
+                                    pg_options=_gloo_options(self.backend, own, timeout))
+            log.info("pipeline joined", rendezvous=f"{host}:{port}",
+                     waited_s=round(time.monotonic() - t0, 1))
 
     @property
     def is_first(self) -> bool:
