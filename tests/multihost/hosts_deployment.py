@@ -37,8 +37,11 @@ class HostsDeployment:
     """Writes the shared config (the recipe, with `sets` applied, and fresh CURVE keys) into
     `work_dir`; `start(role)` starts one role on its host, logging to work_dir/ROLE.log."""
 
-    def __init__(self, net: Network, work_dir: Path, stages: int, sets: dict | None = None):
-        self.net, self.work_dir, self.stages = net, work_dir, stages
+    def __init__(self, net: Network, work_dir: Path, stages: int, sets: dict | None = None,
+                 one_host: bool = False):
+        """`one_host`: every role on the control host (the network must alias the stage hosts'
+        names to it), the same config over that host's loopback."""
+        self.net, self.work_dir, self.stages, self.one_host = net, work_dir, stages, one_host
         keys = work_dir / "keys"
         generate_keys(keys)  # travels with the config: here, the one file system
         cfg = load_config(RECIPE, {"deployment.stages": stages,
@@ -50,9 +53,10 @@ class HostsDeployment:
         self.address = cfg.endpoints.ingress
         self.procs: dict[str, subprocess.Popen] = {}
 
-    @staticmethod
-    def host_of(role: str) -> str:
-        return "control" if role in CONTROL_ROLES else f"stage{role.split()[1]}"
+    def host_of(self, role: str) -> str:
+        if self.one_host or role in CONTROL_ROLES:
+            return "control"
+        return f"stage{role.split()[1]}"
 
     def start(self, role: str) -> None:
         name, _, stage = role.partition(" ")
@@ -118,9 +122,18 @@ class HostsDeployment:
 
     def generate(self, requests: list[dict], timeout_s: float = 300.0) -> dict:
         """Sends `requests` (generate keyword arguments) at once from the client host."""
-        path = self.work_dir / f"requests-{time.monotonic_ns()}.json"
+        return self.generate_later(requests, timeout_s).result()
+
+    def generate_later(self, requests: list[dict], timeout_s: float = 300.0) -> "ProbeRun":
+        """The same, running in the background: `.result()` waits for it."""
+        run_id = time.monotonic_ns()
+        path = self.work_dir / f"requests-{run_id}.json"
         path.write_text(json.dumps(requests))
-        return self.client("generate", str(path), str(timeout_s), timeout_s=timeout_s + 60)
+        out = self.work_dir / f"probe-{run_id}.out"
+        proc = self.net.popen("client", [sys.executable, "-m", "tests.multihost.client_probe",
+                                         self.address, "generate", str(path), str(timeout_s)],
+                              out, cwd=str(ROOT))
+        return ProbeRun(proc, out, timeout_s + 60, self)
 
     def stop(self, grace_s: float = 20.0) -> dict[str, int]:
         """SIGTERM to every role, the ingress first (it drains); returns the exit codes."""
@@ -141,3 +154,22 @@ class HostsDeployment:
     def tails(self, lines: int = 15) -> str:
         return "\n".join(f"--- {role}\n" + "\n".join(self.log(role).splitlines()[-lines:])
                          for role in self.procs)
+
+
+class ProbeRun:
+    """A client probe running on the client host."""
+
+    def __init__(self, proc: subprocess.Popen, out: Path, timeout_s: float,
+                 dep: HostsDeployment):
+        self.proc, self.out, self.timeout_s, self.dep = proc, out, timeout_s, dep
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def result(self) -> dict:
+        code = self.proc.wait(self.timeout_s)
+        lines = self.out.read_text(errors="replace").splitlines()
+        if code != 0 or not lines:
+            raise RuntimeError(f"client probe failed ({code}): {lines[-20:]}\n"
+                               f"{self.dep.tails()}")
+        return json.loads(lines[-1])

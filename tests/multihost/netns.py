@@ -176,7 +176,9 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 class Network:
-    def __init__(self, hosts: list[str]):
+    def __init__(self, hosts: list[str], aliases: dict[str, list[str]] | None = None):
+        """`aliases`: more names of a host in every hosts file (several roles' host names
+        on one host, e.g. to run a multi-host config on one host's loopback)."""
         reason = unavailable_reason()
         if reason:
             raise NamespacesUnavailable(reason)
@@ -192,6 +194,7 @@ class Network:
         addresses = NETWORK.hosts()
         self.hosts = {name: Host(name, f"{self.tag}-{name}", str(next(addresses)), f"p{i}")
                       for i, name in enumerate(hosts)}
+        self.aliases = aliases or {}
         try:
             self._build()
         except BaseException:
@@ -203,7 +206,8 @@ class Network:
         br = self.bridge_ns
         _ip("-n", br, "link", "add", "br0", "type", "bridge", "forward_delay", "0")
         _ip("-n", br, "link", "set", "br0", "up")
-        names = "".join(f"{h.address} {h.name}\n" for h in self.hosts.values())
+        names = "".join(f"{h.address} {' '.join([h.name, *self.aliases.get(h.name, [])])}\n"
+                        for h in self.hosts.values())
         for h in self.hosts.values():
             self._add_namespace(h.namespace)
             etc = HOSTS_ETC / h.namespace
