@@ -139,12 +139,18 @@ def label(delay_ms: float, rate_gbit: float) -> str:
     return ", ".join(parts) or "veth, unshaped"
 
 
+def figures(result: dict) -> tuple[float, float, float]:
+    """Output tok/s, mean TTFT ms, mean TPOT ms of a bench or simulate result (one summary)."""
+    s = result["summary"]
+    return s["output_throughput"], 1e3 * s["ttft"]["mean"], 1e3 * s["tpot"]["mean"]
+
+
 def row(name: str, got: dict, sim: dict | None, base: dict) -> str:
-    cells = [name, f"{got['output_throughput']:.1f}",
-             f"{sim['output_throughput']:.1f}" if sim else "",
-             f"{got['output_throughput'] / base['output_throughput']:.3f}",
-             f"{got['mean_ttft_ms']:.0f}", f"{sim['mean_ttft_ms']:.0f}" if sim else "",
-             f"{got['mean_tpot_ms']:.1f}", f"{sim['mean_tpot_ms']:.1f}" if sim else ""]
+    (tok, ttft, tpot), base_tok = figures(got), figures(base)[0]
+    s_tok, s_ttft, s_tpot = figures(sim) if sim else (None, None, None)
+    cells = [name, f"{tok:.1f}", f"{s_tok:.1f}" if sim else "", f"{tok / base_tok:.3f}",
+             f"{ttft:.0f}", f"{s_ttft:.0f}" if sim else "", f"{tpot:.1f}",
+             f"{s_tpot:.1f}" if sim else ""]
     return "| " + " | ".join(cells) + " |"
 
 
