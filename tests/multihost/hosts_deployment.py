@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from common.config import load_config, save_config
+from common.log import read_json_events
 from common.security import generate_keys
 from tests.multihost.netns import Network
 
@@ -78,14 +79,9 @@ class HostsDeployment:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def events(self, role: str) -> list[dict]:
-        """The role's JSON log lines (the recipe logs JSON)."""
-        out = []
-        for line in self.log(role).splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
+        """The role's JSON log events (the recipe logs JSON)."""
+        path = self.log_path(role)
+        return list(read_json_events(path)) if path.exists() else []
 
     def wait_log(self, role: str, event: str, timeout_s: float) -> dict:
         """Waits until `role` has logged `event`; returns that line."""
