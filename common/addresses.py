@@ -14,8 +14,12 @@ One config file serves every host, so its addresses name hosts (`tcp://control-h
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import socket
+import struct
+
+_SIOCGIFADDR = 0x8915
 
 
 def _is_ip(host: str) -> bool:
@@ -47,8 +51,26 @@ def bindable(address: str) -> str:
 def source_address_towards(host: str) -> str:
     """The local address this host sends from to reach `host` (the kernel's route choice; no
     packet is sent). For a local address, that address itself."""
-    infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
-    family, _, _, _, target = infos[0]
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((target[0], 9))  # UDP connect only picks the route
-        return probe.getsockname()[0]
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+        family, _, _, _, target = infos[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((target[0], 9))  # UDP connect only picks the route
+            return probe.getsockname()[0]
+    except OSError as e:
+        raise OSError(f"no route from this host to {host}: {e}") from None
+
+
+def interface_of(address: str) -> str | None:
+    """The name of the local network interface holding IPv4 `address` (e.g. "lo" for
+    127.0.0.1), None when none does or on a system without the ioctl (gloo, which binds by
+    interface name, then keeps its default)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()))
+            except OSError:  # no IPv4 address on it
+                continue
+            if socket.inet_ntoa(raw[20:24]) == address:
+                return name
+    return None

@@ -15,6 +15,7 @@ order: each waits at the rendezvous until the instance's last stage has joined, 
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from datetime import timedelta
@@ -22,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from common.addresses import source_address_towards
+from common.addresses import interface_of, source_address_towards
 from common.log import get_logger
 
 log = get_logger()
@@ -42,6 +43,8 @@ class ActivationLink:
         if num_stages > 1:
             timeout = timedelta(seconds=timeout_s)
             own = source_address_towards(host)
+            if self.backend == "gloo":
+                _bind_gloo_to(own)
             log.info("waiting for the instance's other stages at the rendezvous",
                      rendezvous=f"{host}:{port}", stages=num_stages, listens_on=own,
                      hint="every stage of the instance must start; stage 0 serves the "
@@ -49,8 +52,7 @@ class ActivationLink:
             t0 = time.monotonic()
             dist.init_process_group(self.backend, store=_store(host, port, stage, num_stages,
                                                                timeout),
-                                    rank=stage, world_size=num_stages, timeout=timeout,
-                                    pg_options=_gloo_options(self.backend, own, timeout))
+                                    rank=stage, world_size=num_stages, timeout=timeout)
             log.info("pipeline joined", rendezvous=f"{host}:{port}",
                      waited_s=round(time.monotonic() - t0, 1))
 
@@ -105,15 +107,12 @@ def _store(host: str, port: int, stage: int, num_stages: int, timeout: timedelta
                          master_listen_fd=listener.detach())
 
 
-def _gloo_options(backend: str, host: str, timeout: timedelta):
-    """gloo's device on `host`'s interface (None for NCCL, whose bootstrap follows
-    NCCL_SOCKET_IFNAME). The options type is private to torch; without it, gloo's default."""
-    if backend != "gloo":
-        return None
-    try:
-        options = dist.ProcessGroupGloo._Options()
-        options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-        options._timeout = timeout
-    except AttributeError:  # another torch: the default device (the hostname's address)
-        return None
-    return options
+def _bind_gloo_to(address: str) -> None:
+    """gloo listens on the interface named by GLOO_SOCKET_IFNAME (torch 2.x ignores a gloo
+    device passed in pg_options; without the variable gloo binds whatever the machine's host
+    name resolves to, or falls back to loopback, where peers on other hosts cannot reach it).
+    An operator's own setting wins."""
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        ifname = interface_of(address)
+        if ifname is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname
