@@ -7,9 +7,10 @@ over gloo.
 
 The rendezvous store (a TCPStore in stage 0) listens on the rendezvous host's address only
 (torch's own `tcp://` init would listen on every interface, where anyone could write into the
-store: it has no authentication), and each stage's gloo connections listen on the address its
-host reaches the rendezvous host from, which on stage 0's host is that address itself (gloo's
-default device binds to whatever the machine's hostname resolves to). Stages may start in any
+store: it has no authentication), and each stage's gloo connections listen on the interface of
+the address its host reaches the rendezvous host from, which on stage 0's host is that address
+itself (GLOO_SOCKET_IFNAME: gloo's default device binds to whatever the machine's hostname
+resolves to, or loopback). Stages may start in any
 order: each waits at the rendezvous until the instance's last stage has joined, and says so.
 """
 
