@@ -144,11 +144,20 @@ class EndpointsConfig(_Section):
     kvcache: str = "ipc://{run_dir}/kvcache"
     """The kv-cache manager's socket, which the controller (and tools) connect to."""
     dist_host: str = "127.0.0.1"
-    """Host of each instance's torch.distributed rendezvous (its stage 0)."""
+    """Host of each instance's torch.distributed rendezvous (its stage 0): an address or a host
+    name of that host (stages listen for their peers on the address they reach it from)."""
+    dist_hosts: list[str] = []
+    """Instance i's rendezvous host, one per instance, when their stage 0s live on different
+    hosts; empty: dist_host for every instance."""
     dist_base_port: int = 0
     """Instance i rendezvouses at dist_base_port + i; 0 picks free ports when serving."""
     run_dir: str = ""
     """Folder for ipc sockets and the resolved config; empty derives one from the ingress port."""
+
+    def rendezvous(self, instance: int) -> tuple[str, int]:
+        """Where instance `instance`'s stages meet: its stage 0's host and port."""
+        host = self.dist_hosts[instance] if self.dist_hosts else self.dist_host
+        return host, self.dist_base_port + instance
 
 
 class KVCacheConfig(_Section):
@@ -277,6 +286,10 @@ class ConveyorConfig(_Section):
             (self.deployment.stage_restarts >= 0, "deployment.stage_restarts must be >= 0"),
             (self.deployment.restart_window_s > 0, "deployment.restart_window_s must be > 0"),
             (self.kvcache.lease_blocks >= 0, "kvcache.lease_blocks must be >= 0"),
+            (not self.endpoints.dist_hosts
+             or len(self.endpoints.dist_hosts) == self.deployment.instances,
+             f"endpoints.dist_hosts names {len(self.endpoints.dist_hosts)} host(s) but "
+             f"deployment.instances is {self.deployment.instances} (one per instance, or none)"),
             (not self.slo.default_class or self.slo.default_class in self.slo.classes,
              f"slo.default_class {self.slo.default_class!r} is not one of slo.classes"),
             (all(t is None or (0 < t < math.inf) for c in self.slo.classes.values()

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
+from common.addresses import bindable
 from common.log import get_logger
+from common.peer_wait import PeerWait, is_handshake, watch_connection
 from common.run_dir import ensure_private_dir, ipc_folder
 from common.security import CurveClient, CurveServer
 from common.wire import Message, ProtocolError, decode, encode
@@ -28,7 +29,6 @@ from common.wire import Message, ProtocolError, decode, encode
 # A generous high-water mark: dropping control messages is never acceptable; back-pressure is
 # handled by the scheduler (bounded micro-batches in flight), not by the socket.
 _HWM = 100_000
-_MONITOR_IDS = itertools.count(1)
 
 
 @dataclass
@@ -98,8 +98,11 @@ class Endpoint:
             security.apply(self.sock)
         if bind:
             ensure_ipc_dir(bind)
-            self.sock.bind(bind)
+            self.sock.bind(bindable(bind))  # a host name of a shared multi-host config
+        self.connection_events: zmq.asyncio.Socket | None = None
+        """A connecting endpoint's handshakes and disconnections (common/peer_wait.py)."""
         if connect:
+            self.connection_events = watch_connection(self.sock)  # before connect: none missed
             self.sock.connect(connect)
         self.address = bind or connect
 
@@ -146,6 +149,10 @@ class Endpoint:
         return Incoming(identity, msg, None, role=role)
 
     def close(self) -> None:
+        if self.connection_events is not None and not self.connection_events.closed:
+            if not self.sock.closed:
+                self.sock.disable_monitor()
+            self.connection_events.close(linger=0)
         self.sock.close(linger=0)
 
 
@@ -159,6 +166,9 @@ class RpcClient:
         self.endpoint = endpoint
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
+        self.connected = asyncio.Event()
+        """The peer has completed its handshake and not disconnected since (kept by
+        fail_on_disconnect)."""
 
     async def call(self, build: Callable[[int], Message], timeout: float | None = None) -> Message:
         call_id = next(self._ids)
@@ -190,26 +200,29 @@ class RpcClient:
         process died or closed the socket), every call in flight fails at once with
         PeerDisconnected instead of waiting out its timeout, and `on_disconnect` runs (to fail
         what else depended on the peer). ZeroMQ reconnects by itself; later calls go through
-        once the peer is back."""
-        # A name of its own: pyzmq's default is derived from the socket's file descriptor,
-        # which a later socket reuses while a dead socket's monitor may still hold the name
-        # (a leaked, garbage-collected endpoint then broke the connections of every socket of
-        # the process's context: tests/unit/test_zmq_io.py::test_a_collected_endpoint_...).
-        monitor = self.endpoint.sock.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED, addr=f"inproc://conveyor-monitor-{next(_MONITOR_IDS)}")
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_DISCONNECTED:
-                    pending = sum(not f.done() for f in self._pending.values())
-                    log.error("peer disconnected", peer=peer, calls_failed=pending)
-                    self.fail_all(PeerDisconnected(f"the {peer} disconnected"))
-                    if on_disconnect is not None:
-                        on_disconnect()
-        finally:  # the endpoint may be closed already (shutdown cancels this task late)
-            if not self.endpoint.sock.closed:
-                self.endpoint.sock.disable_monitor()
-            monitor.close(linger=0)
+        once the peer is back. While the peer is not connected (not started yet, or gone),
+        the process says that it waits for it (common/peer_wait.py); `connected` is set
+        while it is."""
+        monitor = self.endpoint.connection_events
+        if monitor is None:
+            raise ValueError("fail_on_disconnect needs a connecting endpoint")
+        wait = PeerWait(peer, self.endpoint.address)
+        while True:
+            if not self.connected.is_set() and not await monitor.poll(wait.timeout_ms()):
+                wait.overdue()
+                continue
+            frames = await monitor.recv_multipart()
+            if is_handshake(frames):
+                wait.connected()
+                self.connected.set()
+                continue
+            self.connected.clear()
+            wait = PeerWait(peer, self.endpoint.address)
+            pending = sum(not f.done() for f in self._pending.values())
+            log.error("peer disconnected", peer=peer, calls_failed=pending)
+            self.fail_all(PeerDisconnected(f"the {peer} disconnected"))
+            if on_disconnect is not None:
+                on_disconnect()
 
 
 class PeerDisconnected(ConnectionError):

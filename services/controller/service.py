@@ -84,17 +84,21 @@ class Controller:
         log.info("controller listening", address=self.endpoint.address,
                  policy=self.cfg.scheduler.policy, instances=len(self.instances),
                  stages=self.cfg.deployment.stages)
-        sd_notify.ready("controller listening")
-        tasks = {"messages": asyncio.create_task(self._messages()),
-                 "kv-cache replies": asyncio.create_task(self._kv_replies()),
-                 "kv-cache watch": asyncio.create_task(
-                     self.kv_link.rpc.fail_on_disconnect("kv-cache manager"))}
-        tasks.update({f"scheduler of instance {inst.index}":
-                      asyncio.create_task(self._schedule_loop(inst)) for inst in self.instances})
+        tasks = {"kv-cache watch": asyncio.create_task(
+            self.kv_link.rpc.fail_on_disconnect("kv-cache manager"))}
         if self.security.enabled:
             tasks["handshake watch"] = asyncio.create_task(
                 log_handshake_failures(self.endpoint.sock, "controller"))
         try:
+            # Started before its kv-cache manager (another host's part, any order): wait for
+            # it, saying so, before taking stages' hellos, whose pools it must create; what
+            # peers send meanwhile waits in the socket.
+            await until_connected(self.kv_link.rpc, tasks)
+            tasks.update({"messages": asyncio.create_task(self._messages()),
+                          "kv-cache replies": asyncio.create_task(self._kv_replies())})
+            tasks.update({f"scheduler of instance {inst.index}": asyncio.create_task(
+                self._schedule_loop(inst)) for inst in self.instances})
+            sd_notify.ready("controller listening")
             await until_one_ends(tasks)
         finally:
             await stop_tasks(list(tasks.values()))
@@ -408,6 +412,16 @@ class Controller:
 
 def _ended(req: CoreRequest | None) -> bool:
     return req is None or req.finished
+
+
+async def until_connected(rpc, tasks: dict[str, asyncio.Task]) -> None:
+    """Returns once the RpcClient's peer is connected; raises as until_one_ends does if one of
+    the tasks (its watch among them) ends first."""
+    connected = asyncio.create_task(rpc.connected.wait())
+    await asyncio.wait({connected, *tasks.values()}, return_when=asyncio.FIRST_COMPLETED)
+    if not connected.done():
+        connected.cancel()
+        await until_one_ends(tasks)
 
 
 async def run(cfg: ConveyorConfig) -> None:

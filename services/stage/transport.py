@@ -5,19 +5,29 @@ distinct GPUs use NCCL. Stages that share one GPU cannot use either directly (NC
 ranks on one device; gloo cannot send CUDA tensors), so they stage through pinned host memory
 over gloo.
 
-The rendezvous store (a TCPStore in stage 0) and gloo's connections listen on `dist_host`
-only: torch's own `tcp://` init would listen on every interface, where anyone could write into
-the store (it has no authentication), and gloo's default device binds to whatever the machine's
-hostname resolves to.
+The rendezvous store (a TCPStore in stage 0) listens on the rendezvous host's address only
+(torch's own `tcp://` init would listen on every interface, where anyone could write into the
+store: it has no authentication), and each stage's gloo connections listen on the interface of
+the address its host reaches the rendezvous host from, which on stage 0's host is that address
+itself (GLOO_SOCKET_IFNAME: gloo's default device binds to whatever the machine's hostname
+resolves to, or loopback). Stages may start in any
+order: each waits at the rendezvous until the instance's last stage has joined, and says so.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from common.addresses import interface_of, source_address_towards
+from common.log import get_logger
+
+log = get_logger()
 
 
 class ActivationLink:
@@ -33,10 +43,19 @@ class ActivationLink:
             self.backend, self.wire_device = "gloo", torch.device("cpu")
         if num_stages > 1:
             timeout = timedelta(seconds=timeout_s)
+            own = source_address_towards(host)
+            if self.backend == "gloo":
+                _bind_gloo_to(own)
+            log.info("waiting for the instance's other stages at the rendezvous",
+                     rendezvous=f"{host}:{port}", stages=num_stages, listens_on=own,
+                     hint="every stage of the instance must start; stage 0 serves the "
+                          "rendezvous")
+            t0 = time.monotonic()
             dist.init_process_group(self.backend, store=_store(host, port, stage, num_stages,
                                                                timeout),
-                                    rank=stage, world_size=num_stages, timeout=timeout,
-                                    pg_options=_gloo_options(self.backend, host, timeout))
+                                    rank=stage, world_size=num_stages, timeout=timeout)
+            log.info("pipeline joined", rendezvous=f"{host}:{port}",
+                     waited_s=round(time.monotonic() - t0, 1))
 
     @property
     def is_first(self) -> bool:
@@ -89,15 +108,12 @@ def _store(host: str, port: int, stage: int, num_stages: int, timeout: timedelta
                          master_listen_fd=listener.detach())
 
 
-def _gloo_options(backend: str, host: str, timeout: timedelta):
-    """gloo's device on `host`'s interface (None for NCCL, whose bootstrap follows
-    NCCL_SOCKET_IFNAME). The options type is private to torch; without it, gloo's default."""
-    if backend != "gloo":
-        return None
-    try:
-        options = dist.ProcessGroupGloo._Options()
-        options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-        options._timeout = timeout
-    except AttributeError:  # another torch: the default device (the hostname's address)
-        return None
-    return options
+def _bind_gloo_to(address: str) -> None:
+    """gloo listens on the interface named by GLOO_SOCKET_IFNAME (torch 2.x ignores a gloo
+    device passed in pg_options; without the variable gloo binds whatever the machine's host
+    name resolves to, or falls back to loopback, where peers on other hosts cannot reach it).
+    An operator's own setting wins."""
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        ifname = interface_of(address)
+        if ifname is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname

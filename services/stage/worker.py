@@ -22,6 +22,7 @@ from common.log import get_logger
 from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepBatch,
                           resolve_model, sample)
 from common.model.placement import stage_layer_bounds
+from common.peer_wait import wait_connected, watch_connection
 from common.security import Security, stage_identity
 from common.wire import ProtocolError, decode, encode
 from common.wire.internal_messages import Hello, StepDone, StepPlan
@@ -57,9 +58,8 @@ class StageWorker:
                  device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
                  kv_blocks=self.num_blocks, load_s=round(time.perf_counter() - t0, 2))
         ep = cfg.endpoints
-        self.link = ActivationLink(stage, self.num_stages, ep.dist_host,
-                                   ep.dist_base_port + instance, self.device,
-                                   self.placement.shares_device)
+        self.link = ActivationLink(stage, self.num_stages, *ep.rendezvous(instance),
+                                   self.device, self.placement.shares_device)
         self.tables: dict[int, list[int]] = {}
         self.ctx = zmq.Context()  # its own, as every service's (never Context.instance())
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -68,6 +68,7 @@ class StageWorker:
         curve = Security.for_role(cfg, "stage").client("controller")
         if curve is not None:
             curve.apply(self.sock)
+        self.controller_events = watch_connection(self.sock)  # before connect: none missed
         self.sock.connect(ep.controller)
 
     def warm_up(self) -> None:
@@ -94,14 +95,17 @@ class StageWorker:
 
     def serve(self) -> None:
         self.warm_up()
-        detail = {"layers": list(self.layers), "device": str(self.device), "pid": os.getpid()}
-        # Before the Hello: once the controller knows it, the deployment may be ready, and the
-        # service manager must have heard from this stage first.
-        sd_notify.ready(f"stage {self.instance}.{self.stage} warmed up")
-        self.sock.send_multipart(encode(Hello("stage", self.instance, self.stage,
-                                              self.num_blocks, detail)))
-        log.info("stage ready", controller=self.cfg.endpoints.controller)
         try:
+            # Its hello would wait in the socket for a controller not up yet; say that it waits.
+            wait_connected(self.controller_events, "controller", self.cfg.endpoints.controller)
+            detail = {"layers": list(self.layers), "device": str(self.device),
+                      "pid": os.getpid()}
+            # Before the Hello: once the controller knows it, the deployment may be ready, and
+            # the service manager must have heard from this stage first.
+            sd_notify.ready(f"stage {self.instance}.{self.stage} warmed up")
+            self.sock.send_multipart(encode(Hello("stage", self.instance, self.stage,
+                                                  self.num_blocks, detail)))
+            log.info("stage ready", controller=self.cfg.endpoints.controller)
             while True:
                 try:
                     msg = decode(self.sock.recv_multipart())
@@ -115,6 +119,8 @@ class StageWorker:
                                 type=type(msg).__name__)
         finally:
             self.link.close()
+            self.sock.disable_monitor()
+            self.controller_events.close(linger=0)
             self.sock.close(linger=0)
             self.ctx.term()
 
