@@ -187,6 +187,59 @@ class InstanceCore:
         if not self.by_id:
             self.metrics.pending[self.index].update(False, now)
 
+    # ---- migration between instances --------------------------------------------------------
+
+    def detach(self, req_id: int, now: float) -> tuple[CoreRequest, int]:
+        """Takes a live request out of this core to move it to another instance; returns it
+        and the KV blocks it held. It leaves its queue, its blocks go back to this pool
+        (`on_release`, before it is reset: the wrapper frees them and the stages forget its
+        table) and it is reset to wait for recompute, keeping its tokens and timestamps, as a
+        preemption would (not counted as one). Only between micro-batches: a request that a
+        micro-batch in flight holds would have its token come back to an instance that no
+        longer knows it, so that is refused (ValueError), as are unknown or ended ones."""
+        req = self.by_id.get(req_id)
+        if req is None or req.finished:
+            raise ValueError(f"request {req_id} is not live on instance {self.index}")
+        if req.inflight:
+            raise ValueError(f"request {req_id} is in {req.inflight} micro-batch(es) in flight "
+                             f"on instance {self.index}: it can move only between them")
+        self.load -= (req.prompt + req.out - req.computed) + (req.max_tokens - req.out)
+        del self.by_id[req_id]
+        blocks = req.blocks
+        if req.running:
+            self._drop_ready(req)
+            self.num_running -= 1
+            self.free_blocks += blocks
+            req.blocks = 0
+            req.running = False
+            if self.on_release is not None:
+                self.on_release(req)
+        else:
+            self.waiting.remove(req)
+            self.head.valid = False
+        req.computed = 0
+        req.view = None
+        req.instance = -1
+        if not self.by_id:
+            self.metrics.pending[self.index].update(False, now)
+        return req, blocks
+
+    def adopt(self, req: CoreRequest, now: float) -> None:
+        """Takes in a request detached from another instance: it waits here, in arrival order,
+        to be recomputed (its prompt plus every token it generated, the last of which is then
+        sampled from). Unlike `add`, its prompt is not counted again, nor shown to the
+        predictor again."""
+        if req.req_id in self.by_id:
+            raise ValueError(f"request {req.req_id} is already on instance {self.index}")
+        if req.finished or req.running or req.inflight or req.instance != -1:
+            raise ValueError(f"request {req.req_id} was not detached: only a detached request "
+                             f"can be adopted")
+        req.instance = self.index
+        self.by_id[req.req_id] = req
+        self.load += req.prompt + req.max_tokens  # all its tokens to recompute, then the rest
+        self._enqueue(req)
+        self.metrics.pending[self.index].update(True, now)
+
     # ---- scheduling -------------------------------------------------------------------------
 
     def stage_views(self) -> tuple:
