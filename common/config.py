@@ -24,6 +24,7 @@ import msgspec
 from common.prediction.config import PredictorConfig
 from common.scheduling.config import (SchedulerConfig, nest_scheduler_table,
                                       written_scheduler_table)
+from common.scheduling.length_groups import LengthGroups
 
 DEFAULT_INGRESS_PORT = 7600
 PROMPT_BYTES_PER_TOKEN = 32
@@ -105,6 +106,39 @@ class DeploymentConfig(_Section):
     step_timeout_s: float = 30.0
     """A micro-batch in flight longer than this marks its instance degraded in health (not
     ready, naming the stage it waits on) until it completes."""
+
+
+class MigrationConfig(_Section):
+    """Moving requests between instances (services/controller/migration.py): CascadeInfer's
+    length groups hand a request whose context outgrew its group's range to the next group.
+    Moves are made by recompute: the destination re-prefills the prompt plus every token
+    generated so far, and the stream goes on from there (docs/architecture.md)."""
+
+    enabled: bool = False
+    planner: Literal["boundary"] = "boundary"
+    """Which moves to make (common/scheduling/migration.py): "boundary" moves a request whose
+    context reached its group's upper bound to the least-loaded instance of the group that
+    holds it now."""
+    groups: str = ""
+    """The length groups, e.g. "0-512:1,512-:1": ranges of context length and how many
+    instances serve each, in instance order (common/scheduling/length_groups.py); empty: one
+    group over every length, so nothing crosses a boundary."""
+    max_per_instance: int = 1
+    """Migrations in progress at once to or from one instance (Llumnix's default: one)."""
+
+    def problems(self, num_instances: int) -> list[str]:
+        if self.max_per_instance < 1:
+            return ["migration.max_per_instance must be >= 1"]
+        if self.groups:
+            try:
+                LengthGroups.parse(self.groups, num_instances)
+            except ValueError as e:
+                return [f"migration.groups: {e}"]
+        return []
+
+    def length_groups(self, num_instances: int) -> LengthGroups:
+        return (LengthGroups.parse(self.groups, num_instances) if self.groups
+                else LengthGroups.single(num_instances))
 
 
 class EndpointsConfig(_Section):
@@ -237,6 +271,7 @@ class ConveyorConfig(_Section):
     slo: SLOConfig = msgspec.field(default_factory=SLOConfig)
     predictor: PredictorConfig = msgspec.field(default_factory=PredictorConfig)
     """Output-length prediction at admission (common/prediction/config.py)."""
+    migration: MigrationConfig = msgspec.field(default_factory=MigrationConfig)
 
     def validate(self) -> "ConveyorConfig":
         """Checks that single fields cannot express; returns self for chaining."""
@@ -270,7 +305,8 @@ class ConveyorConfig(_Section):
         ]
         problems = [*_failed(checks), *self.model.problems(self.deployment.stages,
                                                            "deployment.stages"),
-                    *self.kvcache.problems()]
+                    *self.kvcache.problems(),
+                    *self.migration.problems(self.deployment.instances)]
         if problems:
             raise ConfigError(problems[0])
         try:

@@ -35,6 +35,7 @@ from common.zmq_io import Endpoint, Incoming, make_context, stop_tasks
 from services.controller.instance import Served, ServedInstance
 from services.controller.kv_link import KVLink
 from services.controller.liveness import Liveness
+from services.controller.migration import Migrations
 from services.controller.peers import from_ingress, from_stage, hello_allowed
 from services.controller.prediction import ControllerLengths
 
@@ -59,6 +60,7 @@ class Controller:
                                   cfg.deployment.step_timeout_s)
             for i in range(cfg.deployment.instances)]
         self.router = make_router(cfg.deployment.routing)
+        self.migrations = Migrations(cfg.migration, self.instances, self.metrics)
         # Output lengths predicted at admission (InstanceCore.add) and learned at EOS, one
         # predictor for every instance.
         self.predictor = ControllerLengths(cfg)
@@ -169,6 +171,7 @@ class Controller:
         if inst.pool_ready and not self._fits(inst, req, now):
             return
         inst.wake.set()
+        self.migrations.round(now)  # one waiting outside its instance's range moves now
 
     def _on_abort(self, msg: AbortRequests) -> None:
         now = time.monotonic()
@@ -196,6 +199,7 @@ class Controller:
         travels with the request's last token) and log it."""
         self.requests.pop(req.req_id, None)
         self.predictor.learned()
+        self.migrations.ended(req, time.monotonic())
         if req.finish in (Finish.ABORT, Finish.ERROR):
             self.outputs.append(RequestOutput(req.req_id, [], _WIRE_FINISH[req.finish],
                                               req.error, req.tag.error_code))
@@ -306,6 +310,10 @@ class Controller:
             for req in live:
                 self.outputs.append(RequestOutput(req.req_id, [req.output_token_ids[-1]],
                                                   _WIRE_FINISH[req.finish]))
+                self.migrations.took_token(req, now)
+            # Between micro-batches, before this instance schedules again: this batch's
+            # requests hold no token in flight, so they may move.
+            self.migrations.round(now)
         inst.wake.set()
 
     # ---- scheduling ---------------------------------------------------------------------
