@@ -1,0 +1,147 @@
+"""Requests moved between instances mid-decode (issue 14 item 3), through the SDK against real
+processes: 2 instances of 2 stages, length groups 0-64 on instance 0 and 64- on instance 1, so a
+request that starts below 64 tokens crosses the boundary while it decodes and finishes at
+instance 1, re-prefilled there. Greedy output is transformers' token for token, and every KV
+block of both pools is free afterwards."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from conveyor.local_deployment import start_deployment, stop_deployment
+from tests.e2e import reference
+
+BOUND = 64
+MAX_NEW = 32
+STORY = ("The old lighthouse keeper climbed the spiral stairs every evening, counting the "
+         "steps as his father had taught him, and at the top he wiped the great lens clean "
+         "of salt before lighting the lamp that guided the fishing boats home. ")
+SETS = ("migration.enabled=true", f"migration.groups=\"0-{BOUND}:1,{BOUND}-:1\"",
+        "kvcache.num_blocks=64", "scheduler.max_num_batched_tokens=16")
+
+
+@pytest.fixture(scope="module")
+def story_ids() -> list[int]:
+    _, tok = reference.hf_model_and_tokenizer()
+    ids = tok(STORY * 12, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1000
+    return ids
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    dep = start_deployment(stages=2, instances=2, sets=SETS)
+    yield dep
+    code = stop_deployment(dep)
+    assert code == 0, f"deployment did not stop cleanly (exit {code}):\n{dep.log_tail()}"
+
+
+def _stats(dep) -> dict:
+    with dep.client() as client:
+        return client.stats()
+
+
+def test_every_request_crosses_its_bound_mid_decode_and_matches_transformers(deployment,
+                                                                            story_ids):
+    prompts = [story_ids[:n] for n in (40, 50, 60)]
+    want = [reference.greedy(p, MAX_NEW) for p in prompts]
+    before = _stats(deployment)
+    with deployment.client(timeout=240) as client:
+        # One at a time: alone, a request goes to instance 0 (the least loaded on a tie) and
+        # must move to instance 1 once its context reaches 64 tokens.
+        for prompt, ref in zip(prompts, want):
+            got = client.generate(prompt_token_ids=prompt, max_tokens=MAX_NEW, temperature=0)
+            assert len(prompt) + len(ref) > BOUND
+            assert got.token_ids == ref, f"diverged for a {len(prompt)}-token prompt"
+        after = client.stats()
+    assert after["migrations"] - before["migrations"] == 3
+    assert after["migrations_waiting"] == before["migrations_waiting"]
+    assert after["migration_pause_s"]["count"] - before["migration_pause_s"]["count"] == 3
+    assert after["migration_recomputed_tokens"] - before["migration_recomputed_tokens"] == 3 * 64
+    assert after["finished"].get("error", 0) == 0
+    pools = deployment.wait_kv_free(timeout_s=15)
+    assert [p.free_blocks for p in pools] == [p.total_blocks for p in pools] == [64, 64]
+
+
+def test_concurrent_streams_with_migrations_match_transformers(deployment, story_ids):
+    prompts = [story_ids[i:i + n] for i, n in ((0, 40), (7, 44), (13, 52), (21, 58))]
+    want = [reference.greedy(p, MAX_NEW) for p in prompts]
+    results: list = [None] * len(prompts)
+    with deployment.client(timeout=240) as client:
+        def run(i: int) -> None:
+            results[i] = client.generate(prompt_token_ids=prompts[i], max_tokens=MAX_NEW,
+                                         temperature=0).token_ids
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(240)
+    assert results == want
+    pools = deployment.wait_kv_free(timeout_s=15)
+    assert [p.free_blocks for p in pools] == [64, 64]
+
+
+def test_a_destination_without_room_leaves_the_request_finishing_at_the_source(deployment,
+                                                                              story_ids):
+    """A 960-token prompt arrives at instance 0, beyond its range: it moves while waiting to
+    instance 1, where it fills 61 of the 64 blocks. A short request then crosses the bound on
+    instance 0; instance 1 has no room for its 4 blocks, so it stays and finishes there."""
+    long_prompt, short_prompt = story_ids[:960], story_ids[100:160]
+    want_long = reference.greedy(long_prompt, 64)
+    want_short = reference.greedy(short_prompt, 8)
+    before = _stats(deployment)
+    with deployment.client(timeout=240) as client:
+        long_ids: list[int] = []
+        started = threading.Event()
+
+        def run_long() -> None:
+            for delta in client.stream(prompt_token_ids=long_prompt, max_tokens=64,
+                                       temperature=0, ignore_eos=True):
+                long_ids.extend(delta.token_ids)
+                started.set()
+        t = threading.Thread(target=run_long)
+        t.start()
+        assert started.wait(120)
+        mid = client.stats()
+        assert mid["migrations_waiting"] - before["migrations_waiting"] == 1
+        short = client.generate(prompt_token_ids=short_prompt, max_tokens=8, temperature=0)
+        assert len(long_ids) < 64, "the long request ended before the short one crossed"
+        t.join(240)
+        after = client.stats()
+    assert short.token_ids == want_short
+    assert long_ids[:len(want_long)] == want_long  # ignore_eos: it may run on past an EOS
+    assert after["migrations"] - before["migrations"] == 1  # the long one's, not the short's
+    pools = deployment.wait_kv_free(timeout_s=15)
+    assert [p.free_blocks for p in pools] == [64, 64]
+
+
+def test_an_abort_during_a_migration_frees_both_pools(deployment, story_ids):
+    """The client cancels as soon as it sees the token that carries its context to the bound:
+    the controller moved the request when that token came back, and the destination is still
+    re-prefilling it (four 16-token chunks)."""
+    prompt = story_ids[200:262]
+    before = _stats(deployment)
+    with deployment.client(timeout=240) as client:
+        seen = 0
+        with client.stream(prompt_token_ids=prompt, max_tokens=MAX_NEW, temperature=0,
+                           ignore_eos=True) as stream:
+            for delta in stream:
+                seen += len(delta.token_ids)
+                if len(prompt) + seen >= BOUND:
+                    break  # leaving the block cancels the request
+        deadline = time.monotonic() + 15
+        while True:
+            after = client.stats()
+            if after["finished"].get("abort", 0) > before["finished"].get("abort", 0) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        again = client.generate(prompt_token_ids=prompt[:10], max_tokens=4, temperature=0)
+    assert after["migrations"] - before["migrations"] == 1
+    assert after["migrations_aborted"] - before["migrations_aborted"] == 1
+    assert again.completion_tokens == 4
+    pools = deployment.wait_kv_free(timeout_s=15)
+    assert [p.free_blocks for p in pools] == [64, 64]
