@@ -125,10 +125,26 @@ class MigrationConfig(_Section):
     group over every length, so nothing crosses a boundary."""
     max_per_instance: int = 1
     """Migrations in progress at once to or from one instance (Llumnix's default: one)."""
+    mode: Literal["live", "recompute"] = "live"
+    """"live": the stages copy the request's KV to the destination's stages while it keeps
+    decoding, pausing it only for the last blocks (Llumnix); a copy that fails falls back to
+    recompute. "recompute": the destination re-prefills it."""
+    max_stages: int = 3
+    """Live: copy rounds at most, the last one paused (Llumnix: 3)."""
+    pause_blocks: int = 16
+    """Live: blocks left to copy below which the request is paused for the last round."""
+    timeout_s: float = 10.0
+    """Live: a copy round not done in this time fails (the peer died or never came)."""
 
     def problems(self, num_instances: int) -> list[str]:
-        if self.max_per_instance < 1:
-            return ["migration.max_per_instance must be >= 1"]
+        failed = _failed([
+            (self.max_per_instance >= 1, "migration.max_per_instance must be >= 1"),
+            (self.max_stages >= 1, "migration.max_stages must be >= 1"),
+            (self.pause_blocks >= 0, "migration.pause_blocks must be >= 0"),
+            (self.timeout_s > 0, "migration.timeout_s must be > 0"),
+        ])
+        if failed:
+            return failed
         if self.groups:
             try:
                 LengthGroups.parse(self.groups, num_instances)

@@ -224,21 +224,49 @@ class InstanceCore:
             self.metrics.pending[self.index].update(False, now)
         return req, blocks
 
-    def adopt(self, req: CoreRequest, now: float) -> None:
-        """Takes in a request detached from another instance: it waits here, in arrival order,
-        to be recomputed (its prompt plus every token it generated, the last of which is then
-        sampled from). Unlike `add`, its prompt is not counted again, nor shown to the
-        predictor again."""
+    def adopt(self, req: CoreRequest, now: float, computed: int = 0, blocks: int = 0) -> None:
+        """Takes in a request detached from another instance. By default it waits here, in
+        arrival order, to be recomputed (its prompt plus every token it generated, the last
+        of which is then sampled from). With `blocks` > 0 its KV for its first `computed`
+        tokens was copied into that many of this pool's blocks (live migration): it runs on
+        from there, ready for its next chunk. Unlike `add`, its prompt is not counted again,
+        nor shown to the predictor again."""
         if req.req_id in self.by_id:
             raise ValueError(f"request {req.req_id} is already on instance {self.index}")
         if req.finished or req.running or req.inflight or req.instance != -1:
             raise ValueError(f"request {req.req_id} was not detached: only a detached request "
                              f"can be adopted")
+        if blocks and not (0 < computed < req.num_tokens
+                           and blocks == -(-computed // self.block_size)):
+            raise ValueError(f"request {req.req_id}: {blocks} blocks cannot hold the KV of "
+                             f"{computed} of its {req.num_tokens} tokens")
+        if blocks > self.free_blocks:
+            raise ValueError(f"instance {self.index} has {self.free_blocks} free blocks, "
+                             f"request {req.req_id} brings {blocks}")
         req.instance = self.index
         self.by_id[req.req_id] = req
-        self.load += req.prompt + req.max_tokens  # all its tokens to recompute, then the rest
-        self._enqueue(req)
+        # Tokens left to process: those without KV here, then the rest of its output.
+        self.load += req.num_tokens - computed + req.max_tokens - req.out
+        if blocks:
+            req.computed, req.blocks, req.running = computed, blocks, True
+            self.free_blocks -= blocks
+            self.max_used = max(self.max_used, self.total_blocks - self.free_blocks)
+            self.num_running += 1
+            bisect.insort(self.ready, req, key=_order)
+        else:
+            self._enqueue(req)
         self.metrics.pending[self.index].update(True, now)
+
+    def reserve(self, count: int) -> None:
+        """Takes `count` free blocks out of the pool for a request arriving by live migration
+        (its KV is copied into them before it is adopted); `unreserve` gives them back."""
+        if not 0 <= count <= self.free_blocks:
+            raise ValueError(f"instance {self.index} has {self.free_blocks} free blocks, "
+                             f"cannot reserve {count}")
+        self.free_blocks -= count
+
+    def unreserve(self, count: int) -> None:
+        self.free_blocks += count
 
     # ---- scheduling -------------------------------------------------------------------------
 

@@ -137,7 +137,12 @@ class ControllerMetrics:
     migration_recomputed_tokens: int = 0
     """Tokens the destinations re-prefilled for migrated requests."""
     migration_pause: Moments = field(default_factory=Moments)
-    """Seconds from a running request's move to its first token at the destination."""
+    """Seconds from a running request's stop at the source (the move itself by recompute,
+    the last copy round when live) to its first token at the destination."""
+    migration_kv_bytes: int = 0
+    """KV bytes the destinations' stages received in committed live migrations."""
+    migration_copy: Moments = field(default_factory=Moments)
+    """Seconds from a live migration's start to its commit (every copy round)."""
     stages: dict[tuple[int, int], StageCounters] = field(default_factory=dict)
     pending: list[PendingClock] = field(default_factory=list)
     prefill_per_batch: Moments = field(default_factory=Moments)
@@ -234,7 +239,9 @@ class ControllerMetrics:
             migrations_aborted=self.migrations_aborted,
             migrations_refused=self.migrations_refused,
             migration_recomputed_tokens=self.migration_recomputed_tokens,
-            migration_pause_s=self.migration_pause.snapshot(), slo=self.slo_attainment(),
+            migration_pause_s=self.migration_pause.snapshot(),
+            migration_kv_bytes=self.migration_kv_bytes,
+            migration_copy_s=self.migration_copy.snapshot(), slo=self.slo_attainment(),
             stages=stages,
             batch_tokens=BatchTokens(prefill=self.prefill_per_batch.snapshot(),
                                      decode=self.decode_per_batch.snapshot()),

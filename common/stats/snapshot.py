@@ -157,7 +157,12 @@ class ControllerStats(_Snapshot):
     """Moves the planner asked for that the controller refused."""
     migration_recomputed_tokens: int = 0
     migration_pause_s: MomentsStats = msgspec.field(default_factory=MomentsStats)
-    """A running request's move to its first token at the destination, in seconds."""
+    """A running request's stop at the source to its first token at the destination, in
+    seconds."""
+    migration_kv_bytes: int = 0
+    """KV bytes received by the destinations of committed live migrations."""
+    migration_copy_s: MomentsStats = msgspec.field(default_factory=MomentsStats)
+    """A live migration's start to its commit, in seconds."""
     slo: dict[str, SLOAttainment] = {}
     """Per SLO class (SLO.label)."""
     stages: list[StageStats] = []
@@ -206,7 +211,9 @@ class ControllerStats(_Snapshot):
             migrations_refused=self.migrations_refused - before.migrations_refused,
             migration_recomputed_tokens=(self.migration_recomputed_tokens
                                          - before.migration_recomputed_tokens),
-            migration_pause_s=self.migration_pause_s.since(before.migration_pause_s), slo=slo,
+            migration_pause_s=self.migration_pause_s.since(before.migration_pause_s),
+            migration_kv_bytes=self.migration_kv_bytes - before.migration_kv_bytes,
+            migration_copy_s=self.migration_copy_s.since(before.migration_copy_s), slo=slo,
             stages=[s.since(start[(s.instance, s.stage)]) for s in self.stages
                     if (s.instance, s.stage) in start],
             batch_tokens=BatchTokens(

@@ -19,6 +19,8 @@ wakes the instances.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.config import MigrationConfig
@@ -27,7 +29,9 @@ from common.log import get_logger
 from common.scheduling.migration import (Candidate, CrossBoundary, InstanceState,
                                          MigrationPlanner, Move)
 from common.stats import ControllerMetrics
+from common.wire.internal_messages import KVMoved
 from services.controller.instance import ServedInstance
+from services.controller.live_migration import LiveCopy, LiveRounds
 
 log = get_logger()
 
@@ -51,17 +55,34 @@ class Migration:
     """It held KV at the source (a waiting request's move costs its client no pause)."""
     out: int
     """Its output tokens at the move: the next one comes from the destination."""
+    copy: LiveCopy | None = None
+    """Its KV copy while the source still holds it (live migration), else None."""
+    paused_at: float | None = None
+    """When it stopped at the source (live: the last round; recompute: the move)."""
+    cancel: tuple | None = None
+    """(Finish, error) of an end asked for while it was in no core (the last round)."""
 
 
 class Migrations:
     def __init__(self, cfg: MigrationConfig, instances: list[ServedInstance],
-                 metrics: ControllerMetrics, planner: MigrationPlanner | None = None):
+                 metrics: ControllerMetrics, planner: MigrationPlanner | None = None,
+                 send: Callable | None = None, assign: Callable | None = None,
+                 free: Callable | None = None, end: Callable | None = None):
         self.cfg = cfg
         self.instances = instances
         self.metrics = metrics
         self.planner = planner or make_planner(cfg, len(instances))
         self.active: dict[int, Migration] = {}
         """Migrations in progress, by request id."""
+        self.live = (LiveRounds(cfg, send, assign, free)
+                     if cfg.mode == "live" and send is not None else None)
+        self.end = end
+        """end(req, Finish, error): ends a request through the service (a cancel that came
+        while it was in no core is carried out once it is adopted)."""
+        self._mig_ids = itertools.count(1)
+        self.stay: set[int] = set()
+        """Requests whose live copy aborted: they finish where they are (no retry storm
+        against a destination that refuses, or a link that fails)."""
 
     def busy(self, index: int) -> bool:
         """The instance takes part in as many migrations as it may at once."""
@@ -75,7 +96,8 @@ class Migrations:
             core = inst.core
             cands = [Candidate(r.req_id, r.num_tokens, r.blocks, r.running)
                      for r in core.by_id.values()
-                     if not r.finished and r.inflight == 0 and r.req_id not in self.active]
+                     if not r.finished and r.inflight == 0 and r.req_id not in self.active
+                     and r.req_id not in self.stay]
             states.append(InstanceState(inst.index, core.load, core.free_blocks, cands,
                                         busy=self.busy(inst.index), ready=inst.ready))
         return states
@@ -84,6 +106,9 @@ class Migrations:
         """Asks the planner for moves and carries out those it may; returns them."""
         if not self.cfg.enabled or len(self.instances) < 2:
             return []
+        for m in list(self.active.values()):
+            if m.copy is not None:
+                self._advance(m, now)
         started = []
         for move in self.planner.plan(self.states()):
             why = self.refusal(move)
@@ -121,43 +146,148 @@ class Migrations:
         return ""
 
     def start(self, move: Move, now: float) -> Migration:
-        """Moves the request now: detached from the source (its blocks freed), adopted by the
-        destination to be recomputed."""
+        """Starts the move: a running request's KV copy (live), or at once by recompute
+        (detached from the source, its blocks freed; adopted by the destination)."""
         src, dst = self.instances[move.src], self.instances[move.dst]
-        req, blocks = src.core.detach(move.req_id, now)
-        running = blocks > 0
-        dst.core.adopt(req, now)
+        req = src.core.by_id[move.req_id]
+        running = req.running
         m = Migration(req.req_id, move.src, move.dst, move.reason, now, running, req.out)
         self.active[req.req_id] = m
         self.metrics.migrations += 1
-        if not running:
-            self.metrics.migrations_waiting += 1
-        self.metrics.migration_recomputed_tokens += req.num_tokens if running else 0
+        self.metrics.migrations_waiting += 0 if running else 1
+        why = (self.live.cannot_copy(src, dst, req) if self.live is not None and running
+               else "recompute")
         log.info("request migrating", req_id=req.req_id, src=move.src, dst=move.dst,
-                 reason=move.reason, context=req.num_tokens, blocks=blocks,
-                 state="running" if running else "waiting")
+                 reason=move.reason, context=req.num_tokens, blocks=req.blocks,
+                 state="running" if running else "waiting", how=why or "live")
+        if not why:
+            m.copy = LiveCopy(next(self._mig_ids), req, src, dst)
+            # Few blocks (or one round allowed): stop and copy at once, as Llumnix does.
+            m.copy.pause_wanted = (req.blocks <= self.cfg.pause_blocks
+                                   or self.cfg.max_stages == 1)
+            if m.copy.pause_wanted or self.live.send_round(m.copy, now):
+                self._advance(m, now)
+                return m
+            m.copy = None  # nothing to copy after all
+        self._recompute(m, src.core.detach(req.req_id, now)[0], dst, now)
         src.wake.set()
-        dst.wake.set()
         return m
+
+    def _recompute(self, m: Migration, req: CoreRequest, at: ServedInstance,
+                   now: float) -> None:
+        """A detached request waits at `at` to be recomputed."""
+        at.core.adopt(req, now)
+        m.dst = at.index
+        if m.paused_at is None:
+            m.paused_at = now
+        if m.running:
+            self.metrics.migration_recomputed_tokens += req.num_tokens
+        at.wake.set()
+        self._carry_out_cancel(m, req)
+
+    def _carry_out_cancel(self, m: Migration, req: CoreRequest) -> None:
+        if m.cancel is not None and self.end is not None:
+            reason, error = m.cancel
+            m.cancel = None
+            self.end(req, reason, error)
+
+    # ---- live copies --------------------------------------------------------------------
+
+    def kv_moved(self, msg: KVMoved, now: float) -> None:
+        """A stage's answer to a MoveKV round."""
+        m = next((m for m in self.active.values()
+                  if m.copy is not None and m.copy.mig_id == msg.mig_id), None)
+        if m is not None and self.live.answered(m.copy, msg):
+            self._advance(m, now)
+
+    def _advance(self, m: Migration, now: float) -> None:
+        """Moves a live copy on: the next round, the pause, the commit, or its abort."""
+        c, live = m.copy, self.live
+        live.overdue(c, now)
+        if c.waiting:
+            return
+        if c.failed:
+            self._abort_copy(m, now)
+        elif c.paused:
+            live.commit(c, now)
+            self.metrics.migration_kv_bytes += c.nbytes
+            self.metrics.migration_copy.add(now - m.started)
+            log.info("migration committed", req_id=m.req_id, src=m.src, dst=m.dst,
+                     rounds=c.round, kv_bytes=c.nbytes, seconds=round(now - m.started, 4))
+            m.copy = None
+            c.dst.wake.set()
+            self._carry_out_cancel(m, c.req)
+        elif c.pause_wanted or live.next_is_last(c):
+            c.pause_wanted = True
+            if c.req.inflight == 0 and not c.req.running:  # preempted there meanwhile
+                c.failed = "the source preempted it"
+                self._abort_copy(m, now)
+            elif c.req.inflight == 0:  # between micro-batches: stop it at the source now
+                c.paused, c.paused_computed, c.paused_blocks = True, c.req.computed, c.req.blocks
+                c.src.core.detach(m.req_id, now)
+                m.paused_at = now
+                c.src.wake.set()
+                if not live.send_round(c, now):  # nothing new since the last round
+                    self._advance(m, now)
+        elif not live.send_round(c, now):
+            self._advance(m, now)
+
+    def _abort_copy(self, m: Migration, now: float) -> None:
+        c = m.copy
+        m.copy = None
+        self.live.release(c)
+        self.metrics.migrations_aborted += 1
+        log.warning("live migration aborted", req_id=m.req_id, src=m.src, dst=m.dst,
+                    round=c.round, paused=c.paused, why=c.failed)
+        if not c.paused:  # it never stopped: it goes on at the source
+            del self.active[m.req_id]
+            if not c.req.finished:
+                self.stay.add(m.req_id)
+        elif c.req.finished:
+            del self.active[m.req_id]
+        else:  # recomputed where a pipeline serves
+            self._recompute(m, c.req, c.dst if c.dst.ready else c.src, now)
+
+    def pipeline_lost(self, inst: ServedInstance, now: float) -> None:
+        """`inst`'s stages restarted: copies to or from it fail."""
+        for m in list(self.active.values()):
+            if m.copy is not None and inst in (m.copy.src, m.copy.dst):
+                self.live.lost(m.copy, inst)
+                self._advance(m, now)
+
+    def cancel(self, req: CoreRequest, reason: Finish, error: str) -> bool:
+        """A request in no core (its last round in flight) is to end: it ends once adopted.
+        False when it is in a core (the caller ends it there)."""
+        m = self.active.get(req.req_id)
+        if req.instance >= 0 or m is None:
+            return False
+        m.cancel = (reason, error)
+        return True
 
     def took_token(self, req: CoreRequest, now: float) -> None:
         """A request was given a token (call after `InstanceCore.complete`): its first at the
         destination ends its migration."""
         m = self.active.get(req.req_id)
-        if m is not None and req.instance == m.dst and req.out > m.out:
+        if m is not None and m.copy is None and req.instance == m.dst and req.out > m.out:
             del self.active[req.req_id]
             if m.running:
-                self.metrics.migration_pause.add(now - m.started)
+                self.metrics.migration_pause.add(now - m.paused_at)
 
     def ended(self, req: CoreRequest, now: float) -> None:
         """A request ended (the core's on_finish): a migration it was in ends with it. Its
         last token ends it normally (`Finish.STOP`, `LENGTH`); anything else aborts it."""
-        if req.req_id not in self.active:
+        self.stay.discard(req.req_id)
+        m = self.active.get(req.req_id)
+        if m is None:
+            return
+        if m.copy is not None:  # it ended at the source while its KV was copied
+            m.copy.failed = m.copy.failed or f"the request ended ({req.finish.name.lower()})"
+            self._advance(m, now)
             return
         if req.finish in (Finish.STOP, Finish.LENGTH):
             self.took_token(req, now)
             return
-        m = self.active.pop(req.req_id)
+        del self.active[req.req_id]
         self.metrics.migrations_aborted += 1
         log.info("migration aborted", req_id=req.req_id, src=m.src, dst=m.dst,
                  finish=req.finish.name.lower())

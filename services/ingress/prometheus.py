@@ -79,6 +79,8 @@ class _StatsCollector:
                  "short of blocks)."),
                 ("conveyor_migration_recomputed_tokens", s.migration_recomputed_tokens,
                  "Tokens re-prefilled at the destinations of migrations."),
+                ("conveyor_migration_kv_bytes", s.migration_kv_bytes,
+                 "KV bytes received by the destinations of committed live migrations."),
                 ("conveyor_kv_lease_waits", s.kv_lease_waits,
                  "Dispatches that waited for the KV lease to be topped up.")):
             yield _counter(name, help_text, value, m)

@@ -23,8 +23,9 @@ from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepB
 from common.model.placement import stage_layer_bounds
 from common.security import Security, stage_identity
 from common.wire import ProtocolError, decode, encode
-from common.wire.internal_messages import Hello, StepDone, StepPlan
+from common.wire.internal_messages import Hello, KVEndpoint, KVMoved, MoveKV, StepDone, StepPlan
 from services.stage.devices import StagePlacement, place_stage
+from services.stage.kv_mover import KVMover
 from services.stage.transport import ActivationLink
 
 log = get_logger()
@@ -60,6 +61,10 @@ class StageWorker:
                                    ep.dist_base_port + instance, self.device,
                                    self.placement.shares_device)
         self.tables: dict[int, list[int]] = {}
+        mig = cfg.migration
+        self.mover = (KVMover(self.kv, instance, stage, ep.dist_host, mig.timeout_s)
+                      if mig.enabled and mig.mode == "live" and cfg.deployment.instances > 1
+                      else None)
         self.ctx = zmq.Context()  # its own, as every service's (never Context.instance())
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -96,23 +101,46 @@ class StageWorker:
         detail = {"layers": list(self.layers), "device": str(self.device), "pid": os.getpid()}
         self.sock.send_multipart(encode(Hello("stage", self.instance, self.stage,
                                               self.num_blocks, detail)))
+        if self.mover is not None:
+            self.sock.send_multipart(encode(KVEndpoint(self.instance, self.stage,
+                                                       self.mover.host, self.mover.port)))
         log.info("stage ready", controller=self.cfg.endpoints.controller)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if self.mover is not None:  # a KV copy round done in the background
+            poller.register(self.mover.wake_r, zmq.POLLIN)
         try:
             while True:
-                try:
-                    msg = decode(self.sock.recv_multipart())
-                except ProtocolError as e:
-                    log.error("dropped undecodable frame from the controller", error=str(e))
-                    continue
-                if isinstance(msg, StepPlan):
-                    self.sock.send_multipart(encode(self.step(msg)))
-                else:
-                    log.warning("unexpected message from the controller",
-                                type=type(msg).__name__)
+                events = dict(poller.poll())
+                if self.mover is not None and self.mover.wake_r in events:
+                    for done in self.mover.drain():
+                        self.sock.send_multipart(encode(done))
+                if self.sock in events:
+                    self._handle()
         finally:
+            if self.mover is not None:
+                self.mover.close()
             self.link.close()
             self.sock.close(linger=0)
             self.ctx.term()
+
+    def _handle(self) -> None:
+        try:
+            msg = decode(self.sock.recv_multipart())
+        except ProtocolError as e:
+            log.error("dropped undecodable frame from the controller", error=str(e))
+            return
+        if isinstance(msg, StepPlan):
+            self.sock.send_multipart(encode(self.step(msg)))
+        elif isinstance(msg, MoveKV):
+            if self.mover is not None:
+                self.mover.submit(msg, self.tables)
+            else:
+                self.sock.send_multipart(encode(KVMoved(
+                    msg.mig_id, self.instance, self.stage, msg.round, 0, 0.0,
+                    "live migration is off on this stage")))
+        else:
+            log.warning("unexpected message from the controller", type=type(msg).__name__)
 
     def step(self, plan: StepPlan) -> StepDone:
         t_start = time.perf_counter()

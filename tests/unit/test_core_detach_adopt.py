@@ -96,3 +96,21 @@ def test_adopt_refuses_a_request_that_was_not_detached():
     b.adopt(r, 0.0)
     with pytest.raises(ValueError, match="already on instance 1"):
         b.adopt(r, 0.0)
+
+
+def test_a_request_adopted_with_its_kv_decodes_on_at_the_destination():
+    (a, b), released = two_cores()
+    r = request(1, prompt=20)
+    a.add(r, 0.0)
+    a.complete(a.commit(plan((1, 20)), 0.0).mb_id, [5], 1.0)
+    computed = r.computed
+    moved, blocks = a.detach(1, 2.0)
+    with pytest.raises(ValueError, match="1 blocks cannot hold the KV of 20"):
+        b.adopt(moved, 2.0, computed=computed, blocks=1)
+    b.adopt(moved, 2.0, computed=computed, blocks=blocks)
+    assert b.free_blocks == 98 and b.num_running == 1 and b.ready == [r] and r.running
+    assert b.load == 1 + 9
+    batch = b.commit(plan((1, 1)), 2.0)  # its next decode, not a re-prefill
+    assert batch.decode == 1 and batch.prefill == 0
+    b.complete(batch.mb_id, [EOS], 3.0)
+    assert r.output_token_ids == [5, EOS] and b.free_blocks == 100 and b.load == 0
