@@ -12,8 +12,9 @@ dispatched there until each holds its blocks) and it decodes on there.
 
 Failures: a round that fails (a stage refuses, the pair group cannot be built, a peer died,
 no answer within twice `timeout_s`) aborts the copy. Before the pause the request never
-stopped: it goes on at the source untouched. After the pause it is recomputed, at the
-destination if that is ready, else at the source. The destination's reserved blocks are freed
+stopped: it goes on at the source untouched. After the pause (its source blocks are freed)
+it is recomputed at the source, or at the destination if the source's pipeline is gone; it
+is not moved again. The destination's reserved blocks are freed
 once nothing can still write them: when every live side of the round in flight has answered.
 """
 

@@ -239,14 +239,12 @@ class Migrations:
         self.metrics.migrations_aborted += 1
         log.warning("live migration aborted", req_id=m.req_id, src=m.src, dst=m.dst,
                     round=c.round, paused=c.paused, why=c.failed)
-        if not c.paused:  # it never stopped: it goes on at the source
+        if not c.req.finished:
+            self.stay.add(m.req_id)
+        if not c.paused or c.req.finished:  # it never stopped: it goes on at the source
             del self.active[m.req_id]
-            if not c.req.finished:
-                self.stay.add(m.req_id)
-        elif c.req.finished:
-            del self.active[m.req_id]
-        else:  # recomputed where a pipeline serves
-            self._recompute(m, c.req, c.dst if c.dst.ready else c.src, now)
+        else:  # its source KV is gone: recomputed at the source (else the destination)
+            self._recompute(m, c.req, c.src if c.src.ready else c.dst, now)
 
     def pipeline_lost(self, inst: ServedInstance, now: float) -> None:
         """`inst`'s stages restarted: copies to or from it fail."""

@@ -1,11 +1,15 @@
 """Requests moved between instances mid-decode (issue 14 item 3), through the SDK against real
 processes: 2 instances of 2 stages, length groups 0-64 on instance 0 and 64- on instance 1, so a
 request that starts below 64 tokens crosses the boundary while it decodes and finishes at
-instance 1, re-prefilled there. Greedy output is transformers' token for token, and every KV
-block of both pools is free afterwards."""
+instance 1: its KV copied there live (in two rounds: pause_blocks 1), or re-prefilled there
+(mode recompute). Greedy output is transformers' token for token, and every KV block of both
+pools is free afterwards."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import threading
 import time
 
@@ -15,12 +19,16 @@ from conveyor.local_deployment import start_deployment, stop_deployment
 from tests.e2e import reference
 
 BOUND = 64
+BLOCK = 16
 MAX_NEW = 32
 STORY = ("The old lighthouse keeper climbed the spiral stairs every evening, counting the "
          "steps as his father had taught him, and at the top he wiped the great lens clean "
          "of salt before lighting the lamp that guided the fishing boats home. ")
 SETS = ("migration.enabled=true", f"migration.groups=\"0-{BOUND}:1,{BOUND}-:1\"",
-        "kvcache.num_blocks=64", "scheduler.max_num_batched_tokens=16")
+        "kvcache.num_blocks=64", "scheduler.max_num_batched_tokens=16",
+        "migration.timeout_s=3")
+LIVE = SETS + ("migration.pause_blocks=1",)
+RECOMPUTE = SETS + ("migration.mode=\"recompute\"",)
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +39,21 @@ def story_ids() -> list[int]:
     return ids
 
 
-@pytest.fixture(scope="module")
-def deployment():
-    dep = start_deployment(stages=2, instances=2, sets=SETS)
+def _deploy(sets):
+    dep = start_deployment(stages=2, instances=2, sets=sets)
     yield dep
     code = stop_deployment(dep)
     assert code == 0, f"deployment did not stop cleanly (exit {code}):\n{dep.log_tail()}"
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    yield from _deploy(LIVE)
+
+
+@pytest.fixture(scope="module")
+def recompute():
+    yield from _deploy(RECOMPUTE)
 
 
 def _stats(dep) -> dict:
@@ -44,8 +61,7 @@ def _stats(dep) -> dict:
         return client.stats()
 
 
-def test_every_request_crosses_its_bound_mid_decode_and_matches_transformers(deployment,
-                                                                            story_ids):
+def _one_at_a_time_across_the_bound(deployment, story_ids) -> tuple[dict, dict]:
     prompts = [story_ids[:n] for n in (40, 50, 60)]
     want = [reference.greedy(p, MAX_NEW) for p in prompts]
     before = _stats(deployment)
@@ -60,10 +76,39 @@ def test_every_request_crosses_its_bound_mid_decode_and_matches_transformers(dep
     assert after["migrations"] - before["migrations"] == 3
     assert after["migrations_waiting"] == before["migrations_waiting"]
     assert after["migration_pause_s"]["count"] - before["migration_pause_s"]["count"] == 3
-    assert after["migration_recomputed_tokens"] - before["migration_recomputed_tokens"] == 3 * 64
+    assert after["migrations_aborted"] == before["migrations_aborted"]
     assert after["finished"].get("error", 0) == 0
     pools = deployment.wait_kv_free(timeout_s=15)
     assert [p.free_blocks for p in pools] == [p.total_blocks for p in pools] == [64, 64]
+    return before, after
+
+
+def test_every_request_copied_live_mid_decode_matches_transformers(deployment, story_ids):
+    before, after = _one_at_a_time_across_the_bound(deployment, story_ids)
+    assert after["migration_recomputed_tokens"] == before["migration_recomputed_tokens"]
+    assert after["migration_copy_s"]["count"] - before["migration_copy_s"]["count"] == 3
+    # Two stages each received the request's 4 blocks (in two rounds, the last one again).
+    assert after["migration_kv_bytes"] - before["migration_kv_bytes"] >= 3 * 4 * _block_bytes(
+        deployment)
+    log = deployment.log_path.read_text(errors="replace")
+    assert log.count("migration committed") >= 3
+    assert re.search(r"migration committed .*rounds=[23]", log)  # live rounds, then paused
+
+
+def test_every_request_recomputed_mid_decode_matches_transformers(recompute, story_ids):
+    before, after = _one_at_a_time_across_the_bound(recompute, story_ids)
+    assert after["migration_recomputed_tokens"] - before["migration_recomputed_tokens"] == 3 * 64
+    assert after["migration_kv_bytes"] == 0
+
+
+def _block_bytes(dep) -> int:
+    """One block's K and V over every layer of the model (both stages together)."""
+    import torch
+
+    from common.model import resolve_model
+    cfg = dep.config()
+    shape = resolve_model(cfg.model.source, cfg.model.load_format, cfg.model.tokenizer).shape
+    return shape.kv_bytes_per_block(BLOCK, shape.num_layers, torch.float32)
 
 
 def test_concurrent_streams_with_migrations_match_transformers(deployment, story_ids):
@@ -118,10 +163,12 @@ def test_a_destination_without_room_leaves_the_request_finishing_at_the_source(d
     assert [p.free_blocks for p in pools] == [64, 64]
 
 
-def test_an_abort_during_a_migration_frees_both_pools(deployment, story_ids):
+def test_an_abort_during_a_migration_frees_both_pools(recompute, story_ids):
     """The client cancels as soon as it sees the token that carries its context to the bound:
     the controller moved the request when that token came back, and the destination is still
-    re-prefilling it (four 16-token chunks)."""
+    re-prefilling it (four 16-token chunks). (An abort during a live copy's last round is the
+    unit tests': that window lasts milliseconds here.)"""
+    deployment = recompute
     prompt = story_ids[200:262]
     before = _stats(deployment)
     with deployment.client(timeout=240) as client:
@@ -143,5 +190,34 @@ def test_an_abort_during_a_migration_frees_both_pools(deployment, story_ids):
     assert after["migrations"] - before["migrations"] == 1
     assert after["migrations_aborted"] - before["migrations_aborted"] == 1
     assert again.completion_tokens == 4
+    pools = deployment.wait_kv_free(timeout_s=15)
+    assert [p.free_blocks for p in pools] == [64, 64]
+
+
+def test_a_destination_that_dies_leaves_the_request_finishing_at_the_source(deployment,
+                                                                            story_ids):
+    """Instance 1's stage 1 is killed just before a request crosses the bound: the controller
+    does not know yet (the supervisor restarts the instance's stages, which takes seconds), so
+    the move starts and its copy fails (no peer within migration.timeout_s); the request,
+    paused for its last round, is recomputed at the source and finishes there unchanged."""
+    prompt = story_ids[300:360]
+    want = reference.greedy(prompt, 8)
+    before = _stats(deployment)
+    os.kill(deployment.process_pid("stage", instance=1, stage=1), signal.SIGKILL)
+    with deployment.client(timeout=240) as client:
+        got = client.generate(prompt_token_ids=prompt, max_tokens=8, temperature=0)
+        after = client.stats()
+    assert got.token_ids == want
+    assert after["migrations"] - before["migrations"] == 1
+    assert after["migrations_aborted"] - before["migrations_aborted"] == 1
+    log = deployment.log_path.read_text(errors="replace")
+    assert "live migration aborted" in log
+    mine = [ln for ln in log.splitlines() if "request finished" in ln
+            and "prompt_tokens=60 " in ln and "output_tokens=8 " in ln]
+    assert mine and "instance=0 " in mine[-1], mine
+    deadline = time.monotonic() + 120
+    while not _stats(deployment)["instances"][1]["ready"]:  # instance 1 back, then all free
+        assert time.monotonic() < deadline, deployment.log_tail()
+        time.sleep(0.5)
     pools = deployment.wait_kv_free(timeout_s=15)
     assert [p.free_blocks for p in pools] == [64, 64]

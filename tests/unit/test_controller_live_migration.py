@@ -100,7 +100,7 @@ def test_a_destination_that_refuses_a_round_leaves_the_request_running_at_the_so
     d.assert_pools_free()
 
 
-def test_a_failure_in_the_last_round_falls_back_to_recompute_at_the_destination():
+def test_a_failure_in_the_last_round_falls_back_to_recompute_at_the_source():
     d = LiveDriver(max_stages=1)  # the first round is already the last: paused at once
     req = d.add(1, prompt=20, max_tokens=12)
     while not d.mig.active:
@@ -110,7 +110,7 @@ def test_a_failure_in_the_last_round_falls_back_to_recompute_at_the_destination(
     d.complete_oldest(0)
     assert d.mig.active[1].copy.paused
     d.answer(error="connection reset")
-    assert req.instance == 1 and not req.running and d.metrics.migrations_aborted == 1
+    assert req.instance == 0 and not req.running and d.metrics.migrations_aborted == 1
     d.run()
     assert req.output_token_ids == list(range(20, 32))
     assert d.metrics.migration_recomputed_tokens == 24 and d.metrics.migration_pause.count == 1
