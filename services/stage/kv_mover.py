@@ -82,7 +82,9 @@ class KVMover:
                                      f"{msg.first + msg.count}) are not in its table here "
                                      f"({len(table) if table is not None else 'none'})")
                 blocks = table[msg.first:msg.first + msg.count]
-                data = self.kv.data[:, :, blocks].to("cpu", copy=True)
+                data = self.kv.data[:, :, blocks]  # indexing copies: later writes miss it
+                if data.device.type != "cpu":  # gloo sends host tensors
+                    data = data.cpu()
             else:
                 if len(msg.blocks) != msg.count or not msg.peer:
                     raise ValueError(f"request {msg.req_id}: {len(msg.blocks)} blocks for "
