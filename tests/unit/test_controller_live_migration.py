@@ -145,3 +145,29 @@ def test_a_cancel_while_the_request_is_in_no_core_ends_it_once_adopted():
     d.answer()
     assert d.ended == [(1, Finish.ABORT)] and req.finish is Finish.ABORT and not d.mig.active
     d.assert_pools_free()
+
+
+def test_a_request_that_ends_at_the_source_mid_copy_frees_the_destination_once_answered():
+    d = LiveDriver(pause_blocks=0)
+    req = d.add(1, prompt=20, max_tokens=6)
+    _decode_until_moving(d, req)
+    d.run()  # it reaches max_tokens at the source, the copy's round still unanswered
+    assert req.finish is Finish.LENGTH and req.instance == 0 and d.mig.active
+    assert d.instances[1].core.free_blocks == 98  # a late write could still land there
+    d.answer()
+    assert not d.mig.active and d.metrics.migrations_aborted == 1 and d.freed == [(1, 1)]
+    d.assert_pools_free()
+
+
+def test_a_round_unanswered_past_twice_the_timeout_is_given_up():
+    d = LiveDriver(pause_blocks=0, timeout_s=1.0)
+    req = d.add(1, prompt=20, max_tokens=40)
+    _decode_until_moving(d, req)
+    d.now += 2.5
+    d.mig.round(d.now)
+    assert not d.mig.active and d.metrics.migrations_aborted == 1
+    assert d.instances[1].core.free_blocks == 100 and req.instance == 0
+    d.sent.clear()
+    d.run()
+    assert req.output_token_ids == list(range(20, 60)) and req.instance == 0  # not moved again
+    d.assert_pools_free()
