@@ -34,7 +34,7 @@ RECOMPUTE = SETS + ("migration.mode=\"recompute\"",)
 @pytest.fixture(scope="module")
 def story_ids() -> list[int]:
     _, tok = reference.hf_model_and_tokenizer()
-    ids = tok(STORY * 12, add_special_tokens=False)["input_ids"]
+    ids = tok(STORY * 30, add_special_tokens=False)["input_ids"]
     assert len(ids) > 1000
     return ids
 
