@@ -95,9 +95,14 @@ class DeploymentConfig(_Section):
     """Where stages compute; `auto` picks CUDA when available."""
     threads_per_stage: int = 0
     """Torch intra-op threads per stage on CPU; 0 shares the machine's cores among stages."""
-    routing: Literal["least-loaded", "round-robin"] = "least-loaded"
+    routing: Literal["least-loaded", "round-robin", "length-groups"] = "least-loaded"
     """Which instance takes a request (common/scheduling/routing.py): the one with the fewest
-    tokens still to process, or each in turn."""
+    tokens still to process, each in turn, or CascadeInfer's length groups (`groups`: the group
+    whose range holds the request's length, then the less loaded of two of its instances)."""
+    groups: str = ""
+    """With routing = length-groups: the groups as LO-HI:INSTANCES ranges in instance order,
+    e.g. "0-512:2,512-:1" (common/scheduling/length_groups.py), naming exactly `instances`
+    instances. ("auto", the range DP, needs a cost model: only the simulator has one so far.)"""
     stage_restarts: int = 3
     """`conveyor serve` restarts an instance's stages when one dies (the others' process group
     is gone with it) at most this many times within restart_window_s; one more death gives up
@@ -107,22 +112,45 @@ class DeploymentConfig(_Section):
     """A micro-batch in flight longer than this marks its instance degraded in health (not
     ready, naming the stage it waits on) until it completes."""
 
+    def length_groups(self):
+        """The parsed `groups` (a LengthGroups), None unless routing by length groups."""
+        from common.scheduling.length_groups import LengthGroups
+
+        if self.routing != "length-groups":
+            return None
+        return LengthGroups.parse(self.groups, self.instances)
+
+    def group_problems(self) -> list[str]:
+        if self.routing != "length-groups":
+            return ([f"deployment.groups ({self.groups!r}) needs deployment.routing = "
+                     f"length-groups"] if self.groups else [])
+        if not self.groups:
+            return ["deployment.routing = length-groups needs deployment.groups, e.g. "
+                    "0-512:1,512-:1"]
+        if self.groups == "auto":
+            return ["deployment.groups = auto (the range DP) needs a cost model, which only "
+                    "the simulator has so far: give the ranges, e.g. 0-512:1,512-:1"]
+        try:
+            self.length_groups()
+        except ValueError as e:
+            return [f"deployment.groups: {e}"]
+        return []
+
 
 class MigrationConfig(_Section):
     """Moving requests between instances (services/controller/migration.py): CascadeInfer's
-    length groups hand a request whose context outgrew its group's range to the next group.
-    Moves are made by recompute: the destination re-prefills the prompt plus every token
-    generated so far, and the stream goes on from there (docs/architecture.md)."""
+    length groups (deployment.groups) hand a request whose context outgrew its group's range
+    to the next group; Llumnix's balancing evens load within a group (docs/architecture.md)."""
 
     enabled: bool = False
-    planner: Literal["boundary"] = "boundary"
+    planner: Literal["boundary", "balance", "boundary+balance"] = "boundary"
     """Which moves to make (common/scheduling/migration.py): "boundary" moves a request whose
     context reached its group's upper bound to the least-loaded instance of the group that
-    holds it now."""
-    groups: str = ""
-    """The length groups, e.g. "0-512:1,512-:1": ranges of context length and how many
-    instances serve each, in instance order (common/scheduling/length_groups.py); empty: one
-    group over every length, so nothing crosses a boundary."""
+    holds it now (it needs deployment.routing = length-groups and deployment.groups);
+    "balance" sends the most-loaded instance's shortest request to the least-loaded of its
+    group when that narrows the gap."""
+    min_gap: int = 0
+    """balance: a load gap (tokens) at or under this is left alone."""
     max_per_instance: int = 1
     """Migrations in progress at once to or from one instance (Llumnix's default: one)."""
     mode: Literal["live", "recompute"] = "live"
@@ -136,25 +164,25 @@ class MigrationConfig(_Section):
     timeout_s: float = 10.0
     """Live: a copy round not done in this time fails (the peer died or never came)."""
 
-    def problems(self, num_instances: int) -> list[str]:
-        failed = _failed([
+    def problems(self, deployment: DeploymentConfig) -> list[str]:
+        return _failed([
             (self.max_per_instance >= 1, "migration.max_per_instance must be >= 1"),
             (self.max_stages >= 1, "migration.max_stages must be >= 1"),
             (self.pause_blocks >= 0, "migration.pause_blocks must be >= 0"),
             (self.timeout_s > 0, "migration.timeout_s must be > 0"),
+            (self.min_gap >= 0, "migration.min_gap must be >= 0"),
+            (not (self.enabled and "boundary" in self.planner
+                  and deployment.routing != "length-groups"),
+             "migration.planner boundary moves requests between length groups: it needs "
+             "deployment.routing = length-groups and deployment.groups"),
         ])
-        if failed:
-            return failed
-        if self.groups:
-            try:
-                LengthGroups.parse(self.groups, num_instances)
-            except ValueError as e:
-                return [f"migration.groups: {e}"]
-        return []
 
-    def length_groups(self, num_instances: int) -> LengthGroups:
-        return (LengthGroups.parse(self.groups, num_instances) if self.groups
-                else LengthGroups.single(num_instances))
+    def build_planner(self, deployment: DeploymentConfig):
+        """The planner over the deployment's length groups (one group without them)."""
+        from common.scheduling.migration import make_planner
+
+        groups = deployment.length_groups() or LengthGroups.single(deployment.instances)
+        return make_planner(self.planner.split("+"), groups, self.min_gap)
 
 
 class EndpointsConfig(_Section):
@@ -319,10 +347,10 @@ class ConveyorConfig(_Section):
              self.max_prompt_bytes, "ingress.max_frame_bytes must exceed the prompt limit "
              f"({self.max_prompt_bytes} bytes), so a prompt too long is answered, not dropped"),
         ]
-        problems = [*_failed(checks), *self.model.problems(self.deployment.stages,
-                                                           "deployment.stages"),
+        problems = [*_failed(checks), *self.deployment.group_problems(),
+                    *self.model.problems(self.deployment.stages, "deployment.stages"),
                     *self.kvcache.problems(),
-                    *self.migration.problems(self.deployment.instances)]
+                    *self.migration.problems(self.deployment)]
         if problems:
             raise ConfigError(problems[0])
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ def configure_logging(role: str, fmt: str = "console", level: str = "info",
     global _level
     _level = _LEVELS[level]
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
-                else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+                else structlog.dev.ConsoleRenderer(colors=_colors()))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -41,6 +42,12 @@ def configure_logging(role: str, fmt: str = "console", level: str = "info",
     structlog.contextvars.bind_contextvars(role=role, **context)
     _route_stdlib_logging(renderer, _LEVELS[level])
     return structlog.get_logger()
+
+
+def _colors() -> bool:
+    """Colours on a terminal; `conveyor serve` relays its children's lines through a pipe to
+    its own terminal and says so with CONVEYOR_LOG_COLORS=1."""
+    return sys.stderr.isatty() or os.environ.get("CONVEYOR_LOG_COLORS") == "1"
 
 
 def _route_stdlib_logging(renderer, level: int) -> None:

@@ -6,20 +6,24 @@ none outlives a supervisor that was killed). If a stage dies, the supervisor res
 stage of its instance (their process group died with it) on a fresh rendezvous port, so no
 stale peer can join the new group, and the controller re-queues the instance's requests; a
 stage that keeps dying (deployment.stage_restarts within restart_window_s), or any other child
-that exits, makes it say which one and how, stop the rest, and exit non-zero.
+that exits, makes it say which one and how, stop the rest, and exit non-zero. Children's output
+reaches the supervisor's stderr whole and named, line by line (child_output.py).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
 from common.config import ConveyorConfig, free_port, save_config
 from common.run_dir import ensure_private_dir
+from conveyor.child_output import OutputRelay
 
 _PR_SET_PDEATHSIG = 1
 
@@ -35,6 +39,8 @@ class Child:
     proc: subprocess.Popen | None = None
     instance: int | None = None
     """For a stage: its instance."""
+    relay: threading.Thread | None = None
+    """The thread relaying its output (child_output.py)."""
 
 
 def _die_with_parent() -> None:
@@ -62,6 +68,9 @@ class Supervisor:
             for i in range(dep.instances) for s in range(dep.stages)]
         self.restarts: dict[int, list[float]] = {i: [] for i in range(dep.instances)}
         self.children.append(Child("ingress", base + ["ingress"] + tail))
+        self.output = OutputRelay([c.name for c in self.children])
+        """Where the children's lines and the supervisor's own go, whole."""
+        self.env = dict(os.environ, CONVEYOR_LOG_COLORS="1" if sys.stderr.isatty() else "0")
         self.stopping = False
 
     def start(self) -> None:
@@ -70,12 +79,15 @@ class Supervisor:
 
     def _spawn(self, child: Child, extra: list[str] = ()) -> None:
         child.proc = subprocess.Popen(child.args + list(extra), start_new_session=True,
-                                      preexec_fn=_die_with_parent)
+                                      preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      env=self.env)
+        child.relay = self.output.attach(child.name, child.proc.stdout)
 
     def recover(self) -> list[str]:
         """Restarts the stages of every instance that lost one (within the crash budget) and
         says what it did; raises ChildDied for any other death, or a stage past the budget."""
-        dead = [c for c in self.children if c.proc and c.proc.poll() is not None]
+        dead = self._dead()
         stages = {c.instance for c in dead if c.instance is not None}
         if self.stopping or not dead or any(c.instance is None for c in dead):
             self.check()
@@ -114,9 +126,16 @@ class Supervisor:
         those killed by a signal first: they are the likelier cause."""
         if self.stopping:
             return
-        dead = [child for child in self.children if child.proc and child.proc.poll() is not None]
+        dead = self._dead()
         if dead:
             raise ChildDied(_deaths(dead))
+
+    def _dead(self) -> list[Child]:
+        """The children that have exited, their last lines (a traceback, say) relayed first."""
+        dead = [c for c in self.children if c.proc and c.proc.poll() is not None]
+        for child in dead:
+            child.relay.join(timeout=1.0)
+        return dead
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stops the ingress first and gives it its drain (ingress.shutdown_timeout_s: the
@@ -135,10 +154,12 @@ class Supervisor:
             try:
                 child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                print(f"conveyor: {child.name} did not stop in {grace_s:g}s; killing it",
-                      file=sys.stderr)
+                self.output.write(f"conveyor: {child.name} did not stop in {grace_s:g}s; "
+                                  "killing it")
                 child.proc.kill()
                 child.proc.wait()
+        for child in live:  # their last lines are out before the supervisor says more
+            child.relay.join(timeout=2.0)
 
 
 def _deaths(children: list[Child]) -> str:

@@ -5,7 +5,7 @@ re-prefills) measured in the same run as the comparison.
 
 For each context length C, a `conveyor serve` deployment of 2 instances x 2 stages with length
 groups 0-C and C- (one per mode), and requests of C - 8 prompt tokens sent one at a time, so
-each alone goes to instance 0 and moves to instance 1 at context C, mid-decode. Per request,
+each is routed to instance 0 by its prompt and moves to instance 1 at context C, mid-decode. Per request,
 the controller's counters before and after (`migration_pause_s`, `migration_copy_s`,
 `migration_kv_bytes`) and the client's longest gap between two tokens.
 
@@ -39,7 +39,8 @@ def story_ids(n: int) -> list[int]:
 
 def measure(context: int, mode: str, requests: int, sets: list[str]) -> list[dict]:
     dep = start_deployment(stages=2, instances=2, sets=(
-        "migration.enabled=true", f'migration.groups="0-{context}:1,{context}-:1"',
+        "migration.enabled=true", 'deployment.routing="length-groups"',
+        f'deployment.groups="0-{context}:1,{context}-:1"', 'predictor.mode="off"',
         f'migration.mode="{mode}"', *sets))
     rows = []
     try:

@@ -25,6 +25,15 @@ by the sampler). Then
 
     transfer_s(n) = link_latency_s + n * hidden * b / link_bandwidth_bytes_s
 
+Mixed lengths (`mixed_length_penalty`, default 1: off): GPU decode attention over a batch of
+very different context lengths runs slower than its FLOPs and bytes say (the longest
+sequences' thread blocks straggle; CascadeInfer's motivation measures 1.1-2.1x slower
+attention for mixed-length batches). With a penalty x, the decode attention terms (its FLOPs
+and its K/V reads) are multiplied by 1 + (x - 1) * (1 - C / Cmax), C the decodes' mean
+context and Cmax their longest (StepCost.max_context_len): 1 for equal lengths, x when one
+context dwarfs the rest. The shape of that curve is Conveyor's assumption, the range of x the
+paper's, until a GPU profile measures it.
+
 `mfu` and `mbu` (model FLOPs / memory-bandwidth utilisation) are the fractions of the peaks a
 real kernel reaches; the defaults (0.6, 0.8) are typical of well-tuned serving engines on
 Hopper GEMMs and decode-attention kernels. `step_overhead_s` (default 100 us) stands for the
@@ -116,13 +125,16 @@ class RooflineCostModel:
     def __init__(self, shape: ModelShape, device: str | DeviceSpec = "h100", dtype_bytes: int = 2,
                  mfu: float = 0.6, mbu: float = 0.8, step_overhead_s: float = 100e-6,
                  peak_flops: float | None = None, memory_bandwidth: float | None = None,
-                 link_bandwidth: float | None = None, link_latency_s: float | None = None):
+                 link_bandwidth: float | None = None, link_latency_s: float | None = None,
+                 mixed_length_penalty: float = 1.0):
         if isinstance(device, str):
             if device not in DEVICES:
                 raise ValueError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
             device = DEVICES[device]
         if not (0 < mfu <= 1 and 0 < mbu <= 1):
             raise ValueError(f"mfu and mbu must be in (0, 1], got {mfu} and {mbu}")
+        if mixed_length_penalty < 1:
+            raise ValueError(f"mixed_length_penalty must be >= 1, got {mixed_length_penalty}")
         if dtype_bytes < 1:
             raise ValueError(f"dtype_bytes must be >= 1, got {dtype_bytes}")
         self.shape = shape
@@ -130,14 +142,24 @@ class RooflineCostModel:
         self.dtype_bytes = dtype_bytes
         self.mfu, self.mbu = mfu, mbu
         self.step_overhead_s = step_overhead_s
+        self.mixed_length_penalty = mixed_length_penalty
+        self.reads_longest_context = mixed_length_penalty > 1
+        """The simulator passes the decodes' longest context (StepTimer)."""
         self.peak_flops = peak_flops or device.peak_flops(dtype_bytes)
         self.memory_bandwidth = memory_bandwidth or device.memory_bandwidth
         self.link_bandwidth = link_bandwidth or device.link_bandwidth
         self.link_latency_s = device.link_latency_s if link_latency_s is None else link_latency_s
 
+    def mixed_factor(self, context_len: float, max_context_len: float | None) -> float:
+        """The decode attention's slowdown for mixed lengths (module docstring)."""
+        x = self.mixed_length_penalty
+        if x <= 1 or not max_context_len or max_context_len <= context_len:
+            return 1.0
+        return 1.0 + (x - 1.0) * (1.0 - context_len / max_context_len)
+
     def layer_flops_bytes(self, prefill_tokens: float, decode_tokens: float,
-                          context_len: float, prefill_pairs: float | None = None
-                          ) -> tuple[float, float]:
+                          context_len: float, prefill_pairs: float | None = None,
+                          max_context_len: float | None = None) -> tuple[float, float]:
         """FLOPs and bytes of ONE decoder layer for the step (prefill_pairs None: one fresh
         chunk)."""
         s, b = self.shape, self.dtype_bytes
@@ -145,10 +167,11 @@ class RooflineCostModel:
         t = p + d
         pairs = fresh_prefill_pairs(p) if prefill_pairs is None else prefill_pairs
         params = s.layer_param_count()
-        flops = 2 * params * t + 4 * s.q_size * d * c + 4 * s.q_size * pairs
+        mixed = self.mixed_factor(c, max_context_len) if d else 1.0
+        flops = 2 * params * t + 4 * s.q_size * d * c * mixed + 4 * s.q_size * pairs
         per_token_act = 2 * (4 * s.hidden_size + 2 * s.q_size + 2 * s.kv_size
                              + 3 * s.intermediate_size)
-        nbytes = (params * b + d * c * s.kv_size * 2 * b + t * s.kv_size * 2 * b
+        nbytes = (params * b + d * c * s.kv_size * 2 * b * mixed + t * s.kv_size * 2 * b
                   + t * per_token_act * b)
         return flops, nbytes
 
@@ -158,7 +181,8 @@ class RooflineCostModel:
         if t <= 0:
             return StepBreakdown(0.0, 0.0, 0.0, 0.0, 0.0)
         flops, nbytes = self.layer_flops_bytes(step.prefill_tokens, step.decode_tokens,
-                                               step.context_len, step.prefill_pairs)
+                                               step.context_len, step.prefill_pairs,
+                                               step.max_context_len)
         flops, nbytes = flops * step.num_layers, nbytes * step.num_layers
         if step.first_stage:
             nbytes += 2 * t * s.hidden_size * b

@@ -50,6 +50,12 @@ from common.stats import ControllerMetrics, Moments
 _order = attrgetter("order")
 
 
+def remaining_load(req: CoreRequest) -> int:
+    """What a request adds to its instance's `load`: its known tokens not yet computed plus
+    the tokens it may still generate."""
+    return (req.prompt + req.out - req.computed) + (req.max_tokens - req.out)
+
+
 def _name(policy) -> str:
     return type(policy).__name__ if policy is not None else "the policy"
 
@@ -146,7 +152,7 @@ class InstanceCore:
         req.finish = reason
         req.error = error
         req.view = None
-        self.load -= (req.prompt + req.out - req.computed) + (req.max_tokens - req.out)
+        self.load -= remaining_load(req)
         if req.running:
             if not req.awaiting:
                 self._drop_ready(req)
@@ -187,73 +193,61 @@ class InstanceCore:
         if not self.by_id:
             self.metrics.pending[self.index].update(False, now)
 
-    # ---- migration between instances --------------------------------------------------------
+    # ---- moving a request between instances (migration) --------------------------------------
 
-    def detach(self, req_id: int, now: float) -> tuple[CoreRequest, int]:
-        """Takes a live request out of this core to move it to another instance; returns it
-        and the KV blocks it held. It leaves its queue, its blocks go back to this pool
-        (`on_release`, before it is reset: the wrapper frees them and the stages forget its
-        table) and it is reset to wait for recompute, keeping its tokens and timestamps, as a
-        preemption would (not counted as one). Only between micro-batches: a request that a
-        micro-batch in flight holds would have its token come back to an instance that no
-        longer knows it, so that is refused (ValueError), as are unknown or ended ones."""
+    def detach(self, req_id: int, now: float) -> CoreRequest:
+        """Takes a live request out of this instance to move it to another (`adopt`): it leaves
+        its queue, its blocks go back to this pool (through on_release, as a finished
+        request's do) and its load leaves with it. It keeps `computed` and `blocks`: the KV it
+        carries, which the destination takes. Refused while a micro-batch in flight holds it
+        (its token is not back yet)."""
         req = self.by_id.get(req_id)
         if req is None or req.finished:
             raise ValueError(f"request {req_id} is not live on instance {self.index}")
         if req.inflight:
-            raise ValueError(f"request {req_id} is in {req.inflight} micro-batch(es) in flight "
-                             f"on instance {self.index}: it can move only between them")
-        self.load -= (req.prompt + req.out - req.computed) + (req.max_tokens - req.out)
-        del self.by_id[req_id]
-        blocks = req.blocks
+            raise ValueError(f"request {req_id} is in a micro-batch in flight on instance "
+                             f"{self.index}: detach it once its token is back")
+        self.load -= remaining_load(req)
         if req.running:
             self._drop_ready(req)
+            self.free_blocks += req.blocks
             self.num_running -= 1
-            self.free_blocks += blocks
-            req.blocks = 0
-            req.running = False
             if self.on_release is not None:
                 self.on_release(req)
+            req.running = False
         else:
             self.waiting.remove(req)
-            self.head.valid = False
-        req.computed = 0
+        self.head.valid = False
         req.view = None
-        req.instance = -1
+        del self.by_id[req_id]
         if not self.by_id:
             self.metrics.pending[self.index].update(False, now)
-        return req, blocks
+        return req
 
-    def adopt(self, req: CoreRequest, now: float, computed: int = 0, blocks: int = 0) -> None:
-        """Takes in a request detached from another instance. By default it waits here, in
-        arrival order, to be recomputed (its prompt plus every token it generated, the last
-        of which is then sampled from). With `blocks` > 0 its KV for its first `computed`
-        tokens was copied into that many of this pool's blocks (live migration): it runs on
-        from there, ready for its next chunk. Unlike `add`, its prompt is not counted again,
-        nor shown to the predictor again."""
+    def adopt(self, req: CoreRequest, now: float) -> None:
+        """Takes a request detached from another instance, with the KV it carries
+        (`req.blocks` blocks, `req.computed` tokens): running if it has KV, waiting
+        otherwise. Its prediction and timings travel with it."""
         if req.req_id in self.by_id:
             raise ValueError(f"request {req.req_id} is already on instance {self.index}")
-        if req.finished or req.running or req.inflight or req.instance != -1:
-            raise ValueError(f"request {req.req_id} was not detached: only a detached request "
-                             f"can be adopted")
-        if blocks and not (0 < computed < req.num_tokens
-                           and blocks == -(-computed // self.block_size)):
-            raise ValueError(f"request {req.req_id}: {blocks} blocks cannot hold the KV of "
-                             f"{computed} of its {req.num_tokens} tokens")
-        if blocks > self.free_blocks:
-            raise ValueError(f"instance {self.index} has {self.free_blocks} free blocks, "
-                             f"request {req.req_id} brings {blocks}")
+        if req.blocks > self.free_blocks:
+            raise ValueError(f"request {req.req_id} brings {req.blocks} KV blocks, instance "
+                             f"{self.index} has {self.free_blocks} free")
         req.instance = self.index
+        req.view = None
         self.by_id[req.req_id] = req
-        # Tokens left to process: those without KV here, then the rest of its output.
-        self.load += req.num_tokens - computed + req.max_tokens - req.out
-        if blocks:
-            req.computed, req.blocks, req.running = computed, blocks, True
-            self.free_blocks -= blocks
+        if not req.blocks:  # no KV carried: recomputed from its first token
+            req.computed = 0
+        self.load += remaining_load(req)
+        if req.blocks:
+            req.running = True
+            self.free_blocks -= req.blocks
             self.max_used = max(self.max_used, self.total_blocks - self.free_blocks)
             self.num_running += 1
             bisect.insort(self.ready, req, key=_order)
+            self.head.valid = False
         else:
+            req.computed = 0
             self._enqueue(req)
         self.metrics.pending[self.index].update(True, now)
 

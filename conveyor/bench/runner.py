@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from conveyor.bench.arrivals import arrival_times
 from conveyor.bench.datasets import Sample
 from common.stats import ControllerStats
 from conveyor.client import DEFAULT_ADDRESS, AsyncClient, ConveyorError
+from conveyor.progress import Progress
 
 WARMUP_MAX_TOKENS = 16
 """Warm-up requests only need to touch every code path once; long ones would just cost time."""
@@ -91,46 +91,6 @@ class RunResult:
 
     def records_json(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.records]
-
-
-class _Progress(Protocol):
-    def update(self, n: int = 1) -> Any: ...
-    def close(self) -> Any: ...
-
-
-class _PlainProgress:
-    """A one-line counter on stderr for when tqdm is not installed."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.done, self.desc = total, 0, desc
-        self.t0 = time.perf_counter()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        elapsed = time.perf_counter() - self.t0
-        sys.stderr.write(f"\r{self.desc}: {self.done}/{self.total} [{elapsed:.1f}s]")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        sys.stderr.write("\n")
-
-
-class _NoProgress:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str = "requests") -> _Progress:
-    if not enabled:
-        return _NoProgress()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _PlainProgress(total, desc)
-    return tqdm(total=total, desc=desc, file=sys.stderr, unit="req", dynamic_ncols=True)
 
 
 async def _send(client: AsyncClient, sample: Sample, cfg: RunConfig, rec: RequestRecord,
@@ -233,7 +193,7 @@ async def run_benchmark(samples: list[Sample], cfg: RunConfig) -> RunResult:
         warmup_failures = await _warm_up(client, samples, cfg)
         stats_before = await _safe_stats(client, attempts=SNAPSHOT_ATTEMPTS)
         gauges: list[dict[str, Any]] = []
-        bar = _progress(len(samples), cfg.progress)
+        bar = Progress(len(samples), "requests", "req", cfg.progress)
 
         async def one(sample: Sample, rec: RequestRecord) -> None:
             if sem is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -31,7 +32,8 @@ def _fail(message: str) -> None:
 def build_config(config: Optional[Path], sets: list[str], **shortcuts) -> ConveyorConfig:
     """The config file (or defaults), then --set overrides, then the named shortcut options."""
     names = {"model": "model.source", "stages": "deployment.stages",
-             "instances": "deployment.instances", "policy": "scheduler.policy",
+             "instances": "deployment.instances", "routing": "deployment.routing",
+             "groups": "deployment.groups", "policy": "scheduler.policy",
              "address": "endpoints.ingress", "log_format": "logging.format",
              "http_host": "http.host", "http_port": "http.port",
              "served_model_name": "http.served_model_name", "api_key": "ingress.api_keys",
@@ -67,6 +69,12 @@ def serve(
                                         "Face folder, or a named shape with dummy weights."),
     stages: Optional[int] = typer.Option(None, help="Pipeline stages per instance (default 2)."),
     instances: Optional[int] = typer.Option(None, help="Model instances (default 1)."),
+    routing: Optional[str] = typer.Option(None, help="Which instance takes a request: "
+                                          "least-loaded (default), round-robin or "
+                                          "length-groups (with --groups)."),
+    groups: Optional[str] = typer.Option(None, help="Length groups for --routing "
+                                         "length-groups: LO-HI:INSTANCES ranges in instance "
+                                         "order, e.g. 0-512:2,512-:1 (all --instances)."),
     policy: Optional[str] = typer.Option(None, help=_policy_help()),
     address: Optional[str] = typer.Option(None, help="Client address of the ingress, "
                                           "e.g. tcp://0.0.0.0:7600 (port 0: any free port)."),
@@ -95,8 +103,9 @@ def serve(
     from conveyor.supervisor import ChildDied, Supervisor
 
     cfg = resolve(build_config(config, set_, model=model, stages=stages, instances=instances,
-                               policy=policy, address=address, log_format=log_format,
-                               http_host=http_host, http_port=http_port, api_key=api_key,
+                               routing=routing, groups=groups, policy=policy, address=address,
+                               log_format=log_format, http_host=http_host,
+                               http_port=http_port, api_key=api_key,
                                served_model_name=served_model_name,
                                shutdown_timeout=shutdown_timeout))
     _check_security(cfg)
@@ -110,7 +119,12 @@ def serve(
         sup = Supervisor(cfg, cfg.logging.format)
     except ConfigError as e:  # an unsafe run directory
         _fail(str(e))
-    say = lambda text: typer.secho(f"conveyor: {text}", fg=typer.colors.GREEN, err=True)  # noqa
+
+    def say(text: str, color: str = typer.colors.GREEN) -> None:
+        # Through the relay of the children's lines, so that none cuts this one.
+        line = f"conveyor: {text}"
+        sup.output.write(typer.style(line, fg=color) if sys.stderr.isatty() else line)
+
     say(f"starting {cfg.model.source}: {dep.stages} stage(s) x {dep.instances} instance(s), "
         f"policy {cfg.scheduler.policy}, config {sup.config_path}")
     client = Client(cfg.endpoints.ingress.replace("0.0.0.0", "127.0.0.1").replace("*", "127.0.0.1"),
@@ -142,13 +156,12 @@ def serve(
         say("serving; Ctrl-C stops")
         while True:
             for line in sup.recover():
-                typer.secho(f"conveyor: {line}", fg=typer.colors.YELLOW, err=True)
+                say(line, typer.colors.YELLOW)
             time.sleep(0.5)
     except KeyboardInterrupt:
         say("stopping")
     except (ChildDied, ConveyorError) as e:
-        typer.secho(f"conveyor: error: {e}; stopping the deployment", fg=typer.colors.RED,
-                    err=True)
+        say(f"error: {e}; stopping the deployment", typer.colors.RED)
         code = 1
     finally:
         client.close()

@@ -3,7 +3,6 @@ conveyor/profile and common/costmodel/profile.py)."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -86,10 +85,13 @@ def profile(
     seed: int = typer.Option(0, help="Seed of dummy weights."),
     out: Optional[Path] = typer.Option(None, help="Profile file to write (default: "
                                        "deploy/profiles/<model>-<device>.json)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="A bar over the "
+                                  "grid on stderr (the lines of what is timed are kept)."),
 ) -> None:
     """Time a pipeline stage's step over a grid of batch compositions and write a cost
     profile (for ProfileCostModel and `conveyor simulate`)."""
     from conveyor.profile.measure import MeasureConfig, default_out_path, measure_profile
+    from conveyor.progress import Reporter
 
     if link not in ("auto", "measure", "assume"):
         raise bad("--link", "one of auto, measure, assume")
@@ -100,11 +102,8 @@ def profile(
         head_rows=int_list(head_rows, "--head-rows"), repeats=repeats, warmup=warmup,
         block_size=block_size, link=link, seed=seed)
     try:
-        def progress(line: str) -> None:
-            print(f"conveyor profile: {line}", file=sys.stderr, flush=True)
-
         start = time.perf_counter()
-        result = measure_profile(cfg, progress)
+        result = measure_profile(cfg, Reporter("conveyor profile", progress))
     except (ValueError, RuntimeError) as e:
         typer.secho(f"conveyor: error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None

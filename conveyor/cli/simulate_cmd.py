@@ -6,7 +6,6 @@ request rates."""
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -15,6 +14,7 @@ import typer
 
 from conveyor.bench.arrivals import rate_text
 from conveyor.cli.params import bad, comma_list, rate_list, rate_option
+from conveyor.progress import Progress
 
 
 def _note(text: str) -> None:
@@ -26,25 +26,24 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-class _Progress:
-    """One line on stderr: simulated time, arrivals and finished requests, wall time."""
+class _SimProgress:
+    """The simulator's progress callback on the one progress style: finished requests of the
+    total, with the simulated time and arrivals beside them."""
 
     def __init__(self, label: str, enabled: bool):
         self.label, self.enabled = label, enabled
-        self.t0 = time.perf_counter()
+        self.bar: Progress | None = None
 
     def __call__(self, sim_s: float, arrived: int, finished: int, total: int) -> None:
         if not self.enabled:
             return
-        wall = time.perf_counter() - self.t0
-        sys.stderr.write(f"\r{self.label}: t={sim_s:9.2f}s simulated, {arrived}/{total} "
-                         f"arrived, ~{finished} finished [{wall:.1f}s]  ")
-        sys.stderr.flush()
+        if self.bar is None:
+            self.bar = Progress(total, self.label, "req")
+        self.bar.advance_to(finished, simulated=f"{sim_s:.2f}s", arrived=arrived)
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def simulate(
@@ -73,6 +72,11 @@ def simulate(
                              "same seed as bench gives the same requests)."),
     policy: Optional[str] = typer.Option(None, help="Scheduling policy (default: the cluster "
                                          "file's): fcfs, sarathi, throttle, or any registered."),
+    routing: Optional[str] = typer.Option(None, help="cluster.routing: least-loaded, "
+                                          "round-robin or length-groups (with --groups)."),
+    groups: Optional[str] = typer.Option(None, help="cluster.groups: length groups as "
+                                         "LO-HI:INSTANCES ranges (0-512:2,512-:1) or auto (the "
+                                         "range DP on the workload)."),
     set_: list[str] = typer.Option([], "--set", help="Override a cluster setting, "
                                    "section.key=value (repeatable), e.g. "
                                    "scheduler.max_num_seqs=64 or cluster.instances=8."),
@@ -142,6 +146,10 @@ def simulate(
         raise bad("--set", str(e)) from None
     if policy:
         overrides["scheduler.policy"] = policy
+    if routing:
+        overrides["cluster.routing"] = routing
+    if groups:
+        overrides["cluster.groups"] = groups
     sweep_rates = rate_list(rates) if sweep else [rate]
     sweep_policies = comma_list(policies, "--policies") if sweep else []
     try:
@@ -192,7 +200,7 @@ def _simulate(cfg: Any, cost: Any, wl: Any, workers: int, progress: bool, label:
     from conveyor.sim.engine import simulate as run
     from conveyor.sim.requests import SimulationError
 
-    bar = _Progress(label, progress)
+    bar = _SimProgress(label, progress)
     try:
         return run(cfg, cost, wl, workers=workers, progress=bar)
     except SimulationError as e:

@@ -1,6 +1,6 @@
 """Times what one pipeline stage executes per step and writes it as a cost profile.
 
-    profile = measure_profile(MeasureConfig(source="smollm2", stages=2), progress=print)
+    profile = measure_profile(MeasureConfig(source="smollm2", stages=2), Reporter("profile"))
     profile.save("deploy/profiles/smollm2-135m-cpu.json")
 
 Four measurements, each the median (and p10/p90) of `repeats` runs after `warmup` runs
@@ -49,6 +49,7 @@ from common.model.dtypes import DTYPES, resolve_dtype
 from common.model.placement import stage_layer_bounds
 from common.model.source import DEFAULT_SOURCE, ModelSource
 from conveyor.profile.prefill_split import DEFAULT_SPLITS, time_prefill_split
+from conveyor.progress import Reporter
 
 DEFAULT_PREFILL = (0, 16, 64, 256, 512)
 DEFAULT_DECODE = (0, 1, 4, 16, 64)
@@ -200,10 +201,10 @@ def _link(cfg: MeasureConfig, device: torch.device,
 
 
 @torch.inference_mode()
-def measure_profile(cfg: MeasureConfig, progress: Callable[[str], None] | None = None
-                    ) -> Profile:
-    """Runs every measurement of `cfg` and returns the profile (not yet written)."""
-    say = progress or (lambda _line: None)
+def measure_profile(cfg: MeasureConfig, progress: Reporter | None = None) -> Profile:
+    """Runs every measurement of `cfg` and returns the profile (not yet written); `progress`
+    says what it does, with a bar over the grid."""
+    say = progress.say if progress is not None else (lambda _line: None)
     cfg.validate()
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -280,6 +281,7 @@ def measure_profile(cfg: MeasureConfig, progress: Callable[[str], None] | None =
     samples: list[Sample] = []
     done = 0
     t_grid = time.perf_counter()
+    bar = progress.steps(total, "grid", "point") if progress is not None else None
     for p, d in points:
         for c in (cfg.context[:1] if d == 0 else cfg.context):
             s = time_point(p, d, c)
@@ -288,11 +290,15 @@ def measure_profile(cfg: MeasureConfig, progress: Callable[[str], None] | None =
                 + (f"context {c:5d}" if d else "(any context)")
                 + f": {s.median_s * 1e3:9.3f} ms  (p10 {s.p10_s * 1e3:.3f}, "
                   f"p90 {s.p90_s * 1e3:.3f}, prepare {s.prepare_s * 1e3:.3f})")
+            if bar is not None:
+                bar.update()
             if d == 0:
                 samples.extend(Sample(p, 0, cc, s.median_s, s.p10_s, s.p90_s, s.prepare_s)
                                for cc in cfg.context)
             else:
                 samples.append(s)
+    if bar is not None:
+        bar.close()
     say(f"grid done in {time.perf_counter() - t_grid:.1f}s")
     split = time_prefill_split(model, kv, shape.hidden_size, max(cfg.prefill),
                                cfg.prefill_splits, timer, say)

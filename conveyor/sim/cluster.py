@@ -15,6 +15,8 @@ resolved into a ClusterConfig: stage layer counts, KV pool size, the policy's se
                  step_jitter, seed
     [predictor]  output-length prediction (common/prediction/config.py): mode auto | online |
                  oracle | off, and the model's settings
+    [cascade]    CascadeInfer's migration, refinement and range-DP settings (cluster_file.py's
+                 CascadeSection); cluster.groups holds the length groups
     [cost]       optional default cost model: device = "h100" (roofline, other keys passed to
                  RooflineCostModel) or profile = "PATH" (a `conveyor profile` JSON)
 
@@ -33,7 +35,7 @@ import msgspec
 
 from common.scheduling.config import (SchedulerConfig, scheduler_section,
                                       written_scheduler_table)
-from conveyor.sim.cluster_file import ClusterError, ClusterFile, KVSection
+from conveyor.sim.cluster_file import CascadeSection, ClusterError, ClusterFile, KVSection
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -82,6 +84,14 @@ class ClusterConfig:
     """How num_blocks was reached (for the report)."""
     predictor: Any = None
     """common.prediction.config.PredictorConfig (None: the defaults)."""
+    groups: str = ""
+    """cluster.groups: a length-groups spec, "auto" (the range DP) or "" (none)."""
+    cascade: CascadeSection = field(default_factory=CascadeSection)
+
+    @property
+    def uses_cascade(self) -> bool:
+        """Length groups or migration: the instances then interact beyond routing."""
+        return self.routing == "length-groups" or bool(self.cascade.migration)
 
     def prediction_mode(self) -> str:
         """online, oracle or off: what the simulated instances do for this policy."""
@@ -153,7 +163,8 @@ class ClusterConfig:
                 "dispatch_latency_s": self.dispatch_latency_s, "ingress_s": self.ingress_s,
                 "waiting_head": self.describe_head(), "context_quantum": self.context_quantum,
                 "step_jitter": self.step_jitter, "seed": self.seed, "cost": dict(self.cost),
-                "predictor": self.prediction_mode()}
+                "predictor": self.prediction_mode(), "groups": self.groups,
+                "cascade": msgspec.to_builtins(self.cascade)}
 
 
 def named_shape(name: str) -> Any:
@@ -231,6 +242,7 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
     ]
     problems = [message for ok, message in checks if not ok]
     problems += m.problems(c.stages, "cluster.stages") + kv.problems()
+    problems += f.cascade.problems(c.routing, c.groups, c.instances)
     if problems:
         raise ClusterError(problems[0])
     shape = named_shape(m.shape)
@@ -264,7 +276,7 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
         waiting_head=sim.waiting_head,
         context_quantum=sim.context_quantum, sample_points=sim.sample_points,
         step_jitter=sim.step_jitter, seed=sim.seed, cost=cost, kv_sizing=how,
-        predictor=f.predictor)
+        predictor=f.predictor, groups=c.groups, cascade=f.cascade)
     _check_policy(cfg)
     return cfg
 

@@ -33,9 +33,13 @@ class ModelSection(PlacementConfig):
 class ClusterSection(_Section):
     instances: int = 1
     stages: int = 2
-    routing: Literal["least-loaded", "round-robin"] = "least-loaded"
+    routing: Literal["least-loaded", "round-robin", "length-groups"] = "least-loaded"
     """A router of common/scheduling/routing.py, as the controller's deployment.routing:
-    least-loaded (fewest tokens still to process, InstanceCore.load) or round-robin."""
+    least-loaded (fewest tokens still to process, InstanceCore.load), round-robin, or
+    length-groups (CascadeInfer: `groups`, then the less loaded of two of the group's)."""
+    groups: str = ""
+    """With length-groups: LO-HI:INSTANCES ranges in instance order ("0-512:2,512-:1"), or
+    "auto": the range DP (common/scheduling/range_dp.py) on the workload's lengths."""
     host_cores: int = 0
     """CPU cores an instance's stage processes share (a CPU deployment on one machine); 0: a
     device each (sharing.py explains the sharing model)."""
@@ -95,6 +99,80 @@ class SimulatorSection(_Section):
     """Seeds the step-time noise (the same seed, the same run)."""
 
 
+class CascadeSection(_Section):
+    """CascadeInfer's moving parts in the simulator (docs/scheduling.md, "CascadeInfer")."""
+
+    migration: list[Literal["boundary", "balance"]] = []
+    """Migration planners (common/scheduling/migration.py): boundary (a request whose context
+    outgrew its group moves up), balance (Llumnix's: within a group, the most loaded sends its
+    shortest running request to the least loaded when that narrows the gap). Empty: none."""
+    plan_interval_ms: float = 50.0
+    """How often the planners and the refinement look at the instances."""
+    balance_min_gap: int = 0
+    """balance leaves gaps of fewer tokens alone."""
+    migration_stages: int = 3
+    """Llumnix's live migration: KV copied in at most this many stages while decoding."""
+    pause_blocks: int = 16
+    """The request stops for the last copy once at most this many blocks are left to copy."""
+    migration_bandwidth_gbps: float = 0.0
+    """Gigabytes/s between stage s of two instances; 0: link.bandwidth_gbps, else the cost
+    model's link."""
+    migration_latency_us: float = 50.0
+    """Added to every copy stage (the handshake and the commit)."""
+    choices: int = 2
+    """The router's power of d choices within a group."""
+    refine: bool = False
+    """Move boundaries toward balanced load between DP runs (group_refinement.py)."""
+    refine_interval_s: float = 1.0
+    hysteresis: float = 0.2
+    refine_step: float = 0.1
+    drift: float = 0.2
+    """Re-run the DP (groups = auto) when the recent prompts' KS distance passes this."""
+    replan_s: float = 0.0
+    window: int = 2000
+    dp_grid: int = 16
+    dp_max_groups: int = 4
+    dp_longest_quantile: float = 0.95
+
+    def problems(self, routing: str, groups: str, instances: int) -> list[str]:
+        from common.scheduling.length_groups import LengthGroups
+
+        problems = []
+        if routing == "length-groups":
+            if not groups:
+                problems.append("cluster.routing = length-groups needs cluster.groups (a spec "
+                                "such as 0-512:2,512-:1, or auto)")
+            elif groups != "auto":
+                try:
+                    LengthGroups.parse(groups, instances)
+                except ValueError as e:
+                    problems.append(f"cluster.groups: {e}")
+        elif groups:
+            problems.append(f"cluster.groups ({groups!r}) needs cluster.routing = length-groups")
+        if "boundary" in self.migration and routing != "length-groups":
+            problems.append("cascade.migration boundary needs length groups (cluster.routing = "
+                            "length-groups)")
+        checks = [(self.plan_interval_ms > 0, "cascade.plan_interval_ms must be > 0"),
+                  (self.balance_min_gap >= 0, "cascade.balance_min_gap must be >= 0"),
+                  (self.migration_stages >= 1, "cascade.migration_stages must be >= 1"),
+                  (self.pause_blocks >= 0, "cascade.pause_blocks must be >= 0"),
+                  (self.migration_bandwidth_gbps >= 0,
+                   "cascade.migration_bandwidth_gbps must be >= 0"),
+                  (self.migration_latency_us >= 0, "cascade.migration_latency_us must be >= 0"),
+                  (self.choices >= 1, "cascade.choices must be >= 1"),
+                  (self.refine_interval_s > 0, "cascade.refine_interval_s must be > 0"),
+                  (self.hysteresis >= 0, "cascade.hysteresis must be >= 0"),
+                  (0 < self.refine_step < 1, "cascade.refine_step must be in (0, 1)"),
+                  (0 < self.drift <= 1, "cascade.drift must be in (0, 1]"),
+                  (self.replan_s >= 0, "cascade.replan_s must be >= 0"),
+                  (self.window >= 1, "cascade.window must be >= 1"),
+                  (self.dp_grid >= 1, "cascade.dp_grid must be >= 1"),
+                  (self.dp_max_groups >= 1, "cascade.dp_max_groups must be >= 1"),
+                  (0 < self.dp_longest_quantile <= 1,
+                   "cascade.dp_longest_quantile must be in (0, 1]")]
+        return problems + [message for ok, message in checks if not ok]
+
+
 class ClusterFile(_Section):
     name: str = ""
     model: ModelSection = msgspec.field(default_factory=ModelSection)
@@ -105,3 +183,4 @@ class ClusterFile(_Section):
     simulator: SimulatorSection = msgspec.field(default_factory=SimulatorSection)
     cost: dict[str, Any] = {}
     predictor: PredictorConfig = msgspec.field(default_factory=PredictorConfig)
+    cascade: CascadeSection = msgspec.field(default_factory=CascadeSection)

@@ -11,15 +11,19 @@ arriving at the very same instant (a burst; rate inf) are all queued first and t
 once after them, as the controller reads the submits already waiting on its socket before its
 scheduling task gets a turn.
 
-Routing is the controller's: the instance with the least load (tokens still to process,
-`Instance.load`, kept incrementally here), the lowest index on a tie; or round-robin.
+Routing is the controller's (common/scheduling/routing.py): the instance with the least load
+(tokens still to process, `Instance.load`, kept incrementally here), the lowest index on a
+tie; round-robin; or CascadeInfer's length groups, routed by the request's length with its
+output predicted first when a predictor runs (as the controller does). Length groups and
+migration (cascade.py) run on one worker: the instances then interact beyond routing (requests
+move between them, on a tick of their own).
 
-Instances interact only through routing. With `workers` > 1 the instances are split between
-processes (forked), each running its instances' events; before every arrival each process runs
-up to the arrival time and sends every other one its least-loaded instance (load, index) over
-a pipe, so all agree on the winner, which takes the request. Results are identical for any
-number of workers; the processes run in parallel between arrivals, so a burst (rate inf) or
-sparse arrivals parallelize best.
+Without them, instances interact only through routing. With `workers` > 1 the instances are
+split between processes (forked), each running its instances' events; before every arrival each
+process runs up to the arrival time and sends every other one its least-loaded instance (load,
+index) over a pipe, so all agree on the winner, which takes the request. Results are identical
+for any number of workers; the processes run in parallel between arrivals, so a burst (rate inf)
+or sparse arrivals parallelize best.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any
 
 from common.instance.request import pool_misfit
 from common.prediction.config import PredictorConfig, request_lengths
-from common.scheduling.routing import make_router
+from common.scheduling.routing import arrival_length, make_router
 from conveyor.sim.cluster import ClusterConfig
 from conveyor.sim.pipeline import Pipeline, StepTimer
 from conveyor.sim.results import SimResult, finalize, shard_results
@@ -90,7 +94,8 @@ class EventQueue:
 class Shard:
     """Instances `indices` of the cluster with their event queue, step timer and metrics."""
 
-    def __init__(self, cfg: ClusterConfig, cost: Any, indices: list[int]):
+    def __init__(self, cfg: ClusterConfig, cost: Any, indices: list[int],
+                 workload: Workload | None = None):
         self.cfg = cfg
         self.queue = EventQueue()
         self.timer = StepTimer.for_cluster(cfg, cost, indices[0] if indices else 0)
@@ -105,6 +110,13 @@ class Shard:
         lengths = request_lengths(pc, cfg.prediction_mode(), pc.state_file)
         for inst in self.instances:
             inst.lengths = lengths
+        self.lengths = lengths
+        self.cascade = None
+        """Length groups and migration (cascade.py): the whole cluster in this one shard."""
+        if cfg.uses_cascade:
+            from conveyor.sim.cascade import SimCascade
+
+            self.cascade = SimCascade(cfg, cost, self.instances, self.queue.push, workload)
 
     def _pipeline(self, cfg: ClusterConfig) -> Pipeline | SharedHostPipeline:
         if cfg.host_cores > 0 and cfg.num_stages > 1 and (cfg.host_cores < cfg.num_stages
@@ -164,13 +176,16 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
     """Worker `w` of `workers`: runs its instances' events and takes the arrivals routed to
     them. `links` are (read fd, write fd) pipes to every other worker, over which the workers
     agree on the least-loaded instance before each arrival."""
-    shard = Shard(cfg, cost, _partition(cfg.instances, workers, w))
+    shard = Shard(cfg, cost, _partition(cfg.instances, workers, w), workload)
     owned = set(shard.by_index)
     instances = shard.instances
     metrics = shard.metrics
     finished = metrics.finished
     requests: list[SimRequest] = []
-    router = make_router(cfg.routing)
+    cascade = shard.cascade
+    router = cascade.router if cascade is not None and cascade.router else \
+        make_router(cfg.routing)
+    lengths = shard.lengths
     all_instances = [0] * cfg.instances
     advance = shard.queue.run_until
     pack, unpack, size = _MSG.pack, _MSG.unpack, _MSG.size
@@ -204,7 +219,13 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
                 requests.append(req)
                 metrics.finished["error"] += 1
             continue
-        if not router.reads_loads:  # every worker sees every arrival: all agree
+        if router.reads_length:  # one worker (simulate): predicted, then routed by length
+            if lengths is not None:
+                lengths.admit(req)
+            target = router.route([inst.load for inst in instances], None,
+                                  arrival_length(req.prompt, req.predicted_output,
+                                                 req.max_tokens))
+        elif not router.reads_loads:  # every worker sees every arrival: all agree
             target = router.route(all_instances)
         else:
             local = router.route([inst.load for inst in instances]) if instances else -1
@@ -234,6 +255,8 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
             touched_t = t
             if inst not in touched:
                 touched.append(inst)
+            if cascade is not None:
+                cascade.arrived(t, target, req.prompt + req.max_tokens)
         if progress is not None and (i & 127) == 0:
             now = clock()
             if now >= next_report:
@@ -258,7 +281,10 @@ def simulate(cfg: ClusterConfig, cost: Any, workload: Workload, workers: int = 1
     if workers <= 0:
         workers = min(os.cpu_count() or 1, 8)
     workers = max(1, min(int(workers), cfg.instances))
-    router = make_router(cfg.routing)
+    if workers > 1 and cfg.uses_cascade:
+        raise ValueError("length groups and migration move requests between instances: "
+                         "simulate them with one worker")
+    router = None if cfg.routing == "length-groups" else make_router(cfg.routing)
     if workers > 1 and router.reads_loads and not router.decomposable:
         raise ValueError(f"router {router.name!r} weighs every instance's load at once: "
                          f"simulate it with one worker")

@@ -61,8 +61,10 @@ class StepTimer:
         self.latency = link_latency_s
         self.act_bytes = activation_bytes_per_token
         self.quantum = context_quantum
-        self.pads = bool(getattr(cost, "pads_decode_context", False))
-        """The cost model's attention pads decodes to the longest context (CPU profiles)."""
+        self.pads = bool(getattr(cost, "pads_decode_context", False)
+                         or getattr(cost, "reads_longest_context", False))
+        """The cost model reads the decodes' longest context: its attention pads to it (CPU
+        profiles) or charges mixed lengths (the roofline's mixed_length_penalty)."""
         self.corun = corun
         """Co-run speed of a prefill of n tokens (None: stages do not slow each other)."""
         self.decode_corun = decode_corun
@@ -151,7 +153,7 @@ class StepTimer:
 class Pipeline:
     """The P stages of one instance as FIFO servers, with per-stage busy and wait time."""
 
-    __slots__ = ("free", "busy", "wait", "steps", "num_stages", "push")
+    __slots__ = ("free", "busy", "wait", "queue_area", "steps", "num_stages", "push")
 
     def __init__(self, num_stages: int,
                  push: Callable[[float, Callable[[Any, float], None], Any], None] | None = None):
@@ -163,6 +165,9 @@ class Pipeline:
         self.busy = [0.0] * num_stages
         self.wait = [0.0] * num_stages
         """Time a stage, free and holding the plan, waited for its input activations."""
+        self.queue_area = [0.0] * num_stages
+        """Time integral of each stage's queue: the time each micro-batch spent there, from
+        reaching it (dispatched, or its activations sent by the stage before) to its end."""
         self.steps = 0
 
     def submit(self, now: float, durations: tuple[float, ...], hop: float,
@@ -179,9 +184,9 @@ class Pipeline:
             stage_log: list | None = None) -> float:
         """Sends a micro-batch dispatched at `now` through every stage; returns when the last
         stage finishes it."""
-        free, busy, wait = self.free, self.busy, self.wait
+        free, busy, wait, area = self.free, self.busy, self.wait, self.queue_area
         t = now  # when the input reaches the stage
-        end = now
+        end = reached = now
         s = 0
         for d in durations:
             f = free[s]
@@ -196,6 +201,8 @@ class Pipeline:
             end = start + d
             free[s] = end
             busy[s] += d
+            area[s] += end - reached
+            reached = end
             if stage_log is not None:
                 stage_log.append((end, d, waited))
             t = end + hop

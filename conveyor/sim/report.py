@@ -138,12 +138,15 @@ def simulator_section(result: SimResult, stage_rows: list[dict[str, Any]]) -> di
         "max_waiting": max((i["max_waiting"] for i in inst), default=0),
         "mean_kv_used": _mean([i["mean_kv_used"] for i in inst]),
         "max_kv_used": max((i["max_kv_used"] for i in inst), default=0.0),
+        "length_spread": _mean([i["length_spread"] for i in inst
+                                if i.get("length_spread") is not None]),
         "preemptions": m.preemptions,
         "finished": {"stop": m.finished["stop"], "length": m.finished["length"]},
         "slo": msgspec.to_builtins(m.slo_attainment()),
         "stages": stage_bubbles(stage_rows),
         "instances": [{k: v for k, v in i.items() if k not in ("samples", "stage_samples")}
                       for i in inst],
+        **({"cascade": result.cascade} if result.cascade is not None else {}),
     }
 
 
@@ -188,17 +191,34 @@ def format_summary(summary: dict[str, Any], title: str = " Simulation Result ") 
                   f"{100 * (sim.get('mean_kv_used') or 0):.1f} / "
                   f"{100 * (sim.get('max_kv_used') or 0):.1f}"),
              line("Preemptions:", sim.get("preemptions")),
+             line("Decode length spread (longest - mean):", sim.get("length_spread"), ".0f"),
              line("Stopped at EOS / at max_tokens:",
                   f"{(sim.get('finished') or {}).get('stop', 0)} / "
                   f"{(sim.get('finished') or {}).get('length', 0)}"),
              *[line(f"SLO attainment, {label}:",
                     f"{100 * a['attainment']:.1f}% ({a['met']}/{a['met'] + a['missed']})")
                for label, a in (sim.get("slo") or {}).items()],
+             *_cascade_lines(sim.get("cascade"), line),
              line("Simulated time (s):", sim.get("simulated_s"), ".2f"),
              line("Wall time (s):", sim.get("wall_s"), ".2f"),
              line("Simulated requests per wall second:", sim.get("requests_per_wall_s"), ".0f"),
              "=" * WIDTH]
     return "\n".join(lines)
+
+
+def _cascade_lines(cascade: dict[str, Any] | None, line: Any) -> list[str]:
+    """Length groups and migrations (conveyor/sim/cascade.py), when the run had them."""
+    if not cascade:
+        return []
+    moves = cascade["migrations"]
+    pause = cascade["mean_pause_s"]
+    return [line("Length groups (at the end):", cascade["groups"]),
+            line("Group changes:", len(cascade["boundaries"]) - 1),
+            line("Migrations boundary / balance / aborted:",
+                 f"{moves['boundary']} / {moves['balance']} / {cascade['aborted']}"),
+            line("Migrated (MB) / mean pause (ms):",
+                 f"{cascade['migrated_bytes'] / 1e6:.1f} / "
+                 f"{'n/a' if pause is None else f'{1e3 * pause:.2f}'}")]
 
 
 # ---- files --------------------------------------------------------------------------------------

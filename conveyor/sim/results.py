@@ -30,6 +30,8 @@ class SimResult:
     policy_calls: int
     cost_cache: dict[str, int] = field(default_factory=dict)
     workers: int = 1
+    cascade: dict[str, Any] | None = None
+    """Length groups and migrations (conveyor/sim/cascade.py's report), when used."""
 
     @property
     def first_arrival_s(self) -> float:
@@ -49,6 +51,8 @@ def _instance_raw(inst: SimInstance) -> dict[str, Any]:
             "preemptions": inst.preemptions, "finished": inst.finished,
             "policy_calls": inst.policy_calls, "samples": inst.samples,
             "stage_queue_area": list(inst.stage_queue_area),
+            "length_spread": (inst.spread_sum / inst.spread_batches if inst.spread_batches
+                              else None),
             "stage_samples": inst.stage_samples}
 
 
@@ -61,7 +65,8 @@ def shard_results(shard: Any) -> dict[str, Any]:
     return {"metrics": shard.metrics, "instances": [_instance_raw(i) for i in shard.instances],
             "busy": busy, "events": shard.queue.processed, "end": shard.queue.now,
             "policy_calls": sum(i.policy_calls for i in shard.instances),
-            "cache": {"hits": shard.timer.hits, "misses": shard.timer.misses}}
+            "cache": {"hits": shard.timer.hits, "misses": shard.timer.misses},
+            "cascade": shard.cascade.report() if shard.cascade is not None else None}
 
 
 def finalize(cfg: ClusterConfig, requests: list[SimRequest], parts: list[dict[str, Any]],
@@ -100,4 +105,4 @@ def finalize(cfg: ClusterConfig, requests: list[SimRequest], parts: list[dict[st
              "misses": sum(p["cache"]["misses"] for p in parts)}
     return SimResult(cfg, requests, metrics, instances, busy, end, wall,
                      sum(p["events"] for p in parts), sum(p["policy_calls"] for p in parts),
-                     cache, workers)
+                     cache, workers, parts[0].get("cascade"))

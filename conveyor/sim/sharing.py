@@ -33,7 +33,7 @@ _DONE = 1e-9
 
 class _Job:
     __slots__ = ("durations", "hop", "on_done", "arg", "dispatched", "corun", "stage_log",
-                 "waited")
+                 "waited", "reached")
 
     def __init__(self, durations: tuple[float, ...], hop: float,
                  on_done: Callable[[Any, float], None], arg: Any, dispatched: float,
@@ -48,6 +48,8 @@ class _Job:
         self.stage_log = stage_log
         """(end, compute, wait) per stage as each finishes (Pipeline.submit's)."""
         self.waited = 0.0
+        self.reached = dispatched
+        """When it reached its current stage (Pipeline.queue_area's convention)."""
 
 
 class SharedHostPipeline:
@@ -71,6 +73,8 @@ class SharedHostPipeline:
         self.version = 0
         self.busy = [0.0] * num_stages
         self.wait = [0.0] * num_stages
+        self.queue_area = [0.0] * num_stages
+        """As Pipeline.queue_area."""
         self.steps = 0
 
     def submit(self, now: float, durations: tuple[float, ...], hop: float,
@@ -108,6 +112,8 @@ class SharedHostPipeline:
             if job is None or self.left[stage] > _DONE:
                 continue
             self.busy[stage] += now - self.started[stage]
+            self.queue_area[stage] += now - job.reached
+            job.reached = now
             if job.stage_log is not None:
                 job.stage_log.append((now, now - self.started[stage], job.waited))
             job.waited = 0.0

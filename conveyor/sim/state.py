@@ -70,11 +70,14 @@ class SimInstance(InstanceCore):
         self.sample_points = sample_points
         self.sample_interval = 1e-3
         self._next_sample = 0.0
-        self.stage_queue_area = [0.0] * cfg.num_stages
-        """Time integral of each stage's queue: the time each micro-batch spent there (from
-        reaching it, its activations sent, to its end there), added up as it completes."""
         self.stage_samples: list[tuple[float, tuple[int, ...], int]] = []
         """(time, each stage's queue, micro-batches allowed in flight), with `samples`."""
+        self.spread_sum = 0.0
+        self.spread_batches = 0
+        """Length spread: the sum over decode micro-batches of longest minus mean context."""
+        self.migration_stops: dict[int, Callable[[Any, float], None]] = {}
+        """Requests migrating away (conveyor/sim/cascade.py) to stop once their token is back:
+        request id -> the migration's stop(req, now)."""
         self.samples: list[tuple[float, int, int, int]] = [(0.0, 0, 0, 0)]
         """(time, waiting, running, blocks in use) after a scheduling round, every
         sample_interval seconds at most; the interval doubles (and every other sample goes)
@@ -140,6 +143,9 @@ class SimInstance(InstanceCore):
             if len(self.inflight) > self.max_inflight_seen:
                 self.max_inflight_seen = len(self.inflight)
             decode, prefill = batch.decode, batch.prefill
+            if decode > 1:
+                self.spread_sum += batch.longest - batch.context / decode
+                self.spread_batches += 1
             durations, hop, corun = self.timer(prefill, decode,
                                                batch.context / decode if decode else 0.0,
                                                len(batch.sampling),
@@ -155,22 +161,23 @@ class SimInstance(InstanceCore):
         if now >= self._next_sample:
             self._sample(now)
 
+    @property
+    def stage_queue_area(self) -> list[float]:
+        """Time integral of each stage's queue (the pipeline's, Pipeline.queue_area)."""
+        return self.pipeline.queue_area
+
     def stage_queues_at(self, now: float) -> tuple[int, ...]:
         """Each stage's queue at `now` as the stage feedback counts it, from the logs."""
         queues = [0] * self.depth
+        last = self.depth - 1
         for batch in self.inflight.values():
-            log = batch.stage_ends or ()
-            queues[min(sum(1 for e in log if e[0] <= now), self.depth - 1)] += 1
+            passed = 0
+            for entry in batch.stage_ends or ():
+                if entry[0] > now:
+                    break
+                passed += 1
+            queues[passed if passed < last else last] += 1
         return tuple(queues)
-
-    def _add_stage_times(self, batch: Any) -> None:
-        if not batch.stage_ends:
-            return
-        reached = batch.dispatched + self.dispatch_latency  # when it reached stage 0
-        area = self.stage_queue_area
-        for stage, (end, _, _) in enumerate(batch.stage_ends):
-            area[stage] += end - reached
-            reached = end
 
     def report_stages(self, now: float) -> None:
         """Every stage end the clock has passed, to the core's stage feedback, in order."""
@@ -192,7 +199,6 @@ class SimInstance(InstanceCore):
             raise SimulationError("micro-batches completed out of dispatch order")
         if self.feeds_back:
             self.report_stages(now)  # this batch's last stage included
-        self._add_stage_times(batch)
         # Each sampled request's token: EOS at its true length (SimRequest.true_output).
         sampling = batch.sampling
         if self.honors_eos:
@@ -200,4 +206,9 @@ class SimInstance(InstanceCore):
         else:
             tokens = [0] * len(sampling)
         self.complete(batch.mb_id, tokens, now)
+        if self.migration_stops:
+            for r in batch.requests:
+                stop = self.migration_stops.get(r.req_id)
+                if stop is not None and not r.inflight:
+                    stop(r, now)
         self.schedule(now)

@@ -137,4 +137,5 @@ class LiveRounds:
         """Every side of the last round answered: the destination takes the request, its KV
         in the reserved blocks."""
         c.dst.core.unreserve(len(c.dst_blocks))
-        c.dst.core.adopt(c.req, now, computed=c.paused_computed, blocks=len(c.dst_blocks))
+        c.req.computed, c.req.blocks = c.paused_computed, len(c.dst_blocks)
+        c.dst.core.adopt(c.req, now)

@@ -25,21 +25,15 @@ from dataclasses import dataclass
 
 from common.config import MigrationConfig
 from common.instance import CoreRequest, Finish
+from common.instance.core import remaining_load
 from common.log import get_logger
-from common.scheduling.migration import (Candidate, CrossBoundary, InstanceState,
-                                         MigrationPlanner, Move)
+from common.scheduling.migration import Candidate, InstanceState, MigrationPlanner, Move
 from common.stats import ControllerMetrics
 from common.wire.internal_messages import KVMoved
 from services.controller.instance import ServedInstance
 from services.controller.live_migration import LiveCopy, LiveRounds
 
 log = get_logger()
-
-
-def make_planner(cfg: MigrationConfig, num_instances: int) -> MigrationPlanner:
-    if cfg.planner == "boundary":
-        return CrossBoundary(cfg.length_groups(num_instances))
-    raise ValueError(f"unknown migration planner {cfg.planner!r}")
 
 
 @dataclass
@@ -65,13 +59,13 @@ class Migration:
 
 class Migrations:
     def __init__(self, cfg: MigrationConfig, instances: list[ServedInstance],
-                 metrics: ControllerMetrics, planner: MigrationPlanner | None = None,
+                 metrics: ControllerMetrics, planner: MigrationPlanner | None,
                  send: Callable | None = None, assign: Callable | None = None,
                  free: Callable | None = None, end: Callable | None = None):
         self.cfg = cfg
         self.instances = instances
         self.metrics = metrics
-        self.planner = planner or make_planner(cfg, len(instances))
+        self.planner = planner
         self.active: dict[int, Migration] = {}
         """Migrations in progress, by request id."""
         self.live = (LiveRounds(cfg, send, assign, free)
@@ -94,7 +88,7 @@ class Migrations:
         states = []
         for inst in self.instances:
             core = inst.core
-            cands = [Candidate(r.req_id, r.num_tokens, r.blocks, r.running)
+            cands = [Candidate(r.req_id, r.num_tokens, r.blocks, r.running, remaining_load(r))
                      for r in core.by_id.values()
                      if not r.finished and r.inflight == 0 and r.req_id not in self.active
                      and r.req_id not in self.stay]
@@ -104,7 +98,7 @@ class Migrations:
 
     def round(self, now: float) -> list[Migration]:
         """Asks the planner for moves and carries out those it may; returns them."""
-        if not self.cfg.enabled or len(self.instances) < 2:
+        if not self.cfg.enabled or len(self.instances) < 2 or self.planner is None:
             return []
         for m in list(self.active.values()):
             if m.copy is not None:
@@ -169,13 +163,14 @@ class Migrations:
                 self._advance(m, now)
                 return m
             m.copy = None  # nothing to copy after all
-        self._recompute(m, src.core.detach(req.req_id, now)[0], dst, now)
+        self._recompute(m, src.core.detach(req.req_id, now), dst, now)
         src.wake.set()
         return m
 
     def _recompute(self, m: Migration, req: CoreRequest, at: ServedInstance,
                    now: float) -> None:
         """A detached request waits at `at` to be recomputed."""
+        req.blocks = 0  # its KV is not carried: adopt queues it to be recomputed
         at.core.adopt(req, now)
         m.dst = at.index
         if m.paused_at is None:
@@ -257,7 +252,7 @@ class Migrations:
         """A request in no core (its last round in flight) is to end: it ends once adopted.
         False when it is in a core (the caller ends it there)."""
         m = self.active.get(req.req_id)
-        if req.instance >= 0 or m is None:
+        if m is None or m.copy is None or not m.copy.paused:
             return False
         m.cancel = (reason, error)
         return True

@@ -17,12 +17,13 @@ from dataclasses import asdict
 
 import zmq
 
+from common import sd_notify
 from common.config import ConveyorConfig
 from common.costmodel import BatchShape
 from common.instance import CoreRequest, Finish, pool_misfit
 from common.log import debug_enabled, get_logger
 from common.model import resolve_model
-from common.scheduling.routing import make_router
+from common.scheduling.routing import arrival_length, make_router
 from common.scheduling.types import SLO, MicroBatchPlan
 from common.security import Security, log_handshake_failures
 from common.stats import ControllerMetrics, ControllerStats
@@ -59,8 +60,9 @@ class Controller:
                                   self.metrics, self._on_release, self._on_finish,
                                   cfg.deployment.step_timeout_s)
             for i in range(cfg.deployment.instances)]
-        self.router = make_router(cfg.deployment.routing)
+        self.router = make_router(cfg.deployment.routing, cfg.deployment.length_groups())
         self.migrations = Migrations(cfg.migration, self.instances, self.metrics,
+                                     cfg.migration.build_planner(cfg.deployment),
                                      send=self._send_to_stage, assign=self._assign_blocks,
                                      free=self._free_blocks,
                                      end=lambda r, why, error: self._end(r, why,
@@ -89,6 +91,7 @@ class Controller:
         log.info("controller listening", address=self.endpoint.address,
                  policy=self.cfg.scheduler.policy, instances=len(self.instances),
                  stages=self.cfg.deployment.stages)
+        sd_notify.ready("controller listening")
         tasks = {"messages": asyncio.create_task(self._messages()),
                  "kv-cache replies": asyncio.create_task(self._kv_replies()),
                  "kv-cache watch": asyncio.create_task(
@@ -174,8 +177,13 @@ class Controller:
         req = CoreRequest(msg.req_id, now, len(msg.prompt_token_ids), msg.max_tokens,
                           self.max_model_len, stops, list(msg.prompt_token_ids), slo,
                           tag=Served(msg.sampling, msg.arrival))
+        length = None
+        if self.router.reads_length:  # predicted before routing (add's admit then keeps it)
+            if self.predictor.lengths is not None:
+                self.predictor.lengths.admit(req)
+            length = arrival_length(req.prompt, req.predicted_output, req.max_tokens)
         inst = self.instances[self.router.route([i.core.load for i in self.instances],
-                                                [i.ready for i in self.instances])]
+                                                [i.ready for i in self.instances], length)]
         self.requests[req.req_id] = req
         inst.core.add(req, now)
         if inst.pool_ready and not self._fits(inst, req, now):

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import msgspec
 import zmq
 
+from common import sd_notify
 from common.config import ConveyorConfig
 from common.log import get_logger
 from common.model import resolve_model
@@ -107,6 +108,8 @@ class Ingress:
                  "admission": asyncio.create_task(self.admission.run()),
                  "controller watch": asyncio.create_task(
                      self.ctrl_rpc.fail_on_disconnect("controller", self._controller_lost))}
+        if sd_notify.expected():
+            tasks["readiness report"] = asyncio.create_task(self._report_ready())
         if self.cfg.http.enabled:
             from services.ingress.http.server import HttpServer  # starlette: only when used
             self.http = HttpServer(self)
@@ -292,6 +295,20 @@ class Ingress:
             self._abort(victims, reason)
             for cr in victims:
                 self._forget(cr)
+
+    async def _report_ready(self) -> None:
+        """READY=1 to systemd once the deployment answers ready (its stages loaded), so that
+        starting the units returns when prompts work; then idles (a task that ended would end
+        the service)."""
+        while True:
+            try:
+                if (await self.status())[0]:
+                    break
+            except ControllerUnavailable:
+                pass
+            await asyncio.sleep(0.5)
+        sd_notify.ready("the deployment is ready")
+        await asyncio.Future()
 
     async def _keepalive_loop(self) -> None:
         while True:

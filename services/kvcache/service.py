@@ -15,6 +15,7 @@ import traceback
 
 import zmq
 
+from common import sd_notify
 from common.config import ConveyorConfig
 from common.log import get_logger
 from common.wire.internal_messages import (AssignBlocks, FreeBlocks, LeaseBlocks, PoolInfo,
@@ -41,6 +42,7 @@ class KVCacheManager:
     async def serve(self) -> None:
         log.info("kv-cache manager listening", address=self.endpoint.address,
                  curve=self.security.enabled)
+        sd_notify.ready("kv-cache manager listening")
         watch = (asyncio.create_task(log_handshake_failures(self.endpoint.sock, "kvcache"))
                  if self.security.enabled else None)
         try:

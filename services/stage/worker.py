@@ -16,6 +16,7 @@ import traceback
 import torch
 import zmq
 
+from common import sd_notify
 from common.config import ConveyorConfig
 from common.log import get_logger
 from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepBatch,
@@ -99,6 +100,9 @@ class StageWorker:
     def serve(self) -> None:
         self.warm_up()
         detail = {"layers": list(self.layers), "device": str(self.device), "pid": os.getpid()}
+        # Before the Hello: once the controller knows it, the deployment may be ready, and the
+        # service manager must have heard from this stage first.
+        sd_notify.ready(f"stage {self.instance}.{self.stage} warmed up")
         self.sock.send_multipart(encode(Hello("stage", self.instance, self.stage,
                                               self.num_blocks, detail)))
         if self.mover is not None:

@@ -37,6 +37,19 @@ def test_generate_streams_and_reports_errors(deployment):
     assert bad.returncode == 1 and "InvalidRequestError: top_k must be in [0, " in bad.stderr
 
 
+def test_serve_relays_every_child_line_whole_and_named(deployment):
+    """Every line of `conveyor serve`'s output is its own (conveyor: ...) or one child's,
+    prefixed with that child's name: none is cut by another process's."""
+    out = run_cli("generate", "--address", deployment.address, "--max-tokens", "4", "Hi")
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in deployment.log_path.read_text(errors="replace").splitlines() if ln]
+    named = re.compile(r"^(conveyor: |(kvcache|controller|ingress|stage \d\.\d) +\| )")
+    assert lines and all(named.match(ln) for ln in lines), \
+        [ln for ln in lines if not named.match(ln)][:5]
+    for name in ("kvcache", "controller", "ingress", "stage 0.0", "stage 0.1"):
+        assert any(ln.startswith(f"{name:<10} | ") for ln in lines), name
+
+
 def test_generate_without_a_server_fails_clearly():
     out = run_cli("generate", "--address", "tcp://127.0.0.1:9", "--timeout", "5", "Hi")
     assert out.returncode == 1

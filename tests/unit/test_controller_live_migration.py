@@ -22,7 +22,7 @@ class LiveDriver(Driver):
             inst.lease = list(range(blocks))
             inst.kv_endpoints = {0: ("127.0.0.1", 1000 + inst.index), 1: ("127.0.0.1", 2000)}
         from services.controller.migration import Migrations
-        self.mig = Migrations(self.mig.cfg, self.instances, self.metrics,
+        self.mig = Migrations(self.mig.cfg, self.instances, self.metrics, self.mig.planner,
                               send=lambda inst, s, m: self.sent.append((inst.index, s, m)),
                               assign=lambda inst, g: self.assigned.append((inst.index, g)),
                               free=self._free, end=self._end)
@@ -73,7 +73,8 @@ def test_a_live_move_copies_in_rounds_pauses_for_the_last_and_decodes_on_at_the_
     d.dispatch()
     d.complete_oldest(0)
     c = d.mig.active[1].copy
-    assert c.paused and req.instance == -1 and d.instances[0].core.free_blocks == 100
+    assert c.paused and 1 not in d.instances[0].core.by_id
+    assert d.instances[0].core.free_blocks == 100
     last = d.answer()
     assert {m.round for m in last} == {3} and req.instance == 1
     assert req.running and req.computed == req.num_tokens - 1 and d.metrics.migration_kv_bytes
@@ -140,7 +141,7 @@ def test_a_cancel_while_the_request_is_in_no_core_ends_it_once_adopted():
         d.complete_oldest(0)
     d.dispatch()
     d.complete_oldest(0)
-    assert req.instance == -1
+    assert not any(1 in i.core.by_id for i in d.instances)  # in no core
     assert d.mig.cancel(req, Finish.ABORT, "cancelled")
     d.answer()
     assert d.ended == [(1, Finish.ABORT)] and req.finish is Finish.ABORT and not d.mig.active

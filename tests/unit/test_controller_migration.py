@@ -10,7 +10,8 @@ import pytest
 from common.config import MigrationConfig
 from common.instance import CoreRequest, Finish
 from common.scheduling import make_policy
-from common.scheduling.migration import Move
+from common.scheduling.length_groups import LengthGroups
+from common.scheduling.migration import Move, make_planner
 from common.stats import ControllerMetrics
 from services.controller.instance import ServedInstance
 from services.controller.migration import Migrations
@@ -31,8 +32,9 @@ class Driver:
             inst.core.resize_pool(blocks)
             inst.stage_identities.update({0: b"s0", 1: b"s1"})
             inst.pool_ready = True
-        self.mig = Migrations(MigrationConfig(enabled=True, groups=groups, **cfg),
-                              self.instances, self.metrics)
+        self.mig = Migrations(MigrationConfig(enabled=True, **cfg), self.instances,
+                              self.metrics, make_planner(["boundary"],
+                                                         LengthGroups.parse(groups, 2)))
         self.now = 0.0
 
     def add(self, rid: int, prompt: int, max_tokens: int, instance: int = 0) -> CoreRequest:
@@ -154,8 +156,8 @@ def test_one_migration_at_a_time_per_instance():
 
 def test_bad_migration_settings_are_refused_by_name():
     from common.config import ConfigError, load_config
-    with pytest.raises(ConfigError, match="migration.groups: length groups '0-64:1,64-:1' "
-                                          "name 2 instance"):
-        load_config(None, {"migration.groups": "0-64:1,64-:1"})
+    with pytest.raises(ConfigError, match="migration.planner boundary moves requests between "
+                                          "length groups: it needs deployment.routing"):
+        load_config(None, {"migration.enabled": True, "deployment.instances": 2})
     with pytest.raises(ConfigError, match="migration.max_per_instance must be >= 1"):
         load_config(None, {"migration.max_per_instance": 0})

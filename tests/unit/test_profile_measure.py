@@ -13,6 +13,7 @@ from common.costmodel import StepCost
 from common.costmodel.profile_model import ProfileCostModel
 from common.model import NAMED_SHAPES
 from conveyor.cli.app import app
+from conveyor.progress import Reporter
 from conveyor.profile.measure import (MeasureConfig, default_out_path, measure_profile,
                                       model_slug)
 
@@ -33,11 +34,12 @@ def tiny_config(**overrides) -> MeasureConfig:
     return MeasureConfig(**values)
 
 
-def test_tiny_measurement_round_trip(tmp_path):
-    lines: list[str] = []
-    profile = measure_profile(tiny_config(), progress=lines.append)
+def test_tiny_measurement_round_trip(tmp_path, capsys):
+    profile = measure_profile(tiny_config(), progress=Reporter("profile", enabled=False))
     path = profile.save(tmp_path / "tiny.json")
-    assert any("[3/3]" in line for line in lines)  # one progress line per grid point
+    lines = capsys.readouterr().err.splitlines()
+    assert sum("profile: [" in line for line in lines) == 3  # a line per grid point
+    assert any("profile: [3/3] prefill" in line for line in lines)
 
     model = ProfileCostModel.load(path, shape=TINY)
     p = model.profile

@@ -183,3 +183,12 @@ def test_ingress_timing_reads_the_per_request_delay_off_a_burst(tmp_path):
     assert "fcfs-s2" in out and "ingress   2.00 ms/request  first dispatch   3.00 ms" in out
     assert "serve-throttle-s2.log: no matching bench run" in out
     assert out.strip().endswith("ingress_us = 2000, dispatch_latency_us = 3000")
+
+
+def test_cascade_comparison_writes_its_table_and_json(tmp_path):
+    out = run_script("sim_cascade.py", "--instances", "2", "--num-prompts", "40", "--loads",
+                     "0.6", "--workloads", "longtail", "--out", str(tmp_path))
+    assert "| longtail | 60%" in out and "| groups |" in out
+    rows = json.loads((tmp_path / "cascade_comparison.json").read_text())
+    assert [r["scheme"] for r in rows] == ["least-loaded", "llumnix", "groups"]
+    assert all(r["failed"] == 0 for r in rows) and rows[2]["groups"]
