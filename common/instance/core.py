@@ -247,7 +247,6 @@ class InstanceCore:
             bisect.insort(self.ready, req, key=_order)
             self.head.valid = False
         else:
-            req.computed = 0
             self._enqueue(req)
         self.metrics.pending[self.index].update(True, now)
 
