@@ -24,6 +24,7 @@ import msgspec
 from common.prediction.config import PredictorConfig
 from common.scheduling.config import (SchedulerConfig, nest_scheduler_table,
                                       written_scheduler_table)
+from common.scheduling.length_groups import LengthGroups
 
 DEFAULT_INGRESS_PORT = 7600
 PROMPT_BYTES_PER_TOKEN = 32
@@ -134,6 +135,54 @@ class DeploymentConfig(_Section):
         except ValueError as e:
             return [f"deployment.groups: {e}"]
         return []
+
+
+class MigrationConfig(_Section):
+    """Moving requests between instances (services/controller/migration.py): CascadeInfer's
+    length groups (deployment.groups) hand a request whose context outgrew its group's range
+    to the next group; Llumnix's balancing evens load within a group (docs/architecture.md)."""
+
+    enabled: bool = False
+    planner: Literal["boundary", "balance", "boundary+balance"] = "boundary"
+    """Which moves to make (common/scheduling/migration.py): "boundary" moves a request whose
+    context reached its group's upper bound to the least-loaded instance of the group that
+    holds it now (it needs deployment.routing = length-groups and deployment.groups);
+    "balance" sends the most-loaded instance's shortest request to the least-loaded of its
+    group when that narrows the gap."""
+    min_gap: int = 0
+    """balance: a load gap (tokens) at or under this is left alone."""
+    max_per_instance: int = 1
+    """Migrations in progress at once to or from one instance (Llumnix's default: one)."""
+    mode: Literal["live", "recompute"] = "live"
+    """"live": the stages copy the request's KV to the destination's stages while it keeps
+    decoding, pausing it only for the last blocks (Llumnix); a copy that fails falls back to
+    recompute. "recompute": the destination re-prefills it."""
+    max_stages: int = 3
+    """Live: copy rounds at most, the last one paused (Llumnix: 3)."""
+    pause_blocks: int = 16
+    """Live: blocks left to copy below which the request is paused for the last round."""
+    timeout_s: float = 10.0
+    """Live: a copy round not done in this time fails (the peer died or never came)."""
+
+    def problems(self, deployment: DeploymentConfig) -> list[str]:
+        return _failed([
+            (self.max_per_instance >= 1, "migration.max_per_instance must be >= 1"),
+            (self.max_stages >= 1, "migration.max_stages must be >= 1"),
+            (self.pause_blocks >= 0, "migration.pause_blocks must be >= 0"),
+            (self.timeout_s > 0, "migration.timeout_s must be > 0"),
+            (self.min_gap >= 0, "migration.min_gap must be >= 0"),
+            (not (self.enabled and "boundary" in self.planner
+                  and deployment.routing != "length-groups"),
+             "migration.planner boundary moves requests between length groups: it needs "
+             "deployment.routing = length-groups and deployment.groups"),
+        ])
+
+    def build_planner(self, deployment: DeploymentConfig):
+        """The planner over the deployment's length groups (one group without them)."""
+        from common.scheduling.migration import make_planner
+
+        groups = deployment.length_groups() or LengthGroups.single(deployment.instances)
+        return make_planner(self.planner.split("+"), groups, self.min_gap)
 
 
 class EndpointsConfig(_Section):
@@ -275,6 +324,7 @@ class ConveyorConfig(_Section):
     slo: SLOConfig = msgspec.field(default_factory=SLOConfig)
     predictor: PredictorConfig = msgspec.field(default_factory=PredictorConfig)
     """Output-length prediction at admission (common/prediction/config.py)."""
+    migration: MigrationConfig = msgspec.field(default_factory=MigrationConfig)
 
     def validate(self) -> "ConveyorConfig":
         """Checks that single fields cannot express; returns self for chaining."""
@@ -312,7 +362,8 @@ class ConveyorConfig(_Section):
         ]
         problems = [*_failed(checks), *self.deployment.group_problems(),
                     *self.model.problems(self.deployment.stages, "deployment.stages"),
-                    *self.kvcache.problems()]
+                    *self.kvcache.problems(),
+                    *self.migration.problems(self.deployment)]
         if problems:
             raise ConfigError(problems[0])
         try:

@@ -236,6 +236,8 @@ class InstanceCore:
         req.instance = self.index
         req.view = None
         self.by_id[req.req_id] = req
+        if not req.blocks:  # no KV carried: recomputed from its first token
+            req.computed = 0
         self.load += remaining_load(req)
         if req.blocks:
             req.running = True
@@ -245,9 +247,19 @@ class InstanceCore:
             bisect.insort(self.ready, req, key=_order)
             self.head.valid = False
         else:
-            req.computed = 0
             self._enqueue(req)
         self.metrics.pending[self.index].update(True, now)
+
+    def reserve(self, count: int) -> None:
+        """Takes `count` free blocks out of the pool for a request arriving by live migration
+        (its KV is copied into them before it is adopted); `unreserve` gives them back."""
+        if not 0 <= count <= self.free_blocks:
+            raise ValueError(f"instance {self.index} has {self.free_blocks} free blocks, "
+                             f"cannot reserve {count}")
+        self.free_blocks -= count
+
+    def unreserve(self, count: int) -> None:
+        self.free_blocks += count
 
     # ---- scheduling -------------------------------------------------------------------------
 

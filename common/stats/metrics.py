@@ -124,6 +124,25 @@ class ControllerMetrics:
     """Times an instance's stages restarted and its requests were taken back."""
     requests_recovered: int = 0
     """Requests re-queued for recompute by those recoveries."""
+    migrations: int = 0
+    """Requests moved to another instance (services/controller/migration.py)."""
+    migrations_waiting: int = 0
+    """Of those, requests moved while waiting (no KV yet: nothing to recompute)."""
+    migrations_aborted: int = 0
+    """Migrations whose request ended (aborted, failed) before its first token at the
+    destination."""
+    migrations_refused: int = 0
+    """Moves a planner asked for that the controller refused (the request in flight or gone,
+    the destination not ready or short of free blocks)."""
+    migration_recomputed_tokens: int = 0
+    """Tokens the destinations re-prefilled for migrated requests."""
+    migration_pause: Moments = field(default_factory=Moments)
+    """Seconds from a running request's stop at the source (the move itself by recompute,
+    the last copy round when live) to its first token at the destination."""
+    migration_kv_bytes: int = 0
+    """KV bytes the destinations' stages received in committed live migrations."""
+    migration_copy: Moments = field(default_factory=Moments)
+    """Seconds from a live migration's start to its commit (every copy round)."""
     stages: dict[tuple[int, int], StageCounters] = field(default_factory=dict)
     pending: list[PendingClock] = field(default_factory=list)
     prefill_per_batch: Moments = field(default_factory=Moments)
@@ -215,7 +234,15 @@ class ControllerMetrics:
             prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
             micro_batches=self.micro_batches, preemptions=self.preemptions,
             pipeline_recoveries=self.pipeline_recoveries,
-            requests_recovered=self.requests_recovered, slo=self.slo_attainment(), stages=stages,
+            requests_recovered=self.requests_recovered, migrations=self.migrations,
+            migrations_waiting=self.migrations_waiting,
+            migrations_aborted=self.migrations_aborted,
+            migrations_refused=self.migrations_refused,
+            migration_recomputed_tokens=self.migration_recomputed_tokens,
+            migration_pause_s=self.migration_pause.snapshot(),
+            migration_kv_bytes=self.migration_kv_bytes,
+            migration_copy_s=self.migration_copy.snapshot(), slo=self.slo_attainment(),
+            stages=stages,
             batch_tokens=BatchTokens(prefill=self.prefill_per_batch.snapshot(),
                                      decode=self.decode_per_batch.snapshot()),
             latency={k: h.snapshot() for k, h in self.latency.items()},

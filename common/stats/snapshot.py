@@ -148,6 +148,21 @@ class ControllerStats(_Snapshot):
     pipeline_recoveries: int = 0
     """Times an instance's stages restarted and its requests were taken back."""
     requests_recovered: int = 0
+    migrations: int = 0
+    """Requests moved to another instance (running or waiting)."""
+    migrations_waiting: int = 0
+    migrations_aborted: int = 0
+    """Migrations whose request ended before its first token at the destination."""
+    migrations_refused: int = 0
+    """Moves the planner asked for that the controller refused."""
+    migration_recomputed_tokens: int = 0
+    migration_pause_s: MomentsStats = msgspec.field(default_factory=MomentsStats)
+    """A running request's stop at the source to its first token at the destination, in
+    seconds."""
+    migration_kv_bytes: int = 0
+    """KV bytes received by the destinations of committed live migrations."""
+    migration_copy_s: MomentsStats = msgspec.field(default_factory=MomentsStats)
+    """A live migration's start to its commit, in seconds."""
     slo: dict[str, SLOAttainment] = {}
     """Per SLO class (SLO.label)."""
     stages: list[StageStats] = []
@@ -189,7 +204,16 @@ class ControllerStats(_Snapshot):
             micro_batches=self.micro_batches - before.micro_batches,
             preemptions=self.preemptions - before.preemptions,
             pipeline_recoveries=self.pipeline_recoveries - before.pipeline_recoveries,
-            requests_recovered=self.requests_recovered - before.requests_recovered, slo=slo,
+            requests_recovered=self.requests_recovered - before.requests_recovered,
+            migrations=self.migrations - before.migrations,
+            migrations_waiting=self.migrations_waiting - before.migrations_waiting,
+            migrations_aborted=self.migrations_aborted - before.migrations_aborted,
+            migrations_refused=self.migrations_refused - before.migrations_refused,
+            migration_recomputed_tokens=(self.migration_recomputed_tokens
+                                         - before.migration_recomputed_tokens),
+            migration_pause_s=self.migration_pause_s.since(before.migration_pause_s),
+            migration_kv_bytes=self.migration_kv_bytes - before.migration_kv_bytes,
+            migration_copy_s=self.migration_copy_s.since(before.migration_copy_s), slo=slo,
             stages=[s.since(start[(s.instance, s.stage)]) for s in self.stages
                     if (s.instance, s.stage) in start],
             batch_tokens=BatchTokens(

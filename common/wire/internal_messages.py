@@ -3,8 +3,8 @@
 Who talks to whom:
     ingress  -> controller   Hello, SubmitRequest, AbortRequests, StatusQuery
     controller -> ingress    RequestOutputs, StatusReply
-    stage    -> controller   Hello, StepDone
-    controller -> stage      StepPlan
+    stage    -> controller   Hello, KVEndpoint, StepDone, KVMoved
+    controller -> stage      StepPlan, MoveKV
     controller -> kvcache    PoolInit, LeaseBlocks, AssignBlocks, FreeBlocks,
                              PoolStatsQuery
     kvcache  -> controller   PoolReply, PoolStats
@@ -163,6 +163,60 @@ class StepDone(InternalMessage):
     wait_s: float
     """Seconds spent waiting for the previous stage's activations."""
     sampled: list[int] = []
+    error: str = ""
+
+
+# ---- live migration: controller <-> stage workers (services/stage/kv_mover.py) -----------
+
+@register
+class KVEndpoint(InternalMessage):
+    """Sent by a stage right after its Hello: where its migration store listens (a
+    torch.distributed TCPStore on `endpoints.dist_host`), which the stage of the same index
+    of another instance connects to when it receives KV from this one."""
+
+    TYPE_ID = 122
+    instance: int
+    stage: int
+    host: str
+    port: int
+
+
+@register
+class MoveKV(InternalMessage):
+    """One round of a live migration's KV copy, to stage s of the source (`send`) and stage s
+    of the destination (not `send`). The two meet in a pair process group built from the
+    source stage's store under the prefix `mig_id/round`, and the source sends the KV of its
+    blocks `[first, first + count)` of the request's table (every layer of the stage, K and V)
+    as one tensor. Queued behind the micro-batches dispatched before it, so those tokens' KV is
+    written when the source stage copies it out."""
+
+    TYPE_ID = 123
+    mig_id: int
+    req_id: int
+    round: int
+    send: bool
+    first: int
+    """Source: index in the request's block table of the first block to send."""
+    count: int
+    peer: str = ""
+    """Destination: "host:port" of the source stage's store (KVEndpoint)."""
+    blocks: list[int] = []
+    """Destination: its block ids for the blocks received, in order."""
+    table: list[int] = []
+    """Destination: the request's whole block table there so far (the stage installs it)."""
+
+
+@register
+class KVMoved(InternalMessage):
+    """A stage finished its side of a MoveKV round (`error` set if it failed)."""
+
+    TYPE_ID = 124
+    mig_id: int
+    instance: int
+    stage: int
+    round: int
+    nbytes: int
+    seconds: float
     error: str = ""
 
 

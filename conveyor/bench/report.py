@@ -166,7 +166,11 @@ def controller_window(before: ControllerStats | None, after: ControllerStats | N
     if before is not None:
         window = after.since(before)
         out["counters"] = {k: getattr(window, k) for k in
-                           ("prompt_tokens", "generated_tokens", "micro_batches", "preemptions")}
+                           ("prompt_tokens", "generated_tokens", "micro_batches", "preemptions",
+                            "migrations", "migrations_aborted", "migration_kv_bytes")}
+        if window.migration_pause_s.count:
+            out["counters"]["mean_migration_pause_ms"] = round(
+                1000 * window.migration_pause_s.sum / window.migration_pause_s.count, 3)
         stages = stage_window(window)
         if stages:
             out["stages"] = stages

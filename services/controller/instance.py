@@ -42,6 +42,8 @@ class ServedInstance:
     policy: SchedulingPolicy
     stage_identities: dict[int, bytes] = field(default_factory=dict)
     stage_blocks: dict[int, int] = field(default_factory=dict)
+    kv_endpoints: dict[int, tuple[str, int]] = field(default_factory=dict)
+    """Each stage's migration store (KVEndpoint), for live KV copies from it."""
     pool_ready: bool = False
     to_release: list[int] = field(default_factory=list)
     """Requests the stages may forget (sent with the next StepPlan)."""

@@ -28,14 +28,15 @@ from common.scheduling.types import SLO, MicroBatchPlan
 from common.security import Security, log_handshake_failures
 from common.stats import ControllerMetrics, ControllerStats
 from common.wire.client_messages import ErrorCode
-from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, RequestOutput,
-                                           RequestOutputs, StatusQuery, StatusReply, StepDone,
-                                           SubmitRequest)
+from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, KVEndpoint,
+                                           KVMoved, RequestOutput, RequestOutputs, StatusQuery,
+                                           StatusReply, StepDone, SubmitRequest)
 from common.runtime import until_one_ends
 from common.zmq_io import Endpoint, Incoming, make_context, stop_tasks
 from services.controller.instance import Served, ServedInstance
 from services.controller.kv_link import KVLink
 from services.controller.liveness import Liveness
+from services.controller.migration import Migrations
 from services.controller.peers import from_ingress, from_stage, hello_allowed
 from services.controller.prediction import ControllerLengths
 
@@ -60,6 +61,12 @@ class Controller:
                                   cfg.deployment.step_timeout_s)
             for i in range(cfg.deployment.instances)]
         self.router = make_router(cfg.deployment.routing, cfg.deployment.length_groups())
+        self.migrations = Migrations(cfg.migration, self.instances, self.metrics,
+                                     cfg.migration.build_planner(cfg.deployment),
+                                     send=self._send_to_stage, assign=self._assign_blocks,
+                                     free=self._free_blocks,
+                                     end=lambda r, why, error: self._end(r, why,
+                                                                         time.monotonic(), error))
         # Output lengths predicted at admission (InstanceCore.add) and learned at EOS, one
         # predictor for every instance.
         self.predictor = ControllerLengths(cfg)
@@ -141,6 +148,12 @@ class Controller:
         elif isinstance(msg, AbortRequests):
             if from_ingress(inc):
                 self._on_abort(msg)
+        elif isinstance(msg, KVMoved):
+            if from_stage(inc, self.instances, msg.instance, msg.stage):
+                self.migrations.kv_moved(msg, time.monotonic())
+        elif isinstance(msg, KVEndpoint):
+            if from_stage(inc, self.instances, msg.instance, msg.stage):
+                self.instances[msg.instance].kv_endpoints[msg.stage] = (msg.host, msg.port)
         elif isinstance(msg, StatusQuery):
             await self.endpoint.send(self._status(msg.call_id), inc.identity)
         elif isinstance(msg, Hello):
@@ -180,6 +193,7 @@ class Controller:
         if inst.pool_ready and not self._fits(inst, req, now):
             return
         inst.wake.set()
+        self.migrations.round(now)  # one waiting outside its instance's range moves now
 
     def _on_abort(self, msg: AbortRequests) -> None:
         now = time.monotonic()
@@ -198,6 +212,8 @@ class Controller:
         return not misfit
 
     def _end(self, req: CoreRequest, reason: Finish, now: float, error: str = "") -> None:
+        if self.migrations.cancel(req, reason, error):
+            return  # in no core (its last KV copy in flight): it ends once adopted
         inst = self.instances[req.instance]
         if inst.core.finish(req, reason, now, error):
             inst.wake.set()
@@ -207,6 +223,7 @@ class Controller:
         travels with the request's last token) and log it."""
         self.requests.pop(req.req_id, None)
         self.predictor.learned()
+        self.migrations.ended(req, time.monotonic())
         if req.finish in (Finish.ABORT, Finish.ERROR):
             self.outputs.append(RequestOutput(req.req_id, [], _WIRE_FINISH[req.finish],
                                               req.error, req.tag.error_code))
@@ -220,8 +237,24 @@ class Controller:
 
     def _on_release(self, req: CoreRequest) -> None:
         """The core took a request's blocks back (finished, or preempted for recompute)."""
-        self.instances[req.instance].to_release.append(req.req_id)
-        self.kv_link.free(req.instance, req.req_id)
+        self._free_blocks(self.instances[req.instance], req.req_id)
+
+    def _free_blocks(self, inst: ServedInstance, req_id: int) -> None:
+        """A request's blocks on `inst` go back: the manager frees them with the next flush,
+        the stages forget its table with the next StepPlan."""
+        inst.to_release.append(req_id)
+        self.kv_link.free(inst.index, req_id)
+
+    def _assign_blocks(self, inst: ServedInstance, granted: dict[int, list[int]]) -> None:
+        self.kv_link.assigned(inst, granted)
+
+    def _send_to_stage(self, inst: ServedInstance, stage: int, msg) -> None:
+        """A migration's message to a stage; a stage gone fails the copy by its silence."""
+        try:
+            self.endpoint.send_nowait(msg, inst.stage_identities[stage])
+        except (KeyError, zmq.ZMQError) as e:
+            log.warning("cannot reach a stage for a migration", instance=inst.index,
+                        stage=stage, error=repr(e))
 
     # ---- stages -------------------------------------------------------------------------
 
@@ -273,6 +306,8 @@ class Controller:
         now = time.monotonic()
         requeued = inst.core.reset_pipeline(now)
         inst.stage_identities.clear()
+        inst.kv_endpoints.clear()
+        self.migrations.pipeline_lost(inst, now)
         inst.liveness = Liveness(inst.liveness.timeout_s)
         self.metrics.pipeline_recoveries += 1
         self.metrics.requests_recovered += requeued
@@ -317,6 +352,10 @@ class Controller:
             for req in live:
                 self.outputs.append(RequestOutput(req.req_id, [req.output_token_ids[-1]],
                                                   _WIRE_FINISH[req.finish]))
+                self.migrations.took_token(req, now)
+            # Between micro-batches, before this instance schedules again: this batch's
+            # requests hold no token in flight, so they may move.
+            self.migrations.round(now)
         inst.wake.set()
 
     # ---- scheduling ---------------------------------------------------------------------

@@ -70,6 +70,17 @@ class _StatsCollector:
                  "Times an instance's stages restarted and its requests were taken back."),
                 ("conveyor_requests_recovered", s.requests_recovered,
                  "Requests re-queued for recompute by pipeline recoveries."),
+                ("conveyor_migrations", s.migrations,
+                 "Requests moved to another instance."),
+                ("conveyor_migrations_aborted", s.migrations_aborted,
+                 "Migrations whose request ended before its first token at the destination."),
+                ("conveyor_migrations_refused", s.migrations_refused,
+                 "Moves the controller refused (request in flight, destination not ready or "
+                 "short of blocks)."),
+                ("conveyor_migration_recomputed_tokens", s.migration_recomputed_tokens,
+                 "Tokens re-prefilled at the destinations of migrations."),
+                ("conveyor_migration_kv_bytes", s.migration_kv_bytes,
+                 "KV bytes received by the destinations of committed live migrations."),
                 ("conveyor_kv_lease_waits", s.kv_lease_waits,
                  "Dispatches that waited for the KV lease to be topped up.")):
             yield _counter(name, help_text, value, m)
@@ -82,6 +93,11 @@ class _StatsCollector:
                                           labels=["model_name"])
             summary.add_metric([m], moments.count, moments.sum)
             yield summary
+        pause = SummaryMetricFamily("conveyor_migration_pause_seconds", "A running request's "
+                                    "move to its first token at the destination.",
+                                    labels=["model_name"])
+        pause.add_metric([m], s.migration_pause_s.count, s.migration_pause_s.sum)
+        yield pause
         for key, (name, help_text) in LATENCY_SERIES.items():
             if key in s.latency:
                 yield _histogram(name, help_text, s.latency[key], m)

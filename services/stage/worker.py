@@ -17,6 +17,7 @@ import torch
 import zmq
 
 from common import sd_notify
+from common.addresses import source_address_towards
 from common.config import ConveyorConfig
 from common.log import get_logger
 from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepBatch,
@@ -25,8 +26,9 @@ from common.model.placement import stage_layer_bounds
 from common.peer_wait import wait_connected, watch_connection
 from common.security import Security, stage_identity
 from common.wire import ProtocolError, decode, encode
-from common.wire.internal_messages import Hello, StepDone, StepPlan
+from common.wire.internal_messages import Hello, KVEndpoint, KVMoved, MoveKV, StepDone, StepPlan
 from services.stage.devices import StagePlacement, place_stage
+from services.stage.kv_mover import KVMover
 from services.stage.transport import ActivationLink
 
 log = get_logger()
@@ -61,6 +63,13 @@ class StageWorker:
         self.link = ActivationLink(stage, self.num_stages, *ep.rendezvous(instance),
                                    self.device, self.placement.shares_device)
         self.tables: dict[int, list[int]] = {}
+        mig = cfg.migration
+        # The migration store listens where this stage's gloo does: the address its host
+        # reaches the instance's rendezvous host from (loopback on one machine).
+        self.mover = (KVMover(self.kv, instance, stage,
+                              source_address_towards(ep.rendezvous(instance)[0]), mig.timeout_s)
+                      if mig.enabled and mig.mode == "live" and cfg.deployment.instances > 1
+                      else None)
         self.ctx = zmq.Context()  # its own, as every service's (never Context.instance())
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -105,24 +114,47 @@ class StageWorker:
             sd_notify.ready(f"stage {self.instance}.{self.stage} warmed up")
             self.sock.send_multipart(encode(Hello("stage", self.instance, self.stage,
                                                   self.num_blocks, detail)))
+            if self.mover is not None:
+                self.sock.send_multipart(encode(KVEndpoint(self.instance, self.stage,
+                                                           self.mover.host, self.mover.port)))
             log.info("stage ready", controller=self.cfg.endpoints.controller)
+            poller = zmq.Poller()
+            poller.register(self.sock, zmq.POLLIN)
+            if self.mover is not None:  # a KV copy round done in the background
+                poller.register(self.mover.wake_r, zmq.POLLIN)
             while True:
-                try:
-                    msg = decode(self.sock.recv_multipart())
-                except ProtocolError as e:
-                    log.error("dropped undecodable frame from the controller", error=str(e))
-                    continue
-                if isinstance(msg, StepPlan):
-                    self.sock.send_multipart(encode(self.step(msg)))
-                else:
-                    log.warning("unexpected message from the controller",
-                                type=type(msg).__name__)
+                events = dict(poller.poll())
+                if self.mover is not None and self.mover.wake_r in events:
+                    for done in self.mover.drain():
+                        self.sock.send_multipart(encode(done))
+                if self.sock in events:
+                    self._handle()
         finally:
+            if self.mover is not None:
+                self.mover.close()
             self.link.close()
             self.sock.disable_monitor()
             self.controller_events.close(linger=0)
             self.sock.close(linger=0)
             self.ctx.term()
+
+    def _handle(self) -> None:
+        try:
+            msg = decode(self.sock.recv_multipart())
+        except ProtocolError as e:
+            log.error("dropped undecodable frame from the controller", error=str(e))
+            return
+        if isinstance(msg, StepPlan):
+            self.sock.send_multipart(encode(self.step(msg)))
+        elif isinstance(msg, MoveKV):
+            if self.mover is not None:
+                self.mover.submit(msg, self.tables)
+            else:
+                self.sock.send_multipart(encode(KVMoved(
+                    msg.mig_id, self.instance, self.stage, msg.round, 0, 0.0,
+                    "live migration is off on this stage")))
+        else:
+            log.warning("unexpected message from the controller", type=type(msg).__name__)
 
     def step(self, plan: StepPlan) -> StepDone:
         t_start = time.perf_counter()
