@@ -47,7 +47,6 @@ def workload(n: int = 48, seed: int = 1) -> Workload:
                     [rng.randint(40, 160) for _ in range(n)])
 
 
-@register_policy
 @dataclass
 class OneDecodePolicy(FCFSPolicy):
     """Test-only: FCFS, but at most one decode per micro-batch (and a knob of its own)."""
@@ -74,7 +73,11 @@ class OneDecodePolicy(FCFSPolicy):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _unregister():
+def _registered():
+    """Registered only while this module's tests run, not at import: pytest imports every
+    module before running any, and a policy registered then would be in every config the
+    other tests save (their child processes do not know it)."""
+    register_policy(OneDecodePolicy)
     yield
     registry._POLICIES.pop(OneDecodePolicy.name, None)
 
