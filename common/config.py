@@ -80,6 +80,10 @@ class ModelConfig(PlacementConfig):
     """How to read the weights; `auto` decides from `source`."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype; `auto` is float32 on CPU and bfloat16 on CUDA."""
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
+    """Attention kernels: `flex` reads the paged KV cache in place (FlexAttention, compiled at
+    warm-up: a C++ compiler on CPU, Triton on CUDA), `sdpa` gathers each step's contexts into
+    a padded copy (the portable reference), `auto` flex wherever it can run, else sdpa."""
     tokenizer: str = ""
     """Tokenizer source; empty means the model's own (dummy models borrow SmolLM2's)."""
     seed: int = 0

@@ -1,6 +1,7 @@
 """Core CPU benchmark: Conveyor's default deployment beside transformers, in one run.
 
     .venv/bin/python scripts/bench_core.py [--stages 2] [--tokens 128] [--concurrency 16]
+        [--set model.attention=sdpa ...]
 
 Measures, on this machine and in this order (never both at once, so they do not share cores):
   1. Conveyor (`conveyor serve` started here): one request's decode speed, then `concurrency`
@@ -89,11 +90,13 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the deployment, as `conveyor serve --set`")
     ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "core_cpu.json")
     args = ap.parse_args()
 
     print(f"conveyor: starting {args.stages}-stage deployment ...", file=sys.stderr)
-    dep = start_deployment(stages=args.stages)
+    dep = start_deployment(stages=args.stages, sets=tuple(args.set))
     try:
         conveyor = asyncio.run(conveyor_run(dep.address, args.tokens, args.concurrency))
     finally:
@@ -103,7 +106,7 @@ def main() -> None:
     hf = transformers_run(args.tokens, args.concurrency)
     result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
                          f"torch {torch.__version__}",
-              "stages": args.stages, "tokens": args.tokens, "concurrency": args.concurrency,
+              "stages": args.stages, "sets": args.set, "tokens": args.tokens, "concurrency": args.concurrency,
               "conveyor": conveyor, "transformers": hf,
               "ratio_single_decode": conveyor["single_decode_tok_s"] / hf["single_decode_tok_s"],
               "ratio_concurrent": conveyor["concurrent_out_tok_s"] / hf["concurrent_out_tok_s"]}

@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=1984)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--attention", default="sdpa", help="attention backend (auto, sdpa, flex)")
     args = ap.parse_args()
     import torch
 
@@ -40,7 +41,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     src = resolve_model(args.model, "auto")
     device, dtype, bs = torch.device("cpu"), torch.float32, 16
-    model = StageModel.from_source(src, 0, args.layers, False, False, dtype, device, 0)
+    model = StageModel.from_source(src, 0, args.layers, False, False, dtype, device, 0,
+                                   attention=args.attention)
     per_seq = -(-(args.long + 1) // bs)
     kv = PagedKVCache.for_stage(src.shape, args.layers, per_seq * args.decodes, bs, dtype,
                                 device)
@@ -65,7 +67,7 @@ def main() -> None:
                     samples[name].append(time.perf_counter() - start)
     times = {name: statistics.median(v) for name, v in samples.items()}
     print(f"{src.display_name}, {args.layers} layers, {args.decodes} decodes, "
-          f"{args.threads} thread(s); contexts {args.short} / {mean} / {args.long}")
+          f"{args.threads} thread(s), attention {args.attention}; contexts {args.short} / {mean} / {args.long}")
     print("| decode contexts | step (ms) | / equal at the mean |")
     print("|---|---|---|")
     for name, t in times.items():

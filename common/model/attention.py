@@ -45,9 +45,30 @@ class AttentionBackend(ABC, Generic[MetadataT]):
         row of q [T, H, D] (RoPE applied) its causal attention over its sequence: [T, H, D]."""
 
 
-def select_backend(device: torch.device | str) -> AttentionBackend[Any]:
-    """The attention implementation for `device`. GPU kernels go here when they exist."""
-    return TorchSDPABackend()
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+
+
+def select_backend(name: str, device: torch.device | str, num_heads: int,
+                   num_kv_heads: int) -> AttentionBackend[Any]:
+    """The attention implementation `name` (ATTENTION_BACKENDS) for `device`: "sdpa" the
+    portable reference, "flex" the paged FlexAttention kernels (common/model/flex_paged.py),
+    "auto" flex wherever it can run, else sdpa. An explicit "flex" that cannot run fails here,
+    naming why."""
+    from common.model.flex_paged import FlexPagedBackend, flex_available
+
+    device = torch.device(device)
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                         f"got {name!r}")
+    if name == "sdpa":
+        return TorchSDPABackend()
+    missing = flex_available(device)
+    if missing:
+        if name == "flex":
+            raise RuntimeError(f"model.attention = flex: {missing}")
+        return TorchSDPABackend()
+    return FlexPagedBackend("batched" if device.type == "cuda" else "grouped", num_heads,
+                            num_kv_heads)
 
 
 @dataclass

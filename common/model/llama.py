@@ -123,7 +123,7 @@ class StageModel(nn.Module):
 
     def __init__(self, shape: ModelShape, layer_start: int, layer_end: int, is_first: bool,
                  is_last: bool, dtype: torch.dtype, device: torch.device | str,
-                 attention: AttentionBackend[Any] | None = None) -> None:
+                 attention: AttentionBackend[Any] | str = "auto") -> None:
         super().__init__()
         check_layer_range(shape, layer_start, layer_end)
         self.shape = shape
@@ -143,13 +143,17 @@ class StageModel(nn.Module):
         self.requires_grad_(False)
         self.loaded = False
         self.rotary = RotaryEmbedding(shape.head_dim, shape.rope_theta, self.device)
-        self.attention = attention or select_backend(self.device)
+        self.attention = (attention if isinstance(attention, AttentionBackend) else
+                          select_backend(attention, self.device, shape.num_heads,
+                                         shape.num_kv_heads))
 
     @classmethod
     def from_source(cls, src: ModelSource, layer_start: int, layer_end: int, is_first: bool,
                     is_last: bool, dtype: torch.dtype, device: torch.device | str,
-                    seed: int = 0) -> StageModel:
-        model = cls(src.shape, layer_start, layer_end, is_first, is_last, dtype, device)
+                    seed: int = 0, attention: AttentionBackend[Any] | str = "auto"
+                    ) -> StageModel:
+        model = cls(src.shape, layer_start, layer_end, is_first, is_last, dtype, device,
+                    attention)
         # The fresh dict is the only reference to the tensors: _adopt releases them as it goes.
         model._adopt(load_stage_weights(src, layer_start, layer_end, is_first, is_last, dtype,
                                         device, seed))

@@ -83,6 +83,8 @@ def profile(
                              "two local processes), assume (2 GB/s, 50 us), or auto (measure on "
                              "CPU; CUDA always assumes NVLink/PCIe figures)."),
     seed: int = typer.Option(0, help="Seed of dummy weights."),
+    attention: str = typer.Option("auto", help="Attention backend, as model.attention: auto, "
+                                  "sdpa (gathered padded copy) or flex (paged, in place)."),
     out: Optional[Path] = typer.Option(None, help="Profile file to write (default: "
                                        "deploy/profiles/<model>-<device>.json)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="A bar over the "
@@ -95,12 +97,14 @@ def profile(
 
     if link not in ("auto", "measure", "assume"):
         raise bad("--link", "one of auto, measure, assume")
+    if attention not in ("auto", "sdpa", "flex"):
+        raise bad("--attention", "one of auto, sdpa, flex")
     cfg = MeasureConfig(
         source=model, load_format=load_format, stages=stages, num_layers=layers, device=device,
         dtype=dtype, threads=threads, prefill=int_list(prefill, "--prefill"),
         decode=int_list(decode, "--decode"), context=int_list(context, "--context"),
         head_rows=int_list(head_rows, "--head-rows"), repeats=repeats, warmup=warmup,
-        block_size=block_size, link=link, seed=seed)
+        block_size=block_size, link=link, seed=seed, attention=attention)
     try:
         start = time.perf_counter()
         result = measure_profile(cfg, Reporter("conveyor profile", progress))

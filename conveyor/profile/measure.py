@@ -85,6 +85,8 @@ class MeasureConfig:
     link: str = "auto"
     """measure (gloo ping-pong, CPU), assume (documented defaults), or auto (measure on CPU)."""
     seed: int = 0
+    attention: str = "auto"
+    """Attention backend (common/model/attention.py): auto, sdpa or flex, as model.attention."""
 
     def validate(self) -> None:
         for name in ("prefill", "decode", "context", "head_rows"):
@@ -234,7 +236,8 @@ def measure_profile(cfg: MeasureConfig, progress: Reporter | None = None) -> Pro
     t0 = time.perf_counter()
     # Middle stage: layers only. Any `num_layers` layers have the same shapes; the first ones
     # are loaded.
-    model = StageModel.from_source(src, 0, num_layers, False, False, dtype, device, cfg.seed)
+    model = StageModel.from_source(src, 0, num_layers, False, False, dtype, device, cfg.seed,
+                                   attention=cfg.attention)
     decode_context = "max" if model.attention.pads_decode_context else "mean"
     bs = cfg.block_size
     prefill_blocks = -(-max(cfg.prefill) // bs)

@@ -50,7 +50,8 @@ class StageWorker:
         self.is_first, self.is_last = stage == 0, stage == self.num_stages - 1
         t0 = time.perf_counter()
         self.model = StageModel.from_source(src, *self.layers, self.is_first, self.is_last,
-                                            self.dtype, self.device, seed=cfg.model.seed)
+                                            self.dtype, self.device, seed=cfg.model.seed,
+                                            attention=cfg.model.attention)
         self.block_size = cfg.kvcache.block_size
         self.num_blocks = self.placement.kv_blocks(self.shape, self.layers, self.block_size)
         self.kv = PagedKVCache.for_stage(self.shape, self.layers[1] - self.layers[0],
@@ -58,6 +59,7 @@ class StageWorker:
                                          self.device)
         log.info("model slice loaded", layers=f"{self.layers[0]}..{self.layers[1] - 1}",
                  device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+                 attention=type(self.model.attention).__name__,
                  kv_blocks=self.num_blocks, load_s=round(time.perf_counter() - t0, 2))
         ep = cfg.endpoints
         self.link = ActivationLink(stage, self.num_stages, *ep.rendezvous(instance),
@@ -98,6 +100,11 @@ class StageWorker:
              torch.zeros((tokens, self.shape.hidden_size), dtype=self.dtype, device=self.device))
         with torch.inference_mode():
             self.model(batch, self.kv, x)
+            # Two decodes over that prompt's blocks: a compiling attention backend (flex)
+            # builds its decode kernel now, not on the first request's first token.
+            decodes = StepBatch.build([SeqSpec(tokens - 1, 1, table, True)] * 2,
+                                      self.block_size, self.device)
+            self.model(decodes, self.kv, x[:2])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         log.info("warmed up", tokens=tokens, seconds=round(time.perf_counter() - t0, 3))

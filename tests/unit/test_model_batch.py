@@ -16,6 +16,7 @@ from common.model import (
     resolve_model,
     split_layers,
 )
+from common.model.flex_paged import FlexPagedBackend, flex_available
 
 BLOCK_SIZE = 4
 
@@ -69,16 +70,24 @@ def naive_attention(q, k_seq, v_seq, start):
     return out
 
 
-def test_sdpa_backend_mixed_batch_matches_naive():
-    """Decodes and prefill chunks (first and middle ones) in one step, against the naive loop
-    over each sequence's full K/V history."""
-    gen = torch.Generator().manual_seed(0)
-    heads, kv_heads, dim, num_blocks = 6, 2, 8, 32
+def _backends(heads, kv_heads):
+    """Every attention backend this machine runs: the SDPA reference and, where FlexAttention
+    compiles here, both of its query layouts (the CUDA one runs on CPU too, slower)."""
+    backends = [pytest.param(TorchSDPABackend(), id="sdpa")]
+    reason = flex_available(torch.device("cpu"))
+    for layout in ("grouped", "batched"):
+        backends.append(pytest.param(
+            FlexPagedBackend(layout, heads, kv_heads), id=f"flex-{layout}",
+            marks=pytest.mark.skipif(bool(reason), reason=reason)))
+    return backends
+
+
+def _check_against_naive(backend, seqs, heads, kv_heads, dim, num_blocks, seed=0):
+    """Runs one step of `seqs` (the tokens before each `start` already cached) through
+    `backend` and compares every row with the naive loop over the sequence's whole history."""
+    gen = torch.Generator().manual_seed(seed)
     k_cache = torch.zeros(num_blocks, BLOCK_SIZE, kv_heads, dim)
     v_cache = torch.zeros_like(k_cache)
-    seqs = [SeqSpec(9, 1, [3, 11, 6]), SeqSpec(0, 6, [0, 1]), SeqSpec(5, 7, [20, 4, 9, 15]),
-            SeqSpec(2, 1, [30]), SeqSpec(13, 1, [7, 8, 2, 10])]
-    # Each sequence's whole K/V history; the tokens before `start` are already in the cache.
     history = []
     for seq in seqs:
         k_all = torch.randn(seq.context_len, kv_heads, dim, generator=gen)
@@ -92,7 +101,6 @@ def test_sdpa_backend_mixed_batch_matches_naive():
     k_new = torch.cat([k[seq.start:] for seq, (k, _) in zip(seqs, history)])
     v_new = torch.cat([v[seq.start:] for seq, (_, v) in zip(seqs, history)])
 
-    backend = TorchSDPABackend()
     out = backend.forward(q, k_new, v_new, k_cache, v_cache, backend.prepare(batch))
 
     for i, (seq, (k_all, v_all)) in enumerate(zip(seqs, history)):
@@ -102,6 +110,30 @@ def test_sdpa_backend_mixed_batch_matches_naive():
         for pos in range(seq.context_len):  # the new tokens were stored at their slots
             block, offset = seq.block_table[pos // BLOCK_SIZE], pos % BLOCK_SIZE
             assert torch.equal(k_cache[block, offset], k_all[pos])
+
+
+@pytest.mark.parametrize("backend", _backends(6, 2))
+def test_backend_mixed_batch_matches_naive(backend):
+    """Decodes and prefill chunks (first and middle ones) in one step."""
+    seqs = [SeqSpec(9, 1, [3, 11, 6]), SeqSpec(0, 6, [0, 1]), SeqSpec(5, 7, [20, 4, 9, 15]),
+            SeqSpec(2, 1, [30]), SeqSpec(13, 1, [7, 8, 2, 10])]
+    _check_against_naive(backend, seqs, 6, 2, 8, 32)
+
+
+@pytest.mark.parametrize("backend", _backends(8, 2))
+def test_backend_decodes_of_very_different_lengths_match_naive(backend):
+    """GQA (4 query heads per KV head), decodes from 1 to 301 tokens of context on scattered
+    blocks, a block-aligned one, two middle chunks and a first chunk in the same step: the
+    paged backends must not pad the short ones to the long ones, nor read past a context."""
+    rng = torch.Generator().manual_seed(1)
+    free = torch.randperm(400, generator=rng).tolist()
+
+    def seq(start, num_new):
+        needed = -(-(start + num_new) // BLOCK_SIZE)
+        return SeqSpec(start, num_new, [free.pop() for _ in range(needed)])
+    seqs = [seq(300, 1), seq(0, 1), seq(7, 1), seq(63, 1), seq(150, 1), seq(31, 9),
+            seq(0, 13), seq(128, 1), seq(90, 17), seq(4, 1)]
+    _check_against_naive(backend, seqs, 8, 2, 16, 400, seed=2)
 
 
 def test_chunked_mixed_pipeline_matches_one_shot_prefill():
