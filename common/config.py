@@ -83,7 +83,8 @@ class ModelConfig(PlacementConfig):
     attention: Literal["auto", "sdpa", "flex"] = "auto"
     """Attention kernels: `flex` reads the paged KV cache in place (FlexAttention, compiled at
     warm-up: a C++ compiler on CPU, Triton on CUDA), `sdpa` gathers each step's contexts into
-    a padded copy (the portable reference), `auto` flex wherever it can run, else sdpa."""
+    a padded copy (the portable reference), `auto` flex on CUDA with Triton, else sdpa (on CPU
+    flex wins only on long or mixed-length decode batches: common/model/attention.py)."""
     tokenizer: str = ""
     """Tokenizer source; empty means the model's own (dummy models borrow SmolLM2's)."""
     seed: int = 0

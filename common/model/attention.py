@@ -52,8 +52,12 @@ def select_backend(name: str, device: torch.device | str, num_heads: int,
                    num_kv_heads: int) -> AttentionBackend[Any]:
     """The attention implementation `name` (ATTENTION_BACKENDS) for `device`: "sdpa" the
     portable reference, "flex" the paged FlexAttention kernels (common/model/flex_paged.py),
-    "auto" flex wherever it can run, else sdpa. An explicit "flex" that cannot run fails here,
-    naming why."""
+    "auto" flex on CUDA where Triton is installed, else sdpa. On CPU, Inductor's FlexAttention
+    template costs ~0.3 ms a call whatever the work (it allocates reorder buffers the size of
+    the cache extent it is given, and guards are checked per layer): it wins 2.4-3.3x on long
+    or mixed-length decode batches and loses up to 5x on the short, even ones of a chat
+    workload (BENCHMARKS.md, "Paged attention on CPU"), so auto keeps sdpa there. An explicit
+    "flex" that cannot run fails here, naming why."""
     from common.model.flex_paged import FlexPagedBackend, flex_available
 
     device = torch.device(device)
@@ -63,9 +67,9 @@ def select_backend(name: str, device: torch.device | str, num_heads: int,
     if name == "sdpa":
         return TorchSDPABackend()
     missing = flex_available(device)
-    if missing:
-        if name == "flex":
-            raise RuntimeError(f"model.attention = flex: {missing}")
+    if name == "flex" and missing:
+        raise RuntimeError(f"model.attention = flex: {missing}")
+    if name == "auto" and (missing or device.type != "cuda"):
         return TorchSDPABackend()
     return FlexPagedBackend("batched" if device.type == "cuda" else "grouped", num_heads,
                             num_kv_heads)

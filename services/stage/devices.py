@@ -19,6 +19,8 @@ class StagePlacement:
     dtype: torch.dtype
     shares_device: bool
     """Another stage of the same instance uses this GPU (activations go through the host)."""
+    workers_on_device: int
+    """Stage processes of the deployment on this device (each budgets its share of a GPU)."""
     kv_num_blocks: int
     kv_memory_gib: float
     gpu_memory_utilization: float
@@ -32,8 +34,15 @@ class StagePlacement:
                                                  self.dtype)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = total * self.gpu_memory_utilization - used - GPU_RESERVED_BYTES
+            if self.workers_on_device > 1:
+                # Stages sharing a GPU start at once: each budgets its own share, so the first
+                # to look does not take the memory of the others still loading.
+                own = torch.cuda.memory_reserved(self.device)
+                share = total * self.gpu_memory_utilization / self.workers_on_device
+                budget = min(share - own, free) - GPU_RESERVED_BYTES
+            else:
+                used = total - free
+                budget = total * self.gpu_memory_utilization - used - GPU_RESERVED_BYTES
         else:
             budget = self.kv_memory_gib * 1024**3
         blocks = int(budget // per_block)
@@ -55,10 +64,12 @@ def place_stage(cfg: ConveyorConfig, instance: int, stage: int) -> StagePlacemen
         device = torch.device("cuda", slot % count)
         torch.cuda.set_device(device)
         shares = count < dep.stages  # neighbours within the instance on the same GPU
+        on_device = -(-workers // count)
     else:
-        device, shares = torch.device("cpu"), False
+        device, shares, on_device = torch.device("cpu"), False, 1
         threads = dep.threads_per_stage or max(1, (os.cpu_count() or 1) // workers)
         torch.set_num_threads(threads)
     dtype = resolve_dtype(cfg.model.dtype, use_cuda)
-    return StagePlacement(device, dtype, shares, cfg.kvcache.num_blocks, cfg.kvcache.memory_gib,
+    return StagePlacement(device, dtype, shares, on_device, cfg.kvcache.num_blocks,
+                          cfg.kvcache.memory_gib,
                           cfg.kvcache.gpu_memory_utilization)

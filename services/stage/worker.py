@@ -241,4 +241,6 @@ def run(cfg: ConveyorConfig, instance: int, stage: int) -> None:
         worker.serve()
     except KeyboardInterrupt:
         pass
-    log.info("stopped")
+    peak = ({"peak_gib": round(torch.cuda.max_memory_allocated(worker.device) / 1024**3, 2)}
+            if worker.device.type == "cuda" else {})
+    log.info("stopped", **peak)
