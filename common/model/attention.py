@@ -131,9 +131,7 @@ class TorchSDPABackend(AttentionBackend[SDPAMetadata]):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, metadata: SDPAMetadata) -> torch.Tensor:
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, k)
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, v)
+        store_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
         out = torch.empty_like(q)
         for prefill in metadata.prefills:
             out[prefill.rows] = _prefill_attention(q, k, v, k_cache, v_cache, prefill)
@@ -142,20 +140,35 @@ class TorchSDPABackend(AttentionBackend[SDPAMetadata]):
         return out
 
 
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """The step's new k/v [T, KVH, D] written to their slots of the layer's paged cache."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def fresh_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          rows: slice) -> torch.Tensor:
+    """A chunk that starts its sequence: causal attention over its own fresh k/v, no cache
+    read. [n, H, D] -> [n, H, D]."""
+    def heads_first(t: torch.Tensor) -> torch.Tensor:
+        return t[rows].transpose(0, 1)[None]  # [1, heads, n, D]
+    out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v),
+                                         is_causal=True, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, prefill: _Prefill) -> torch.Tensor:
     """One sequence's chunk: [n, H, D] queries over its context -> [n, H, D]."""
-    query = q[prefill.rows].transpose(0, 1)[None]  # [1, H, n, D]
     if prefill.blocks is None:  # the chunk is the whole context so far
-        key = k[prefill.rows].transpose(0, 1)[None]
-        value = v[prefill.rows].transpose(0, 1)[None]
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True,
-                                             enable_gqa=True)
-    else:
-        key = _gather(k_cache, prefill.blocks, prefill.context_len)
-        value = _gather(v_cache, prefill.blocks, prefill.context_len)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=prefill.mask,
-                                             enable_gqa=True)
+        return fresh_chunk_attention(q, k, v, prefill.rows)
+    query = q[prefill.rows].transpose(0, 1)[None]  # [1, H, n, D]
+    key = _gather(k_cache, prefill.blocks, prefill.context_len)
+    value = _gather(v_cache, prefill.blocks, prefill.context_len)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=prefill.mask,
+                                         enable_gqa=True)
     return out[0].transpose(0, 1)
 
 

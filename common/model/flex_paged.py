@@ -1,9 +1,9 @@
 """Attention that reads the paged KV cache in place, through FlexAttention.
 
-The whole cache of a layer, [num_blocks, block_size, KVH, D], is handed to FlexAttention as ONE
-key sequence of num_blocks * block_size slots (a strided view: no copy), and a BlockMask tells
-each query token which blocks of that sequence are its own: the sparse KV block is the cache's
-block, so the mask's block lists ARE the block tables. The compiled kernel then loads K/V
+A layer's cache, [num_blocks, block_size, KVH, D], up to the highest block the step touches, is
+handed to FlexAttention as ONE key sequence of blocks * block_size slots (a view: no copy), and a
+BlockMask tells each query token which blocks of that sequence are its own: the sparse KV block
+is the cache's block, so the mask's block lists ARE the block tables. The compiled kernel then loads K/V
 straight from the blocks a token owns; nothing is gathered and no decode is padded to the
 micro-batch's longest context (the portable SDPA backend does both).
 
@@ -31,9 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
-from common.model.attention import AttentionBackend
+from common.model.attention import AttentionBackend, fresh_chunk_attention, store_kv
 from common.model.batch import StepBatch
 
 Layout = Literal["grouped", "batched"]
@@ -163,16 +162,12 @@ class FlexPagedBackend(AttentionBackend[FlexMetadata]):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, metadata: FlexMetadata) -> torch.Tensor:
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, k)
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, v)
+        store_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
         out = torch.empty_like(q)
         for rows in metadata.fresh_chunks:
-            out[rows] = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1)[None], k[rows].transpose(0, 1)[None],
-                v[rows].transpose(0, 1)[None], is_causal=True, enable_gqa=True
-            )[0].transpose(0, 1)
+            out[rows] = fresh_chunk_attention(q, k, v, rows)
         if metadata.paged_rows is not None:
+            num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
             # The cache's used blocks as one sequence [1, KVH, used * block_size, D]: a view.
             used = metadata.used_blocks
             key = k_cache[:used].view(1, -1, num_kv_heads, head_dim).transpose(1, 2)
