@@ -1,7 +1,7 @@
 """Core CPU benchmark: Conveyor's default deployment beside transformers, in one run.
 
     .venv/bin/python scripts/bench_core.py [--stages 2] [--tokens 128] [--concurrency 16]
-        [--set model.attention=sdpa ...]
+        [--dtype bfloat16] [--set model.attention=sdpa ...]
 
 Measures, on this machine and in this order (never both at once, so they do not share cores):
   1. Conveyor (`conveyor serve` started here): one request's decode speed, then `concurrency`
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import platform
 import sys
@@ -56,8 +57,10 @@ async def conveyor_run(address: str, tokens: int, concurrency: int) -> dict:
             "concurrent_mean_ttft_s": sum(r.ttft_s for r in many) / len(many)}
 
 
-def transformers_run(tokens: int, concurrency: int) -> dict:
+def transformers_run(tokens: int, concurrency: int, dtype: str) -> dict:
     model, tok = reference.hf_model_and_tokenizer()
+    if dtype != "float32":  # the reference loads float32: a copy in the compared dtype
+        model = copy.deepcopy(model).to(getattr(torch, dtype))
     ids = [reference.chat_ids(m) for m in prompts(concurrency)]
 
     def run(batch: list[list[int]]) -> tuple[float, float]:
@@ -90,23 +93,25 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="compute dtype of both engines (bfloat16 pays on CPUs with AMX)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for the deployment, as `conveyor serve --set`")
     ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "core_cpu.json")
     args = ap.parse_args()
 
     print(f"conveyor: starting {args.stages}-stage deployment ...", file=sys.stderr)
-    dep = start_deployment(stages=args.stages, sets=tuple(args.set))
+    dep = start_deployment(stages=args.stages, sets=(f"model.dtype={args.dtype}", *args.set))
     try:
         conveyor = asyncio.run(conveyor_run(dep.address, args.tokens, args.concurrency))
     finally:
         stop_deployment(dep)
     print("transformers: loading and generating ...", file=sys.stderr)
     torch.set_num_threads(torch.get_num_threads())
-    hf = transformers_run(args.tokens, args.concurrency)
+    hf = transformers_run(args.tokens, args.concurrency, args.dtype)
     result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
                          f"torch {torch.__version__}",
-              "stages": args.stages, "sets": args.set, "tokens": args.tokens, "concurrency": args.concurrency,
+              "stages": args.stages, "dtype": args.dtype, "sets": args.set, "tokens": args.tokens, "concurrency": args.concurrency,
               "conveyor": conveyor, "transformers": hf,
               "ratio_single_decode": conveyor["single_decode_tok_s"] / hf["single_decode_tok_s"],
               "ratio_concurrent": conveyor["concurrent_out_tok_s"] / hf["concurrent_out_tok_s"]}

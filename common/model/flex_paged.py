@@ -47,10 +47,18 @@ def _compiled_flex() -> Any:
     from torch.fx.experimental import _config as fx_config
     from torch.nn.attention.flex_attention import flex_attention
 
+    import torch._dynamo.config as dynamo_config
+
     compiled = torch.compile(flex_attention, dynamic=True)
 
     def call(*args: Any, **kwargs: Any) -> torch.Tensor:
-        with fx_config.patch(use_duck_shape=False):
+        # Past dynamo's recompile limit a compiled function silently runs eagerly, and eager
+        # FlexAttention applies mask_mod over the whole key sequence without the block lists
+        # that ARE the block tables here: wrong attention, not merely slow. A stage compiles
+        # one variant (one layout, head count and dtype); a process holding many (the tests)
+        # gets room for them, and hitting the limit is an error, never a silent fallback.
+        with fx_config.patch(use_duck_shape=False), \
+                dynamo_config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
             return compiled(*args, **kwargs)
     return call
 
@@ -98,8 +106,6 @@ class FlexPagedBackend(AttentionBackend[FlexMetadata]):
         self.group = num_heads // num_kv_heads
 
     def prepare(self, batch: StepBatch) -> FlexMetadata:
-        from torch.nn.attention.flex_attention import BlockMask
-
         device = batch.positions.device
         fresh, paged_seqs = [], []
         for i, n in enumerate(batch.query_lens):
@@ -137,28 +143,34 @@ class FlexPagedBackend(AttentionBackend[FlexMetadata]):
         num_part = torch.ones(num_rows, dtype=torch.int32, device=device)
         num_part[real_rows:] = 0
         num_full[real_rows:] = 0
+        mask = self.block_mask(num_part, part_idx, num_full, full_idx, offsets, bs)
+        return FlexMetadata(batch.slot_mapping, fresh, rows_t, mask, used, num_rows)
+
+    def block_mask(self, num_part: torch.Tensor, part_idx: torch.Tensor, num_full: torch.Tensor,
+                   full_idx: torch.Tensor, offsets: torch.Tensor, block_size: int) -> Any:
+        """The BlockMask of R query tokens over `full_idx.shape[1]` cache blocks: each token's
+        partial block (num_part 1, or 0 for a padding row) and full blocks, in this layout."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        bs, group = block_size, self.group
+        num_rows, used = full_idx.shape
         if self.layout == "grouped":
             def shaped(t: torch.Tensor) -> torch.Tensor:  # [R, ...] -> [1, 1, R, ...]
                 return t[None, None]
-            group = self.group
 
             def mask_mod(b, h, q_idx, kv_idx):
                 return (kv_idx % bs) <= offsets[q_idx // group]
-            block = (group, bs)
-            lengths = (num_rows * group, used * bs)
+            block, lengths = (group, bs), (num_rows * group, used * bs)
         else:
             def shaped(t: torch.Tensor) -> torch.Tensor:  # [R, ...] -> [R, 1, 1, ...]
                 return t[:, None, None]
 
             def mask_mod(b, h, q_idx, kv_idx):
                 return (kv_idx % bs) <= offsets[b]
-            block = (1, bs)
-            lengths = (1, used * bs)
-        mask = BlockMask.from_kv_blocks(
-            shaped(num_part), shaped(part_idx),
-            shaped(num_full), shaped(full_idx), BLOCK_SIZE=block, mask_mod=mask_mod,
-            seq_lengths=lengths, compute_q_blocks=False)
-        return FlexMetadata(batch.slot_mapping, fresh, rows_t, mask, used, num_rows)
+            block, lengths = (1, bs), (1, used * bs)
+        return BlockMask.from_kv_blocks(
+            shaped(num_part), shaped(part_idx), shaped(num_full), shaped(full_idx),
+            BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=lengths, compute_q_blocks=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, metadata: FlexMetadata) -> torch.Tensor:
@@ -198,3 +210,43 @@ class FlexPagedBackend(AttentionBackend[FlexMetadata]):
         out = flex(q[:, :, None, :], key, value, block_mask=block_mask, enable_gqa=True)
         return out[:, :, 0, :]
 
+
+
+class StaticDecodeRows:
+    """Fixed buffers describing up to `rows` decodes over a whole cache of `num_blocks`: what a
+    CUDA graph of a decode step reads (common/model/decode_graphs.py). `fill` writes a batch
+    into them with device operations only, no host synchronization; `metadata(b)` is the
+    attention metadata of the first b rows, built once per graph size over views of them."""
+
+    def __init__(self, backend: FlexPagedBackend, rows: int, num_blocks: int, block_size: int,
+                 device: torch.device) -> None:
+        def zeros(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+        self.backend, self.block_size, self.num_blocks = backend, block_size, num_blocks
+        self.positions, self.slots = zeros(rows, dtype=torch.long), zeros(rows, dtype=torch.long)
+        self.full_idx, self.part_idx = zeros(rows, num_blocks), zeros(rows, num_blocks)
+        self.num_full, self.num_part, self.offsets = zeros(rows), zeros(rows), zeros(rows)
+        self.row_index = torch.arange(rows, device=device)
+
+    def metadata(self, b: int) -> FlexMetadata:
+        mask = self.backend.block_mask(self.num_part[:b], self.part_idx[:b], self.num_full[:b],
+                                       self.full_idx[:b], self.offsets[:b], self.block_size)
+        return FlexMetadata(self.slots[:b], [], self.row_index[:b], mask, self.num_blocks, b)
+
+    def fill(self, batch: StepBatch, b: int, scratch_slot: int) -> None:
+        """Rows 0..d-1 from `batch` (d decodes), rows d..b-1 padding: no blocks to attend to,
+        their K/V written to `scratch_slot`, a slot no request owns."""
+        d, bs = batch.num_seqs, self.block_size
+        positions = batch.positions
+        num_full = (positions // bs).to(torch.int32)
+        self.positions[:d].copy_(positions)
+        self.positions[d:b].zero_()
+        self.slots[:d].copy_(batch.slot_mapping)
+        self.slots[d:b].fill_(scratch_slot)
+        self.full_idx[:d, :batch.block_tables.shape[1]].copy_(batch.block_tables)
+        self.part_idx[:d, 0].copy_(batch.block_tables.gather(1, num_full.long()[:, None])[:, 0])
+        self.num_full[:d].copy_(num_full)
+        self.num_full[d:b].zero_()
+        self.num_part[:d].fill_(1)
+        self.num_part[d:b].zero_()
+        self.offsets[:d].copy_((positions % bs).to(torch.int32))

@@ -205,14 +205,21 @@ class StageModel(nn.Module):
         [T, hidden] (residual included), or on the last stage float32 logits
         [len(batch.logits_indices), vocab] in the batch's sequence order."""
         self._check_inputs(batch, kv, x)
+        return self.run(batch.positions, batch.logits_indices, self.attention.prepare(batch),
+                        kv, x)
+
+    @torch.inference_mode()
+    def run(self, positions: torch.Tensor, logits_indices: torch.Tensor, metadata: Any,
+            kv: PagedKVCache, x: torch.Tensor) -> torch.Tensor:
+        """The forward once the step's attention metadata is built: device work only, no host
+        decisions, so that a CUDA graph can capture it (common/model/decode_graphs.py)."""
         h = self.embed_tokens(x) if self.embed_tokens is not None else x.to(self.dtype)
-        cos, sin = self.rotary.cos_sin(batch.positions, self.dtype)
-        metadata = self.attention.prepare(batch)
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
         for index, layer in enumerate(self.layers):
             h = layer(h, cos, sin, *kv.layer(index), metadata, self.attention)
         if self.norm is None or self.lm_head is None:
             return h
-        return self.lm_head(self.norm(h[batch.logits_indices])).float()
+        return self.lm_head(self.norm(h[logits_indices])).float()
 
     def _check_inputs(self, batch: StepBatch, kv: PagedKVCache, x: torch.Tensor) -> None:
         if not self.loaded:
