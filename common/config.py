@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from common.placement_config import PlacementConfig
 from common.prediction.config import PredictorConfig
 from common.scheduling.config import (SchedulerConfig, nest_scheduler_table,
                                       written_scheduler_table)
@@ -42,33 +43,6 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 def _failed(checks: list[tuple[bool, str]]) -> list[str]:
     return [message for ok, message in checks if not ok]
-
-
-class PlacementConfig(_Section):
-    """What a served model and a simulated one share: the context limit and the split of the
-    layers over the stages (the cluster file's [model] extends it too)."""
-
-    max_model_len: int = 2048
-    """Longest sequence (prompt + output) a request may reach, in tokens."""
-    layer_split: list[int] = []
-    """Layers per stage, e.g. [17, 13]; empty lets `placement` choose."""
-    placement: Literal["balanced", "even"] = "balanced"
-    """How layers are split when layer_split is empty: "balanced" counts the LM head of the
-    last stage as extra layers and balances stage cost (common/model/placement.py); "even"
-    splits by layer count."""
-    head_weight: float = 0.5
-    """balanced placement: the share of the LM head's full decode cost to plan for (1.0 when
-    every token samples, ~0 for prefill-only work)."""
-
-    def problems(self, stages: int, stages_key: str) -> list[str]:
-        return _failed([
-            (self.max_model_len >= 16, "model.max_model_len must be >= 16"),
-            (0.0 <= self.head_weight <= 1.0, "model.head_weight must be in [0, 1]"),
-            (all(n >= 1 for n in self.layer_split), "model.layer_split entries must be >= 1"),
-            (not self.layer_split or len(self.layer_split) == stages,
-             f"model.layer_split has {len(self.layer_split)} entries but {stages_key} is "
-             f"{stages}"),
-        ])
 
 
 class ModelConfig(PlacementConfig):
@@ -334,7 +308,6 @@ class ConveyorConfig(_Section):
     def validate(self) -> "ConveyorConfig":
         """Checks that single fields cannot express; returns self for chaining."""
         checks = [
-            (self.deployment.stages >= 1, "deployment.stages must be >= 1"),
             (self.deployment.instances >= 1, "deployment.instances must be >= 1"),
             (self.deployment.threads_per_stage >= 0, "deployment.threads_per_stage must be >= 0"),
             (self.deployment.step_timeout_s > 0, "deployment.step_timeout_s must be > 0"),
@@ -455,8 +428,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def resolve(cfg: ConveyorConfig) -> ConveyorConfig:
-    """Fills in the automatic values (port 0, run_dir, dist ports) so that every process started
-    from the result agrees on addresses. Idempotent."""
+    """Fills in the automatic values (port 0, run_dir, dist ports, the stage count of a
+    placement on model.devices) so that every process started from the result agrees on
+    addresses and shapes. Idempotent."""
     ep = cfg.endpoints
     ingress = ep.ingress
     if ingress.startswith("tcp://") and ingress.rsplit(":", 1)[-1] == "0":
@@ -473,10 +447,28 @@ def resolve(cfg: ConveyorConfig) -> ConveyorConfig:
     if http.enabled and http.port == 0:
         host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
         http = msgspec.structs.replace(http, port=free_port(host))
+    deployment = cfg.deployment
+    if cfg.model.devices:
+        deployment = msgspec.structs.replace(deployment, stages=placed_stages(cfg))
     security = cfg.security
     if security.keys_dir:  # children may start elsewhere (systemd units have their own cwd)
         security = msgspec.structs.replace(security, keys_dir=os.path.abspath(security.keys_dir))
-    return msgspec.structs.replace(cfg, endpoints=endpoints, http=http, security=security)
+    return msgspec.structs.replace(cfg, endpoints=endpoints, http=http, security=security,
+                                   deployment=deployment)
+
+
+def placed_stages(cfg: ConveyorConfig) -> int:
+    """The stage count of a deployment on model.devices: what deployment.stages = 0 follows
+    (HELR may leave devices out); a figure that disagrees is refused. Reads the model's
+    metadata only."""
+    from common.model.placement import deployment_layout
+    from common.model.source import resolve_model
+
+    try:
+        shape = resolve_model(cfg.model.source, cfg.model.load_format).shape
+        return deployment_layout(cfg, shape).num_stages
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def save_config(cfg: ConveyorConfig, path: str | os.PathLike) -> Path:

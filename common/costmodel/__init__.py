@@ -102,3 +102,13 @@ class CostModel(Protocol):
     def stage_step_s(self, step: StepCost) -> float: ...
 
     def transfer_s(self, num_tokens: int) -> float: ...
+
+
+def hop_seconds(cost: CostModel, tokens: int, act_bytes_per_token: int = 0,
+                bandwidth_bytes_s: float = 0.0, latency_s: float = 0.0) -> float:
+    """One stage-to-stage hop of `tokens` tokens' activations: over a link of the given
+    bandwidth when there is one (a cluster file's [link]), else the cost model's transfer_s;
+    `latency_s` is added either way. What the simulator times and HELR plans by."""
+    if bandwidth_bytes_s > 0:
+        return latency_s + tokens * act_bytes_per_token / bandwidth_bytes_s
+    return float(cost.transfer_s(tokens)) + latency_s

@@ -39,18 +39,7 @@ real kernel reaches; the defaults (0.6, 0.8) are typical of well-tuned serving e
 Hopper GEMMs and decode-attention kernels. `step_overhead_s` (default 100 us) stands for the
 host work and kernel launches of one step without CUDA graphs.
 
-Device numbers (`DEVICES`), from the vendors' datasheets, dense (no sparsity):
-- h100 (H100 SXM5 80GB): 989 TFLOP/s BF16/FP16 tensor core, 67 TFLOP/s FP32, 3.35 TB/s HBM3,
-  NVLink 4 900 GB/s total = 450 GB/s each way (NVIDIA H100 Tensor Core GPU datasheet).
-- h100-pcie (H100 PCIe 80GB): 756 TFLOP/s BF16, 51 TFLOP/s FP32, 2.0 TB/s HBM2e; PCIe Gen5 x16
-  64 GB/s each way (NVLink bridges not assumed).
-- h200 (H200 SXM 141GB): 989 TFLOP/s BF16, 67 TFLOP/s FP32, 4.8 TB/s HBM3e, NVLink 900 GB/s
-  total (NVIDIA H200 datasheet).
-- a100 (A100 SXM4 80GB): 312 TFLOP/s BF16, 19.5 TFLOP/s FP32, 2.039 TB/s HBM2e, NVLink 3
-  600 GB/s total = 300 GB/s each way (NVIDIA A100 datasheet).
-FP32 uses the non-tensor-core peak: PyTorch does not use TF32 for matmuls by default. The link
-latency (10 us over NVLink, 20 us over PCIe) is the usual small-message NCCL p2p figure, an
-estimate rather than a datasheet number.
+Device figures (`DEVICES`, with their sources): common/costmodel/devices.py.
 """
 
 from __future__ import annotations
@@ -58,46 +47,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.costmodel import StepCost, fresh_prefill_pairs
+from common.costmodel.devices import DEVICES, DeviceSpec, device_for_gpu  # noqa: F401 (re-exported)
 from common.model.shape import ModelShape
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    name: str
-    peak_flops_16bit: float
-    """Dense BF16/FP16 tensor-core FLOP/s."""
-    peak_flops_fp32: float
-    """Dense FP32 FLOP/s without TF32."""
-    memory_bandwidth: float
-    """Bytes/s of device memory."""
-    link_bandwidth: float
-    """Bytes/s one way to the next stage's device."""
-    link_latency_s: float
-
-    def peak_flops(self, dtype_bytes: int) -> float:
-        return self.peak_flops_fp32 if dtype_bytes >= 4 else self.peak_flops_16bit
-
-
-DEVICES: dict[str, DeviceSpec] = {
-    spec.name: spec
-    for spec in (
-        DeviceSpec("h100", 989e12, 67e12, 3.35e12, 450e9, 10e-6),
-        DeviceSpec("h100-pcie", 756e12, 51e12, 2.0e12, 64e9, 20e-6),
-        DeviceSpec("h200", 989e12, 67e12, 4.8e12, 450e9, 10e-6),
-        DeviceSpec("a100", 312e12, 19.5e12, 2.039e12, 300e9, 10e-6),
-    )
-}
-
-
-def device_for_gpu(name: str) -> DeviceSpec | None:
-    """The DEVICES entry of a CUDA device name (torch.cuda.get_device_name), e.g.
-    "NVIDIA H100 80GB HBM3" -> h100, "NVIDIA H100 PCIe" -> h100-pcie; None when unknown."""
-    upper = name.upper()
-    for key in ("H200", "H100", "A100"):
-        if key in upper:
-            pcie = "PCIE" in upper and f"{key.lower()}-pcie" in DEVICES
-            return DEVICES[f"{key.lower()}-pcie" if pcie else key.lower()]
-    return None
 
 
 @dataclass(frozen=True)

@@ -4,20 +4,26 @@ placement.py splits layers over a chain of identical devices. Here each device i
 its own speed, memory and link to the next: layers go in contiguous blocks, in pipeline order,
 onto a subsequence of the devices (a slow device may be left out when the pipeline is faster
 without it), each block's weights plus its KV reserve within that device's memory. The cost of a
-placement is, for throughput, its bottleneck, the slowest stage or hop (a pipeline runs at that
-pace), or, for one request's latency, the sum of stage and hop times.
+placement is its bottleneck, the slowest stage or hop (a pipeline runs at that pace: the
+objective for throughput), or the sum of stage and hop times (one request's way through: the
+objective for latency).
 
     best[d][i] = min over an earlier device e and a cut j of
                  combine(best[e][j], hop(e -> d), stage(d, layers j..i))
 
-with combine = max (throughput) or + (latency). A hop past skipped devices goes at the slowest
+with combine = max ("bottleneck") or + ("sum"). A hop past skipped devices goes at the slowest
 link between them. O(devices^2 x layers^2): nothing at model sizes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+OBJECTIVES = ("bottleneck", "sum")
+
+StageFn = Callable[[int, bool, bool], float]
+"""(layers, holds the first end, holds the last end) -> a figure for that stage."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,9 @@ class DeviceCost:
     """Fixed seconds per step of any stage on it."""
     hop_s: float = 0.0
     """Seconds to send the step's activations from it to the next device of the chain."""
+    step_s: StageFn | None = None
+    """The exact seconds of a stage on it, where its time is not linear in its layers (a
+    roofline's max of compute and memory time); None: the linear terms above."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,9 @@ class ModelMemory:
     """Embeddings, on the first stage."""
     last_bytes: float = 0.0
     """Final norm and LM head, on the last stage."""
+    stage_bytes: StageFn | None = None
+    """The exact bytes a stage needs (tied embeddings are held once by a stage with both ends);
+    None: the linear terms above."""
 
 
 @dataclass(frozen=True)
@@ -69,14 +81,21 @@ class Placement:
 
 
 def stage_seconds(dev: DeviceCost, layers: int, first: bool, last: bool) -> float:
+    if dev.step_s is not None:
+        return dev.step_s(layers, first, last)
     return (dev.overhead_s + layers * dev.layer_s + (dev.first_s if first else 0.0)
             + (dev.last_s if last else 0.0))
 
 
-def fits(dev: DeviceCost, mem: ModelMemory, layers: int, first: bool, last: bool) -> bool:
-    need = layers * mem.layer_bytes + (mem.first_bytes if first else 0.0) + \
+def stage_bytes(mem: ModelMemory, layers: int, first: bool, last: bool) -> float:
+    if mem.stage_bytes is not None:
+        return mem.stage_bytes(layers, first, last)
+    return layers * mem.layer_bytes + (mem.first_bytes if first else 0.0) + \
         (mem.last_bytes if last else 0.0)
-    return need <= dev.memory_bytes
+
+
+def fits(dev: DeviceCost, mem: ModelMemory, layers: int, first: bool, last: bool) -> bool:
+    return stage_bytes(mem, layers, first, last) <= dev.memory_bytes
 
 
 def hop_seconds(devices: Sequence[DeviceCost], e: int, d: int) -> float:
@@ -85,12 +104,12 @@ def hop_seconds(devices: Sequence[DeviceCost], e: int, d: int) -> float:
 
 
 def helr_placement(devices: Sequence[DeviceCost], num_layers: int, mem: ModelMemory,
-                   objective: str = "throughput", max_devices: int | None = None) -> Placement:
+                   objective: str = "bottleneck", max_devices: int | None = None) -> Placement:
     """The best placement of `num_layers` layers on a subsequence of `devices` (at most
     `max_devices` of them). ValueError when no placement fits in memory."""
-    if objective not in ("throughput", "latency"):
-        raise ValueError(f"unknown objective {objective!r} (throughput or latency)")
-    combine = max if objective == "throughput" else (lambda a, b, c: a + b + c)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r} (bottleneck or sum)")
+    combine = max if objective == "bottleneck" else (lambda a, b, c: a + b + c)
     n, m = num_layers, len(devices)
     cap = min(max_devices or m, m)
     inf = float("inf")

@@ -15,11 +15,17 @@ plan for; the default 0.5 stands for micro-batches that mix prefill chunks and d
 `memory_cap_layers` bounds how many layers one stage may hold (device memory), the second
 constraint of UELLM's program; inter-stage link cost does not depend on where a contiguous
 split falls (every boundary carries one hidden vector per token), so it drops out.
+
+Devices that differ (`model.devices`) are HELR's case: `stage_layout` below hands them to the
+program of helr.py with per-device roofline costs (device_plan.py); it is the function every
+consumer of a split calls (stage workers, the profiler, `conveyor plan`, the simulator).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from common.model.shape import ModelShape
 from common.model.source import split_layers
@@ -91,6 +97,98 @@ def stage_layer_bounds(shape: ModelShape, stages: int, explicit: Sequence[int] =
     if placement == "even":
         return split_layers(shape.num_layers, stages)
     if placement != "balanced":
-        raise ValueError(f"unknown placement {placement!r}; choose balanced or even")
+        raise ValueError(f"unknown placement {placement!r}; choose balanced or even (helr "
+                         f"needs model.devices: stage_layout)")
     return split_layers(shape.num_layers, stages,
                         balanced_layer_split(shape, stages, head_weight))
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Where each stage of an instance runs: its layers and, with model.devices, its device."""
+
+    bounds: tuple[tuple[int, int], ...]
+    """[start, end) layers of every stage."""
+    device_index: tuple[int, ...] = ()
+    """Each stage's index in `devices` (empty without devices)."""
+    devices: tuple[str, ...] = ()
+    """model.devices as written (the placement may leave some out)."""
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.bounds)
+
+    @property
+    def counts(self) -> list[int]:
+        return [end - start for start, end in self.bounds]
+
+    def device(self, stage: int) -> str:
+        """The device entry stage `stage` runs on ("" without devices)."""
+        return self.devices[self.device_index[stage]] if self.devices else ""
+
+    def link_devices(self, stage: int) -> tuple[str, ...]:
+        """The devices whose links the hop from `stage` to the next crosses (more than one
+        when the placement skips a device: the slowest of them sets the hop, as HELR plans)."""
+        if not self.devices or stage + 1 >= self.num_stages:
+            return ()
+        return tuple(self.devices[k] for k in range(self.device_index[stage],
+                                                    self.device_index[stage + 1]))
+
+
+def device_planner(shape: ModelShape, model: Any, dtype: str = "auto",
+                   gpu_memory_utilization: float = 0.9, link_bandwidth_bytes_s: float = 0.0,
+                   link_latency_s: float = 0.0):
+    """The DevicePlanner (device_plan.py) of `model` (a common.placement_config.PlacementConfig
+    with devices) for `shape`."""
+    from common.model.device_plan import DevicePlanner, placement_dtype_bytes
+
+    return DevicePlanner(shape, model.devices, model.helr, model.max_model_len,
+                         placement_dtype_bytes(dtype), gpu_memory_utilization,
+                         link_bandwidth_bytes_s, link_latency_s)
+
+
+def stage_layout(shape: ModelShape, model: Any, stages: int, dtype: str = "auto",
+                 gpu_memory_utilization: float = 0.9, link_bandwidth_bytes_s: float = 0.0,
+                 link_latency_s: float = 0.0,
+                 stages_key: str = "deployment.stages") -> StageLayout:
+    """The one answer to which layers each stage runs, on which device: what stage workers,
+    the profiler, `conveyor plan` and the simulator all use, so that they agree.
+
+    `model` is a common.placement_config.PlacementConfig (a deployment's [model] or a cluster
+    file's); `stages` the deployment's stage count (0: as many as the placement uses, which
+    needs model.devices). Without devices: `stage_layer_bounds`. With devices: stage i on
+    device i for explicit, even and balanced splits; HELR's program for "helr", whose stage
+    count `stages` must then be 0 or equal (ValueError naming both otherwise)."""
+    if not model.devices:
+        return StageLayout(tuple(stage_layer_bounds(shape, stages, model.layer_split,
+                                                    model.placement, model.head_weight)))
+    devices = tuple(model.devices)
+    n = len(devices)
+    if model.placement != "helr":
+        if stages not in (0, n):
+            raise ValueError(f"{stages_key} is {stages} but model.devices names {n} devices")
+        bounds = stage_layer_bounds(shape, n, model.layer_split, model.placement,
+                                    model.head_weight)
+        return StageLayout(tuple(bounds), tuple(range(n)), devices)
+    planner = device_planner(shape, model, dtype, gpu_memory_utilization,
+                             link_bandwidth_bytes_s, link_latency_s)
+    p = planner.place_helr()
+    k = len(p.devices)
+    if stages not in (0, k):
+        names = ", ".join(devices[d] for d in p.devices)
+        raise ValueError(
+            f"model.placement = helr uses {k} of the {n} devices in model.devices ({names}; "
+            f"{model.helr.objective} {_objective_ms(p, model.helr.objective):.3f} ms) but "
+            f"{stages_key} is {stages}: set it to {k}, or to 0 to follow the placement "
+            f"(`conveyor plan` shows it)")
+    return StageLayout(tuple(split_layers(shape.num_layers, k, p.layers)), p.devices, devices)
+
+
+def _objective_ms(p: Any, objective: str) -> float:
+    return 1e3 * (p.bottleneck_s if objective == "bottleneck" else p.latency_s)
+
+
+def deployment_layout(cfg: Any, shape: ModelShape) -> StageLayout:
+    """stage_layout for a deployment's config (a common.config.ConveyorConfig)."""
+    return stage_layout(shape, cfg.model, cfg.deployment.stages, cfg.model.dtype,
+                        cfg.kvcache.gpu_memory_utilization)

@@ -280,10 +280,10 @@ def pipeline_round_s(cost: Any, stages: Sequence[Any], hop_s: float = 0.0) -> Ro
     def round_s(prefill: float, decode: float, context: float, longest: float) -> float:
         d, pf = decode / p, prefill / p
         total = (p - 1) * hop_s
-        for st in stages:
-            total += float(cost.stage_step_s(StepCost(pf, d, context, max(1.0, d),
-                                                      st.num_layers, st.first, st.last,
-                                                      longest, None)))
+        for st in stages:  # a cost per device (the simulator's StageCosts) times each its own
+            stage_cost = cost.for_stage(st) if hasattr(cost, "for_stage") else cost
+            total += float(stage_cost.stage_step_s(StepCost(
+                pf, d, context, max(1.0, d), st.num_layers, st.first, st.last, longest, None)))
         return total
 
     return round_s

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from conveyor.cli import bench_cmd, client_cmd, deploy_cmd, profile_cmd, simulate_cmd
+from conveyor.cli import (bench_cmd, client_cmd, deploy_cmd, plan_cmd, profile_cmd,
+                          simulate_cmd)
 
 app = typer.Typer(
     name="conveyor", no_args_is_help=True, add_completion=False,
@@ -14,6 +15,7 @@ deploy_cmd.register(app)
 client_cmd.register(app)
 bench_cmd.register(app)
 profile_cmd.register(app)
+plan_cmd.register(app)
 simulate_cmd.register(app)
 
 

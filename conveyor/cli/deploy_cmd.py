@@ -13,6 +13,8 @@ from typing import Optional
 import typer
 
 from common.config import ConfigError, ConveyorConfig, load_config, parse_override, resolve, to_dict
+from common.placement_config import PlacementConfig, field_help
+from conveyor.cli.params import comma_list
 
 SMOKE_PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -37,11 +39,20 @@ def build_config(config: Optional[Path], sets: list[str], **shortcuts) -> Convey
              "address": "endpoints.ingress", "log_format": "logging.format",
              "http_host": "http.host", "http_port": "http.port",
              "served_model_name": "http.served_model_name", "api_key": "ingress.api_keys",
-             "shutdown_timeout": "ingress.shutdown_timeout_s"}
+             "shutdown_timeout": "ingress.shutdown_timeout_s", "placement": "model.placement",
+             "devices": "model.devices"}
     try:
         overrides = dict(parse_override(s) for s in sets)
         overrides.update({names[k]: v for k, v in shortcuts.items() if v not in (None, [])})
         return load_config(config, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _resolve(cfg: ConveyorConfig) -> ConveyorConfig:
+    """resolve(), its errors (a placement that disagrees with deployment.stages) as ours."""
+    try:
+        return resolve(cfg)
     except ConfigError as e:
         _fail(str(e))
 
@@ -67,7 +78,14 @@ def _stop_signal(signum, frame) -> None:
 def serve(
     model: Optional[str] = typer.Option(None, help="smollm2 (default), a .gguf file, a Hugging "
                                         "Face folder, or a named shape with dummy weights."),
-    stages: Optional[int] = typer.Option(None, help="Pipeline stages per instance (default 2)."),
+    stages: Optional[int] = typer.Option(None, help="Pipeline stages per instance (default 2; "
+                                         "with --devices, as many as the placement uses)."),
+    placement: Optional[str] = typer.Option(None, help=field_help(PlacementConfig, "placement")
+                                            + " (model.placement, default balanced)."),
+    devices: Optional[str] = typer.Option(None, help="Comma-separated, as model.devices: "
+                                          + field_help(PlacementConfig, "devices") + ". The "
+                                          "stage count then follows the placement unless "
+                                          "--stages is given (`conveyor plan` shows it)."),
     instances: Optional[int] = typer.Option(None, help="Model instances (default 1)."),
     routing: Optional[str] = typer.Option(None, help="Which instance takes a request: "
                                           "least-loaded (default), round-robin or "
@@ -102,12 +120,16 @@ def serve(
     from conveyor.client import Client, ConnectionFailed, ConveyorError
     from conveyor.supervisor import ChildDied, Supervisor
 
-    cfg = resolve(build_config(config, set_, model=model, stages=stages, instances=instances,
+    device_list = comma_list(devices, "--devices") if devices else None
+    if device_list and stages is None:
+        stages = 0  # as many as the placement uses, filled in by resolve()
+    cfg = _resolve(build_config(config, set_, model=model, stages=stages, instances=instances,
                                routing=routing, groups=groups, policy=policy, address=address,
                                log_format=log_format, http_host=http_host,
                                http_port=http_port, api_key=api_key,
                                served_model_name=served_model_name,
-                               shutdown_timeout=shutdown_timeout))
+                               shutdown_timeout=shutdown_timeout, placement=placement,
+                               devices=device_list))
     _check_security(cfg)
     dep = cfg.deployment
     # SIGTERM (systemd, supervisord) and SIGINT both stop the deployment cleanly. SIGINT is set
@@ -182,10 +204,10 @@ def start(
     from common.runtime import run_service
 
     cfg = build_config(config, set_, log_format=log_format)
-    if cfg.deployment.stages > 1 and cfg.endpoints.dist_base_port == 0:
+    if cfg.deployment.stages != 1 and cfg.endpoints.dist_base_port == 0:
         _fail("endpoints.dist_base_port must be set when processes are started one by one, "
               "so that the stages of an instance find each other")
-    cfg = resolve(cfg)
+    cfg = _resolve(cfg)
     _check_security(cfg, (role.value,))
     dep = cfg.deployment
     if role is Role.stage and not (0 <= instance < dep.instances and 0 <= stage < dep.stages):
@@ -245,7 +267,7 @@ def show_config(
 ) -> None:
     """Print the effective configuration as JSON (a starting point for a config file)."""
     cfg = build_config(config, set_)
-    typer.echo(json.dumps(to_dict(resolve(cfg) if resolved else cfg, full=True), indent=2))
+    typer.echo(json.dumps(to_dict(_resolve(cfg) if resolved else cfg, full=True), indent=2))
 
 
 def policies(markdown: bool = typer.Option(False, help="Print each policy's settings as the "

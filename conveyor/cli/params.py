@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgspec
 import typer
 
 
@@ -41,3 +44,18 @@ def int_list(text: str, param: str, minimum: int = 0) -> list[int]:
     if min(values) < minimum:
         raise bad(param, f"every value must be >= {minimum}")
     return values
+
+
+def placement_option(placement: str, devices: str | None, objective: str | None = None) -> Any:
+    """--placement, --devices and --objective as a common.placement_config.PlacementConfig
+    (checked: a usage error names the option)."""
+    from common.placement_config import HelrConfig, PlacementConfig
+
+    try:
+        return msgspec.convert({"placement": placement,
+                                "devices": comma_list(devices, "--devices") if devices else [],
+                                "helr": {"objective": objective or HelrConfig().objective}},
+                               PlacementConfig)
+    except msgspec.ValidationError as e:
+        name = "--objective" if "helr" in str(e) else "--placement"
+        raise bad(name, str(e)) from None

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from conveyor.cli.params import bad, int_list
+from common.placement_config import HelrConfig, PlacementConfig, field_help
+from conveyor.cli.params import bad, int_list, placement_option
 
 
 def _ms(seconds: float) -> str:
@@ -58,11 +59,20 @@ def profile(
                               "folder, or a named shape with dummy weights (e.g. llama3-8b)."),
     load_format: str = typer.Option("auto", help="auto, gguf, safetensors or dummy (random "
                                     "weights of the model's shape)."),
-    stages: int = typer.Option(2, min=1, help="Pipeline stages of the deployment to profile: "
-                               "sets the default layer count (one stage's share) and the "
-                               "default CPU threads (cpu_count // stages)."),
+    stages: Optional[int] = typer.Option(None, min=0, help="Pipeline stages of the deployment "
+                                         "to profile (default 2; with --devices, as many as "
+                                         "the placement uses): sets the default layer count "
+                                         "(one stage's share) and the default CPU threads "
+                                         "(cpu_count // stages)."),
     layers: Optional[int] = typer.Option(None, min=1, help="Decoder layers to time (default: "
-                                         "the first stage's share of a --stages split)."),
+                                         "--stage's share of the deployment's split)."),
+    stage: int = typer.Option(0, min=0, help="Whose share of the split to time by default."),
+    placement: str = typer.Option("balanced", help=field_help(PlacementConfig, "placement")
+                                  + " (as model.placement)."),
+    devices: Optional[str] = typer.Option(None, help="Comma-separated, as model.devices: "
+                                          + field_help(PlacementConfig, "devices") + "."),
+    objective: str = typer.Option("bottleneck", help="helr: "
+                                  + field_help(HelrConfig, "objective") + "."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, "
                               "bfloat16 or float16."),
@@ -99,8 +109,11 @@ def profile(
         raise bad("--link", "one of auto, measure, assume")
     if attention not in ("auto", "sdpa", "flex"):
         raise bad("--attention", "one of auto, sdpa, flex")
+    place = placement_option(placement, devices, objective)
     cfg = MeasureConfig(
-        source=model, load_format=load_format, stages=stages, num_layers=layers, device=device,
+        source=model, load_format=load_format,
+        stages=(0 if place.devices else 2) if stages is None else stages, num_layers=layers,
+        stage=stage, placement=place, device=device,
         dtype=dtype, threads=threads, prefill=int_list(prefill, "--prefill"),
         decode=int_list(decode, "--decode"), context=int_list(context, "--context"),
         head_rows=int_list(head_rows, "--head-rows"), repeats=repeats, warmup=warmup,

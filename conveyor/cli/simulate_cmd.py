@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import typer
 
+from common.placement_config import PlacementConfig, field_help
 from conveyor.bench.arrivals import rate_text
 from conveyor.cli.params import bad, comma_list, rate_list, rate_option
 from conveyor.progress import Progress
@@ -72,6 +73,13 @@ def simulate(
                              "same seed as bench gives the same requests)."),
     policy: Optional[str] = typer.Option(None, help="Scheduling policy (default: the cluster "
                                          "file's): fcfs, sarathi, throttle, or any registered."),
+    placement: Optional[str] = typer.Option(None, help="model.placement: "
+                                            + field_help(PlacementConfig, "placement") + "."),
+    devices: Optional[str] = typer.Option(None, help="model.devices, comma-separated: "
+                                          + field_help(PlacementConfig, "devices") + ". Each "
+                                          "stage is then timed by its own device's roofline; "
+                                          "cluster.stages follows the placement unless --set "
+                                          "gives it."),
     routing: Optional[str] = typer.Option(None, help="cluster.routing: least-loaded, "
                                           "round-robin or length-groups (with --groups)."),
     groups: Optional[str] = typer.Option(None, help="cluster.groups: length groups as "
@@ -146,6 +154,11 @@ def simulate(
         raise bad("--set", str(e)) from None
     if policy:
         overrides["scheduler.policy"] = policy
+    if placement:
+        overrides["model.placement"] = placement
+    if devices:
+        overrides["model.devices"] = comma_list(devices, "--devices")
+        overrides.setdefault("cluster.stages", 0)  # as many as the placement uses
     if routing:
         overrides["cluster.routing"] = routing
     if groups:

@@ -37,16 +37,17 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from common.costmodel.profile import DEFAULT_LINK, Profile, Sample
-from common.costmodel.roofline import device_for_gpu
+from common.costmodel.devices import device_for_gpu
 from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepBatch,
                           resolve_model, sample)
 from common.model.dtypes import DTYPES, resolve_dtype
-from common.model.placement import stage_layer_bounds
+from common.model.placement import stage_layout
 from common.model.source import DEFAULT_SOURCE, ModelSource
 from conveyor.profile.prefill_split import DEFAULT_SPLITS, time_prefill_split
 from conveyor.progress import Reporter
@@ -67,7 +68,12 @@ class MeasureConfig:
     load_format: str = "auto"
     stages: int = 2
     num_layers: int | None = None
-    """Layers to time; None: the first stage's share of a `stages`-way split."""
+    """Layers to time; None: stage `stage`'s share of the deployment's split (`placement`)."""
+    stage: int = 0
+    placement: Any = None
+    """The deployment's placement settings (a common.placement_config.PlacementConfig: split,
+    devices, HELR's settings); None: the defaults (balanced). `stages` 0 follows its
+    devices."""
     device: str = "cpu"
     dtype: str = "auto"
     """float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on CUDA)."""
@@ -98,8 +104,13 @@ class MeasureConfig:
             raise ValueError("the grid has no step with tokens (prefill and decode are all 0)")
         if min(self.head_rows) < 1:
             raise ValueError(f"head rows must be >= 1: {self.head_rows}")
-        if self.repeats < 1 or self.warmup < 0 or self.stages < 1 or self.block_size < 1:
-            raise ValueError("repeats, stages and block size must be >= 1, warmup >= 0")
+        if self.repeats < 1 or self.warmup < 0 or self.block_size < 1:
+            raise ValueError("repeats and block size must be >= 1, warmup >= 0")
+        problems = self.placement_config().problems(self.stages, "stages")
+        if problems:
+            raise ValueError(problems[0])
+        if self.stage < 0:
+            raise ValueError(f"stage must be >= 0, got {self.stage}")
         if self.num_layers is not None and self.num_layers < 1:
             raise ValueError(f"layers must be >= 1, got {self.num_layers}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -108,6 +119,19 @@ class MeasureConfig:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}")
         if self.link not in ("auto", "measure", "assume"):
             raise ValueError(f"link must be auto, measure or assume, got {self.link!r}")
+
+    def placement_config(self) -> Any:
+        from common.placement_config import PlacementConfig
+
+        return self.placement or PlacementConfig()
+
+    def stage_bounds(self, shape: Any) -> tuple[int, int]:
+        """Stage `stage`'s layers as the deployment's workers place them (stage_layout)."""
+        layout = stage_layout(shape, self.placement_config(), self.stages, self.dtype)
+        if self.stage >= layout.num_stages:
+            raise ValueError(f"stage {self.stage} is outside the {layout.num_stages}-stage "
+                             f"placement {layout.counts}")
+        return layout.bounds[self.stage]
 
 
 def model_slug(source: str, load_format: str, src: ModelSource) -> str:
@@ -213,7 +237,7 @@ def measure_profile(cfg: MeasureConfig, progress: Reporter | None = None) -> Pro
         raise ValueError("device cuda asked for, but no CUDA device is visible")
     dtype = resolve_dtype(cfg.dtype, device.type == "cuda")
     dtype_name = str(dtype).removeprefix("torch.")
-    threads = cfg.threads or default_threads(cfg.stages)
+    threads = cfg.threads or default_threads(cfg.stages or len(cfg.placement_config().devices))
     if device.type == "cpu":
         torch.set_num_threads(threads)
     else:
@@ -222,8 +246,8 @@ def measure_profile(cfg: MeasureConfig, progress: Reporter | None = None) -> Pro
     src = resolve_model(cfg.source, cfg.load_format)
     shape = src.shape
     if cfg.num_layers is None:
-        # The first stage's share as the workers place layers (balanced by default).
-        start, end = stage_layer_bounds(shape, cfg.stages)[0]
+        # The stage's share as the workers place layers (balanced by default).
+        start, end = cfg.stage_bounds(shape)
         num_layers = end - start
     else:
         num_layers = cfg.num_layers

@@ -2,7 +2,10 @@
 resolved into a ClusterConfig: stage layer counts, KV pool size, the policy's settings.
 
     [model]      shape (a NAMED_SHAPES entry), max_model_len, layer_split or placement
-                 (balanced | even, head_weight: as `conveyor serve`), dtype
+                 (balanced | even | helr, head_weight, devices, [model.helr]: as `conveyor
+                 serve`), dtype. With devices, each stage is timed by its own device's
+                 roofline, its KV pool sized by that device's memory, and cluster.stages may
+                 be 0 (as many stages as the placement uses)
     [cluster]    instances, stages, routing; host_cores, host_corun_speed, host_corun_prefill
                  (stage processes sharing one machine's cores, and how much they slow each other)
     [kvcache]    block_size and the pool size per instance: num_blocks, or memory per stage
@@ -46,6 +49,10 @@ class StageSpec:
     num_layers: int
     first: bool
     last: bool
+    device: str = ""
+    """Its device as model.devices names it ("" on a cluster of identical devices)."""
+    link: tuple[str, ...] = ()
+    """The devices whose links its hop to the next stage crosses (StageLayout.link_devices)."""
 
 
 @dataclass
@@ -151,6 +158,7 @@ class ClusterConfig:
         return {"name": self.name, "shape": self.shape_name, "instances": self.instances,
                 "stages": self.num_stages,
                 "layer_split": [s.num_layers for s in self.stages],
+                "stage_devices": [s.device for s in self.stages if s.device],
                 "max_model_len": self.max_model_len, "dtype": self.dtype,
                 "block_size": self.block_size, "kv_blocks_per_instance": self.num_blocks,
                 "kv_sizing": self.kv_sizing, "policy": self.policy,
@@ -181,25 +189,29 @@ def kv_blocks_per_instance(shape: Any, stages: list[StageSpec], kv: KVSection,
                            dtype: str) -> tuple[int, str]:
     """The pool of one instance: the configured count, else the smallest stage's pool by the
     memory rule of services/stage/devices.py (on a GPU the weights are estimated from the
-    shape, where a worker reads the memory it really uses)."""
-    from common.model.kv_cache import GPU_RESERVED_BYTES
+    shape, where a worker reads the memory it really uses). A stage on a named device
+    (model.devices) has that device's memory."""
+    from common.costmodel.devices import parse_device
+    from common.model.device_plan import gpu_kv_blocks
 
     if kv.num_blocks:
         return kv.num_blocks, "kvcache.num_blocks"
     b = DTYPE_BYTES[dtype]
     counts = []
     for spec in stages:
-        per_block = shape.kv_bytes_per_block(kv.block_size, spec.num_layers, b)
-        if kv.gpu_memory_gib > 0:
-            total = kv.gpu_memory_gib * GIB
-            weights = shape.stage_param_count(spec.num_layers, spec.first, spec.last) * b
-            budget = total * kv.gpu_memory_utilization - weights - GPU_RESERVED_BYTES
+        memory = (parse_device(spec.device).memory_bytes if spec.device
+                  else kv.gpu_memory_gib * GIB)
+        if memory > 0:
+            counts.append(gpu_kv_blocks(shape, spec.num_layers, spec.first, spec.last, memory,
+                                        kv.gpu_memory_utilization, b, kv.block_size))
         else:
-            budget = kv.memory_gib * GIB
-        counts.append(int(budget // per_block))
+            per_block = shape.kv_bytes_per_block(kv.block_size, spec.num_layers, b)
+            counts.append(int(kv.memory_gib * GIB // per_block))
     blocks = min(counts)
-    how = (f"gpu_memory_gib={kv.gpu_memory_gib:g} x {kv.gpu_memory_utilization:g} less weights"
-           if kv.gpu_memory_gib > 0 else f"memory_gib={kv.memory_gib:g} per stage")
+    how = ("each device's memory x " if stages[0].device else
+           f"gpu_memory_gib={kv.gpu_memory_gib:g} x " if kv.gpu_memory_gib > 0 else "")
+    how = (f"{how}{kv.gpu_memory_utilization:g} less weights" if how
+           else f"memory_gib={kv.memory_gib:g} per stage")
     if blocks < 1:
         raise ClusterError(f"no memory left for the KV cache ({how}): give kvcache more memory "
                            f"or set kvcache.num_blocks")
@@ -222,7 +234,6 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
     m, c, kv, sim = f.model, f.cluster, f.kvcache, f.simulator
     checks = [
         (c.instances >= 1, "cluster.instances must be >= 1"),
-        (c.stages >= 1, "cluster.stages must be >= 1"),
         (c.host_cores >= 0, "cluster.host_cores must be >= 0"),
         (0 < c.host_corun_speed <= 1, "cluster.host_corun_speed must be in (0, 1]"),
         (all(0 < speed <= 1 for _, speed in c.host_corun_prefill),
@@ -231,6 +242,8 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
          and all(n >= 1 for n, _ in c.host_corun_prefill),
          "cluster.host_corun_prefill: token counts must be >= 1 and increasing"),
         (kv.gpu_memory_gib >= 0, "kvcache.gpu_memory_gib must be >= 0"),
+        (not (m.devices and kv.gpu_memory_gib), "kvcache.gpu_memory_gib and model.devices: "
+         "each device has its memory (name:GIB sets another), give only the devices"),
         (f.link.bandwidth_gbps >= 0, "link.bandwidth_gbps must be >= 0"),
         (f.link.latency_us >= 0, "link.latency_us must be >= 0"),
         (sim.dispatch_latency_us >= 0, "simulator.dispatch_latency_us must be >= 0"),
@@ -246,15 +259,18 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
     if problems:
         raise ClusterError(problems[0])
     shape = named_shape(m.shape)
-    from common.model.placement import stage_layer_bounds
+    from common.model.placement import stage_layout
 
-    try:  # the very split the stage workers and the profiler use
-        bounds = stage_layer_bounds(shape, c.stages, m.layer_split, m.placement, m.head_weight)
+    try:  # the very split (and devices) the stage workers and the profiler use
+        layout = stage_layout(shape, m, c.stages, m.dtype, kv.gpu_memory_utilization,
+                              f.link.bandwidth_gbps * 1e9, f.link.latency_us * 1e-6,
+                              stages_key="cluster.stages")
     except ValueError as e:
-        raise ClusterError(f"model.layer_split: {e} ({m.shape} has {shape.num_layers} "
-                           f"layers)") from None
-    stages = [StageSpec(end - start, i == 0, i == c.stages - 1)
-              for i, (start, end) in enumerate(bounds)]
+        what = "model.placement" if m.devices else "model.layer_split"
+        raise ClusterError(f"{what}: {e} ({m.shape} has {shape.num_layers} layers)") from None
+    last = layout.num_stages - 1
+    stages = [StageSpec(end - start, i == 0, i == last, layout.device(i), layout.link_devices(i))
+              for i, (start, end) in enumerate(layout.bounds)]
     num_blocks, how = kv_blocks_per_instance(shape, stages, kv, m.dtype)
     try:
         sc = scheduler_section(f.scheduler)
@@ -267,7 +283,7 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
         name=f.name or name, shape_name=m.shape, shape=shape, instances=c.instances,
         stages=stages, max_model_len=m.max_model_len, dtype=m.dtype, block_size=kv.block_size,
         num_blocks=num_blocks, policy=sc.policy, scheduler=sc,
-        max_inflight=sc.max_inflight or c.stages, routing=c.routing,
+        max_inflight=sc.max_inflight or len(stages), routing=c.routing,
         host_cores=c.host_cores, host_corun_speed=c.host_corun_speed,
         host_corun_prefill=tuple((int(n), float(v)) for n, v in c.host_corun_prefill),
         link_bandwidth_bytes_s=f.link.bandwidth_gbps * 1e9,
@@ -306,6 +322,9 @@ def build_cost_model(cfg: ClusterConfig, profile: str | Path | None = None,
     if profile and device:
         raise ClusterError("give --profile or --device, not both")
     extra = {k: v for k, v in cfg.cost.items() if k not in ("device", "profile")}
+    if cfg.stages[0].device:
+        return _device_costs(cfg, extra, profile or device or cfg.cost.get("profile")
+                             or cfg.cost.get("device"))
     if not profile and not device:
         profile, device = cfg.cost.get("profile") or None, cfg.cost.get("device") or None
     if profile:
@@ -325,3 +344,22 @@ def build_cost_model(cfg: ClusterConfig, profile: str | Path | None = None,
             raise ClusterError(f"cost model for device {device!r}: {e}") from None
     raise ClusterError("no cost model: pass --profile FILE (from `conveyor profile`) or "
                        "--device NAME (roofline), or give the cluster file a [cost] section")
+
+
+def _device_costs(cfg: ClusterConfig, extra: dict[str, Any], other: Any) -> Any:
+    """A roofline per device of model.devices (cost settings such as mfu apply to each)."""
+    from common.costmodel.devices import parse_device
+    from common.costmodel.roofline import RooflineCostModel
+    from conveyor.sim.pipeline import StageCosts
+
+    if other:
+        raise ClusterError(f"model.devices times each stage by its own device's roofline: "
+                           f"drop the other cost model ({other})")
+    models = {}
+    try:
+        for entry in {s.device for s in cfg.stages} | {d for s in cfg.stages for d in s.link}:
+            models[entry] = RooflineCostModel(cfg.shape, parse_device(entry).spec,
+                                              dtype_bytes=DTYPE_BYTES[cfg.dtype], **extra)
+    except (TypeError, ValueError) as e:
+        raise ClusterError(f"cost model for device {entry!r}: {e}") from None
+    return StageCosts(models)

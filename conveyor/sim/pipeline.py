@@ -16,7 +16,9 @@ Stage times come from `CostModel.stage_step_s(StepCost)` with the micro-batch's 
 decode tokens, the mean context of its decodes (and their longest, for a profile whose
 attention pads to it) and of its prefill tokens, the rows it samples, and the stage's layer
 count and first/last flags; hops from `CostModel.transfer_s` (or the cluster's link settings).
-`StepTimer` caches them: a steady decode phase repeats the same inputs over and over; it can
+On a cluster of different devices (`model.devices`) the cost is a `StageCosts`: each stage is
+timed by its own device's model, each hop by the slowest link it crosses. `StepTimer` caches
+them: a steady decode phase repeats the same inputs over and over; it can
 scatter them step by step (`simulator.step_jitter`), as real steps scatter.
 """
 
@@ -27,16 +29,48 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from common.costmodel import StepCost
+from common.costmodel import StepCost, hop_seconds
 from conveyor.sim.cluster import ClusterConfig, StageSpec
 
 CACHE_LIMIT = 1 << 20
 
 
-Timing = tuple[tuple[float, ...], float, float]
-"""(seconds per stage, seconds per hop, co-run speed: the fraction of its speed alone a stage
-keeps on this micro-batch while another stage of a shared host computes — 1 where stages do not
-slow each other)."""
+Timing = tuple[tuple[float, ...], tuple[float, ...], float]
+"""(seconds per stage, seconds of each hop from stage s to s + 1, co-run speed: the fraction of
+its speed alone a stage keeps on this micro-batch while another stage of a shared host
+computes — 1 where stages do not slow each other)."""
+
+
+class StageCosts:
+    """The cost of a cluster on model.devices: one cost model per device, stage s timed by its
+    device's (StageSpec.device), a hop by the slowest of the links it crosses (StageSpec.link:
+    more than one where the placement skipped a device, as HELR plans it)."""
+
+    def __init__(self, models: dict[str, Any]):
+        self.models = models
+
+    def for_stage(self, spec: StageSpec) -> Any:
+        return self.models[spec.device]
+
+    def hop_s(self, spec: StageSpec, tokens: int, act_bytes_per_token: int,
+              bandwidth_bytes_s: float, latency_s: float) -> float:
+        return max(hop_seconds(self.models[d], tokens, act_bytes_per_token, bandwidth_bytes_s,
+                               latency_s) for d in spec.link)
+
+    # Where one model stands for the whole cluster (cascade's migration link, the range DP's
+    # hop): the slowest link.
+    def transfer_s(self, num_tokens: int) -> float:
+        return max(float(m.transfer_s(num_tokens)) for m in self.models.values())
+
+    @property
+    def link_bandwidth(self) -> float:
+        return min(float(getattr(m, "link_bandwidth", 0.0) or 0.0)
+                   for m in self.models.values())
+
+
+def stage_cost(cost: Any, spec: StageSpec) -> Any:
+    """The cost model that times stage `spec`: its device's in a StageCosts, else `cost`."""
+    return cost.for_stage(spec) if isinstance(cost, StageCosts) else cost
 
 
 class StepTimer:
@@ -57,12 +91,13 @@ class StepTimer:
         kinds: dict[StageSpec, int] = {}
         self._kind_of = [kinds.setdefault(s, len(kinds)) for s in self.stages]
         self._kinds = list(kinds)
+        self._kind_cost = [stage_cost(cost, s) for s in self._kinds]
         self.bandwidth = link_bandwidth_bytes_s
         self.latency = link_latency_s
         self.act_bytes = activation_bytes_per_token
         self.quantum = context_quantum
-        self.pads = bool(getattr(cost, "pads_decode_context", False)
-                         or getattr(cost, "reads_longest_context", False))
+        self.pads = any(getattr(c, "pads_decode_context", False)
+                        or getattr(c, "reads_longest_context", False) for c in self._kind_cost)
         """The cost model reads the decodes' longest context: its attention pads to it (CPU
         profiles) or charges mixed lengths (the roofline's mixed_length_penalty)."""
         self.corun = corun
@@ -104,25 +139,27 @@ class StepTimer:
             self.hits += 1
             return self._scatter(hit) if self._sigma else hit
         self.misses += 1
-        per_kind = [self.cost.stage_step_s(StepCost(prefill, decode, float(context), sampled,
-                                                    s.num_layers, s.first, s.last,
-                                                    float(longest) if longest else None,
-                                                    prefill_context if prefill else None))
-                    for s in self._kinds]
+        per_kind = [c.stage_step_s(StepCost(prefill, decode, float(context), sampled,
+                                            s.num_layers, s.first, s.last,
+                                            float(longest) if longest else None,
+                                            prefill_context if prefill else None))
+                    for s, c in zip(self._kinds, self._kind_cost)]
         durations = tuple(float(per_kind[k]) for k in self._kind_of)
         if any(not d >= 0 for d in durations):
             raise ValueError(f"the cost model gave a negative or NaN stage time {durations} for "
                              f"{prefill} prefill + {decode} decode tokens")
-        tokens = prefill + decode
-        if self.bandwidth > 0:
-            hop = self.latency + tokens * self.act_bytes / self.bandwidth
-        else:
-            hop = float(self.cost.transfer_s(tokens)) + self.latency
         if len(self._cache) >= CACHE_LIMIT:
             self._cache.clear()
-        value = (durations, hop, self._corun(prefill, decode, durations[0], prefill_context))
+        value = (durations, self._hops(prefill + decode),
+                 self._corun(prefill, decode, durations[0], prefill_context))
         self._cache[key] = value
         return self._scatter(value) if self._sigma else value
+
+    def _hops(self, tokens: int) -> tuple[float, ...]:
+        link = (tokens, self.act_bytes, self.bandwidth, self.latency)
+        if isinstance(self.cost, StageCosts):
+            return tuple(self.cost.hop_s(s, *link) for s in self.stages[:-1])
+        return (hop_seconds(self.cost, *link),) * (len(self.stages) - 1)
 
     def _corun(self, prefill: int, decode: int, seconds: float,
                prefill_context: float | None) -> float:
@@ -139,8 +176,8 @@ class StepTimer:
         if prefill_speed == self.decode_corun or seconds <= 0:
             return self.decode_corun  # no split to weigh
         s = self.stages[0]
-        alone = float(self.cost.stage_step_s(StepCost(prefill, 0, 0.0, 0, s.num_layers, s.first,
-                                                      s.last, None, prefill_context)))
+        alone = float(self._kind_cost[0].stage_step_s(StepCost(
+            prefill, 0, 0.0, 0, s.num_layers, s.first, s.last, None, prefill_context)))
         share = min(1.0, max(0.0, alone / seconds))
         return 1.0 / (share / prefill_speed + (1.0 - share) / self.decode_corun)
 
@@ -170,7 +207,7 @@ class Pipeline:
         reaching it (dispatched, or its activations sent by the stage before) to its end."""
         self.steps = 0
 
-    def submit(self, now: float, durations: tuple[float, ...], hop: float,
+    def submit(self, now: float, durations: tuple[float, ...], hops: tuple[float, ...],
                on_done: Callable[[Any, float], None], arg: Any, corun: float = 1.0,
                stage_log: list | None = None) -> None:
         """A micro-batch dispatched at `now`; `on_done(arg, t)` runs when the last stage
@@ -178,16 +215,16 @@ class Pipeline:
         own do not slow each other, so `corun` plays no part here. `stage_log` gets each
         stage's (end, compute, wait) now, ahead of time: the simulator reports them to the
         stage feedback once its clock passes each end (state.py), with no event of their own."""
-        self.push(self.run(now, durations, hop, stage_log), on_done, arg)
+        self.push(self.run(now, durations, hops, stage_log), on_done, arg)
 
-    def run(self, now: float, durations: tuple[float, ...], hop: float,
+    def run(self, now: float, durations: tuple[float, ...], hops: tuple[float, ...],
             stage_log: list | None = None) -> float:
         """Sends a micro-batch dispatched at `now` through every stage; returns when the last
         stage finishes it."""
         free, busy, wait, area = self.free, self.busy, self.wait, self.queue_area
         t = now  # when the input reaches the stage
         end = reached = now
-        s = 0
+        s, last = 0, len(durations) - 1
         for d in durations:
             f = free[s]
             waited = 0.0
@@ -205,7 +242,8 @@ class Pipeline:
             reached = end
             if stage_log is not None:
                 stage_log.append((end, d, waited))
-            t = end + hop
+            if s < last:
+                t = end + hops[s]
             s += 1
         self.steps += 1
         return end

@@ -32,14 +32,14 @@ _DONE = 1e-9
 
 
 class _Job:
-    __slots__ = ("durations", "hop", "on_done", "arg", "dispatched", "corun", "stage_log",
+    __slots__ = ("durations", "hops", "on_done", "arg", "dispatched", "corun", "stage_log",
                  "waited", "reached")
 
-    def __init__(self, durations: tuple[float, ...], hop: float,
+    def __init__(self, durations: tuple[float, ...], hops: tuple[float, ...],
                  on_done: Callable[[Any, float], None], arg: Any, dispatched: float,
                  corun: float, stage_log: list | None = None):
         self.durations = durations
-        self.hop = hop
+        self.hops = hops
         self.on_done = on_done
         self.arg = arg
         self.dispatched = dispatched
@@ -77,14 +77,14 @@ class SharedHostPipeline:
         """As Pipeline.queue_area."""
         self.steps = 0
 
-    def submit(self, now: float, durations: tuple[float, ...], hop: float,
+    def submit(self, now: float, durations: tuple[float, ...], hops: tuple[float, ...],
                on_done: Callable[[Any, float], None], arg: Any, corun: float = 1.0,
                stage_log: list | None = None) -> None:
         """A micro-batch dispatched to stage 0 at `now`; `on_done(arg, t)` runs when the last
         stage finishes it. corun: its speed while another stage computes (caches, memory
         bandwidth), before the sharing of cores. stage_log: as Pipeline.submit's, each entry
         added when its stage finishes."""
-        self.push(now, self._arrive, (0, _Job(durations, hop, on_done, arg, now, corun,
+        self.push(now, self._arrive, (0, _Job(durations, hops, on_done, arg, now, corun,
                                               stage_log)))
 
     # ---- events ---------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ class SharedHostPipeline:
                 self.steps += 1
                 self.push(now, job.on_done, job.arg)
             else:
-                self.push(now + job.hop, self._arrive, (stage + 1, job))
+                self.push(now + job.hops[stage], self._arrive, (stage + 1, job))
             if self.queued[stage]:
                 self._start(stage, self.queued[stage].popleft(), now)
         self._plan_finish(now)

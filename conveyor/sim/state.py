@@ -146,13 +146,13 @@ class SimInstance(InstanceCore):
             if decode > 1:
                 self.spread_sum += batch.longest - batch.context / decode
                 self.spread_batches += 1
-            durations, hop, corun = self.timer(prefill, decode,
+            durations, hops, corun = self.timer(prefill, decode,
                                                batch.context / decode if decode else 0.0,
                                                len(batch.sampling),
                                                batch.keys / prefill if prefill else 0.0,
                                                batch.longest)
             batch.stage_ends = []
-            self.pipeline.submit(now + self.dispatch_latency, durations, hop, self.on_complete,
+            self.pipeline.submit(now + self.dispatch_latency, durations, hops, self.on_complete,
                                  batch, corun, batch.stage_ends)
             if self.dispatch_latency:
                 self.busy_until = now + self.dispatch_latency

@@ -11,6 +11,7 @@ from common.config import ConveyorConfig
 from common.model import ModelShape, PagedKVCache
 from common.model.dtypes import resolve_dtype
 from common.model.kv_cache import GPU_RESERVED_BYTES
+from common.model.placement import StageLayout
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,11 @@ class StagePlacement:
         return blocks
 
 
-def place_stage(cfg: ConveyorConfig, instance: int, stage: int) -> StagePlacement:
+def place_stage(cfg: ConveyorConfig, instance: int, stage: int,
+                layout: StageLayout | None = None) -> StagePlacement:
+    """With model.devices (`layout.devices`), instance i's devices are the GPUs i * len(devices)
+    onwards, in the list's order, and a stage runs on the one its placement chose (HELR may
+    skip some); otherwise stage s of instance i on GPU (i * stages + s) mod the GPU count."""
     dep = cfg.deployment
     use_cuda = dep.device == "cuda" or (dep.device == "auto" and torch.cuda.is_available())
     if dep.device == "cuda" and not torch.cuda.is_available():
@@ -61,8 +66,12 @@ def place_stage(cfg: ConveyorConfig, instance: int, stage: int) -> StagePlacemen
     if use_cuda:
         count = torch.cuda.device_count()
         slot = instance * dep.stages + stage
+        if layout is not None and layout.devices:
+            slot = instance * len(layout.devices) + layout.device_index[stage]
         device = torch.device("cuda", slot % count)
         torch.cuda.set_device(device)
+        if layout is not None and layout.devices:
+            _check_device_kind(device, layout.device(stage))
         shares = count < dep.stages  # neighbours within the instance on the same GPU
         on_device = -(-workers // count)
     else:
@@ -73,3 +82,16 @@ def place_stage(cfg: ConveyorConfig, instance: int, stage: int) -> StagePlacemen
     return StagePlacement(device, dtype, shares, on_device, cfg.kvcache.num_blocks,
                           cfg.kvcache.memory_gib,
                           cfg.kvcache.gpu_memory_utilization)
+
+
+def _check_device_kind(device: torch.device, planned: str) -> None:
+    """The placement planned this stage for a named device; say so when the GPU is another
+    (the split still runs, planned for the wrong speeds)."""
+    from common.costmodel.devices import device_for_gpu, parse_device
+    from common.log import get_logger
+
+    name = torch.cuda.get_device_name(device)
+    found = device_for_gpu(name)
+    if found is None or found.name != parse_device(planned).spec.name:
+        get_logger().warning("the placement planned this stage for another device",
+                             planned=planned, device=str(device), gpu=name)

@@ -22,7 +22,7 @@ from common.config import ConveyorConfig
 from common.log import get_logger
 from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepBatch,
                           resolve_model, sample)
-from common.model.placement import stage_layer_bounds
+from common.model.placement import deployment_layout
 from common.peer_wait import wait_connected, watch_connection
 from common.security import Security, stage_identity
 from common.wire import ProtocolError, decode, encode
@@ -40,13 +40,12 @@ class StageWorker:
         self.instance = instance
         self.stage = stage
         self.num_stages = cfg.deployment.stages
-        self.placement: StagePlacement = place_stage(cfg, instance, stage)
-        self.device, self.dtype = self.placement.device, self.placement.dtype
         src = resolve_model(cfg.model.source, cfg.model.load_format, cfg.model.tokenizer)
         self.shape = src.shape
-        m = cfg.model
-        self.layers = stage_layer_bounds(src.shape, self.num_stages, m.layer_split, m.placement,
-                                         m.head_weight)[stage]
+        layout = deployment_layout(cfg, src.shape)
+        self.layers = layout.bounds[stage]
+        self.placement: StagePlacement = place_stage(cfg, instance, stage, layout)
+        self.device, self.dtype = self.placement.device, self.placement.dtype
         self.is_first, self.is_last = stage == 0, stage == self.num_stages - 1
         t0 = time.perf_counter()
         self.model = StageModel.from_source(src, *self.layers, self.is_first, self.is_last,

@@ -52,8 +52,8 @@ def test_a_slow_device_in_the_middle_is_skipped():
 def test_latency_objective_sums_stages_and_hops():
     # For one request's latency every hop only adds: one device (12 s) beats two (6 + 6 + 1).
     devices = [dev("a", 1.0, hop_s=1.0), dev("b", 1.0)]
-    assert helr_placement(devices, 12, MEM, "latency").devices == (0,)
-    assert helr_placement(devices, 12, MEM, "throughput").layers == (6, 6)
+    assert helr_placement(devices, 12, MEM, "sum").devices == (0,)
+    assert helr_placement(devices, 12, MEM, "bottleneck").layers == (6, 6)
 
 
 def test_it_matches_brute_force_on_three_heterogeneous_devices():

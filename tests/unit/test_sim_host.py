@@ -23,7 +23,7 @@ def run_pipeline(stages: int, cores: int, dispatches: list[tuple],
     done: list[float] = []
     for at, durations, *own in dispatches:
         queue.run_until(at)
-        pipe.submit(at, durations, 0.0, lambda _, t: done.append(t), None, *(own or [corun]))
+        pipe.submit(at, durations, (0.0,) * (stages - 1), lambda _, t: done.append(t), None, *(own or [corun]))
     queue.run()
     return done, pipe
 
