@@ -77,6 +77,9 @@ class PlacementConfig(_Section):
 
     def problems(self, stages: int, stages_key: str) -> list[str]:
         problems = [message for ok, message in [
+            (self.placement != "helr" or bool(self.devices), "model.placement = helr needs "
+                                                             "model.devices, e.g. [\"h100\", "
+                                                             "\"h100\", \"a100\"]"),
             (self.max_model_len >= 16, "model.max_model_len must be >= 16"),
             (0.0 <= self.head_weight <= 1.0, "model.head_weight must be in [0, 1]"),
             (all(n >= 1 for n in self.layer_split), "model.layer_split entries must be >= 1"),
@@ -88,8 +91,6 @@ class PlacementConfig(_Section):
         problems += self.helr.problems()
         if not self.devices:
             problems += [message for ok, message in [
-                (self.placement != "helr", "model.placement = helr needs model.devices, e.g. "
-                                           "[\"h100\", \"h100\", \"a100\"]"),
                 (not self.layer_split or len(self.layer_split) == stages,
                  f"model.layer_split has {len(self.layer_split)} entries but {stages_key} is "
                  f"{stages}"),

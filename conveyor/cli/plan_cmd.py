@@ -44,6 +44,9 @@ class PlanInputs:
         except ConfigError as e:
             _fail(str(e))
         self.stages_key = f"{section}.stages"
+        if not raw.get("model", {}).get("devices"):
+            _fail("no devices to plan for: give --devices (e.g. h100,h100,a100) or "
+                  "model.devices")
         # Unless told otherwise, plan by HELR and let it choose the stage count.
         raw.setdefault("model", {}).setdefault("placement", "helr")
         raw.setdefault(section, {}).setdefault("stages", 0)
@@ -105,9 +108,6 @@ def build_plan(inputs: PlanInputs) -> dict[str, Any]:
                                         stage_layout)
 
     m, shape = inputs.model, inputs.shape
-    if not m.devices:
-        raise ValueError("no devices to plan for: give --devices (e.g. h100,h100,a100) or "
-                         "model.devices")
     link = inputs.link
     layout = stage_layout(shape, m, inputs.stages, inputs.dtype, inputs.utilization, *link,
                           stages_key=inputs.stages_key)

@@ -323,8 +323,16 @@ def build_cost_model(cfg: ClusterConfig, profile: str | Path | None = None,
         raise ClusterError("give --profile or --device, not both")
     extra = {k: v for k, v in cfg.cost.items() if k not in ("device", "profile")}
     if cfg.stages[0].device:
-        return _device_costs(cfg, extra, profile or device or cfg.cost.get("profile")
-                             or cfg.cost.get("device"))
+        other = profile or device or cfg.cost.get("profile") or cfg.cost.get("device")
+        if other:
+            raise ClusterError(f"model.devices times each stage by its own device's roofline: "
+                               f"drop the other cost model ({other})")
+        from conveyor.sim.pipeline import StageCosts
+
+        try:
+            return StageCosts.rooflines(cfg.shape, cfg.stages, DTYPE_BYTES[cfg.dtype], **extra)
+        except (TypeError, ValueError) as e:
+            raise ClusterError(f"cost model of the devices: {e}") from None
     if not profile and not device:
         profile, device = cfg.cost.get("profile") or None, cfg.cost.get("device") or None
     if profile:
@@ -344,22 +352,3 @@ def build_cost_model(cfg: ClusterConfig, profile: str | Path | None = None,
             raise ClusterError(f"cost model for device {device!r}: {e}") from None
     raise ClusterError("no cost model: pass --profile FILE (from `conveyor profile`) or "
                        "--device NAME (roofline), or give the cluster file a [cost] section")
-
-
-def _device_costs(cfg: ClusterConfig, extra: dict[str, Any], other: Any) -> Any:
-    """A roofline per device of model.devices (cost settings such as mfu apply to each)."""
-    from common.costmodel.devices import parse_device
-    from common.costmodel.roofline import RooflineCostModel
-    from conveyor.sim.pipeline import StageCosts
-
-    if other:
-        raise ClusterError(f"model.devices times each stage by its own device's roofline: "
-                           f"drop the other cost model ({other})")
-    models = {}
-    try:
-        for entry in {s.device for s in cfg.stages} | {d for s in cfg.stages for d in s.link}:
-            models[entry] = RooflineCostModel(cfg.shape, parse_device(entry).spec,
-                                              dtype_bytes=DTYPE_BYTES[cfg.dtype], **extra)
-    except (TypeError, ValueError) as e:
-        raise ClusterError(f"cost model for device {entry!r}: {e}") from None
-    return StageCosts(models)

@@ -49,6 +49,18 @@ class StageCosts:
     def __init__(self, models: dict[str, Any]):
         self.models = models
 
+    @classmethod
+    def rooflines(cls, shape: Any, stages: Sequence[StageSpec], dtype_bytes: int,
+                  **settings: Any) -> "StageCosts":
+        """A roofline per device the stages run on or link through (settings such as mfu
+        apply to each)."""
+        from common.costmodel.devices import parse_device
+        from common.costmodel.roofline import RooflineCostModel
+
+        names = {s.device for s in stages} | {d for s in stages for d in s.link}
+        return cls({name: RooflineCostModel(shape, parse_device(name).spec, dtype_bytes,
+                                            **settings) for name in names})
+
     def for_stage(self, spec: StageSpec) -> Any:
         return self.models[spec.device]
 

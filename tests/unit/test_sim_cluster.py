@@ -37,7 +37,8 @@ def raw(**sections) -> dict:
 
 @pytest.mark.parametrize("name, instances, stages", [("default-cpu", 1, 2), ("h100-4stage", 1, 4),
                                                      ("h100-8stage", 1, 8),
-                                                     ("scale-64x4", 64, 4)])
+                                                     ("scale-64x4", 64, 4),
+                                                     ("hetero-h200-2a100", 1, 3)])
 def test_shipped_cluster_files_load(name, instances, stages):
     cfg = load_cluster(CLUSTERS / f"{name}.toml")
     assert (cfg.instances, cfg.num_stages) == (instances, stages)
