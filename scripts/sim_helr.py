@@ -10,6 +10,7 @@ ShareGPT lengths, replies ending at their EOS (max_tokens 4096), the cluster fil
 
     .venv/bin/python scripts/sim_helr.py                               # h200,a100,a100
     .venv/bin/python scripts/sim_helr.py --devices h100,h100,a100
+    .venv/bin/python scripts/sim_helr.py --devices h100,h100,a100 --reference 128,64,512
 """
 
 from __future__ import annotations
@@ -28,18 +29,22 @@ sys.path.insert(0, str(ROOT))
 PLACEMENTS = ("helr", "balanced", "even")
 
 
-def overrides(placement: str, devices: list[str] | None) -> dict[str, Any]:
+def overrides(placement: str, args: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"model.placement": placement}
-    if devices:
-        out.update({"model.devices": devices, "cluster.stages": 0})
+    if args.devices:
+        out.update({"model.devices": args.devices, "cluster.stages": 0})
+    if args.reference:
+        prefill, decode, context = args.reference
+        out.update({"model.helr.prefill_tokens": prefill, "model.helr.decode_tokens": decode,
+                    "model.helr.context_len": context})
     return out
 
 
-def predicted(path: str, placement: str, devices: list[str] | None) -> dict[str, Any]:
+def predicted(path: str, placement: str, args: Any) -> dict[str, Any]:
     """`conveyor plan --config PATH --placement P` as a document."""
     from conveyor.cli.plan_cmd import PlanInputs, build_plan
 
-    return build_plan(PlanInputs(Path(path), overrides(placement, devices), {}))
+    return build_plan(PlanInputs(Path(path), overrides(placement, args), {}))
 
 
 def simulate(cfg: Any, wl: Any) -> dict[str, Any]:
@@ -73,6 +78,9 @@ def main() -> None:
     ap.add_argument("--cluster", default=str(ROOT / "deploy/clusters/hetero-h200-2a100.toml"))
     ap.add_argument("--devices", type=lambda s: s.split(","), default=None,
                     help="model.devices instead of the cluster file's")
+    ap.add_argument("--reference", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="HELR's reference micro-batch PREFILL,DECODES,CONTEXT instead of the "
+                         "cluster file's [model.helr]")
     ap.add_argument("--num-prompts", type=int, default=2000)
     ap.add_argument("--load", type=float, default=0.8,
                     help="Poisson load, as a fraction of the weakest placement's capacity")
@@ -86,8 +94,8 @@ def main() -> None:
                           sharegpt_max_len=4096).with_max_tokens(4096)
     rows = {}
     for placement in PLACEMENTS:
-        cfg = load_cluster(args.cluster, overrides(placement, args.devices))
-        rows[placement] = {"cfg": cfg, "plan": predicted(args.cluster, placement, args.devices),
+        cfg = load_cluster(args.cluster, overrides(placement, args))
+        rows[placement] = {"cfg": cfg, "plan": predicted(args.cluster, placement, args),
                            "burst": simulate(cfg, burst)}
         print(json.dumps({placement: {k: v for k, v in rows[placement]["burst"].items()}}),
               flush=True)
@@ -97,8 +105,11 @@ def main() -> None:
         row["load"] = simulate(row["cfg"], loaded)
         print(json.dumps({placement: row["load"]}), flush=True)
     devices = ", ".join(rows["helr"]["plan"]["devices"])
+    ref = rows["helr"]["plan"]["reference"]
     out = [f"{rows['helr']['cfg'].shape_name} on {devices}; {args.num_prompts} ShareGPT "
-           f"requests; {rows['helr']['cfg'].policy}", "",
+           f"requests; {rows['helr']['cfg'].policy}; HELR's reference micro-batch "
+           f"{ref['prefill_tokens']} prefill + {ref['decode_tokens']} decodes at context "
+           f"{ref['context_len']}", "",
            "| placement | devices | layers | predicted stage times (ms) | predicted bottleneck "
            "(ms) | simulated mean step (ms), burst | capacity (req/s) | output tok/s |",
            "|---|---|---|---|---|---|---|---|"]

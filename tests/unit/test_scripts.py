@@ -192,3 +192,13 @@ def test_cascade_comparison_writes_its_table_and_json(tmp_path):
     rows = json.loads((tmp_path / "cascade_comparison.json").read_text())
     assert [r["scheme"] for r in rows] == ["least-loaded", "llumnix", "groups"]
     assert all(r["failed"] == 0 for r in rows) and rows[2]["groups"]
+
+
+def test_helr_comparison_writes_its_table_and_json(tmp_path):
+    out = run_script("sim_helr.py", "--devices", "h100,h100,a100", "--num-prompts", "40",
+                     "--out", str(tmp_path))
+    assert "| helr | h100, h100, a100 | 14+14+4 |" in out and "| even |" in out
+    doc = json.loads((tmp_path / "helr.json").read_text())
+    assert list(doc) == ["helr", "balanced", "even"]
+    assert all(len(r["load"]["stage_ms"]) == 3 for r in doc.values())
+    assert doc["helr"]["plan"]["bottleneck_ms"] < doc["even"]["plan"]["bottleneck_ms"]
