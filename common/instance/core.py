@@ -26,8 +26,9 @@ controller may move it), so the controller and the simulator obey the same allow
 
 The policy is shown `waiting` as a head of the queue, sized by the policy's own declaration
 (`SchedulingPolicy.waiting_need`), and not asked at all when nothing is waiting and every
-running request awaits a token (it could only return an empty plan). Views of requests are
-cached on the request until its state changes (views.py).
+running request awaits a token (it could only return an empty plan). The requests in a
+snapshot are the core's own, read through RequestView's names (request.py): no view is built
+per request per micro-batch.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from operator import attrgetter
 from common.instance.batch import CoreBatch
 from common.instance.feedback import StageFeedback
 from common.instance.request import CoreRequest, Finish
-from common.instance.views import make_kv, make_snapshot, view as _view
+from common.instance.views import make_kv, make_snapshot
 from common.instance.waiting import WaitingHead
+from common.scheduling.policy import SchedulingPolicy
 from common.scheduling.types import (WHOLE_QUEUE, MicroBatchPlan, SchedulerSnapshot,
                                      WaitingNeed)
 from common.stats import ControllerMetrics, Moments
@@ -151,7 +153,6 @@ class InstanceCore:
         req.finished = True
         req.finish = reason
         req.error = error
-        req.view = None
         self.load -= remaining_load(req)
         if req.running:
             if not req.awaiting:
@@ -218,7 +219,6 @@ class InstanceCore:
         else:
             self.waiting.remove(req)
         self.head.valid = False
-        req.view = None
         del self.by_id[req_id]
         if not self.by_id:
             self.metrics.pending[self.index].update(False, now)
@@ -234,7 +234,6 @@ class InstanceCore:
             raise ValueError(f"request {req.req_id} brings {req.blocks} KV blocks, instance "
                              f"{self.index} has {self.free_blocks} free")
         req.instance = self.index
-        req.view = None
         self.by_id[req.req_id] = req
         if not req.blocks:  # no KV carried: recomputed from its first token
             req.computed = 0
@@ -267,21 +266,23 @@ class InstanceCore:
         return self.feedback.views(self.inflight.values())
 
     def snapshot(self, now: float, stages: tuple | None = None) -> SchedulerSnapshot:
-        views = []
-        add = views.append
-        for r in self.ready:
-            v = r.view
-            add(v if v is not None else _view(r))
+        # The requests are their own views (request.py): a snapshot is the queues' tuples.
         waiting = self.head.views_of(self.waiting, self.num_running)
-        return make_snapshot(now, self.depth, waiting, tuple(views), self.num_running,
+        return make_snapshot(now, self.depth, waiting, tuple(self.ready), self.num_running,
                              tuple([b.iview for b in self.inflight.values()]),
                              make_kv(self.total_blocks, self.free_blocks, self.block_size),
                              stages)
 
     def _policy_traits(self, policy) -> tuple:
         if self._traits[0] is not policy:
+            allow = getattr(type(policy), "inflight_allowance", None)
+            # The base class's allowance is `max_inflight` itself: no call per plan for it.
+            if allow is SchedulingPolicy.inflight_allowance:
+                allow = None
+            else:
+                allow = getattr(policy, "inflight_allowance", None)
             self._traits = (policy, bool(getattr(policy, "reads_stage_feedback", False)),
-                            getattr(policy, "inflight_allowance", None))
+                            allow)
         return self._traits
 
     def inflight_limit(self, policy, stages: tuple | None) -> int:
@@ -297,8 +298,14 @@ class InstanceCore:
         pipeline is full or the policy has nothing to dispatch."""
         if not (self.ready or self.waiting):
             return None
-        stages = self.stage_views() if self._policy_traits(policy)[1] else None
-        limit = self.inflight_limit(policy, stages)
+        traits = self._traits if self._traits[0] is policy else self._policy_traits(policy)
+        if traits[1]:
+            stages = self.stage_views()
+            limit = self.inflight_limit(policy, stages)
+        else:
+            stages = None
+            limit = self.max_inflight if traits[2] is None else \
+                self.inflight_limit(policy, stages)
         while len(self.inflight) < limit and (self.ready or self.waiting):
             self.policy_calls += 1
             plan: MicroBatchPlan = policy.schedule(self.snapshot(now, stages))
@@ -328,7 +335,6 @@ class InstanceCore:
             r.computed = 0
             r.running = False
             r.preemptions += 1
-            r.view = None
             self._enqueue(r)
             if self.on_release is not None:
                 self.on_release(r)
@@ -396,8 +402,8 @@ class InstanceCore:
                 prefill += n
                 keys += n * start + n * (n + 1) // 2  # each token attends to its prefix
             r.inflight += 1
+            r.in_flight = True
             r.last_scheduled = now
-            r.view = None
             if details is not None:
                 details.append((r, start, n, need))
         if free < 0:
@@ -461,24 +467,26 @@ class InstanceCore:
         m.micro_batches += 1
         gone: list[CoreRequest] = []
         for r in batch.partial:
-            r.inflight -= 1
-            r.view = None
-            if r.finished and r.inflight == 0:
-                gone.append(r)
+            left = r.inflight = r.inflight - 1
+            if not left:
+                r.in_flight = False
+                if r.finished:
+                    gone.append(r)
         back: list[CoreRequest] = []
         keep = back.append
         stopped = None
         dropped = 0
         for r, token in zip(sampling, tokens):
-            # It awaited this very token, so no other micro-batch in flight holds it (and its
-            # view, reset at dispatch, was not rebuilt: an awaiting request is in no queue).
+            # It awaited this very token, so no other micro-batch in flight holds it.
             r.inflight = 0
+            r.in_flight = False
             if r.finished:  # ended while in flight: its token is dropped
                 r.awaiting = False
                 gone.append(r)
                 dropped += 1
                 continue
             out = r.out = r.out + 1
+            r.num_tokens += 1
             ids = r.output_token_ids
             if ids is not None:
                 ids.append(token)
@@ -528,8 +536,8 @@ class InstanceCore:
         for batch in self.inflight.values():
             for r in batch.requests:
                 r.inflight = 0
+                r.in_flight = False
                 r.awaiting = False
-                r.view = None
                 if r.finished and r.req_id in self.by_id:
                     self._remove(r, now)  # ended while in flight: its blocks go back now
         self.inflight.clear()
