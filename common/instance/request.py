@@ -19,6 +19,7 @@ import enum
 import itertools
 from array import array
 from collections.abc import Iterable
+from operator import attrgetter
 from typing import Any
 
 from common.scheduling.types import SLO
@@ -34,7 +35,10 @@ class Finish(enum.IntEnum):
     ERROR = 4      # the deployment could not serve it
 
 
-_order = itertools.count()
+_orders = itertools.count()
+
+order_key = attrgetter("order")
+"""The key the core's queues are kept sorted by (arrival order)."""
 
 
 class CoreRequest:
@@ -57,7 +61,7 @@ class CoreRequest:
         if prompt_token_ids is not None and len(prompt_token_ids) != prompt:
             raise ValueError("prompt must be the length of prompt_token_ids")
         self.req_id = req_id
-        self.order = next(_order)
+        self.order = next(_orders)
         """Queue position key: creation order, which is arrival order in both drivers (a
         request preempted back into the queue goes behind those that arrived before it)."""
         self.arrival = arrival
