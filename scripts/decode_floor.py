@@ -78,6 +78,9 @@ def main() -> None:
     ap.add_argument("--no-graphs", dest="graphs", action="store_false",
                     help="skip the decode-graph timings (flex only: CUDA graphs on CUDA, "
                          "their buffers uncaptured on CPU)")
+    ap.add_argument("--kv-blocks", type=int, default=0,
+                    help="blocks in the cache (at least what the batches use, plus one): a "
+                         "stage's decode graphs span its whole cache")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--copy-gib", type=float, default=2.0)
     ap.add_argument("--out", type=Path, help="also append the JSON lines to this file")
@@ -90,7 +93,8 @@ def main() -> None:
     batches = [int(b) for b in args.batch.split(",")]
     per_seq = -(-(args.context + 1) // BLOCK_SIZE)
     # One block beyond the sequences': the decode graphs' scratch block (their padding rows).
-    kv = PagedKVCache.for_stage(shape, n, per_seq * max(batches) + 1, BLOCK_SIZE, dtype, device)
+    num_blocks = max(per_seq * max(batches) + 1, args.kv_blocks)
+    kv = PagedKVCache.for_stage(shape, n, num_blocks, BLOCK_SIZE, dtype, device)
     published, name = published_bandwidth(device)
     measured = measured_bandwidth(device, int(args.copy_gib * 1024**3))
     bandwidth = published or measured
@@ -124,14 +128,15 @@ def main() -> None:
                     "case": "decode_floor", "shape": args.shape, "device": str(device),
                     "device_name": name, "dtype": str(dtype).removeprefix("torch."),
                     "attention": type(model.attention).__name__, "graphs": mode,
-                    "batch": batch, "context": args.context,
+                    "batch": batch, "context": args.context, "kv_blocks": num_blocks,
                     "step_ms": round(seconds * 1e3, 3), "weight_gb": round(weight_bytes / 1e9, 3),
                     "kv_read_gb": round(kv_bytes / 1e9, 3),
                     "bandwidth_tb_s": round(bandwidth / 1e12, 3),
                     "bandwidth_source": "published" if published else "measured copy",
                     "measured_copy_tb_s": round(measured / 1e12, 3),
                     "floor_ms": round(floor * 1e3, 3),
-                    "step_over_floor": round(seconds / floor, 2), "tok_s": round(batch / seconds, 1)})
+                    "step_over_floor": round(seconds / floor, 2),
+                    "tok_s": round(batch / seconds, 1)})
         model = graphs = None
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -3,8 +3,9 @@
 A decode step of a few dozen sequences launches hundreds of small kernels whose launch cost,
 on a GPU, can exceed their work. A CUDA graph replays a captured step with one launch. A graph
 needs fixed shapes and fixed buffers, so:
-- a graph is captured for each size in `sizes` (`model.graph_sizes`: 1, 2, 4 ... 256) and a batch
-  of d decodes runs in the smallest one that holds it, padded with rows that attend to nothing;
+- a graph is captured for each size in `sizes` (`model.graph_sizes`: 1, 2, 4 ... 256) and a
+  batch of d decodes runs in the smallest one that holds it, padded with rows that attend to
+  nothing;
 - the graphs read fixed input buffers (token ids or hidden states, positions, KV slots) and the
   FlexAttention mask buffers of `StaticDecodeRows`, which span the WHOLE cache, so that no shape
   depends on which blocks a step touches; `run` writes the batch into them and replays;
@@ -30,7 +31,6 @@ from common.model.kv_cache import PagedKVCache
 from common.model.llama import StageModel
 
 log = get_logger()
-
 
 
 def graph_capture(setting: str, model: StageModel) -> bool | None:

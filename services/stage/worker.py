@@ -245,6 +245,9 @@ class StageWorker:
                                      f"{ch.num_new} new tokens")
                 token_ids.extend(ch.token_ids)
         batch = StepBatch.build(seqs, self.block_size, self.device)
+        if batch.max_block_id >= self.num_blocks:  # the scratch block is no request's either
+            raise ValueError(f"block id {batch.max_block_id} is beyond this stage's pool of "
+                             f"{self.num_blocks} blocks")
         x = to_device(torch.tensor(token_ids, dtype=torch.long), self.device) if self.is_first \
             else None
         return batch, specs, x

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from common.log import read_json_events
 from conveyor.client import AsyncClient
@@ -65,3 +66,15 @@ def test_greedy_through_the_decode_graph_buffers_equals_transformers():
         assert steps >= MAX_NEW and decodes > steps, stopped[stage]
         assert stopped[stage]["graph_padding_rows"] > 0, stopped[stage]
     assert stopped[0]["graph_steps"] == stopped[1]["graph_steps"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="graphs can be captured here")
+def test_graphs_on_without_cuda_stop_the_stage_saying_why():
+    """`model.cuda_graphs = on` where the device resolves to the CPU (deployment.device auto,
+    no CUDA): configuration cannot know it, the stage does, and fails at start naming why."""
+    with pytest.raises(RuntimeError, match="model.cuda_graphs = on needs CUDA, and this stage "
+                                           "runs on cpu"):
+        dep = start_deployment(stages=1, sets=("model.source=tiny", "model.load_format=dummy",
+                                                "model.attention=flex", "model.cuda_graphs=on",
+                                                "deployment.stage_restarts=0"))
+        stop_deployment(dep)
