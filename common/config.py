@@ -28,6 +28,8 @@ from common.scheduling.config import (SchedulerConfig, nest_scheduler_table,
 from common.scheduling.length_groups import LengthGroups
 
 DEFAULT_INGRESS_PORT = 7600
+MAX_GRAPH_SIZE = 4096
+"""The largest decode graph: its fixed buffers hold a row per decode over the whole cache."""
 PROMPT_BYTES_PER_TOKEN = 32
 """ingress.max_prompt_bytes = 0 allows this many UTF-8 bytes per token of max_model_len: text
 averages 3-5 bytes per token, and only runs of whitespace pack more into one token."""
@@ -59,10 +61,30 @@ class ModelConfig(PlacementConfig):
     warm-up: a C++ compiler on CPU, Triton on CUDA), `sdpa` gathers each step's contexts into
     a padded copy (the portable reference), `auto` flex on CUDA with Triton, else sdpa (on CPU
     flex wins only on long or mixed-length decode batches: common/model/attention.py)."""
+    cuda_graphs: Literal["auto", "on", "off", "eager"] = "auto"
+    """CUDA graphs of decode-only micro-batches (common/model/decode_graphs.py): `on` captures
+    one per size in graph_sizes at warm-up (CUDA and the flex backend only), `auto` does where
+    it can, `off` runs every step eagerly, `eager` runs the graphs' fixed buffers and padding
+    without capturing them (any device with flex: how the path is tested on CPU)."""
+    graph_sizes: list[int] = msgspec.field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
+    """Decode counts captured: d decodes replay the smallest size >= d (padded), more than the
+    largest run eagerly."""
     tokenizer: str = ""
     """Tokenizer source; empty means the model's own (dummy models borrow SmolLM2's)."""
     seed: int = 0
     """Seed of `dummy` random weights, so every stage and every run builds the same model."""
+
+    def problems(self, stages: int, stages_key: str) -> list[str]:
+        graphs = self.cuda_graphs
+        return [*super().problems(stages, stages_key), *_failed([
+            (bool(self.graph_sizes) and all(1 <= b <= MAX_GRAPH_SIZE for b in self.graph_sizes),
+             f"model.graph_sizes must be a non-empty list of sizes in [1, {MAX_GRAPH_SIZE}]"),
+            (graphs in ("auto", "off") or self.attention != "sdpa",
+             f"model.cuda_graphs = {graphs} needs model.attention = flex (or auto on CUDA): "
+             f"sdpa's gather is shaped by each step's longest context, which a graph cannot "
+             f"hold"),
+        ])]
 
 
 class DeploymentConfig(_Section):
@@ -310,6 +332,9 @@ class ConveyorConfig(_Section):
         checks = [
             (self.deployment.instances >= 1, "deployment.instances must be >= 1"),
             (self.deployment.threads_per_stage >= 0, "deployment.threads_per_stage must be >= 0"),
+            (self.model.cuda_graphs != "on" or self.deployment.device != "cpu",
+             "model.cuda_graphs = on needs CUDA, and deployment.device is cpu (off, or eager "
+             "to run the graphs' buffers without capturing them)"),
             (self.deployment.step_timeout_s > 0, "deployment.step_timeout_s must be > 0"),
             (self.deployment.stage_restarts >= 0, "deployment.stage_restarts must be >= 0"),
             (self.deployment.restart_window_s > 0, "deployment.restart_window_s must be > 0"),

@@ -12,7 +12,7 @@
 #   2. W1-lite (scripts/w1_lite.py): Conveyor 1 stage, then 2 stages sharing the device, then
 #      transformers' continuous batching and static generate (batches of 64), same workload;
 #   3. the decode step at batch 64 and 256, context 512, against its bandwidth floor
-#      (scripts/decode_floor.py), SDPA and FlexAttention;
+#      (scripts/decode_floor.py), SDPA and FlexAttention, and flex with CUDA graphs on and off;
 #   4. `conveyor profile` on the device, written to deploy/profiles/.
 # --quick shrinks every workload (8 requests of 16..64 tokens, 16 out; small grids).
 set -uo pipefail
@@ -79,21 +79,40 @@ print(json.dumps({"case": "machine", "torch": torch.__version__, "gpu": gpu,
                   "device": "$DEVICE", "shape": "$SHAPE", "quick": $QUICK}))
 EOF
 
-step gpu-tests 100 "$PY" -m pytest -q -m gpu tests/unit/test_gpu_path.py
-# Flex on the device only if its test passed there; SDPA otherwise (the run still measures).
-ATTENTION=auto
-[ "$DEVICE" = cuda ] && ! grep -q '"step": "gpu-tests", "rc": 0' "$RESULTS" && ATTENTION=sdpa
+step gpu-tests 120 "$PY" -m pytest -q -m gpu tests/unit/test_gpu_path.py \
+    --junitxml "$OUT/gpu_tests.xml"
+# Flex on the device only if its tests passed there, decode graphs only if theirs did (tests
+# named *graph*); SDPA or eager steps otherwise: the run still measures.
+ATTENTION=auto GRAPHS=auto
+if [ "$DEVICE" = cuda ]; then
+    read -r ATTENTION GRAPHS < <("$PY" - "$OUT/gpu_tests.xml" <<'EOF'
+import sys
+import xml.etree.ElementTree as ET
+try:
+    cases = list(ET.parse(sys.argv[1]).iter("testcase"))
+except (OSError, ET.ParseError):  # the step was killed before pytest wrote its report
+    cases = []
+failed = [c.get("name", "") for c in cases
+          if c.find("failure") is not None or c.find("error") is not None]
+flex_ok = bool(cases) and all("graph" in name for name in failed)
+print("auto" if flex_ok else "sdpa", "auto" if flex_ok and not failed else "off")
+EOF
+)
+    echo "== attention $ATTENTION, cuda graphs $GRAPHS"
+fi
 for stages in 1 2; do
-    step "conveyor-${stages}stage" 120 "$PY" scripts/w1_lite.py --engine conveyor \
+    step "conveyor-${stages}stage" 110 "$PY" scripts/w1_lite.py --engine conveyor \
         --stages $stages --shape "$SHAPE" --device "$DEVICE" --attention $ATTENTION \
-        "${W1[@]}" --out "$RESULTS"
+        --set model.cuda_graphs=$GRAPHS "${W1[@]}" --out "$RESULTS"
 done
-step hf-continuous 90 "$PY" scripts/w1_lite.py --engine hf-continuous --shape "$SHAPE" \
+step hf-continuous 85 "$PY" scripts/w1_lite.py --engine hf-continuous --shape "$SHAPE" \
     --device "$DEVICE" "${W1[@]}" --out "$RESULTS"
-step hf-static 60 "$PY" scripts/w1_lite.py --engine hf-static --batch 64 --shape "$SHAPE" \
+step hf-static 55 "$PY" scripts/w1_lite.py --engine hf-static --batch 64 --shape "$SHAPE" \
     --device "$DEVICE" "${W1[@]}" --out "$RESULTS"
-step decode-floor 60 "$PY" scripts/decode_floor.py --shape "$SHAPE" --device "$DEVICE" \
-    "${FLOOR[@]}" --out "$RESULTS"
+NO_GRAPHS=()
+[ "$GRAPHS" = off ] && NO_GRAPHS=(--no-graphs)
+step decode-floor 70 "$PY" scripts/decode_floor.py --shape "$SHAPE" --device "$DEVICE" \
+    "${FLOOR[@]}" "${NO_GRAPHS[@]}" --out "$RESULTS"
 PROFILE_OUT=deploy/profiles/$SHAPE-$DEVICE.json
 [ "$QUICK" = 1 ] && PROFILE_OUT=$OUT/profile.json
 step profile 45 "$PY" -m conveyor.cli profile --model "$SHAPE" --load-format dummy \

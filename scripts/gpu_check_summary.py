@@ -8,6 +8,8 @@ check exists for, each measured in the same run on the same device:
   >= 10), conveyor_1stage_over_hf_static, conveyor_2stage_over_1stage (what sharing one GPU
   between two stages costs);
 - decode_floor: each point's step time over its memory-bandwidth floor (target <= 1.5);
+- decode_graphs: per batch, the flex decode step with CUDA graphs ("on"; "eager" on CPU: their
+  buffers uncaptured) against the plain step ("off"), and graphs_speedup = off / graphs;
 - steps: every step's exit status and seconds; ok is true when all of them passed.
 Exits 1 when a step failed or a figure is missing, so the caller sees it.
 """
@@ -27,6 +29,12 @@ def summarize(lines: list[dict], profile: Path | None) -> dict:
                if d.get("case", "").startswith(("conveyor-", "hf-"))}
     floors = [d for d in lines if d.get("case") == "decode_floor" and "step_ms" in d]
 
+    graph_points = [d for d in floors if d.get("graphs", "off") != "off"]
+
+    def plain(point: dict) -> dict | None:
+        return next((d for d in floors if d.get("graphs", "off") == "off" and all(
+            d[k] == point[k] for k in ("attention", "batch", "context"))), None)
+
     def ratio(a: str, b: str) -> float | None:
         if a in engines and b in engines and engines[b]["out_tok_s"] > 0:
             return round(engines[a]["out_tok_s"] / engines[b]["out_tok_s"], 3)
@@ -45,6 +53,11 @@ def summarize(lines: list[dict], profile: Path | None) -> dict:
             "conveyor_2stage_over_1stage": ratio("conveyor-2stage", "conveyor-1stage"),
         },
         "decode_floor": floors,
+        "decode_graphs": [
+            {"batch": d["batch"], "context": d["context"], "graphs": d["graphs"],
+             "off_ms": off["step_ms"], "graphs_ms": d["step_ms"],
+             "graphs_speedup": round(off["step_ms"] / d["step_ms"], 3)}
+            for d in graph_points if (off := plain(d)) is not None],
         "skipped": [d for d in lines if "skipped" in d],
         "profile": str(profile) if profile and profile.exists() else None,
     }
@@ -74,8 +87,12 @@ def main() -> None:
                 "conveyor_2stage_over_1stage"):
         print(f"{key:36} {w1[key]}")
     for d in summary["decode_floor"]:
-        print(f"decode batch {d['batch']:4} ctx {d['context']} {d['attention']:18} "
-              f"{d['step_ms']:9.3f} ms, floor {d['floor_ms']:.3f} ms, x{d['step_over_floor']}")
+        print(f"decode batch {d['batch']:4} ctx {d['context']} {d['attention']:18} graphs "
+              f"{d.get('graphs', 'off'):5} {d['step_ms']:9.3f} ms, floor {d['floor_ms']:.3f} ms, "
+              f"x{d['step_over_floor']}")
+    for d in summary["decode_graphs"]:
+        print(f"decode graphs ({d['graphs']}) batch {d['batch']:4}: {d['graphs_ms']:.3f} ms "
+              f"against {d['off_ms']:.3f} ms plain, x{d['graphs_speedup']}")
     print(f"ok: {summary['ok']}")
     missing = [k for k in ("conveyor_1stage_over_hf_continuous", "conveyor_2stage_over_1stage")
                if w1[k] is None]

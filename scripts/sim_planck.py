@@ -132,7 +132,8 @@ def main() -> None:
         classes.append((SLO(float(ttft), float(tpot), name), float(weight)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_cluster(ROOT / args.cluster)
+    # Each stage's queue over time, for the chart (off by default: it costs every run).
+    base = load_cluster(ROOT / args.cluster, {"simulator.stage_queue_samples": True})
     cost = build_cost_model(base, None)
     requests = make_workload("sharegpt", args.num_prompts, seed=args.seed)
     from conveyor.sim.engine import simulate  # capacity: request throughput, all at t=0

@@ -63,8 +63,10 @@ def run_conveyor(args, prompts: list[list[int]]) -> dict:
         stop_deployment(dep)
     out_tokens = sum(r.completion_tokens for r in results)
     ttfts = sorted(r.ttft_s for r in results)
-    # What each stage said of itself: its attention backend, and on CUDA its peak memory.
-    stages = [{k: e[k] for k in ("stage", "attention", "kv_blocks", "peak_gib") if k in e}
+    # What each stage said of itself: its attention backend and decode graphs (how many steps
+    # replayed one), and on CUDA its peak memory.
+    stages = [{k: e[k] for k in ("stage", "attention", "cuda_graphs", "kv_blocks", "peak_gib",
+                                 "graph_steps", "graph_decodes", "graph_padding_rows") if k in e}
               for e in read_json_events(dep.log_path)
               if e.get("event") in ("model slice loaded", "stopped") and "stage" in e]
     extra = {"stages": args.stages, "start_s": round(started_s, 1), "kv_blocks": kv_blocks,

@@ -20,14 +20,9 @@ The cycle, driven by the wrapper:
   (abort, error). A finished request's blocks are released once no micro-batch in flight
   still holds it.
 
-How many micro-batches may be in flight is one rule, here: the policy's
-`inflight_allowance(max_inflight, stages)` (by default `max_inflight` itself; a feedback
-controller may move it), so the controller and the simulator obey the same allowance.
-
-The policy is shown `waiting` as a head of the queue, sized by the policy's own declaration
-(`SchedulingPolicy.waiting_need`), and not asked at all when nothing is waiting and every
-running request awaits a token (it could only return an empty plan). Views of requests are
-cached on the request until its state changes (views.py).
+The class is written in three modules, by idea: this one (its state, requests coming and
+ending, completion), dispatch.py (snapshot, plan, preemption, commit: `Dispatch`) and moves.py
+(detach and adopt between instances: `Moves`).
 """
 
 from __future__ import annotations
@@ -36,36 +31,20 @@ import bisect
 import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
-from operator import attrgetter
 
 from common.instance.batch import CoreBatch
+from common.instance.dispatch import Dispatch, PlanError
 from common.instance.feedback import StageFeedback
-from common.instance.request import CoreRequest, Finish
-from common.instance.views import make_kv, make_snapshot, view as _view
+from common.instance.moves import Moves, remaining_load
+from common.instance.request import CoreRequest, Finish, order_key as _order
 from common.instance.waiting import WaitingHead
-from common.scheduling.types import (WHOLE_QUEUE, MicroBatchPlan, SchedulerSnapshot,
-                                     WaitingNeed)
+from common.scheduling.types import WHOLE_QUEUE, WaitingNeed
 from common.stats import ControllerMetrics, Moments
 
-_order = attrgetter("order")
+__all__ = ["InstanceCore", "PlanError", "remaining_load"]
 
 
-def remaining_load(req: CoreRequest) -> int:
-    """What a request adds to its instance's `load`: its known tokens not yet computed plus
-    the tokens it may still generate."""
-    return (req.prompt + req.out - req.computed) + (req.max_tokens - req.out)
-
-
-def _name(policy) -> str:
-    return type(policy).__name__ if policy is not None else "the policy"
-
-
-class PlanError(RuntimeError):
-    """A policy asked for something the core refuses (an unknown request, more tokens than
-    are schedulable, blocks that are not free): a bug in the policy."""
-
-
-class InstanceCore:
+class InstanceCore(Dispatch, Moves):
     """One instance (a pipeline of `depth` stages) and its requests."""
 
     def __init__(self, index: int, depth: int, max_inflight: int, block_size: int,
@@ -151,7 +130,6 @@ class InstanceCore:
         req.finished = True
         req.finish = reason
         req.error = error
-        req.view = None
         self.load -= remaining_load(req)
         if req.running:
             if not req.awaiting:
@@ -193,248 +171,6 @@ class InstanceCore:
         if not self.by_id:
             self.metrics.pending[self.index].update(False, now)
 
-    # ---- moving a request between instances (migration) --------------------------------------
-
-    def detach(self, req_id: int, now: float) -> CoreRequest:
-        """Takes a live request out of this instance to move it to another (`adopt`): it leaves
-        its queue, its blocks go back to this pool (through on_release, as a finished
-        request's do) and its load leaves with it. It keeps `computed` and `blocks`: the KV it
-        carries, which the destination takes. Refused while a micro-batch in flight holds it
-        (its token is not back yet)."""
-        req = self.by_id.get(req_id)
-        if req is None or req.finished:
-            raise ValueError(f"request {req_id} is not live on instance {self.index}")
-        if req.inflight:
-            raise ValueError(f"request {req_id} is in a micro-batch in flight on instance "
-                             f"{self.index}: detach it once its token is back")
-        self.load -= remaining_load(req)
-        if req.running:
-            self._drop_ready(req)
-            self.free_blocks += req.blocks
-            self.num_running -= 1
-            if self.on_release is not None:
-                self.on_release(req)
-            req.running = False
-        else:
-            self.waiting.remove(req)
-        self.head.valid = False
-        req.view = None
-        del self.by_id[req_id]
-        if not self.by_id:
-            self.metrics.pending[self.index].update(False, now)
-        return req
-
-    def adopt(self, req: CoreRequest, now: float) -> None:
-        """Takes a request detached from another instance, with the KV it carries
-        (`req.blocks` blocks, `req.computed` tokens): running if it has KV, waiting
-        otherwise. Its prediction and timings travel with it."""
-        if req.req_id in self.by_id:
-            raise ValueError(f"request {req.req_id} is already on instance {self.index}")
-        if req.blocks > self.free_blocks:
-            raise ValueError(f"request {req.req_id} brings {req.blocks} KV blocks, instance "
-                             f"{self.index} has {self.free_blocks} free")
-        req.instance = self.index
-        req.view = None
-        self.by_id[req.req_id] = req
-        if not req.blocks:  # no KV carried: recomputed from its first token
-            req.computed = 0
-        self.load += remaining_load(req)
-        if req.blocks:
-            req.running = True
-            self.free_blocks -= req.blocks
-            self.max_used = max(self.max_used, self.total_blocks - self.free_blocks)
-            self.num_running += 1
-            bisect.insort(self.ready, req, key=_order)
-            self.head.valid = False
-        else:
-            self._enqueue(req)
-        self.metrics.pending[self.index].update(True, now)
-
-    def reserve(self, count: int) -> None:
-        """Takes `count` free blocks out of the pool for a request arriving by live migration
-        (its KV is copied into them before it is adopted); `unreserve` gives them back."""
-        if not 0 <= count <= self.free_blocks:
-            raise ValueError(f"instance {self.index} has {self.free_blocks} free blocks, "
-                             f"cannot reserve {count}")
-        self.free_blocks -= count
-
-    def unreserve(self, count: int) -> None:
-        self.free_blocks += count
-
-    # ---- scheduling -------------------------------------------------------------------------
-
-    def stage_views(self) -> tuple:
-        return self.feedback.views(self.inflight.values())
-
-    def snapshot(self, now: float, stages: tuple | None = None) -> SchedulerSnapshot:
-        views = []
-        add = views.append
-        for r in self.ready:
-            v = r.view
-            add(v if v is not None else _view(r))
-        waiting = self.head.views_of(self.waiting, self.num_running)
-        return make_snapshot(now, self.depth, waiting, tuple(views), self.num_running,
-                             tuple([b.iview for b in self.inflight.values()]),
-                             make_kv(self.total_blocks, self.free_blocks, self.block_size),
-                             stages)
-
-    def _policy_traits(self, policy) -> tuple:
-        if self._traits[0] is not policy:
-            self._traits = (policy, bool(getattr(policy, "reads_stage_feedback", False)),
-                            getattr(policy, "inflight_allowance", None))
-        return self._traits
-
-    def inflight_limit(self, policy, stages: tuple | None) -> int:
-        """The one rule for how many micro-batches may be in flight: the policy's allowance
-        given the stage feedback, `max_inflight` for a policy without one."""
-        allow = self._policy_traits(policy)[2]
-        self.allowance = (self.max_inflight if allow is None
-                          else max(1, int(allow(self.max_inflight, stages))))
-        return self.allowance
-
-    def next_plan(self, policy, now: float) -> MicroBatchPlan | None:
-        """The policy's next micro-batch (its preemptions carried out), or None when the
-        pipeline is full or the policy has nothing to dispatch."""
-        if not (self.ready or self.waiting):
-            return None
-        stages = self.stage_views() if self._policy_traits(policy)[1] else None
-        limit = self.inflight_limit(policy, stages)
-        while len(self.inflight) < limit and (self.ready or self.waiting):
-            self.policy_calls += 1
-            plan: MicroBatchPlan = policy.schedule(self.snapshot(now, stages))
-            preempted = self.preempt(plan.preempt) if plan.preempt else 0
-            if plan.chunks:
-                return plan
-            if not preempted:
-                return None
-        return None
-
-    def preempt(self, req_ids: Sequence[int]) -> int:
-        """Victims lose their KV and wait to be recomputed; requests in flight are kept."""
-        by_id = self.by_id
-        victims = []
-        for rid in sorted(set(req_ids)):
-            r = by_id.get(rid)
-            if r is not None and r.running and r.inflight == 0 and not r.finished:
-                victims.append(r)
-        if not victims:
-            return 0
-        gone = set(victims)
-        self.ready = [r for r in self.ready if r not in gone]
-        for r in victims:
-            self.free_blocks += r.blocks
-            self.load += r.computed
-            r.blocks = 0
-            r.computed = 0
-            r.running = False
-            r.preemptions += 1
-            r.view = None
-            self._enqueue(r)
-            if self.on_release is not None:
-                self.on_release(r)
-        self.num_running -= len(victims)
-        self.preemptions += len(victims)
-        self.metrics.preemptions += len(victims)
-        return len(victims)
-
-    def block_wants(self, plan: MicroBatchPlan) -> list[tuple[int, int]]:
-        """(req_id, blocks to add) for every chunk of the plan that needs more blocks."""
-        bs = self.block_size
-        wants = []
-        for c in plan.chunks:
-            r = self.by_id.get(c.req_id)
-            if r is None:
-                raise PlanError(f"the plan names request {c.req_id}, not live on instance "
-                                f"{self.index}")
-            need = (r.computed + c.num_tokens + bs - 1) // bs - r.blocks
-            if need > 0:
-                wants.append((r.req_id, need))
-        return wants
-
-    def commit(self, plan: MicroBatchPlan, now: float, policy=None) -> CoreBatch:
-        """Dispatches `plan`: its requests take their blocks and tokens go in flight."""
-        by_id = self.by_id
-        bs = self.block_size
-        free = self.free_blocks
-        sampling: list[CoreRequest] = []
-        partial: list[CoreRequest] = []
-        details = [] if self.keep_chunks else None
-        started: list[CoreRequest] = []
-        decode = prefill = context = keys = longest = 0
-        for c in plan.chunks:
-            r = by_id.get(c.req_id)
-            if r is None or r.finished:
-                raise PlanError(f"{_name(policy)} scheduled request {c.req_id}, which is not "
-                                f"live on instance {self.index}")
-            n = c.num_tokens
-            start = r.computed
-            end = start + n
-            known = r.prompt + r.out
-            blocks = r.blocks
-            if end > known or n < 1:  # an awaiting request has nothing schedulable
-                raise PlanError(f"{_name(policy)} scheduled {n} tokens of request {c.req_id}, "
-                                f"which has {0 if r.awaiting else known - start} schedulable")
-            if not r.running:
-                started.append(r)
-            need = 0
-            if end > blocks * bs:
-                need = (end + bs - 1) // bs - blocks
-                free -= need
-                r.blocks = blocks + need
-            r.computed = end
-            if end == known:
-                r.awaiting = True
-                sampling.append(r)
-            else:
-                partial.append(r)
-            if n == 1 and start:  # counted as InflightView and BatchShape count tokens
-                decode += 1
-                context += start
-                if start > longest:
-                    longest = start
-            else:
-                prefill += n
-                keys += n * start + n * (n + 1) // 2  # each token attends to its prefix
-            r.inflight += 1
-            r.last_scheduled = now
-            r.view = None
-            if details is not None:
-                details.append((r, start, n, need))
-        if free < 0:
-            raise PlanError(f"{_name(policy)} scheduled {self.free_blocks - free} blocks with "
-                            f"only {self.free_blocks} free (instance {self.index})")
-        self.free_blocks = free
-        used = self.total_blocks - free
-        if used > self.max_used:
-            self.max_used = used
-        if started:
-            self._start(started, now)
-        if sampling and self.ready:
-            self.ready = [r for r in self.ready if not r.awaiting]
-        batch = CoreBatch(next(self._mb_ids), sampling, partial, details, decode, prefill,
-                          context, keys, longest, plan.deadline, now)
-        self.inflight[batch.mb_id] = batch
-        self.load -= prefill + decode
-        self.metrics.record_batch(prefill, decode)
-        self.tokens_per_batch.add(prefill + decode)
-        return batch
-
-    def _start(self, started: list[CoreRequest], now: float) -> None:
-        """Waiting requests given their first chunk take a seat."""
-        waiting = self.waiting
-        for r in started:
-            if waiting and waiting[0] is r:
-                waiting.popleft()
-            else:
-                waiting.remove(r)
-            r.running = True
-            if r.first_scheduled is None:
-                r.first_scheduled = now
-            if not r.awaiting:  # a partial prompt chunk: still schedulable
-                bisect.insort(self.ready, r, key=_order)
-        self.num_running += len(started)
-        self.head.valid = False
-
     # ---- completion -------------------------------------------------------------------------
 
     def stage_done(self, mb_id: int, stage: int, compute_s: float, wait_s: float) -> None:
@@ -461,24 +197,26 @@ class InstanceCore:
         m.micro_batches += 1
         gone: list[CoreRequest] = []
         for r in batch.partial:
-            r.inflight -= 1
-            r.view = None
-            if r.finished and r.inflight == 0:
-                gone.append(r)
+            left = r.inflight = r.inflight - 1
+            if not left:
+                r.in_flight = False
+                if r.finished:
+                    gone.append(r)
         back: list[CoreRequest] = []
         keep = back.append
         stopped = None
         dropped = 0
         for r, token in zip(sampling, tokens):
-            # It awaited this very token, so no other micro-batch in flight holds it (and its
-            # view, reset at dispatch, was not rebuilt: an awaiting request is in no queue).
+            # It awaited this very token, so no other micro-batch in flight holds it.
             r.inflight = 0
+            r.in_flight = False
             if r.finished:  # ended while in flight: its token is dropped
                 r.awaiting = False
                 gone.append(r)
                 dropped += 1
                 continue
             out = r.out = r.out + 1
+            r.num_tokens += 1
             ids = r.output_token_ids
             if ids is not None:
                 ids.append(token)
@@ -528,8 +266,8 @@ class InstanceCore:
         for batch in self.inflight.values():
             for r in batch.requests:
                 r.inflight = 0
+                r.in_flight = False
                 r.awaiting = False
-                r.view = None
                 if r.finished and r.req_id in self.by_id:
                     self._remove(r, now)  # ended while in flight: its blocks go back now
         self.inflight.clear()

@@ -4,6 +4,13 @@ token ids only as numbers to test against stop conditions.
 
 A plain class with __slots__ rather than a dataclass: the simulator creates one per request,
 millions in a large run, and reads its fields in its hottest loops.
+
+A CoreRequest is also what a policy reads as the request's `RequestView`: it answers to every
+RequestView field (the core's short names are aliased to the view's, below, at no cost), so a
+snapshot hands policies the requests themselves instead of building a view per request per
+micro-batch (the simulator's largest single cost once). The contract that made views safe
+still holds: the core changes a request only between policy calls, and a policy reads, never
+writes, and keeps no request past its call.
 """
 
 from __future__ import annotations
@@ -12,9 +19,10 @@ import enum
 import itertools
 from array import array
 from collections.abc import Iterable
+from operator import attrgetter
 from typing import Any
 
-from common.scheduling.types import SLO, RequestView
+from common.scheduling.types import SLO
 
 
 class Finish(enum.IntEnum):
@@ -27,7 +35,10 @@ class Finish(enum.IntEnum):
     ERROR = 4      # the deployment could not serve it
 
 
-_order = itertools.count()
+_orders = itertools.count()
+
+order_key = attrgetter("order")
+"""The key the core's queues are kept sorted by (arrival order)."""
 
 
 class CoreRequest:
@@ -37,12 +48,11 @@ class CoreRequest:
     computed or in flight. Times are on the driver's clock (the `now` it passes in)."""
 
     __slots__ = ("req_id", "order", "arrival", "prompt", "prompt_token_ids", "output_token_ids",
-                 "out", "max_tokens", "stop_token_ids", "length_stop", "computed",
-                 "blocks",
-                 "inflight", "awaiting", "running", "finished", "finish", "error",
-                 "last_scheduled", "first_scheduled", "first_token", "last_token", "itl",
-                 "view", "preemptions", "instance", "slo", "predicted_output",
-                 "predicted_high", "tag")
+                 "out", "num_tokens", "max_tokens", "stop_token_ids", "length_stop",
+                 "computed", "blocks", "inflight", "in_flight", "awaiting", "running",
+                 "finished", "finish", "error", "last_scheduled", "first_scheduled",
+                 "first_token", "last_token", "itl", "preemptions", "instance", "slo",
+                 "predicted_output", "predicted_high", "tag")
 
     def __init__(self, req_id: int, arrival: float, prompt: int, max_tokens: int,
                  max_context: int, stop_token_ids: Iterable[int] = (),
@@ -51,7 +61,7 @@ class CoreRequest:
         if prompt_token_ids is not None and len(prompt_token_ids) != prompt:
             raise ValueError("prompt must be the length of prompt_token_ids")
         self.req_id = req_id
-        self.order = next(_order)
+        self.order = next(_orders)
         """Queue position key: creation order, which is arrival order in both drivers (a
         request preempted back into the queue goes behind those that arrived before it)."""
         self.arrival = arrival
@@ -60,6 +70,8 @@ class CoreRequest:
         """Kept by drivers that send tokens to stage 0 (the controller); None in the simulator."""
         self.output_token_ids: list[int] | None = [] if prompt_token_ids is not None else None
         self.out = 0
+        self.num_tokens = prompt
+        """Known tokens, prompt + out (kept, not computed: policies read it per step)."""
         self.max_tokens = max_tokens
         self.stop_token_ids = frozenset(stop_token_ids)
         self.length_stop = min(max_tokens, max_context - prompt)
@@ -68,6 +80,8 @@ class CoreRequest:
         self.blocks = 0
         self.inflight = 0
         """Micro-batches in the pipeline that hold this request."""
+        self.in_flight = False
+        """inflight > 0, kept for the policies' RequestView.in_flight."""
         self.awaiting = False
         """Its last known token is in flight: not schedulable until that micro-batch returns."""
         self.running = False
@@ -81,8 +95,6 @@ class CoreRequest:
         self.last_token: float | None = None
         self.itl = array("d") if record_itl else None
         """Gaps between successive tokens (seconds), when the driver keeps them."""
-        self.view: RequestView | None = None
-        """The policy's view of it, cached until its state changes (views.py)."""
         self.preemptions = 0
         self.instance = -1
         self.slo = slo
@@ -94,8 +106,13 @@ class CoreRequest:
         """The driver's own data (the controller's sampling parameters and wall clock)."""
 
     @property
-    def num_tokens(self) -> int:
-        return self.prompt + self.out
+    def pending(self) -> int:
+        return self.num_tokens - self.computed
+
+    @property
+    def is_decode(self) -> bool:
+        """Prefill done: the one pending token is the last sampled one (RequestView's)."""
+        return self.computed > 0 and self.num_tokens - self.computed == 1
 
     def tokens(self, start: int, count: int) -> list[int]:
         """Known token ids [start, start + count) of the sequence (prompt then output)."""
@@ -124,6 +141,14 @@ class CoreRequest:
         if slo.ttft_s is not None and t.get("ttft_s", float("inf")) > slo.ttft_s:
             return False
         return not (slo.tpot_s is not None and t.get("tpot_s", 0.0) > slo.tpot_s)
+
+
+# RequestView's names for the core's own slots: the very member descriptors, so a policy reading
+# `req.num_computed` costs what the core's `req.computed` does (and both always agree).
+CoreRequest.num_prompt_tokens = CoreRequest.prompt  # type: ignore[attr-defined]
+CoreRequest.num_computed = CoreRequest.computed  # type: ignore[attr-defined]
+CoreRequest.num_blocks = CoreRequest.blocks  # type: ignore[attr-defined]
+CoreRequest.num_output_tokens = CoreRequest.out  # type: ignore[attr-defined]
 
 
 def latency_timings(arrival: float, first_scheduled: float | None, first_token: float | None,

@@ -1,21 +1,18 @@
-"""Scheduler views built fast: the instance core builds one RequestView per running request per
-micro-batch, millions in a large simulated run.
+"""Snapshots built fast: the instance core builds a SchedulerSnapshot, a KVView and the
+in-flight views once per micro-batch, hundreds of thousands in a large simulated run. (The
+requests in a snapshot need no view: they are their own, common/instance/request.py.)
 
-Views are built without the frozen dataclasses' `__init__` (which sets each field through
-object.__setattr__, about 3 us a view): `view` fills a plain object of the same slot layout
-and turns it into a genuine, frozen RequestView by `__class__` assignment (equal to one its
-constructor builds), and a request's view is cached until its state changes.
+They are built without the frozen dataclasses' `__init__` (which sets each field through
+object.__setattr__, ~3x slower): a plain object of the same slot layout is filled and turned
+into a genuine, frozen instance by `__class__` assignment (equal to one its constructor
+builds).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
-from common.scheduling.types import InflightView, KVView, RequestView, SchedulerSnapshot
-
-if TYPE_CHECKING:
-    from common.instance.request import CoreRequest
+from common.scheduling.types import InflightView, KVView, SchedulerSnapshot
 
 
 def _twin(cls: type) -> type:
@@ -27,34 +24,9 @@ def _twin(cls: type) -> type:
 
 
 _new = object.__new__
-_RVB = _twin(RequestView)
 _SSB = _twin(SchedulerSnapshot)
 _KVB = _twin(KVView)
 _IVB = _twin(InflightView)
-
-
-def view(r: "CoreRequest", _n=_new, _b=_RVB, _c=RequestView) -> RequestView:
-    """RequestView(req_id, arrival, prompt, prompt + out, computed, blocks, max_tokens, out,
-    inflight > 0, last_scheduled, slo, predicted_output, predicted_high, first_token),
-    cached on the request."""
-    v = _n(_b)
-    v.req_id = r.req_id
-    v.arrival = r.arrival
-    v.num_prompt_tokens = r.prompt
-    v.num_tokens = r.prompt + r.out
-    v.num_computed = r.computed
-    v.num_blocks = r.blocks
-    v.max_tokens = r.max_tokens
-    v.num_output_tokens = r.out
-    v.in_flight = r.inflight > 0
-    v.last_scheduled = r.last_scheduled
-    v.slo = r.slo
-    v.predicted_output = r.predicted_output
-    v.predicted_high = r.predicted_high
-    v.first_token = r.first_token
-    v.__class__ = _c
-    r.view = v
-    return v
 
 
 def make_snapshot(now: float, depth: int, waiting: tuple, ready: tuple, num_running: int,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from common.instance.views import view as _view
 from common.scheduling.types import WaitingNeed
 
 
@@ -26,7 +25,8 @@ class WaitingHead:
             self.valid = False
 
     def views_of(self, waiting: Sequence, num_running: int) -> tuple:
-        """The RequestViews of the head the policy needs (cached until they change)."""
+        """The head the policy needs, as its requests (which are their own RequestViews),
+        cached until the queue's front or the seats change."""
         need = self.need
         if self.valid:
             if need.max_num_seqs is None or self.whole:
@@ -45,9 +45,8 @@ class WaitingHead:
         tokens = 0
         whole = True
         for r in waiting:
-            v = r.view
-            add(v if v is not None else _view(r))
-            tokens += r.prompt + r.out - r.computed
+            add(r)
+            tokens += r.num_tokens - r.computed
             if len(views) >= seats and tokens >= tokens_needed:
                 whole = len(views) == len(waiting)
                 break

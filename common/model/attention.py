@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common.model.batch import StepBatch
+from common.model.host_transfer import to_device
 
 MetadataT = TypeVar("MetadataT")
 
@@ -119,9 +120,8 @@ class TorchSDPABackend(AttentionBackend[SDPAMetadata]):
 
         decode_rows = decode_blocks = decode_mask = None
         if decode_seqs:
-            index = torch.tensor(decode_seqs, device=device)
-            decode_rows = torch.tensor([batch.query_starts[i] for i in decode_seqs],
-                                       device=device)
+            index, decode_rows = to_device(torch.tensor(
+                [decode_seqs, [batch.query_starts[i] for i in decode_seqs]]), device)
             num_blocks = -(-max(batch.context_lens[i] for i in decode_seqs) // batch.block_size)
             decode_blocks = batch.block_tables[index, :num_blocks].flatten().long()
             key_pos = torch.arange(num_blocks * batch.block_size, device=device)

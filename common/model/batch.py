@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.model.host_transfer import to_device
+
 
 @dataclass
 class SeqSpec:
@@ -95,21 +97,26 @@ class StepBatch:
         token_seq = np.repeat(np.arange(len(seqs)), query_lens)
         slots = table[token_seq, positions // block_size] * block_size + positions % block_size
         sampled = [i for i, seq in enumerate(seqs) if seq.sample]
-
-        def tensor(values: np.ndarray | list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(values), dtype=dtype).to(device)
-
+        context_lens = [seq.context_len for seq in seqs]
+        logits_rows = [query_starts[i + 1] - 1 for i in sampled]
+        # Every index of the step in one host buffer and one copy to the device (on a GPU,
+        # from pinned memory without waiting: common/model/host_transfer.py), then views.
+        parts = [np.asarray(part, dtype=np.int64) for part in
+                 (positions, slots, query_starts, context_lens, table.ravel(), logits_rows)]
+        flat = to_device(torch.from_numpy(np.concatenate(parts)), torch.device(device))
+        positions_t, slots_t, starts_t, lens_t, table_t, logits_t = flat.split(
+            [len(part) for part in parts])
         return cls(
             block_size=block_size,
             query_lens=query_lens,
-            context_lens=[seq.context_len for seq in seqs],
+            context_lens=context_lens,
             query_starts=query_starts,
             sampled_seqs=sampled,
-            positions=tensor(positions, torch.int64),
-            slot_mapping=tensor(slots, torch.int64),
-            query_start_loc=tensor(query_starts, torch.int32),
-            seq_lens=tensor([seq.context_len for seq in seqs], torch.int32),
-            block_tables=tensor(table, torch.int32),
-            logits_indices=tensor([query_starts[i + 1] - 1 for i in sampled], torch.int64),
+            positions=positions_t,
+            slot_mapping=slots_t,
+            query_start_loc=starts_t.to(torch.int32),
+            seq_lens=lens_t.to(torch.int32),
+            block_tables=table_t.view(table.shape).to(torch.int32),
+            logits_indices=logits_t,
             max_block_id=int(table.max()),
         )

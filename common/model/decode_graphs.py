@@ -3,8 +3,9 @@
 A decode step of a few dozen sequences launches hundreds of small kernels whose launch cost,
 on a GPU, can exceed their work. A CUDA graph replays a captured step with one launch. A graph
 needs fixed shapes and fixed buffers, so:
-- a graph is captured for each size in `sizes` (default 1, 2, 4, ... 256 decodes) and a batch
-  of d decodes runs in the smallest one that holds it, padded with rows that attend to nothing;
+- a graph is captured for each size in `sizes` (`model.graph_sizes`: 1, 2, 4 ... 256) and a
+  batch of d decodes runs in the smallest one that holds it, padded with rows that attend to
+  nothing;
 - the graphs read fixed input buffers (token ids or hidden states, positions, KV slots) and the
   FlexAttention mask buffers of `StaticDecodeRows`, which span the WHOLE cache, so that no shape
   depends on which blocks a step touches; `run` writes the batch into them and replays;
@@ -18,19 +19,40 @@ check everything but the capture itself.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
 
 from common.log import get_logger
 from common.model.batch import StepBatch
-from common.model.flex_paged import FlexPagedBackend, StaticDecodeRows
+from common.model.flex_paged import FlexPagedBackend, StaticDecodeRows, flex_available
 from common.model.kv_cache import PagedKVCache
 from common.model.llama import StageModel
 
 log = get_logger()
 
-DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+def graph_capture(setting: str, model: StageModel) -> bool | None:
+    """What `model.cuda_graphs` = `setting` means for this stage: capture graphs (True), run
+    their buffers eagerly (False, "eager"), or no graphs (None). `auto` captures on CUDA with
+    the flex backend; `on` or `eager` where they cannot work fail here, saying why."""
+    if setting == "off":
+        return None
+    flex, cuda = isinstance(model.attention, FlexPagedBackend), model.device.type == "cuda"
+    if setting == "auto":
+        return True if flex and cuda else None
+    if not flex:
+        why = flex_available(model.device) or "model.attention is sdpa"
+        raise RuntimeError(f"model.cuda_graphs = {setting} needs the flex attention backend, "
+                           f"and this stage runs {type(model.attention).__name__} ({why})")
+    if setting == "on" and not cuda:
+        raise RuntimeError(f"model.cuda_graphs = on needs CUDA, and this stage runs on "
+                           f"{model.device} (no CUDA device visible, or deployment.device = "
+                           f"cpu): set it off, or eager to run the graphs' buffers uncaptured")
+    if setting not in ("on", "eager"):
+        raise ValueError(f"model.cuda_graphs must be auto, on, off or eager, got {setting!r}")
+    return setting == "on"
 
 
 class DecodeGraphs:
@@ -40,6 +62,9 @@ class DecodeGraphs:
             raise ValueError("decode graphs need the flex attention backend (model.attention)")
         if not sizes or min(sizes) < 1:
             raise ValueError(f"graph sizes must be >= 1, got {list(sizes)}")
+        if capture and model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs cannot be captured on {model.device} "
+                             f"(capture=False runs their buffers eagerly)")
         self.model, self.kv = model, kv
         self.sizes = sorted(set(sizes))
         self.scratch_block = kv.num_blocks - 1
@@ -52,21 +77,36 @@ class DecodeGraphs:
                               device=device))
         self.entries: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None,
                                       object]] = {}
+        self.replays = self.decodes = self.padding_rows = 0
+        """Steps run here, their decodes and the padding rows they carried (the stage logs
+        them when it stops)."""
+        t0 = time.perf_counter()
         pool = None
         for b in reversed(self.sizes):  # the largest first: the others reuse its memory pool
             metadata = self.rows.metadata(b)
             self._pad_all(b)
-            self._forward(b, metadata)  # compiles the attention for this size
             graph = out = None
-            if capture:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+            if not capture:
+                self._forward(b, metadata)  # compiles the attention for this size
+            else:
+                # PyTorch's recipe: a warm-up on a side stream first, so that lazy set-up
+                # (compiling, library handles, workspaces) never happens inside the capture.
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    self._forward(b, metadata)
+                torch.cuda.current_stream(device).wait_stream(side)
+                torch.cuda.synchronize(device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     out = self._forward(b, metadata)
                 pool = graph.pool()
             self.entries[b] = (graph, out, metadata)
-        log.info("decode graphs ready", sizes=self.sizes, captured=capture)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds = time.perf_counter() - t0
+        log.info("decode graphs ready", sizes=self.sizes, captured=capture,
+                 seconds=round(self.seconds, 3))
 
     def size_for(self, batch: StepBatch) -> int | None:
         """The graph size a batch runs in, or None when it must run eagerly (a prefill in it,
@@ -92,6 +132,9 @@ class DecodeGraphs:
         else:
             graph.replay()
         assert out is not None
+        self.replays += 1
+        self.decodes += d
+        self.padding_rows += b - d
         return out[:d]
 
     def _forward(self, b: int, metadata: object) -> torch.Tensor:

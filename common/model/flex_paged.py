@@ -34,6 +34,7 @@ import torch
 
 from common.model.attention import AttentionBackend, fresh_chunk_attention, store_kv
 from common.model.batch import StepBatch
+from common.model.host_transfer import to_device
 
 Layout = Literal["grouped", "batched"]
 
@@ -123,8 +124,8 @@ class FlexPagedBackend(AttentionBackend[FlexMetadata]):
         # 1 is specialized by torch.compile, and a lone decode would recompile it (seconds).
         real_rows, num_rows = len(rows), max(len(rows), 2)
         row_seq += [row_seq[0]] * (num_rows - real_rows)  # a padding row attends to nothing
-        rows_t = torch.tensor(rows, device=device)
-        seq_t = torch.tensor(row_seq, device=device)
+        rows_t, seq_t = to_device(torch.tensor(rows + row_seq), device).split(
+            [real_rows, num_rows])
         positions = torch.cat((batch.positions[rows_t],
                                batch.positions[rows_t[:1]].expand(num_rows - real_rows)))
         bs = batch.block_size

@@ -16,6 +16,7 @@ import time
 import torch
 
 from common.model.batch import SeqSpec, StepBatch
+from common.model.decode_graphs import DecodeGraphs
 from common.model.kv_cache import PagedKVCache
 from common.model.llama import StageModel
 from common.model.source import resolve_model
@@ -23,15 +24,20 @@ from common.model.source import resolve_model
 BLOCK_SIZE = 16
 
 
-def time_step(model: StageModel, kv: PagedKVCache, seqs: list[SeqSpec], repeats: int) -> float:
-    """Median seconds of one forward over `seqs` (tokens are random; positions are real)."""
+def time_step(model: StageModel, kv: PagedKVCache, seqs: list[SeqSpec], repeats: int,
+              graphs: DecodeGraphs | None = None) -> float:
+    """Median seconds of one forward over `seqs` (tokens are random; positions are real):
+    eagerly, or through `graphs` (a decode-only batch: its fill and replay)."""
     batch = StepBatch.build(seqs, BLOCK_SIZE, model.device)
     tokens = torch.randint(0, model.shape.vocab_size, (batch.num_tokens,), device=model.device)
-    model(batch, kv, tokens)  # warm-up
+
+    def step() -> torch.Tensor:
+        return model(batch, kv, tokens) if graphs is None else graphs.run(batch, tokens)
+    step()  # warm-up
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(batch, kv, tokens)
+        step()
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         samples.append(time.perf_counter() - start)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common.model.host_transfer import to_device, to_host
+
 GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this are greedy: dividing by them only risks overflow, and the
 distribution is a one-hot of the argmax anyway up to float32 ties."""
@@ -53,19 +55,19 @@ def sample(logits: torch.Tensor, specs: Sequence[SamplingSpec],
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, spec in enumerate(specs) if not spec.is_greedy]
     if sampled:
-        rows = torch.tensor(sampled, device=logits.device)
+        rows = to_device(torch.tensor(sampled), logits.device)
         probs = _filtered_probs(logits[rows], [specs[i] for i in sampled])
         noise = _exponential_noise([specs[i] for i in sampled], probs.shape[1], logits.device,
                                    generator)
         tokens[rows] = (probs / noise).argmax(dim=-1)
-    return tokens.tolist()
+    return to_host(tokens).tolist()  # the step's one wait for the device
 
 
 def _filtered_probs(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
     """Probabilities after temperature, top-k and top-p, in vocabulary order ([n, V]); removed
     tokens have probability 0 and the most likely token is always kept."""
     device, vocab = logits.device, logits.shape[1]
-    temperature = torch.tensor([s.temperature for s in specs], device=device)
+    temperature = to_device(torch.tensor([s.temperature for s in specs]), device)
     scaled = logits / temperature[:, None]
     # A top_k of the vocabulary or more keeps every token, like 0; clamping also keeps any
     # Python int out of the int64 tensor below, where one beyond 2**63 - 1 would fail the
@@ -76,9 +78,9 @@ def _filtered_probs(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Te
     # A stable sort keeps tied logits in vocabulary order, so the kept set is deterministic.
     sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
     ranks = torch.arange(vocab, device=device)
-    top_k = torch.tensor(top_ks, device=device)
+    top_k = to_device(torch.tensor(top_ks), device)
     sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
-    top_p = torch.tensor([s.top_p for s in specs], device=device)
+    top_p = to_device(torch.tensor([s.top_p for s in specs]), device)
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
     # Nucleus: keep the smallest prefix whose mass reaches top_p, i.e. drop a token once the
     # tokens ranked above it already hold top_p.

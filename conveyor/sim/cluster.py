@@ -15,7 +15,7 @@ resolved into a ClusterConfig: stage layer counts, KV pool size, the policy's se
                  max_inflight and a [scheduler.NAME] table of settings per policy
     [link]       bandwidth_gbps (0: the cost model's transfer_s), latency_us (added per hop)
     [simulator]  dispatch_latency_us, ingress_us, waiting_head, context_quantum, sample_points,
-                 step_jitter, seed
+                 stage_queue_samples, step_jitter, seed
     [predictor]  output-length prediction (common/prediction/config.py): mode auto | online |
                  oracle | off, and the model's settings
     [cascade]    CascadeInfer's migration, refinement and range-DP settings (cluster_file.py's
@@ -84,6 +84,7 @@ class ClusterConfig:
     waiting_head: int = 0
     context_quantum: float = 1.0
     sample_points: int = 400
+    stage_queue_samples: bool = False
     step_jitter: float = 0.0
     seed: int = 0
     cost: dict[str, Any] = field(default_factory=dict)
@@ -291,6 +292,7 @@ def build_cluster(raw: dict[str, Any], name: str = "") -> ClusterConfig:
         dispatch_latency_s=sim.dispatch_latency_us * 1e-6, ingress_s=sim.ingress_us * 1e-6,
         waiting_head=sim.waiting_head,
         context_quantum=sim.context_quantum, sample_points=sim.sample_points,
+        stage_queue_samples=sim.stage_queue_samples,
         step_jitter=sim.step_jitter, seed=sim.seed, cost=cost, kv_sizing=how,
         predictor=f.predictor, groups=c.groups, cascade=f.cascade)
     _check_policy(cfg)

@@ -87,6 +87,11 @@ class SimulatorSection(_Section):
     """Mean decode context is rounded to a multiple of this many tokens before costing (lets the
     step-cost cache hit); 0 = exact."""
     sample_points: int = 400
+    stage_queue_samples: bool = False
+    """Keep a time series of each stage's queue (micro-batches dispatched and not yet through
+    it) beside the queue and KV samples, for plots (scripts/sim_planck.py). Off by default: it
+    logs every stage's end of every micro-batch, a few percent of a large run's time; the
+    time-averaged stage queues of every report come from the pipelines without it."""
     """About how many samples of each instance's queue and KV use the time series keep."""
     step_jitter: float = 0.0
     """Step-to-step scatter of stage times: each stage's time of each micro-batch is the cost

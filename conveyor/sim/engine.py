@@ -269,8 +269,6 @@ def _run_part(cfg: ClusterConfig, cost: Any, workload: Workload, w: int, workers
         inst.close_gauges(shard.queue.now)
     if progress is not None:  # the other workers may still be draining theirs
         progress(shard.queue.now, n, _done(finished) + others_done, n)
-    for r in requests:
-        r.view = None
     return shard_results(shard), requests
 
 

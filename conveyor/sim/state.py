@@ -49,8 +49,10 @@ class SimInstance(InstanceCore):
         self.policy = policy
         self.feeds_back = bool(getattr(policy, "reads_stage_feedback", False))
         """Stage reports go to the core's feedback only for a policy that reads it: the
-        reports cost ~15% of a large run's time, and no one else reads them here (the
-        per-stage queue gauges come from the stage logs)."""
+        reports cost ~15% of a large run's time, and no one else reads them here."""
+        self.logs_stages = self.feeds_back or cfg.stage_queue_samples
+        """Each micro-batch's stage ends are logged (`CoreBatch.stage_ends`) only for the
+        feedback or the stage-queue samples (simulator.stage_queue_samples)."""
         self.timer = timer
         self.pipeline = pipeline
         self.push = push
@@ -71,7 +73,9 @@ class SimInstance(InstanceCore):
         self.sample_interval = 1e-3
         self._next_sample = 0.0
         self.stage_samples: list[tuple[float, tuple[int, ...], int]] = []
-        """(time, each stage's queue, micro-batches allowed in flight), with `samples`."""
+        """(time, each stage's queue, micro-batches allowed in flight), with `samples`, when
+        simulator.stage_queue_samples is on."""
+        self.samples_stages = cfg.stage_queue_samples
         self.spread_sum = 0.0
         self.spread_batches = 0
         """Length spread: the sum over decode micro-batches of longest minus mean context."""
@@ -97,7 +101,8 @@ class SimInstance(InstanceCore):
         samples = self.samples
         samples.append((now, len(self.waiting), self.num_running,
                         self.total_blocks - self.free_blocks))
-        self.stage_samples.append((now, self.stage_queues_at(now), self.allowance))
+        if self.samples_stages:
+            self.stage_samples.append((now, self.stage_queues_at(now), self.allowance))
         if len(samples) >= 2 * self.sample_points:
             del samples[1::2]
             del self.stage_samples[1::2]
@@ -151,7 +156,8 @@ class SimInstance(InstanceCore):
                                                len(batch.sampling),
                                                batch.keys / prefill if prefill else 0.0,
                                                batch.longest)
-            batch.stage_ends = []
+            if self.logs_stages:
+                batch.stage_ends = []
             self.pipeline.submit(now + self.dispatch_latency, durations, hops, self.on_complete,
                                  batch, corun, batch.stage_ends)
             if self.dispatch_latency:

@@ -22,6 +22,8 @@ from common.config import ConveyorConfig
 from common.log import get_logger
 from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepBatch,
                           resolve_model, sample)
+from common.model.decode_graphs import DecodeGraphs, graph_capture
+from common.model.host_transfer import to_device
 from common.model.placement import deployment_layout
 from common.peer_wait import wait_connected, watch_connection
 from common.security import Security, stage_identity
@@ -51,14 +53,19 @@ class StageWorker:
         self.model = StageModel.from_source(src, *self.layers, self.is_first, self.is_last,
                                             self.dtype, self.device, seed=cfg.model.seed,
                                             attention=cfg.model.attention)
+        self.capture = graph_capture(cfg.model.cuda_graphs, self.model)  # None: no decode graphs
+        self.graphs: DecodeGraphs | None = None  # built after the warm-up
         self.block_size = cfg.kvcache.block_size
         self.num_blocks = self.placement.kv_blocks(self.shape, self.layers, self.block_size)
+        """The blocks reported to the controller; with decode graphs the cache holds one more,
+        the scratch block their padding rows write to, which no request is ever given."""
         self.kv = PagedKVCache.for_stage(self.shape, self.layers[1] - self.layers[0],
-                                         self.num_blocks, self.block_size, self.dtype,
-                                         self.device)
+                                         self.num_blocks + (self.capture is not None),
+                                         self.block_size, self.dtype, self.device)
         log.info("model slice loaded", layers=f"{self.layers[0]}..{self.layers[1] - 1}",
                  device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
                  attention=type(self.model.attention).__name__,
+                 cuda_graphs={None: "off", True: "on", False: "eager"}[self.capture],
                  kv_blocks=self.num_blocks, load_s=round(time.perf_counter() - t0, 2))
         ep = cfg.endpoints
         self.link = ActivationLink(stage, self.num_stages, *ep.rendezvous(instance),
@@ -110,6 +117,9 @@ class StageWorker:
 
     def serve(self) -> None:
         self.warm_up()
+        if self.capture is not None:  # after the warm-up, which compiled the kernels
+            self.graphs = DecodeGraphs(self.model, self.kv, self.cfg.model.graph_sizes,
+                                       self.capture)
         try:
             # Its hello would wait in the socket for a controller not up yet; say that it waits.
             wait_connected(self.controller_events, "controller", self.cfg.endpoints.controller)
@@ -179,7 +189,7 @@ class StageWorker:
         if batch is not None:
             try:
                 with torch.inference_mode():
-                    out = self.model(batch, self.kv, x)
+                    out = self._forward(batch, x)
                     if self.is_last:
                         sampled = sample(out, specs)
             except Exception as e:
@@ -198,6 +208,17 @@ class StageWorker:
         compute_s = time.perf_counter() - t_start - wait_s
         return StepDone(plan.mb_id, self.instance, self.stage, compute_s, wait_s,
                         sampled if not error else [], error)
+
+    def _forward(self, batch: StepBatch, x: torch.Tensor) -> torch.Tensor:
+        """A decode-only step through its graph, any other eagerly. A captured graph's output
+        is its own buffer, rewritten by the next replay: the last stage samples it at once
+        (waiting for it), a send through the host copies it before returning, and a send
+        over NCCL, which reads it later, gets a copy."""
+        if self.graphs is None or self.graphs.size_for(batch) is None:
+            return self.model(batch, self.kv, x)
+        out = self.graphs.run(batch, x)
+        over_nccl = not self.is_last and self.link.wire_device.type == "cuda"
+        return out.clone() if self.capture and over_nccl else out
 
     def _prepare(self, plan: StepPlan):
         for req_id in plan.released:
@@ -223,7 +244,10 @@ class StageWorker:
                                      f"{ch.num_new} new tokens")
                 token_ids.extend(ch.token_ids)
         batch = StepBatch.build(seqs, self.block_size, self.device)
-        x = torch.tensor(token_ids, dtype=torch.long, device=self.device) if self.is_first \
+        if batch.max_block_id >= self.num_blocks:  # the scratch block is no request's either
+            raise ValueError(f"block id {batch.max_block_id} is beyond this stage's pool of "
+                             f"{self.num_blocks} blocks")
+        x = to_device(torch.tensor(token_ids, dtype=torch.long), self.device) if self.is_first \
             else None
         return batch, specs, x
 
@@ -242,4 +266,7 @@ def run(cfg: ConveyorConfig, instance: int, stage: int) -> None:
         pass
     peak = ({"peak_gib": round(torch.cuda.max_memory_allocated(worker.device) / 1024**3, 2)}
             if worker.device.type == "cuda" else {})
-    log.info("stopped", **peak)
+    graphs = worker.graphs
+    replays = ({"graph_steps": graphs.replays, "graph_decodes": graphs.decodes,
+                "graph_padding_rows": graphs.padding_rows} if graphs is not None else {})
+    log.info("stopped", **peak, **replays)

@@ -1,9 +1,9 @@
 """The GPU check rehearsed on CPU: scripts/gpu_check.sh with the tiny shape and small
 workloads runs every step the GPU run will (the gpu tests, W1-lite on Conveyor with 1 and 2
-stages and on transformers both ways, the decode floor, a profile), so the first run on a
-GPU is a measurement, not a debugging session. As on the bare GPU image, the embedded model's
-package is hidden (a stand-in without its GGUF shadows it), so the dummy model serves with no
-tokenizer, on token ids alone."""
+stages and on transformers both ways, the decode floor with decode graphs on and off, a
+profile), so the first run on a GPU is a measurement, not a debugging session. As on the bare
+GPU image, the embedded model's package is hidden (a stand-in without its GGUF shadows it), so
+the dummy model serves with no tokenizer, on token ids alone."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.costmodel.profile import Profile
+from common.model.flex_paged import flex_available
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,5 +57,12 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     for f in floors:
         assert 0 < f["floor_ms"] and f["step_ms"] > 0 and f["bandwidth_source"] == \
             "measured copy"
+    # Decode graphs against the plain step, for flex where this machine compiles it: on CPU
+    # their buffers run uncaptured ("eager"; "on" is the GPU run's capture).
+    if not flex_available(torch.device("cpu")):
+        assert [(g["batch"], g["graphs"]) for g in summary["decode_graphs"]] == [
+            (4, "eager"), (16, "eager")]
+        assert all(g["graphs_ms"] > 0 and g["graphs_speedup"] > 0
+                   for g in summary["decode_graphs"])
     profile = Profile.read(summary["profile"])
     assert profile.num_layers == 4 and profile.decode_context == "max"

@@ -25,6 +25,15 @@ def test_file_and_overrides(tmp_path):
     ("[model]\nlayer_split = [10, 10, 10]\n", "layer_split has 3 entries but deployment.stages is 2"),
     ("[kvcache]\nblock_size = 24\n", "block_size must be a power of two"),
     ("[deployment\n", "is not valid"),
+    ("[model]\ncuda_graphs = 'yes'\n", "Invalid enum value 'yes'"),
+    ("[model]\ncuda_graphs = 'on'\nattention = 'sdpa'\n",
+     "model.cuda_graphs = on needs model.attention = flex"),
+    ("[model]\ncuda_graphs = 'eager'\nattention = 'sdpa'\n",
+     "model.cuda_graphs = eager needs model.attention = flex"),
+    ("[model]\ncuda_graphs = 'on'\n[deployment]\ndevice = 'cpu'\n",
+     "model.cuda_graphs = on needs CUDA, and deployment.device is cpu"),
+    ("[model]\ngraph_sizes = []\n", "model.graph_sizes must be a non-empty list"),
+    ("[model]\ngraph_sizes = [4, 0]\n", r"model.graph_sizes must be .* in \[1, 4096\]"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, message):
     path = tmp_path / "c.toml"

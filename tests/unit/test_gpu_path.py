@@ -1,10 +1,13 @@
-"""The CUDA path: paged attention backends, bf16 stages and stages sharing one GPU.
+"""The CUDA path: paged attention backends, decode graphs, bf16 stages and stages sharing one
+GPU.
 
 Marked `gpu`; every test skips cleanly on a machine without CUDA (CI's). scripts/gpu_check.sh
 runs them first on a GPU and keeps FlexAttention out of its measurements if they fail there.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 import torch
@@ -84,23 +87,65 @@ def test_bf16_stage_on_cuda_follows_float32_on_cpu():
     assert (outputs["cuda"].argmax(-1) == outputs["cpu"].argmax(-1)).float().mean() >= 2 / 3
 
 
+def test_decode_graphs_equal_the_eager_step_on_cuda_in_bf16():
+    """Captured CUDA graphs of 1, 2, 4 and 8 decodes (bf16, FlexAttention's batched layout) on
+    a first-and-last stage and a middle one: the eager step's outputs and cache writes within
+    bf16 rounding (the padded GEMMs may round differently), padding only in the scratch block."""
+    from tests.unit.test_decode_graphs import check_graphs_match_eager, flex_stage
+
+    for first, last in ((True, True), (False, False)):
+        model = flex_stage("batched", first, last, "cuda", torch.bfloat16)
+        check_graphs_match_eager(model, capture=True, tolerance=3e-2)
+
+
+def test_cuda_graphs_on_where_they_can_be_captured():
+    from common.model.decode_graphs import graph_capture
+    from tests.unit.test_decode_graphs import flex_stage
+
+    model = flex_stage("batched", True, True, "cuda", torch.bfloat16)
+    assert graph_capture("auto", model) is True and graph_capture("on", model) is True
+    src = resolve_model("tiny")
+    sdpa = StageModel(src.shape, 0, 1, True, True, torch.bfloat16, "cuda", attention="sdpa")
+    assert graph_capture("auto", sdpa) is None
+    with pytest.raises(RuntimeError, match="needs the flex attention backend"):
+        graph_capture("on", sdpa)
+
+
 @pytest.mark.slow
-def test_two_stages_sharing_one_gpu_generate_what_one_stage_does():
-    """Two stage processes on one GPU pass activations through pinned host memory (NCCL
-    refuses two ranks on one device): greedy tokens equal a one-stage deployment's."""
+def test_two_stages_sharing_one_gpu_with_graphs_generate_what_one_eager_stage_does():
+    """Two stage processes on one GPU, decode graphs captured on both (their outputs cross to
+    the next stage through pinned host memory: NCCL refuses two ranks on one device), give the
+    greedy tokens of one stage running every step eagerly, for requests of different lengths
+    decoding side by side (padded to the graph sizes). float32, so that the padded GEMMs'
+    rounding cannot flip a near tie of the random model."""
+    from common.log import read_json_events
     from conveyor.local_deployment import start_deployment, stop_deployment
 
-    sets = ("model.source=tiny", "model.load_format=dummy", "deployment.device=cuda")
-    prompts = [[5 + i, 17, 300 + 3 * i, 42] * (3 + i) for i in range(4)]
-    tokens = {}
-    for stages in (1, 2):
-        dep = start_deployment(stages=stages, sets=sets)
+    sets = ("model.source=tiny", "model.load_format=dummy", "deployment.device=cuda",
+            "model.dtype=float32", "model.graph_sizes=[1, 2, 4, 8]", "logging.format=json")
+    prompts = [[5 + i, 17, 300 + 3 * i, 42] * (3 + 5 * i) for i in range(5)]
+    tokens, stopped = {}, {}
+    for stages, graphs in ((1, "off"), (2, "on")):
+        dep = start_deployment(stages=stages, sets=(*sets, f"model.cuda_graphs={graphs}"))
         try:
-            with dep.client() as client:
-                tokens[stages] = [client.generate(prompt_token_ids=p, max_tokens=12,
-                                                  temperature=0, ignore_eos=True).token_ids
-                                  for p in prompts]
+            tokens[stages] = asyncio.run(_generate_concurrently(dep.address, prompts))
         finally:
             stop_deployment(dep)
+        stopped[stages] = [e for e in read_json_events(dep.log_path)
+                           if e.get("event") == "stopped" and "stage" in e]
     assert all(len(t) == 12 for t in tokens[2])
     assert tokens[2] == tokens[1]
+    assert not any("graph_steps" in e for e in stopped[1])
+    assert len(stopped[2]) == 2
+    for e in stopped[2]:
+        assert e["graph_steps"] >= 11 and e["graph_decodes"] > e["graph_steps"], e
+
+
+async def _generate_concurrently(address: str, prompts: list[list[int]]) -> list[list[int]]:
+    from conveyor.client import AsyncClient
+
+    async with AsyncClient(address, timeout=300) as client:
+        results = await asyncio.gather(*(
+            client.generate(prompt_token_ids=p, max_tokens=12, temperature=0, ignore_eos=True)
+            for p in prompts))
+    return [r.token_ids for r in results]

@@ -5,11 +5,13 @@ from the clients' caps."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from common.instance import CoreRequest, Finish, InstanceCore, PlanError
 from common.scheduling import make_policy
-from common.scheduling.types import MicroBatchPlan, ScheduledChunk
+from common.scheduling.types import MicroBatchPlan, RequestView, ScheduledChunk
 from common.stats import ControllerMetrics
 from conveyor.sim.cluster import build_cluster
 from conveyor.sim.engine import simulate
@@ -35,6 +37,49 @@ def request(rid: int, prompt: int = 20, max_tokens: int = 10) -> CoreRequest:
 
 def plan(*chunks: tuple[int, int]) -> MicroBatchPlan:
     return MicroBatchPlan(tuple(ScheduledChunk(r, n) for r, n in chunks))
+
+
+def as_view(r: CoreRequest) -> RequestView:
+    """The RequestView a policy must read of `r`, from the core's own fields."""
+    return RequestView(r.req_id, r.arrival, r.prompt, r.prompt + r.out, r.computed, r.blocks,
+                       r.max_tokens, r.out, r.inflight > 0, r.last_scheduled, r.slo,
+                       r.predicted_output, r.predicted_high, r.first_token)
+
+
+def read_as_view(r: CoreRequest) -> RequestView:
+    """What a policy reads through RequestView's names on the request itself."""
+    return RequestView(*(getattr(r, f.name) for f in dataclasses.fields(RequestView)))
+
+
+def test_requests_read_as_their_views_through_every_step():
+    """Policies read the core's requests through RequestView's names (no view is built): at
+    every snapshot of a cycle with a partial prompt chunk in flight, decodes, a stop token, a
+    preemption and its recompute, each request reads as the view of its fields would."""
+    policy = make_policy("fcfs", max_num_batched_tokens=24)
+    c, _, _ = core(blocks=6)
+    for rid, prompt in ((1, 40), (2, 30), (3, 10)):
+        c.add(request(rid, prompt, max_tokens=12), 0.0)
+    now, seen, checked = 0.0, set(), 0
+    while c.by_id and now < 200:
+        now += 1.0
+        if c.inflight:  # the oldest micro-batch returns; the other stays in flight
+            mb, batch = next(iter(c.inflight.items()))
+            c.complete(mb, [EOS if r.req_id == 3 and r.out == 4 else 7
+                            for r in batch.sampling], now)
+        while True:
+            snap = c.snapshot(now)
+            for r in snap.ready + snap.waiting:
+                assert read_as_view(r) == as_view(r)
+                assert (r.pending, r.is_decode) == (as_view(r).pending, as_view(r).is_decode)
+                seen.add((r.in_flight, r.num_computed > 0, r.preemptions > 0))
+                checked += 1
+            p = c.next_plan(policy, now)
+            if p is None:
+                break
+            c.commit(p, now, policy)
+    assert not c.by_id and checked > 20
+    assert (True, True, False) in seen  # a partial prompt chunk in flight, still schedulable
+    assert any(preempted for *_, preempted in seen)  # the small pool preempted someone
 
 
 def test_a_stop_token_ends_a_request_before_max_tokens_and_frees_its_blocks():

@@ -13,7 +13,6 @@ from conveyor.sim.engine import EventQueue, simulate
 from conveyor.sim.report import summarize
 from conveyor.sim.requests import SimRequest
 from common.instance.views import make_kv, make_snapshot
-from common.instance.views import view as _view
 from conveyor.sim.workload import Workload
 
 
@@ -72,14 +71,13 @@ def test_events_run_in_time_order_then_push_order():
         q.push(1.0, note, "late")
 
 
-def test_fast_views_equal_constructed_ones():
+def test_fast_snapshots_equal_constructed_ones():
     r = SimRequest(7, 6, 0.5, 100, 20, 20, 2048, ignore_eos=True)
-    r.out, r.computed, r.blocks, r.inflight, r.last_scheduled = 3, 102, 7, 1, 4.0
-    assert _view(r) == RequestView(7, 0.5, 100, 103, 102, 7, 20, 3, True, 4.0)
+    view = RequestView(7, 0.5, 100, 100, 0, 0, 20)
     kv = make_kv(100, 40, 16)
     assert kv == KVView(100, 40, 16)
-    snap = make_snapshot(1.0, 4, (), (_view(r),), 1, (InflightView(1, 0),), kv)
-    assert snap == SchedulerSnapshot(1.0, 4, (), (_view(r),), 1, (InflightView(1, 0),),
+    snap = make_snapshot(1.0, 4, (view,), (r,), 1, (InflightView(1, 0),), kv)
+    assert snap == SchedulerSnapshot(1.0, 4, (view,), (r,), 1, (InflightView(1, 0),),
                                      KVView(100, 40, 16))
 
 
