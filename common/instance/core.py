@@ -141,7 +141,7 @@ class InstanceCore:
         else:
             pos = bisect.bisect_left(waiting, req.order, key=_order)
             waiting.insert(pos, req)
-        self.head.queued_at(pos)
+        self.head.entered(req, pos)
 
     def finish(self, req: CoreRequest, reason: Finish, now: float, error: str = "") -> bool:
         """Ends a request (abort, error, or a stop condition). Its blocks are released now,
@@ -158,7 +158,7 @@ class InstanceCore:
                 self._drop_ready(req)
         else:
             self.waiting.remove(req)
-            self.head.valid = False
+            self.head.left(req)
         m = self.metrics
         m.finished[reason.name.lower()] += 1
         self.finished += 1
@@ -215,9 +215,10 @@ class InstanceCore:
             if self.on_release is not None:
                 self.on_release(req)
             req.running = False
+            self.head.valid = False
         else:
             self.waiting.remove(req)
-        self.head.valid = False
+            self.head.left(req)
         req.view = None
         del self.by_id[req_id]
         if not self.by_id:
@@ -272,7 +273,7 @@ class InstanceCore:
         for r in self.ready:
             v = r.view
             add(v if v is not None else _view(r))
-        waiting = self.head.views_of(self.waiting, self.num_running)
+        waiting = self.head.views_of(self.waiting, self.num_running, now)
         return make_snapshot(now, self.depth, waiting, tuple(views), self.num_running,
                              tuple([b.iview for b in self.inflight.values()]),
                              make_kv(self.total_blocks, self.free_blocks, self.block_size),
@@ -422,18 +423,19 @@ class InstanceCore:
     def _start(self, started: list[CoreRequest], now: float) -> None:
         """Waiting requests given their first chunk take a seat."""
         waiting = self.waiting
+        head = self.head
         for r in started:
             if waiting and waiting[0] is r:
                 waiting.popleft()
             else:
                 waiting.remove(r)
+            head.left(r)
             r.running = True
             if r.first_scheduled is None:
                 r.first_scheduled = now
             if not r.awaiting:  # a partial prompt chunk: still schedulable
                 bisect.insort(self.ready, r, key=_order)
         self.num_running += len(started)
-        self.head.valid = False
 
     # ---- completion -------------------------------------------------------------------------
 
