@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from conveyor.cli import bench_cmd, client_cmd, deploy_cmd, profile_cmd, simulate_cmd
+from conveyor.cli import (bench_cmd, client_cmd, deploy_cmd, predictor_cmd, profile_cmd,
+                          simulate_cmd)
 
 app = typer.Typer(
     name="conveyor", no_args_is_help=True, add_completion=False,
@@ -15,6 +16,7 @@ client_cmd.register(app)
 bench_cmd.register(app)
 profile_cmd.register(app)
 simulate_cmd.register(app)
+predictor_cmd.register(app)
 
 
 def main() -> None:
