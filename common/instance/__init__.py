@@ -1,6 +1,7 @@
 """The instance core shared by the controller and the simulator (core.py), the request state it
 carries (request.py), its micro-batches (batch.py), the head of the waiting queue a policy sees
-(waiting.py) and the fast policy views it builds (views.py)."""
+(waiting.py; ranked.py for a policy with an order of its own) and the fast policy views it
+builds (views.py)."""
 
 from common.instance.batch import CoreBatch
 from common.instance.core import InstanceCore, PlanError
