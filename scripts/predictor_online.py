@@ -9,12 +9,14 @@ Kendall's tau and the share within 2x, against a constant and a prompt-length re
 the same N replies, and a predictor warm-started on ShareGPT's own reply lengths
 (`conveyor predictor fit`, the held-out and served prompts excluded).
 
-Resumable, so that each run holds the CPU for a bounded time: every run serves until
---minutes are up (in-flight requests are then cancelled and sent again next run), stops the
-deployment (the controller saves its predictor), records what it served under --out, and
-evaluates the checkpoints reached. Run it again until it says everything is done:
+Resumable, so that each run holds the CPU for a bounded time: every run sends requests until
+--drain seconds before --minutes are up, lets those in flight finish until then (the rest are
+cancelled and sent again next run), stops the deployment (the controller saves its
+predictor), records what it served under --out, and evaluates the checkpoints reached (a
+checkpoint's state is the predictor after exactly N served requests). Run it again until it
+says everything is done:
 
-    flock /tmp/conveyor-cpu.lock .venv/bin/python scripts/predictor_online.py --minutes 14
+    flock /tmp/conveyor-cpu.lock .venv/bin/python scripts/predictor_online.py --minutes 13
 
 Prompts: the shuffled (seed 0) ShareGPT first turns whose chat-templated prompt has at most
 --prompt-cap (256) tokens; sampling as SmolLM2's model card suggests (temperature 0.2, top_p
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import shutil
 import sys
@@ -133,6 +136,10 @@ def evaluate(args, out: Path, state: dict, held: list[tuple[str, list[int]]],
         pred = load_predictor(path)
         rows.append({"n": n, "predictor": f"online ({pred.seen} learned at EOS)",
                      **figures([pred.predict(len(x), x).median for x in ids], truth)})
+        # Its regression alone, without the shift by the median of its recent errors (which
+        # early on still holds the errors of a model that has since learned): a diagnosis.
+        rows.append({"n": n, "predictor": "online, regression alone",
+                     **figures([math.expm1(pred.log_mean(len(x), x)) for x in ids], truth)})
         for name, p in baselines([len(train[d["index"]][1]) for d in seen],
                                  [d["out"] for d in seen], [len(x) for x in ids]).items():
             rows.append({"n": n, "predictor": name, **figures(p, truth)})
@@ -178,18 +185,19 @@ def main() -> None:
         run_phase("heldout", todo, ('predictor.state_file="none"',), args, deadline, state, out)
     state_file = (out / "state.npz").resolve()
     for n in sorted(args.checkpoints):
-        if time.monotonic() >= deadline or len(state["heldout"]) < len(held):
-            break
         if len(state["train"]) >= n:
             continue
+        if time.monotonic() >= deadline - args.drain or len(state["heldout"]) < len(held):
+            break
         served = {d["index"] for d in state["train"]}
         todo = [(i, train[i][0]) for i in range(n) if i not in served]
         run_phase("train", todo, (f"predictor.state_file={json.dumps(str(state_file))}",),
                   args, deadline, state, out)
-        if len(state["train"]) >= n:
-            if not state_file.exists():  # nothing ended at EOS yet: the controller saved none
-                save_predictor(OnlineLengthPredictor(), state_file)
-            shutil.copy(state_file, out / f"state-{n}.npz")
+        if len(state["train"]) < n:
+            break  # out of time short of the checkpoint: the next run goes on to it
+        if not state_file.exists():  # nothing ended at EOS yet: the controller saved none
+            save_predictor(OnlineLengthPredictor(), state_file)
+        shutil.copy(state_file, out / f"state-{n}.npz")
     rows = evaluate(args, out, state, held, train, tokenizer)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     test = state["heldout"]

@@ -113,6 +113,12 @@ def load_sweep(args: Any, base: Any, state: str | None, cap: float,
             row = {"classes": label, "load": load, "rate": round(cap * load, 2),
                    "policy": policy,
                    "violations": float(np.mean([not r.slo_met() for r in reqs])),
+                   "ttft_violations": float(np.mean([r.timings()["ttft_s"] > r.slo.ttft_s
+                                                     for r in reqs])),
+                   "tpot_violations": float(np.mean([r.timings().get("tpot_s", 0.0)
+                                                     > r.slo.tpot_s for r in reqs])),
+                   "by_class": {c.name: float(np.mean([not r.slo_met() for r in reqs
+                                                       if r.slo == c])) for c in classes},
                    "p99_e2e_s": float(np.percentile(e2e, 99)),
                    "p99_ttft_s": float(np.percentile([r.timings()["ttft_s"] for r in reqs], 99)),
                    "preemptions": sum(r.preemptions for r in reqs)}
@@ -148,11 +154,12 @@ def uellm_experiment(args: Any, state: str | None) -> list[dict[str, Any]]:
 
 
 def markdown(sweep: list[dict[str, Any]], uellm: list[dict[str, Any]]) -> str:
-    out = ["| classes | load | policy | SLO violations | p99 E2E (s) | p99 TTFT (s) | "
-           "preemptions |", "|---|---|---|---|---|---|---|"]
+    out = ["| classes | load | policy | SLO violations (TTFT, TPOT) | p99 E2E (s) | "
+           "p99 TTFT (s) | preemptions |", "|---|---|---|---|---|---|---|"]
     out += [f"| {r['classes']} | {r['load']:.0%} ({r['rate']} req/s) | {r['policy']} | "
-            f"{r['violations']:.1%} | {r['p99_e2e_s']:.2f} | {r['p99_ttft_s']:.3f} | "
-            f"{r['preemptions']} |" for r in sweep]
+            f"{r['violations']:.1%} ({r['ttft_violations']:.1%}, {r['tpot_violations']:.1%}) "
+            f"| {r['p99_e2e_s']:.2f} | {r['p99_ttft_s']:.3f} | {r['preemptions']} |"
+            for r in sweep]
     out += ["", "| policy | lengths | total time (s) | mean E2E (s) | SLO violations |",
             "|---|---|---|---|---|"]
     out += [f"| {r['policy']} | {r['lengths']} | {r['total_s']:.2f} | {r['mean_e2e_s']:.2f} | "
