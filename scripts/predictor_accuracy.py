@@ -27,25 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
-    """Kendall's tau-b, O(n^2) in row blocks (a few thousand points)."""
-    num = den_a = den_b = 0.0
-    for i in range(0, len(a), 500):
-        da = np.sign(a[i:i + 500, None] - a[None, :])
-        db = np.sign(b[i:i + 500, None] - b[None, :])
-        num += float((da * db).sum())
-        den_a += float((da != 0).sum())
-        den_b += float((db != 0).sum())
-    return num / np.sqrt(den_a * den_b) if den_a and den_b else 0.0
-
-
-def figures(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    pred = np.maximum(pred, 1)
-    return {"mae_log": float(np.mean(np.abs(np.log1p(pred) - np.log1p(truth)))),
-            "kendall_tau": kendall_tau(pred.astype(float), truth.astype(float)),
-            "within_2x": float(np.mean((pred <= 2 * truth) & (truth <= 2 * pred)))}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", type=int, default=12000)
@@ -53,6 +34,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     from common.prediction import OnlineLengthPredictor
+    from common.prediction.accuracy import baselines, figures
     from conveyor.bench.datasets import load_bench_tokenizer, sharegpt_pairs, sharegpt_path
 
     tok = load_bench_tokenizer("smollm2")
@@ -75,12 +57,9 @@ def main() -> None:
     n_train = args.train
     train, test = range(n_train), range(n_train, len(pairs))
     truth = out[n_train:]
-    results = {}
-    results["constant (train median)"] = figures(
-        np.full(len(truth), np.median(out[:n_train])), truth)
-    x = np.log1p([len(prompts[i]) for i in range(len(pairs))])
-    coef = np.polyfit(x[:n_train], np.log1p(out[:n_train]), 1)
-    results["log-length regression"] = figures(np.expm1(np.polyval(coef, x[n_train:])), truth)
+    lens = [len(ids) for ids in prompts]
+    results = {name: figures(pred, truth) for name, pred in
+               baselines(lens[:n_train], out[:n_train], lens[n_train:]).items()}
     for name, with_ids in (("online, prompt length only", False),
                            ("online, length + token n-grams", True)):
         p = OnlineLengthPredictor()

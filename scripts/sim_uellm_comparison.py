@@ -8,7 +8,10 @@ deploy/clusters/h100-llama3-8b.toml), with ShareGPT lengths and replies ending a
    steady completion rate of a burst under fcfs, the middle 80% of completions), every request
    drawn into one of three SLO classes scaled to the cluster (Conveyor's choice: TTFT/TPOT
    targets of 0.1 s/20 ms, 0.5 s/50 ms and 2 s/100 ms, a third each). Reports the SLO violation
-   rate and p99 E2E per policy and load.
+   rate and p99 E2E per policy and load. `--classes derived` (or `both`, the default) runs the
+   sweep again with classes derived from the idle cluster instead: 2x, 5x and 10x its median
+   TTFT and TPOT (the workload at 1% of capacity, served by fcfs), the "SLO scale" of
+   serving papers; a third each.
 2. UELLM's own experiment: --uellm-prompts requests at t = 0 with end-to-end SLOs drawn as
    UELLM draws them (80% uniform in 150-300 s, 20% in 90-100 s), scaled by this cluster's fcfs
    total time over UELLM's S³ total (267 s). The policy is given the E2E SLO as its deadline
@@ -81,11 +84,25 @@ def capacity(path: str, base: Any) -> float:
     return 0.8 * n / (ends[int(0.9 * n)] - ends[int(0.1 * n)])
 
 
-def load_sweep(args: Any, base: Any, state: str | None) -> list[dict[str, Any]]:
-    cap = args.capacity or capacity(args.cluster, base)
-    print(f"capacity {cap:.1f} req/s", flush=True)
+SCALES = (2.0, 5.0, 10.0)
+"""The derived classes: multiples of the idle cluster's median TTFT and TPOT."""
+
+
+def derived_classes(path: str, base: Any, cap: float, seed: int) -> tuple[SLO, ...]:
+    """SCALES x the median TTFT and TPOT of the workload at 1% of capacity (requests almost
+    never overlap: the idle cluster's own latencies), under fcfs."""
+    reqs = run(cluster(path, "fcfs", "off", None), base.at_rate(0.01 * cap, 1.0, seed))
+    ttft = float(np.median([r.timings()["ttft_s"] for r in reqs]))
+    tpot = float(np.median([t["tpot_s"] for t in (r.timings() for r in reqs) if "tpot_s" in t]))
+    print(f"idle cluster: median TTFT {ttft * 1e3:.1f} ms, median TPOT {tpot * 1e3:.2f} ms",
+          flush=True)
+    return tuple(SLO(round(k * ttft, 4), round(k * tpot, 5), f"{k:g}x") for k in SCALES)
+
+
+def load_sweep(args: Any, base: Any, state: str | None, cap: float,
+               classes: tuple[SLO, ...], label: str) -> list[dict[str, Any]]:
     rng = random.Random(args.seed)
-    slos = [rng.choice(CLASSES) for _ in range(len(base))]
+    slos = [rng.choice(classes) for _ in range(len(base))]
     rows = []
     for load in args.loads:
         wl = base.at_rate(cap * load, args.burstiness, args.seed)
@@ -93,8 +110,15 @@ def load_sweep(args: Any, base: Any, state: str | None) -> list[dict[str, Any]]:
         for policy in args.policies:
             reqs = run(cluster(args.cluster, policy, "auto", state), wl)
             e2e = [r.timings()["e2e_s"] for r in reqs]
-            row = {"load": load, "rate": round(cap * load, 2), "policy": policy,
+            row = {"classes": label, "load": load, "rate": round(cap * load, 2),
+                   "policy": policy,
                    "violations": float(np.mean([not r.slo_met() for r in reqs])),
+                   "ttft_violations": float(np.mean([r.timings()["ttft_s"] > r.slo.ttft_s
+                                                     for r in reqs])),
+                   "tpot_violations": float(np.mean([r.timings().get("tpot_s", 0.0)
+                                                     > r.slo.tpot_s for r in reqs])),
+                   "by_class": {c.name: float(np.mean([not r.slo_met() for r in reqs
+                                                       if r.slo == c])) for c in classes},
                    "p99_e2e_s": float(np.percentile(e2e, 99)),
                    "p99_ttft_s": float(np.percentile([r.timings()["ttft_s"] for r in reqs], 99)),
                    "preemptions": sum(r.preemptions for r in reqs)}
@@ -130,10 +154,11 @@ def uellm_experiment(args: Any, state: str | None) -> list[dict[str, Any]]:
 
 
 def markdown(sweep: list[dict[str, Any]], uellm: list[dict[str, Any]]) -> str:
-    out = ["| load | policy | SLO violations | p99 E2E (s) | p99 TTFT (s) | preemptions |",
-           "|---|---|---|---|---|---|"]
-    out += [f"| {r['load']:.0%} ({r['rate']} req/s) | {r['policy']} | {r['violations']:.1%} | "
-            f"{r['p99_e2e_s']:.2f} | {r['p99_ttft_s']:.3f} | {r['preemptions']} |"
+    out = ["| classes | load | policy | SLO violations (TTFT, TPOT) | p99 E2E (s) | "
+           "p99 TTFT (s) | preemptions |", "|---|---|---|---|---|---|---|"]
+    out += [f"| {r['classes']} | {r['load']:.0%} ({r['rate']} req/s) | {r['policy']} | "
+            f"{r['violations']:.1%} ({r['ttft_violations']:.1%}, {r['tpot_violations']:.1%}) "
+            f"| {r['p99_e2e_s']:.2f} | {r['p99_ttft_s']:.3f} | {r['preemptions']} |"
             for r in sweep]
     out += ["", "| policy | lengths | total time (s) | mean E2E (s) | SLO violations |",
             "|---|---|---|---|---|"]
@@ -149,6 +174,9 @@ def main() -> None:
     ap.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")],
                     default=[0.5, 0.8, 1.0])
     ap.add_argument("--capacity", type=float, default=0.0, help="req/s (0: measure it)")
+    ap.add_argument("--classes", choices=("fixed", "derived", "both"), default="both",
+                    help="SLO classes of the load sweep: the fixed three, classes derived "
+                         "from the idle cluster, or both")
     ap.add_argument("--burstiness", type=float, default=1.0)
     ap.add_argument("--policies", type=lambda s: s.split(","),
                     default=["fcfs", "throttle", "s3", "slo-odbs"])
@@ -165,7 +193,18 @@ def main() -> None:
         state = warm_state(args.warm, Path(tmp))
         base = make_workload("sharegpt", args.num_prompts, seed=args.seed,
                              sharegpt_max_len=4096).with_max_tokens(4096)
-        sweep = load_sweep(args, base, state) if args.loads else []
+        sweep = []
+        if args.loads:
+            cap = args.capacity or capacity(args.cluster, base)
+            print(f"capacity {cap:.1f} req/s", flush=True)
+            if args.classes in ("fixed", "both"):
+                sweep += load_sweep(args, base, state, cap, CLASSES, "fixed")
+            if args.classes in ("derived", "both"):
+                derived = derived_classes(args.cluster, base, cap, args.seed)
+                print("derived classes (TTFT/TPOT): " + ", ".join(
+                    f"{c.name} {c.ttft_s * 1e3:g} ms/{c.tpot_s * 1e3:g} ms" for c in derived),
+                    flush=True)
+                sweep += load_sweep(args, base, state, cap, derived, "derived")
         uellm = uellm_experiment(args, state) if args.uellm_prompts else []
     table = markdown(sweep, uellm)
     print(table)

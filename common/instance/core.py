@@ -120,7 +120,7 @@ class InstanceCore(Dispatch, Moves):
         else:
             pos = bisect.bisect_left(waiting, req.order, key=_order)
             waiting.insert(pos, req)
-        self.head.queued_at(pos)
+        self.head.entered(req, pos)
 
     def finish(self, req: CoreRequest, reason: Finish, now: float, error: str = "") -> bool:
         """Ends a request (abort, error, or a stop condition). Its blocks are released now,
@@ -136,7 +136,7 @@ class InstanceCore(Dispatch, Moves):
                 self._drop_ready(req)
         else:
             self.waiting.remove(req)
-            self.head.valid = False
+            self.head.left(req)
         m = self.metrics
         m.finished[reason.name.lower()] += 1
         self.finished += 1

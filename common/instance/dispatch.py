@@ -45,7 +45,7 @@ class Dispatch:
 
     def snapshot(self: InstanceCore, now: float, stages: tuple | None = None) -> SchedulerSnapshot:
         # The requests are their own views (request.py): a snapshot is the queues' tuples.
-        waiting = self.head.views_of(self.waiting, self.num_running)
+        waiting = self.head.views_of(self.waiting, self.num_running, now)
         return make_snapshot(now, self.depth, waiting, tuple(self.ready), self.num_running,
                              tuple([b.iview for b in self.inflight.values()]),
                              make_kv(self.total_blocks, self.free_blocks, self.block_size),
@@ -206,15 +206,16 @@ class Dispatch:
     def _start(self: InstanceCore, started: list[CoreRequest], now: float) -> None:
         """Waiting requests given their first chunk take a seat."""
         waiting = self.waiting
+        head = self.head
         for r in started:
             if waiting and waiting[0] is r:
                 waiting.popleft()
             else:
                 waiting.remove(r)
+            head.left(r)
             r.running = True
             if r.first_scheduled is None:
                 r.first_scheduled = now
             if not r.awaiting:  # a partial prompt chunk: still schedulable
                 bisect.insort(self.ready, r, key=_order)
         self.num_running += len(started)
-        self.head.valid = False

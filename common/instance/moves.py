@@ -44,9 +44,10 @@ class Moves:
             if self.on_release is not None:
                 self.on_release(req)
             req.running = False
+            self.head.valid = False
         else:
             self.waiting.remove(req)
-        self.head.valid = False
+            self.head.left(req)
         del self.by_id[req_id]
         if not self.by_id:
             self.metrics.pending[self.index].update(False, now)

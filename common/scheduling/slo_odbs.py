@@ -20,6 +20,9 @@ the decode and prefill budgets of throttle.py) or a fixed budget (`throttle = fa
 ready decode, then `max_prefill_tokens` of prompts). New requests are admitted only while the
 KV cache holds their predicted footprint besides what the running ones are predicted to need
 (predicted_kv.py).
+
+The policy is shown the requests that lead its order, not the whole queue: the instance core
+keeps the waiting requests sorted by the order's time-invariant part (`rank_key`).
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from common.scheduling.policy import register_policy
 from common.scheduling.predicted_kv import growth_blocks, running_reserve
 from common.scheduling.sarathi import by_readiness
 from common.scheduling.throttle import ThrottlePolicy
-from common.scheduling.types import (WHOLE_QUEUE, MicroBatchPlan, PlanBuilder, RequestView,
-                                     SchedulerSnapshot, WaitingNeed, split_ready)
+from common.scheduling.types import (MicroBatchPlan, PlanBuilder, RequestView, SchedulerSnapshot,
+                                     WaitingNeed, split_ready)
 
 _SLO_WEIGHT = "weight a of the slack (seconds to the first-token deadline) in the order"
 _LENGTH_WEIGHT = "weight b of the predicted output (in token_seconds units) in the order"
@@ -67,16 +70,29 @@ class SloOdbsPolicy(ThrottlePolicy):
         "max_prefill_tokens of prompts"))] = True
 
     def waiting_need(self) -> WaitingNeed:
-        return WHOLE_QUEUE  # the order is not arrival order: every waiting request may lead
+        """A group is the first `max_group` requests of the order at most (the next one only
+        closes it), so the instance core keeps the queue sorted by `rank_key` and shows those
+        (common/instance/ranked.py); and, for Token Throttling's prefill budget, the head that
+        throttle itself needs (its pending tokens saturate the budget)."""
+        tokens = self.prefill_iterations * self.max_prefill_tokens if self.throttle else 0
+        return WaitingNeed(whole=False, min_requests=2, tokens=tokens, ranked=self.max_group,
+                           rank=self.rank_key)
 
     def order_key(self, req: RequestView, now: float) -> float:
+        static, drift = self.rank_key(req)
+        return static - drift * now
+
+    def rank_key(self, req: RequestView) -> tuple[float, float]:
+        """The order's key as (static, drift), its value at `now` being static - drift * now:
+        a·slack = a·(arrival + TTFT target) - a·now, and the deadline does not move, so
+        neither does a request's place among those that share its drift (a with a TTFT
+        target, 0 without one; the instance core keeps the queue ranked by it)."""
+        predicted = req.predicted_output if req.predicted_output is not None else req.max_tokens
+        length = self.length_weight * predicted * self.token_seconds
         slo = req.slo
         if slo is not None and slo.ttft_s is not None:
-            slack = req.arrival + slo.ttft_s - now
-        else:
-            slack = self.no_slo_slack_s
-        predicted = req.predicted_output if req.predicted_output is not None else req.max_tokens
-        return self.slo_weight * slack + self.length_weight * predicted * self.token_seconds
+            return self.slo_weight * (req.arrival + slo.ttft_s) + length, self.slo_weight
+        return self.slo_weight * self.no_slo_slack_s + length, 0.0
 
     def ordered(self, waiting: tuple[RequestView, ...], now: float) -> list[RequestView]:
         """The waiting requests in SLO-ODBS order (ties: arrival)."""

@@ -13,6 +13,7 @@ non-final prefill chunk in flight is, so a long prompt can fill several pipeline
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -38,12 +39,21 @@ class WaitingNeed:
     it: the shortest head of the queue with at least `min_requests` requests (plus the seats
     still free under `max_num_seqs`, when set) and at least `tokens` pending tokens.
     `whole` (the default): the whole queue. Under overload this keeps a snapshot O(seats)
-    instead of O(queue), in the controller and the simulator alike."""
+    instead of O(queue), in the controller and the simulator alike.
+
+    A policy that admits in an order of its own adds the first `ranked` requests of that order
+    (`rank`, below; common/instance/ranked.py keeps the queue sorted by it): the snapshot then
+    shows the head and those requests (and any tied with the last of them), in arrival order."""
 
     whole: bool = True
     min_requests: int = 1
     max_num_seqs: int | None = None
     tokens: int = 0
+    ranked: int = 0
+    rank: Callable[["RequestView"], tuple[float, float]] | None = None
+    """(static, drift) of a waiting request, both fixed while it waits (a deadline, a
+    prediction; not its waiting time): the policy orders by the key `static - drift * now`
+    (computed just so), smallest first, then by arrival, then by queue position."""
 
 
 WHOLE_QUEUE = WaitingNeed()

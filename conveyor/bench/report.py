@@ -177,6 +177,10 @@ def controller_window(before: ControllerStats | None, after: ControllerStats | N
             ratios = [s["bubble_ratio"] for s in stages if s["bubble_ratio"] is not None]
             out["mean_bubble_ratio"] = sum(ratios) / len(ratios) if ratios else None
         out["batch_tokens"] = batch_tokens_window(window)
+        if window.slo:
+            out["slo"] = {label: {"met": a.met, "missed": a.missed,
+                                  "attainment": a.attainment}
+                          for label, a in sorted(window.slo.items())}
     instances = instance_gauges(after, samples)
     if instances:
         out["instances"] = instances
@@ -295,6 +299,8 @@ def _controller_lines(ctl: dict[str, Any]) -> list[str]:
         lines.append(_line("Policy:", ctl["policy"]))
     for k, v in (ctl.get("counters") or {}).items():
         lines.append(_line(f"{k.replace('_', ' ').capitalize()}:", v, "g"))
+    for label, a in (ctl.get("slo") or {}).items():
+        lines.append(_line(f"SLO attained, {label} (%):", 100 * a["attainment"], ".1f"))
     for s in ctl.get("stages") or []:
         lines.append(_line(f"Bubble ratio, stage {s['instance']}.{s['stage']}:",
                            s["bubble_ratio"], ".3f"))

@@ -54,7 +54,17 @@ def one_line(summary: dict[str, Any]) -> str:
         parts.append(f"p99 TPOT {1e3 * tpot['p99']:.0f} ms")
     if bubble is not None:
         parts.append(f"bubble {bubble:.3f}")
+    slo = slo_text(summary)
+    if slo:
+        parts.append(f"SLO attained {slo}")
     return ", ".join(parts)
+
+
+def slo_text(summary: dict[str, Any]) -> str:
+    """The controller's SLO attainment per class over the run, e.g. "batch 100%, interactive
+    82%" ("" without SLOs)."""
+    slo = (summary.get("controller") or {}).get("slo") or {}
+    return ", ".join(f"{label} {100 * a['attainment']:.0f}%" for label, a in slo.items())
 
 
 def run_sweep(samples: list[Sample], base: RunConfig, sweep: SweepConfig,
@@ -159,18 +169,20 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
             f"{_fmt((s.get('tpot') or {}).get('p99'), 1e3)} | "
             f"{_fmt(sum(bubbles) / len(bubbles) if bubbles else None, digits=3)} |")
     all_rows = ["| stages | policy | rate | completed | failed | req/s | out tok/s | p99 TTFT ms "
-                "| p99 TPOT ms | mean bubble ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "| p99 TPOT ms | mean bubble ratio | SLO attained |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         s = r["summary"]
         if not s:
             all_rows.append(f"| {r['stages']} | {r['policy']} | {rate_text(r['rate'])} | "
-                            f"failed | | | | | | |")
+                            f"failed | | | | | | | |")
             continue
         all_rows.append(
             f"| {r['stages']} | {r['policy']} | {rate_text(r['rate'])} | {s['completed']} | "
             f"{s['failed']} | {_fmt(s['request_throughput'], digits=2)} | "
             f"{_fmt(s['output_throughput'])} | {_fmt((s.get('ttft') or {}).get('p99'), 1e3)} | "
             f"{_fmt((s.get('tpot') or {}).get('p99'), 1e3)} | "
-            f"{_fmt((s.get('controller') or {}).get('mean_bubble_ratio'), digits=3)} |")
+            f"{_fmt((s.get('controller') or {}).get('mean_bubble_ratio'), digits=3)} | "
+            f"{slo_text(s)} |")
     return ("# Conveyor benchmark sweep\n\n## Best throughput per configuration\n\n"
             + "\n".join(best_rows) + "\n\n## Every run\n\n" + "\n".join(all_rows) + "\n")

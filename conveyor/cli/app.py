@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from conveyor.cli import (bench_cmd, client_cmd, deploy_cmd, plan_cmd, profile_cmd,
-                          simulate_cmd)
+from conveyor.cli import (bench_cmd, client_cmd, deploy_cmd, plan_cmd, predictor_cmd,
+                          profile_cmd, simulate_cmd)
+
 
 app = typer.Typer(
     name="conveyor", no_args_is_help=True, add_completion=False,
@@ -17,6 +18,7 @@ bench_cmd.register(app)
 profile_cmd.register(app)
 plan_cmd.register(app)
 simulate_cmd.register(app)
+predictor_cmd.register(app)
 
 
 def main() -> None:

@@ -84,6 +84,13 @@ def bench(
                                           "failed (and is cancelled)."),
     slo: Optional[str] = typer.Option(None, help="Goodput SLO in seconds, e.g. "
                                       "ttft=0.5,tpot=0.1 (metrics: ttft, tpot, e2e)."),
+    slo_classes: Optional[str] = typer.Option(None, help="A mix of latency targets: each "
+                                              "request names one of these SLO classes of the "
+                                              "deployment's slo.classes (comma-separated, "
+                                              "drawn uniformly with --seed, e.g. "
+                                              "interactive,batch); the result reports the "
+                                              "controller's attainment per class. Not with "
+                                              "--slo ttft or tpot."),
     result_dir: Path = typer.Option(Path("bench-results"), help="Where result JSON and "
                                     "charts go."),
     result_file: Optional[Path] = typer.Option(None, help="Result JSON path (default: "
@@ -130,6 +137,11 @@ def bench(
         slo_s = parse_slo(slo)
     except ValueError as e:
         raise bad("--slo", str(e)) from None
+    classes = tuple(comma_list(slo_classes, "--slo-classes")) if slo_classes else ()
+    if classes and ("ttft" in slo_s or "tpot" in slo_s):
+        raise bad("--slo-classes", "give the targets by class or by --slo ttft/tpot, not both")
+    if classes and backend != "conveyor":
+        raise bad("--slo-classes", "SLO classes travel over the SDK: use --backend conveyor")
     try:
         for s in set_:
             parse_override(s)
@@ -157,13 +169,13 @@ def bench(
                     max_concurrency=max_concurrency, num_warmups=num_warmups, seed=seed,
                     ignore_eos=ignore_eos, temperature=temperature,
                     request_timeout_s=request_timeout, stats_interval_s=stats_interval,
-                    progress=progress, slo_s=slo_s, backend=backend, base_url=base_url,
-                    model=model)
+                    progress=progress, slo_s=slo_s, slo_classes=classes, backend=backend,
+                    base_url=base_url, model=model)
     config = {"dataset": dataset, "num_prompts": len(samples), "seed": seed,
               "tokenizer": source, "tokenizer_loaded": tok is not None,
               "burstiness": burstiness, "max_concurrency": max_concurrency,
               "num_warmups": num_warmups, "ignore_eos": ignore_eos, "temperature": temperature,
-              "slo_s": slo_s}
+              "slo_s": slo_s, "slo_classes": list(classes)}
     if dataset == "random":
         config.update(random_input_len=random_input_len, random_output_len=random_output_len,
                       random_range_ratio=random_range_ratio, random_prompt=random_prompt)

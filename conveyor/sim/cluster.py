@@ -142,7 +142,8 @@ class ClusterConfig:
             return "the whole queue"
         seats = f"free seats + 1 (at least {need.min_requests})" if need.max_num_seqs else \
             f"{need.min_requests}"
-        return f"{seats} requests and {need.tokens} pending tokens"
+        ranked = f", and the first {need.ranked} in the policy's order" if need.rank else ""
+        return f"{seats} requests and {need.tokens} pending tokens{ranked}"
 
     def make_policy(self):
         return self.scheduler.build_policy()

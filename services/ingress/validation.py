@@ -108,11 +108,18 @@ def tokenize(checked: CheckedRequest, tokenizer: Any) -> list[int]:
     """The prompt's token ids: the slow step (milliseconds per ten kilobytes of text)."""
     if checked.token_ids is not None:
         return checked.token_ids
-    if checked.chat is None:
-        return list(tokenizer(checked.text, add_special_tokens=True)["input_ids"])
+    return prompt_ids(tokenizer, checked.text, checked.chat)
+
+
+def prompt_ids(tokenizer: Any, text: str | None, chat: list[dict[str, str]] | None = None
+               ) -> list[int]:
+    """The token ids of a raw prompt (`text`, with the tokenizer's special tokens) or of chat
+    messages through the chat template: what the controller and its length predictor see of
+    a prompt (`conveyor predictor fit` tokenizes its dataset here too)."""
+    if chat is None:
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
     try:
-        text = tokenizer.apply_chat_template(checked.chat, add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # jinja errors, e.g. a role the template rejects
         raise InvalidRequest(f"the chat template rejected the messages: {e}") from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -55,6 +55,25 @@ def test_bench_random_dataset_end_to_end(deployment, tmp_path):
     assert result_file.with_name("run-cdf.png").stat().st_size > 1000
 
 
+def test_bench_sends_a_mix_of_slo_classes(deployment, tmp_path):
+    """--slo-classes: each request names a class of the deployment's [slo.classes] (drawn with
+    the seed), and the controller's attainment per class counts exactly those requests."""
+    result_file = tmp_path / "slo.json"
+    out = CliRunner().invoke(app, [
+        "bench", "--address", deployment.address, "--dataset", "random", "--num-prompts", "10",
+        "--random-input-len", "16", "--random-output-len", "4", "--request-rate", "inf",
+        "--num-warmups", "0", "--seed", "3", "--slo-classes", "interactive,batch",
+        "--result-file", str(result_file), "--no-progress", "--no-plots"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(result_file.read_text())
+    drawn = [r["slo_class"] for r in data["requests"]]
+    assert set(drawn) == {"interactive", "batch"}
+    slo = data["summary"]["controller"]["slo"]
+    assert {k: v["met"] + v["missed"] for k, v in slo.items()} == \
+        {c: drawn.count(c) for c in set(drawn)}
+    assert "SLO attained, batch (%):" in out.output
+
+
 @pytest.mark.parametrize("backend", ["openai", "openai-chat"])
 def test_bench_drives_the_http_endpoint_as_an_openai_server(deployment, tmp_path, backend):
     result_file = tmp_path / "http.json"

@@ -93,7 +93,9 @@ def test_the_cli_refuses_bad_input_before_doing_any_work():
     runner = CliRunner()
     for args, text in ((["--slo", "ttft"], "--slo"), (["--dataset", "alpaca"], "alpaca"),
                        (["--request-rate", "0"], "must be > 0"),
-                       (["--sweep", "--rates", "1,x"], "--rates")):
+                       (["--sweep", "--rates", "1,x"], "--rates"),
+                       (["--slo-classes", "interactive", "--slo", "ttft=1"], "not both"),
+                       (["--slo-classes", "interactive", "--backend", "openai"], "SDK")):
         out = runner.invoke(app, ["bench", "--address", "tcp://127.0.0.1:9", *args])
         assert out.exit_code == 2, out.output
         flat = " ".join(out.output.replace("│", " ").split())  # undo the error box's wrapping
@@ -196,3 +198,16 @@ def test_sweep_charts(tmp_path):
     no_bubbles = [{**r, "summary": summary(5, None)} for r in runs if r["summary"]]
     names = {p.name for p in plot_sweep(no_bubbles, tmp_path / "nb")}
     assert "sweep-bubble.png" not in names and "sweep-throughput.png" in names
+
+
+def test_slo_attainment_per_class_over_the_window():
+    before = ControllerStats.from_builtins({"slo": {"interactive": {"met": 5, "missed": 1}}})
+    after = ControllerStats.from_builtins({"slo": {"interactive": {"met": 8, "missed": 3},
+                                                   "batch": {"met": 4, "missed": 0}}})
+    ctl = controller_window(before, after)
+    assert ctl["slo"] == {"batch": {"met": 4, "missed": 0, "attainment": 1.0},
+                          "interactive": {"met": 3, "missed": 2, "attainment": 0.6}}
+    summary = {**summarize(_records(), 10.0), "controller": ctl}
+    assert "SLO attained, interactive (%):" in format_table(summary)
+    md = markdown_table([{"stages": 2, "policy": "fcfs", "rate": 1.0, "summary": summary}])
+    assert "| batch 100%, interactive 60% |" in md

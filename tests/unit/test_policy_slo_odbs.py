@@ -107,3 +107,78 @@ def test_every_request_finishes_with_the_predictor_filling_lengths(name, total_b
         assert req.predicted_output is not None and req.predicted_high is not None
     driver.run()
     assert all(r.out == r.max_tokens for r in driver.requests)
+
+
+# ---- the ranked head: the same plans as sorting the whole queue -----------------------------
+
+def _queue_run(policy: str, head: int, blocks: int, **sched):
+    from conveyor.sim.cluster import build_cluster
+    from conveyor.sim.engine import simulate
+    from conveyor.sim.workload import Workload
+    from tests.unit.test_sim_engine import LinearCost
+
+    rng = random.Random(11)
+    n = 300
+    # A burst at t = 0 (exact ties: same arrival, class and prompt length, so the same
+    # prediction), then arrivals over 3 s; three classes, one without a TTFT target.
+    arrivals = [0.0] * 120 + sorted(rng.uniform(0, 3) for _ in range(n - 120))
+    classes = [SLO(0.2, 0.05, "tight"), SLO(1.0, 0.1, "loose"), None]
+    wl = Workload(arrivals, [rng.choice((16, 40, 64)) if i < 120 else rng.randint(4, 200)
+                             for i in range(n)],
+                  [rng.randint(2, 60) for _ in range(n)],
+                  slos=[classes[i % 3] if i < 120 else rng.choice(classes) for i in range(n)])
+    cfg = build_cluster({
+        "model": {"shape": "tiny"}, "cluster": {"stages": 3},
+        "kvcache": {"num_blocks": blocks},
+        "scheduler": {"policy": policy, "max_num_seqs": 16, "max_prefill_tokens": 128,
+                      "prefill_iterations": 4, **sched},
+        "simulator": {"waiting_head": head}})
+    res = simulate(cfg, LinearCost(1e-3, 1e-5, 1e-4), wl)
+    assert all(r.finished for r in res.requests)
+    return ([(r.first_token, r.last_token, r.preemptions) for r in res.requests],
+            res.instances[0]["max_waiting"])
+
+
+@pytest.mark.parametrize("policy,blocks,sched", [
+    ("slo-odbs", 4096, {}), ("slo-odbs", 160, {}), ("slo-odbs", 4096, {"throttle": False}),
+    ("odbs", 4096, {}), ("slo-dbs", 160, {}), ("slo-dbs", 4096, {"max_group": 3})])
+def test_the_ranked_head_plans_as_the_whole_queue(policy, blocks, sched):
+    """SLO-ODBS shown the head its instance core keeps ranked (waiting_head 0) plans exactly
+    as it did sorting the whole waiting queue at every micro-batch (-1): same first and last
+    token times, same preemptions, for every request of a long queue."""
+    ranked, longest = _queue_run(policy, 0, blocks, **sched)
+    whole, _ = _queue_run(policy, -1, blocks, **sched)
+    assert longest > 60  # the queue really was long: the head shown was a small part of it
+    assert ranked == whole
+    head_only, _ = _queue_run(policy, 2, blocks, **sched)
+    assert head_only != whole  # shown only the arrival head, it plans otherwise: teeth
+
+
+def test_ranked_waiting_returns_the_first_k_of_the_exact_order():
+    """Two drifts (with and without a deadline), exact ties and near ties: top(now, k) holds
+    the k first requests of sorting all by the policy's own key, at several times."""
+    from common.instance import CoreRequest
+    from common.instance.ranked import RankedWaiting
+
+    policy = make_policy("slo-odbs")
+    rng = random.Random(3)
+    ranked = RankedWaiting(policy.rank_key)
+    reqs = []
+    for i in range(400):
+        slo = rng.choice([SLO(0.5), SLO(2.0), None])
+        r = CoreRequest(i, rng.choice([0.0, 0.1, rng.uniform(0, 5)]), 16, 1000, 1 << 20, slo=slo)
+        r.predicted_output = rng.choice([10, 50, rng.randint(1, 900)])
+        reqs.append(r)
+        ranked.add(r)
+    for r in reqs[::7]:  # some leave
+        ranked.remove(r)
+    live = [r for i, r in enumerate(reqs) if i % 7]
+    assert len(ranked) == len(live)
+    for now in (0.0, 1.7, 4.0, 60.0, 1e6):
+        exact = sorted(live, key=lambda r: (policy.order_key(r, now), r.arrival))
+        for k in (1, 10, 50):
+            top = ranked.top(now, k)
+            assert len(top) >= k
+            shown = sorted(top, key=lambda r: r.order)
+            first = sorted(shown, key=lambda r: (policy.order_key(r, now), r.arrival))[:k]
+            assert [r.req_id for r in first] == [r.req_id for r in exact[:k]]
