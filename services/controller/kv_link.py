@@ -7,11 +7,19 @@ forget), so dispatching a micro-batch costs no round trip. Freed blocks go back 
 top-up only when a plan needs more blocks than the lease holds (the policy counted blocks freed
 a moment ago). The manager handles one socket's messages in order, so it sees a request's
 assignment before its free, and a free before the top-up that hands those blocks out again.
+
+The controller keeps the same books as the manager (every live request's block ids, and its
+lease), so a restarted manager is rebuilt from them: when the connection comes back, each
+ready instance's pool is created again holding exactly those tables and that lease. Meanwhile
+dispatches go on from the lease; one that needs a top-up waits for the manager's return (at
+most KV_TIMEOUT_S, then its requests fail with that reason).
 """
 
 from __future__ import annotations
 
 import asyncio
+
+from collections.abc import Callable
 
 from common.log import get_logger
 from common.wire.internal_messages import (AssignBlocks, FreeBlocks, LeaseBlocks, PoolInit,
@@ -32,10 +40,57 @@ class KVLink:
         """Per instance, requests whose blocks go back to the manager with the next flush."""
         self.lease_waits = 0
         """Dispatches that had to wait for a top-up."""
+        self.usable = asyncio.Event()
+        """The manager is connected and holds this controller's pools (cleared while it is
+        away or being rebuilt)."""
+
+    async def watch(self, instances: list[ServedInstance],
+                    on_rebuilt: Callable[[], None]) -> None:
+        """Runs for the controller's life: calls in flight fail at once when the manager goes
+        away, and its pools are rebuilt when it comes back (then `on_rebuilt` runs)."""
+        def back() -> None:
+            task = asyncio.create_task(self._rebuild(instances, on_rebuilt))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or log.error(
+                "rebuilding the kv-cache manager's pools failed", error=repr(t.exception())))
+
+        await self.rpc.fail_on_disconnect("kv-cache manager", on_disconnect=self.usable.clear,
+                                          on_connect=self.usable.set, on_reconnect=back)
+
+    async def _rebuild(self, instances: list[ServedInstance],
+                       on_rebuilt: Callable[[], None]) -> None:
+        self.to_free.clear()  # the books already leave those requests out
+        rebuilt = 0
+        for inst in instances:
+            if not inst.pool_ready:
+                continue
+            # The books are read when the call is sent (no await in between): whatever is
+            # assigned or freed later follows on the same socket.
+            reply: PoolReply = await self.rpc.call(lambda cid: PoolInit(
+                cid, inst.index, inst.core.total_blocks, inst.core.block_size,
+                [(r, list(b)) for r, b in inst.tables.items()], list(inst.lease)),
+                KV_TIMEOUT_S)
+            if not reply.ok:
+                raise RuntimeError(f"instance {inst.index}'s pool was refused: {reply.error}")
+            rebuilt += 1
+        log.warning("kv-cache manager back: pools rebuilt from the controller's books",
+                    instances=rebuilt)
+        self.usable.set()
+        on_rebuilt()
+
+    async def _usable(self) -> None:
+        """Waits for the manager (at most KV_TIMEOUT_S) while it is away or being rebuilt."""
+        if self.usable.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.usable.wait(), KV_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"the kv-cache manager has been away for {KV_TIMEOUT_S:g}s") \
+                from None
 
     async def init_pool(self, inst: ServedInstance, num_blocks: int) -> bool:
         """Creates the instance's pool and takes its first lease (the instance's pool is then
         ready); False if the manager refused it."""
+        await self._usable()
         reply: PoolReply = await self.rpc.call(
             lambda cid: PoolInit(cid, inst.index, num_blocks, inst.core.block_size),
             KV_TIMEOUT_S)
@@ -49,8 +104,9 @@ class KVLink:
         inst.pool_ready = True
         return True
 
-    def free(self, index: int, req_id: int) -> None:
-        self.to_free.setdefault(index, []).append(req_id)
+    def free(self, inst: ServedInstance, req_id: int) -> None:
+        inst.tables.pop(req_id, None)
+        self.to_free.setdefault(inst.index, []).append(req_id)
 
     def flush(self, instances: list[ServedInstance]) -> None:
         """Sends the queued frees, then tops up every lease that has blocks to gain."""
@@ -77,6 +133,8 @@ class KVLink:
 
     def assigned(self, inst: ServedInstance, granted: dict[int, list[int]]) -> None:
         if granted:
+            for req_id, blocks in granted.items():
+                inst.tables.setdefault(req_id, []).extend(blocks)
             self.endpoint.send_nowait(AssignBlocks(inst.index, list(granted.items())))
 
     async def _refill(self, inst: ServedInstance) -> None:
@@ -90,6 +148,7 @@ class KVLink:
             return
         inst.refilling = True
         try:
+            await self._usable()
             reply: PoolReply = await self.rpc.call(
                 lambda cid: LeaseBlocks(cid, inst.index, count), KV_TIMEOUT_S)
         finally:
