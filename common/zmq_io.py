@@ -180,6 +180,16 @@ class RpcClient:
         finally:
             self._pending.pop(call_id, None)
 
+    def send_call(self, build: Callable[[int], Message]) -> asyncio.Future:
+        """Sends a call at once (nothing else can be sent before it) and returns the future
+        of its reply, for the caller to await with its own timeout."""
+        call_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = fut
+        fut.add_done_callback(lambda _: self._pending.pop(call_id, None))
+        self.endpoint.send_nowait(build(call_id))
+        return fut
+
     def dispatch(self, incoming: Incoming) -> bool:
         call_id = getattr(incoming.message, "call_id", None)
         fut = self._pending.get(call_id) if call_id is not None else None

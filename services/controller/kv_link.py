@@ -43,39 +43,48 @@ class KVLink:
         self.usable = asyncio.Event()
         """The manager is connected and holds this controller's pools (cleared while it is
         away or being rebuilt)."""
+        self.books_only = False
+        """The manager is away: assignments and frees go to the books alone (the rebuilt
+        pools carry them), not into a socket queue for a manager that would have no pool."""
 
     async def watch(self, instances: list[ServedInstance],
                     on_rebuilt: Callable[[], None]) -> None:
         """Runs for the controller's life: calls in flight fail at once when the manager goes
         away, and its pools are rebuilt when it comes back (then `on_rebuilt` runs)."""
-        def back() -> None:
-            task = asyncio.create_task(self._rebuild(instances, on_rebuilt))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or log.error(
-                "rebuilding the kv-cache manager's pools failed", error=repr(t.exception())))
+        def away() -> None:
+            self.usable.clear()
+            self.books_only = True
 
-        await self.rpc.fail_on_disconnect("kv-cache manager", on_disconnect=self.usable.clear,
-                                          on_connect=self.usable.set, on_reconnect=back)
+        await self.rpc.fail_on_disconnect(
+            "kv-cache manager", on_disconnect=away, on_connect=self.usable.set,
+            on_reconnect=lambda: self._rebuild(instances, on_rebuilt))
 
-    async def _rebuild(self, instances: list[ServedInstance],
-                       on_rebuilt: Callable[[], None]) -> None:
+    def _rebuild(self, instances: list[ServedInstance], on_rebuilt: Callable[[], None]) -> None:
+        """Sends each ready instance's books (PoolInit with its tables and lease) at once,
+        before any assignment or free may follow them; the replies are awaited in a task."""
+        self.usable.clear()  # until the pools exist
         self.to_free.clear()  # the books already leave those requests out
-        rebuilt = 0
-        for inst in instances:
-            if not inst.pool_ready:
-                continue
-            # The books are read when the call is sent (no await in between): whatever is
-            # assigned or freed later follows on the same socket.
-            reply: PoolReply = await self.rpc.call(lambda cid: PoolInit(
-                cid, inst.index, inst.core.total_blocks, inst.core.block_size,
-                [(r, list(b)) for r, b in inst.tables.items()], list(inst.lease)),
-                KV_TIMEOUT_S)
-            if not reply.ok:
-                raise RuntimeError(f"instance {inst.index}'s pool was refused: {reply.error}")
-            rebuilt += 1
-        log.warning("kv-cache manager back: pools rebuilt from the controller's books",
-                    instances=rebuilt)
-        self.usable.set()
-        on_rebuilt()
+        calls = [(inst, self.rpc.send_call(lambda cid, inst=inst: PoolInit(
+                     cid, inst.index, inst.core.total_blocks, inst.core.block_size,
+                     [(r, list(b)) for r, b in inst.tables.items()], list(inst.lease))))
+                 for inst in instances if inst.pool_ready]
+        self.books_only = False
+
+        async def rebuilt() -> None:
+            for inst, call in calls:
+                reply: PoolReply = await asyncio.wait_for(call, KV_TIMEOUT_S)
+                if not reply.ok:
+                    log.error("the rebuilt kv-cache manager refused a pool",
+                              instance=inst.index, error=reply.error)
+                    return
+            log.warning("kv-cache manager back: pools rebuilt from the controller's books",
+                        instances=len(calls))
+            self.usable.set()
+            on_rebuilt()
+
+        task = asyncio.create_task(rebuilt())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or log.error(
+            "rebuilding the kv-cache manager's pools failed", error=repr(t.exception())))
 
     async def _usable(self) -> None:
         """Waits for the manager (at most KV_TIMEOUT_S) while it is away or being rebuilt."""
@@ -110,7 +119,7 @@ class KVLink:
 
     def flush(self, instances: list[ServedInstance]) -> None:
         """Sends the queued frees, then tops up every lease that has blocks to gain."""
-        if self.to_free:
+        if self.to_free and not self.books_only:
             frees, self.to_free = self.to_free, {}
             for index, req_ids in frees.items():
                 self.endpoint.send_nowait(FreeBlocks(0, index, req_ids))
@@ -135,7 +144,8 @@ class KVLink:
         if granted:
             for req_id, blocks in granted.items():
                 inst.tables.setdefault(req_id, []).extend(blocks)
-            self.endpoint.send_nowait(AssignBlocks(inst.index, list(granted.items())))
+            if not self.books_only:
+                self.endpoint.send_nowait(AssignBlocks(inst.index, list(granted.items())))
 
     async def _refill(self, inst: ServedInstance) -> None:
         try:

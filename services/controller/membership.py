@@ -193,6 +193,11 @@ class Membership:
         if again:
             asyncio.get_running_loop().call_later(PROBE_AGAIN_S, self.probe, False)
 
+    def unreachable(self, inst: ServedInstance, stage: int) -> None:
+        """A send to a registered stage failed: it is gone."""
+        if stage not in inst.gone:
+            self._died(inst, stage, "it could not be reached")
+
     def _died(self, inst: ServedInstance, stage: int, why: str) -> None:
         member = inst.generation != 0 and inst.told.pop(stage, None) == inst.generation
         beyond = self._count_death(inst, stage, why)
@@ -241,6 +246,24 @@ class Membership:
             self.ctl.outputs.append(RequestOutput(req_id, [], FinishReason.ERROR,
                                                   inst.given_up, ErrorCode.INTERNAL))
         return bool(inst.given_up)
+
+    def health(self, kv_usable: bool, now: float) -> tuple[bool, str]:
+        """(ready, detail): ready when every instance serves and no micro-batch is overdue;
+        an instance given up on while another serves is named in the detail but does not
+        make the deployment unready (it serves, on the others)."""
+        instances = self.ctl.instances
+        serving = any(i.ready for i in instances)
+        problems, notes = [], []
+        for inst in instances:
+            why = self.problem(inst)
+            if why:
+                (notes if inst.given_up and serving else problems).append(why)
+        if not kv_usable:
+            problems.append("the kv-cache manager is away (its pools are rebuilt when it is "
+                            "back)")
+        problems += [f"degraded: instance {i.index}: {why}" for i in instances
+                     if i.ready and (why := i.liveness.overdue(i.core.inflight.values(), now))]
+        return not problems, "; ".join(problems) or "; ".join(["ready", *notes])
 
     @staticmethod
     def problem(inst: ServedInstance) -> str:

@@ -391,12 +391,12 @@ class Controller:
                                          len(batch.sampling))
             log.debug("dispatched", instance=inst.index, mb_id=first.mb_id,
                       requests=len(batch.chunks), **asdict(shape))
-        try:
-            for stage, identity in sorted(inst.stage_identities.items()):
+        for stage, identity in sorted(inst.stage_identities.items()):
+            try:
                 await self.endpoint.send(first if stage == 0 else rest, identity)
-        except Exception as e:  # a stage went away: the batch will never come back
-            core.fail_batch(batch.mb_id, f"could not reach a stage: {e}", time.monotonic())
-            raise
+            except zmq.ZMQError:  # gone: its death ends the generation, the batch with it
+                self.membership.unreachable(inst, stage)
+                return False
         return True
 
     # ---- outputs and status -------------------------------------------------------------
@@ -415,14 +415,8 @@ class Controller:
 
     def _status(self, call_id: int) -> StatusReply:
         now = time.monotonic()
-        problems = [why for i in self.instances if (why := self.membership.problem(i))]
-        if not self.kv_link.usable.is_set():
-            problems.append("the kv-cache manager is away (its pools are rebuilt when it is "
-                            "back)")
-        problems += [f"degraded: instance {i.index}: {why}" for i in self.instances
-                     if i.ready and (why := i.liveness.overdue(i.core.inflight.values(), now))]
-        return StatusReply(call_id, not problems, "; ".join(problems) or "ready",
-                           self._stats(now))
+        ready, detail = self.membership.health(self.kv_link.usable.is_set(), now)
+        return StatusReply(call_id, ready, detail, self._stats(now))
 
     def _stats(self, now: float) -> ControllerStats:
         """Everything the controller measures (cumulative; common/stats) plus live state."""

@@ -337,6 +337,9 @@ class Ingress:
         lost = [cr for cr in self.active.values() if cr.submitted]
         if lost:
             log.error("the controller went away: failing its requests", requests=len(lost))
+            # Queued for whichever controller comes back: a restarted one knows none of them,
+            # the same one (its link dropped) must not run them for nobody.
+            self._abort(lost, "the controller went away")
         for cr in lost:
             self._reply(cr, ErrorReply(cr.client_id, ErrorCode.INTERNAL,
                                        "the controller went away while serving this request; "

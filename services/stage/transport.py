@@ -115,10 +115,16 @@ class ActivationLink:
 
     def leave(self) -> None:
         """Out of the current group (a send still pending is dropped: its micro-batch is
-        lost with the group)."""
+        lost with the group). An NCCL group is not torn down in-process: with a dead peer that
+        can hang, so the process exits instead (SystemExit, status 1) and its service manager
+        restarts it into the next generation."""
         self._pending = None
         self.target = 0
         if self.generation and self.num_stages > 1 and dist.is_initialized():
+            if self.backend == "nccl":
+                log.error("leaving an NCCL pipeline group: exiting, to be restarted into the "
+                          "next generation", generation=self.generation)
+                raise SystemExit(1)
             dist.destroy_process_group()
         self.generation = 0
 
@@ -164,7 +170,9 @@ class ActivationLink:
             if self.joined:
                 self.flush()
         finally:
-            self.leave()
+            if self.joined and self.num_stages > 1 and dist.is_initialized():
+                dist.destroy_process_group()  # at shutdown, with every peer alive
+            self.generation = 0
 
 
 def _serve_store(host: str, port: int, timeout: timedelta) -> dist.TCPStore:

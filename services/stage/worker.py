@@ -76,6 +76,7 @@ class StageWorker:
         self.link = ActivationLink(stage, self.num_stages, *ep.rendezvous(instance),
                                    self.device, self.placement.shares_device)
         self.tables: dict[int, list[int]] = {}
+        self.ready_said = False
         mig = cfg.migration
         # The migration store listens where this stage's gloo does: the address its host
         # reaches the instance's rendezvous host from (loopback on one machine).
@@ -184,8 +185,10 @@ class StageWorker:
             return
         if joined:
             # Before the controller hears of it: once it does, the deployment may be ready,
-            # and the service manager must have heard from this stage first.
-            sd_notify.ready(f"stage {self.instance}.{self.stage} warmed up and joined")
+            # and the service manager must have heard from this stage first (once).
+            if not self.ready_said:
+                sd_notify.ready(f"stage {self.instance}.{self.stage} warmed up and joined")
+                self.ready_said = True
             self.sock.send_multipart(encode(PipelineJoined(self.instance, self.stage,
                                                            self.link.generation)))
 
@@ -200,6 +203,8 @@ class StageWorker:
                                             self._lost(msg, "this stage is in no pipeline "
                                                             "group (it is being rebuilt)")))
         elif isinstance(msg, JoinPipeline):
+            if msg.generation in (self.link.generation, self.link.target):
+                return  # already in it (or joining): counting in twice would be wrong
             self.tables.clear()  # the controller re-queues every request: all start afresh
             self.link.start_join(msg.generation)
             self._try_join()
