@@ -105,9 +105,11 @@ class DeploymentConfig(_Section):
     e.g. "0-512:2,512-:1" (common/scheduling/length_groups.py), naming exactly `instances`
     instances. ("auto", the range DP, needs a cost model: only the simulator has one so far.)"""
     stage_restarts: int = 3
-    """`conveyor serve` restarts an instance's stages when one dies (the others' process group
-    is gone with it) at most this many times within restart_window_s; one more death gives up
-    and stops the deployment naming the stage. 0: never restart."""
+    """A stage that dies more often than this within restart_window_s is given up on: the
+    controller fails its instance's requests naming it and routes new ones to the other
+    instances, and `conveyor serve` stops restarting it (it restarts a dead stage alone, as
+    systemd's Restart= does; the others rejoin in-process). When no instance is left, `conveyor
+    serve` stops the deployment naming the stage. 0: give up at the first death."""
     restart_window_s: float = 60.0
     step_timeout_s: float = 30.0
     """A micro-batch in flight longer than this marks its instance degraded in health (not

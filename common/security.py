@@ -19,6 +19,8 @@ is logged with the peer's address (`log_handshake_failures`, the authenticator).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import itertools
 import os
 import stat
@@ -206,17 +208,24 @@ def _handshake_error(value: int) -> str:
 
 
 async def log_handshake_failures(sock: zmq.asyncio.Socket, service: str,
-                                 every_s: float = 1.0) -> None:
+                                 every_s: float = 1.0,
+                                 on_disconnect: Callable[[], None] | None = None) -> None:
     """Runs for a server socket's life: logs every connection that failed its handshake (a
     peer without CURVE, or with a wrong server key; refused keys are logged by the ZAP
     handler, with the key). ZeroMQ peers reconnect every 100 ms, so one stubborn peer would
-    write ten lines a second: at most one line per `every_s`, counting those folded into it."""
-    monitor = sock.get_monitor_socket(_HANDSHAKE_FAILURES,
+    write ten lines a second: at most one line per `every_s`, counting those folded into it.
+    ZeroMQ allows one monitor per socket, so this one also calls `on_disconnect` whenever a
+    peer's connection drops (the controller then finds out whose)."""
+    events = _HANDSHAKE_FAILURES | (zmq.EVENT_DISCONNECTED if on_disconnect else 0)
+    monitor = sock.get_monitor_socket(events,
                                       addr=f"inproc://conveyor-handshakes-{next(_MONITOR_IDS)}")
     last, folded = 0.0, 0
     try:
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                on_disconnect()
+                continue
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 continue  # already logged, with its key, by RoleAuthenticator.callback
             now = time.monotonic()

@@ -180,6 +180,16 @@ class RpcClient:
         finally:
             self._pending.pop(call_id, None)
 
+    def send_call(self, build: Callable[[int], Message]) -> asyncio.Future:
+        """Sends a call at once (nothing else can be sent before it) and returns the future
+        of its reply, for the caller to await with its own timeout."""
+        call_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = fut
+        fut.add_done_callback(lambda _: self._pending.pop(call_id, None))
+        self.endpoint.send_nowait(build(call_id))
+        return fut
+
     def dispatch(self, incoming: Incoming) -> bool:
         call_id = getattr(incoming.message, "call_id", None)
         fut = self._pending.get(call_id) if call_id is not None else None
@@ -195,18 +205,22 @@ class RpcClient:
                 fut.set_exception(exc)
 
     async def fail_on_disconnect(self, peer: str,
-                                 on_disconnect: Callable[[], None] | None = None) -> None:
+                                 on_disconnect: Callable[[], None] | None = None,
+                                 on_connect: Callable[[], None] | None = None,
+                                 on_reconnect: Callable[[], None] | None = None) -> None:
         """Runs for the endpoint's life: whenever the connection to the peer drops (its
         process died or closed the socket), every call in flight fails at once with
         PeerDisconnected instead of waiting out its timeout, and `on_disconnect` runs (to fail
         what else depended on the peer). ZeroMQ reconnects by itself; later calls go through
-        once the peer is back. While the peer is not connected (not started yet, or gone),
-        the process says that it waits for it (common/peer_wait.py); `connected` is set
-        while it is."""
+        once the peer is back. `on_connect` runs at every handshake, `on_reconnect` at those
+        after a drop (a restarted peer knows nothing of this process: say hello again). While
+        the peer is not connected (not started yet, or gone), the process says that it waits
+        for it (common/peer_wait.py); `connected` is set while it is."""
         monitor = self.endpoint.connection_events
         if monitor is None:
             raise ValueError("fail_on_disconnect needs a connecting endpoint")
         wait = PeerWait(peer, self.endpoint.address)
+        dropped = False
         while True:
             if not self.connected.is_set() and not await monitor.poll(wait.timeout_ms()):
                 wait.overdue()
@@ -215,8 +229,12 @@ class RpcClient:
             if is_handshake(frames):
                 wait.connected()
                 self.connected.set()
+                for callback in (on_connect, on_reconnect if dropped else None):
+                    if callback is not None:
+                        callback()
                 continue
             self.connected.clear()
+            dropped = True
             wait = PeerWait(peer, self.endpoint.address)
             pending = sum(not f.done() for f in self._pending.values())
             log.error("peer disconnected", peer=peer, calls_failed=pending)

@@ -2,11 +2,13 @@
 
 Children run `conveyor start ROLE` on the resolved config, each in its own session (so Ctrl-C
 reaches only the supervisor, which then stops them in order) and with a parent-death signal (so
-none outlives a supervisor that was killed). If a stage dies, the supervisor restarts every
-stage of its instance (their process group died with it) on a fresh rendezvous port, so no
-stale peer can join the new group, and the controller re-queues the instance's requests; a
-stage that keeps dying (deployment.stage_restarts within restart_window_s), or any other child
-that exits, makes it say which one and how, stop the rest, and exit non-zero. Children's output
+none outlives a supervisor that was killed). If a stage dies, the supervisor restarts that
+stage alone, as systemd's Restart= would: the controller re-queues the instance's requests and
+the other stages join a new generation of the group with it (services/controller/membership.py).
+A stage that keeps dying (more than deployment.stage_restarts deaths within restart_window_s)
+is given up on and left dead, as the controller gives up on its instance by the same count;
+the other instances serve on. When no instance is left, or any other child exits, the
+supervisor says which one and how, stops the rest, and exits non-zero. Children's output
 reaches the supervisor's stderr whole and named, line by line (child_output.py).
 """
 
@@ -19,9 +21,9 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from common.config import ConveyorConfig, free_port, save_config
+from common.config import ConveyorConfig, save_config
 from common.run_dir import ensure_private_dir
 from conveyor.child_output import OutputRelay
 
@@ -41,6 +43,10 @@ class Child:
     """For a stage: its instance."""
     relay: threading.Thread | None = None
     """The thread relaying its output (child_output.py)."""
+    restarts: list[float] = field(default_factory=list)
+    """When it was restarted, within the last restart window."""
+    given_up: bool = False
+    """A stage that kept dying: left dead."""
 
 
 def _die_with_parent() -> None:
@@ -66,7 +72,6 @@ class Supervisor:
             Child(f"stage {i}.{s}", base + ["stage", "--instance", str(i), "--stage", str(s)]
                   + tail, instance=i)
             for i in range(dep.instances) for s in range(dep.stages)]
-        self.restarts: dict[int, list[float]] = {i: [] for i in range(dep.instances)}
         self.children.append(Child("ingress", base + ["ingress"] + tail))
         self.output = OutputRelay([c.name for c in self.children])
         """Where the children's lines and the supervisor's own go, whole."""
@@ -85,40 +90,33 @@ class Supervisor:
         child.relay = self.output.attach(child.name, child.proc.stdout)
 
     def recover(self) -> list[str]:
-        """Restarts the stages of every instance that lost one (within the crash budget) and
-        says what it did; raises ChildDied for any other death, or a stage past the budget."""
+        """Restarts each dead stage (within its budget) and says what it did; raises
+        ChildDied for any other death, or when every instance has a stage given up on."""
         dead = self._dead()
-        stages = {c.instance for c in dead if c.instance is not None}
         if self.stopping or not dead or any(c.instance is None for c in dead):
             self.check()
             return []
         dep, said = self.cfg.deployment, []
         now = time.monotonic()
-        for i in sorted(stages):
-            recent = [t for t in self.restarts[i] if now - t < dep.restart_window_s]
-            if len(recent) >= dep.stage_restarts:
+        for child in dead:
+            child.restarts = [t for t in child.restarts if now - t < dep.restart_window_s]
+            if len(child.restarts) >= dep.stage_restarts:
+                child.given_up = True
                 why = ("stage restarts are off (deployment.stage_restarts = 0)"
                        if not dep.stage_restarts else
-                       f"it keeps dying ({len(recent)} restarts of instance {i} in "
-                       f"{dep.restart_window_s:g}s): giving up")
-                raise ChildDied(f"{_deaths([c for c in dead if c.instance == i])}; {why}")
-            self.restarts[i] = recent + [now]
-            said.append(f"{_deaths([c for c in dead if c.instance == i])}; restarting instance "
-                        f"{i}'s stages (restart {len(recent) + 1} of {dep.stage_restarts} in "
-                        f"{dep.restart_window_s:g}s)")
-            self._restart_instance(i)
+                       f"it keeps dying ({len(child.restarts)} restarts in "
+                       f"{dep.restart_window_s:g}s)")
+                if all(any(c.given_up for c in self.children if c.instance == i)
+                       for i in range(dep.instances)):
+                    raise ChildDied(f"{_deaths([child])}; {why}; no instance is left")
+                said.append(f"{_deaths([child])}; {why}: giving up on it; instance "
+                            f"{child.instance}'s requests fail, the other instances serve on")
+                continue
+            child.restarts.append(now)
+            said.append(f"{_deaths([child])}; restarting it (restart {len(child.restarts)} of "
+                        f"{dep.stage_restarts} in {dep.restart_window_s:g}s)")
+            self._spawn(child)
         return said
-
-    def _restart_instance(self, i: int) -> None:
-        group = [c for c in self.children if c.instance == i]
-        for child in group:  # the survivors' process group is broken: they start afresh too
-            if child.proc.poll() is None:
-                child.proc.kill()
-                child.proc.wait()
-        # A new rendezvous port is a new generation of the group: a stale peer cannot join it.
-        port = free_port(self.cfg.endpoints.dist_host)
-        for child in group:
-            self._spawn(child, ["--set", f"endpoints.dist_base_port={port - i}"])
 
     def check(self) -> None:
         """Raises ChildDied naming every child that has exited. One death often takes its
@@ -132,7 +130,8 @@ class Supervisor:
 
     def _dead(self) -> list[Child]:
         """The children that have exited, their last lines (a traceback, say) relayed first."""
-        dead = [c for c in self.children if c.proc and c.proc.poll() is not None]
+        dead = [c for c in self.children
+                if c.proc and not c.given_up and c.proc.poll() is not None]
         for child in dead:
             child.relay.join(timeout=1.0)
         return dead

@@ -124,6 +124,11 @@ class ControllerMetrics:
     """Times an instance's stages restarted and its requests were taken back."""
     requests_recovered: int = 0
     """Requests re-queued for recompute by those recoveries."""
+    restarts: Counter = field(default_factory=Counter)
+    """Processes the controller saw come back as a new process, by role (stage, ingress,
+    kvcache)."""
+    instances_given_up: int = 0
+    """Times an instance was given up on (a stage that kept dying)."""
     migrations: int = 0
     """Requests moved to another instance (services/controller/migration.py)."""
     migrations_waiting: int = 0
@@ -234,7 +239,8 @@ class ControllerMetrics:
             prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
             micro_batches=self.micro_batches, preemptions=self.preemptions,
             pipeline_recoveries=self.pipeline_recoveries,
-            requests_recovered=self.requests_recovered, migrations=self.migrations,
+            requests_recovered=self.requests_recovered, restarts=dict(self.restarts),
+            instances_given_up=self.instances_given_up, migrations=self.migrations,
             migrations_waiting=self.migrations_waiting,
             migrations_aborted=self.migrations_aborted,
             migrations_refused=self.migrations_refused,

@@ -99,6 +99,8 @@ class InstanceStats(_Snapshot):
 
     instance: int
     ready: bool = True
+    given_up: bool = False
+    """A stage of it kept dying: its requests fail (deployment.stage_restarts)."""
     waiting: int = 0
     running: int = 0
     inflight: int = 0
@@ -146,8 +148,17 @@ class ControllerStats(_Snapshot):
     micro_batches: int = 0
     preemptions: int = 0
     pipeline_recoveries: int = 0
-    """Times an instance's stages restarted and its requests were taken back."""
+    """Times an instance's pipeline broke (a stage died, or restarted) and its requests were
+    taken back."""
     requests_recovered: int = 0
+    """Requests re-queued for recompute by those recoveries."""
+    restarts: dict[str, int] = {}
+    """Processes the controller saw come back as a new process, by role: "stage" (a hello
+    from a new process of a registered stage), "ingress" (likewise), "kvcache" (its pools
+    rebuilt after its connection came back)."""
+    instances_given_up: int = 0
+    """Times an instance was given up on: a stage died more than deployment.stage_restarts
+    times within restart_window_s."""
     migrations: int = 0
     """Requests moved to another instance (running or waiting)."""
     migrations_waiting: int = 0
@@ -205,6 +216,8 @@ class ControllerStats(_Snapshot):
             preemptions=self.preemptions - before.preemptions,
             pipeline_recoveries=self.pipeline_recoveries - before.pipeline_recoveries,
             requests_recovered=self.requests_recovered - before.requests_recovered,
+            restarts={k: v - before.restarts.get(k, 0) for k, v in self.restarts.items()},
+            instances_given_up=self.instances_given_up - before.instances_given_up,
             migrations=self.migrations - before.migrations,
             migrations_waiting=self.migrations_waiting - before.migrations_waiting,
             migrations_aborted=self.migrations_aborted - before.migrations_aborted,

@@ -34,8 +34,10 @@ class FinishReason(IntEnum):
 
 @register
 class Hello(InternalMessage):
-    """First message of a peer on the controller's socket. Stage workers send it once their
-    weights are loaded and their torch.distributed group is up."""
+    """First message of a peer on the controller's socket, and again whenever its connection
+    to the controller comes back (a restarted controller knows nobody). Stage workers send it
+    once their weights are loaded and warmed up; the controller then tells them which
+    generation of their instance's torch.distributed group to join (JoinPipeline)."""
 
     TYPE_ID = 100
     role: str
@@ -44,6 +46,40 @@ class Hello(InternalMessage):
     kv_blocks: int = 0
     """Blocks of KV this stage can hold; the instance's pool is the smallest of its stages."""
     detail: dict[str, Any] = {}
+    again: bool = False
+    """This process said hello before: its controller connection dropped and came back (a
+    restarted controller). False from a process that just started (a restart, to a controller
+    that knew its predecessor)."""
+
+
+@register
+class JoinPipeline(InternalMessage):
+    """Controller -> every stage of an instance: leave the current torch.distributed group (if
+    any) and join `generation` of it. The rendezvous keys live under `gen{generation}/` in
+    stage 0's store, so a peer of an older generation (or a dead one's leftovers) cannot join
+    the new group. Generations grow (the controller's wall clock in ms at least), so one
+    handed out by a restarted controller is new too."""
+
+    TYPE_ID = 103
+    generation: int
+
+
+@register
+class PipelineJoined(InternalMessage):
+    """Stage -> controller: it is a member of `generation` of its instance's group."""
+
+    TYPE_ID = 104
+    instance: int
+    stage: int
+    generation: int
+
+
+@register
+class Probe(InternalMessage):
+    """Controller -> stage, no answer: sent when a connection to the controller dropped, to
+    find out whose (a send to a routing identity no longer connected fails at once)."""
+
+    TYPE_ID = 105
 
 
 @register
@@ -164,6 +200,13 @@ class StepDone(InternalMessage):
     """Seconds spent waiting for the previous stage's activations."""
     sampled: list[int] = []
     error: str = ""
+    pipeline_lost: bool = False
+    """The stage's torch.distributed group broke (a peer died): the error is the pipeline's,
+    not the micro-batch's, so the controller takes the instance's requests back for recompute
+    instead of failing them."""
+    generation: int = 0
+    """The group generation the stage ran the micro-batch in (a report of an older one's loss
+    is stale)."""
 
 
 # ---- live migration: controller <-> stage workers (services/stage/kv_mover.py) -----------
@@ -224,11 +267,17 @@ class KVMoved(InternalMessage):
 
 @register
 class PoolInit(InternalMessage):
+    """Creates an instance's pool, replacing any it had. A controller that finds a restarted
+    kv-cache manager sends its own books along: every live request's block table and the
+    blocks it holds leased, so the pool is rebuilt as it was."""
+
     TYPE_ID = 130
     call_id: int
     instance: int
     num_blocks: int
     block_size: int
+    tables: list[tuple[int, list[int]]] = []
+    leased: list[int] = []
 
 
 @register

@@ -50,12 +50,28 @@ class ServedInstance:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     lease: list[int] = field(default_factory=list)
     """Free block ids leased from the kv-cache manager, drawn without a round trip."""
+    tables: dict[int, list[int]] = field(default_factory=dict)
+    """Each request's block ids, as the manager's pool holds them (to rebuild a restarted
+    manager: kv_link.py)."""
     lease_target: int = 0
     """How many the lease is topped up to (kvcache.lease_blocks; the pool when 0)."""
     refilling: bool = False
     """A top-up of the lease is on its way."""
     liveness: Liveness = field(default_factory=lambda: Liveness(30.0))
     """When each micro-batch in flight was dispatched, and how far it came (health)."""
+    # Membership (membership.py): the generation of the stages' group, deaths, giving up.
+    generation: int = 0
+    """The generation of the instance's torch.distributed group; 0 before its first."""
+    told: dict[int, int] = field(default_factory=dict)
+    """Per stage, the generation its current process was told to join."""
+    joined: set[int] = field(default_factory=set)
+    """Stages that joined the current generation: the instance serves when all have."""
+    gone: set[int] = field(default_factory=set)
+    """Registered stages whose process died, until a successor says hello."""
+    deaths: dict[int, list[float]] = field(default_factory=dict)
+    """Per stage, when it died within the last restart window."""
+    given_up: str = ""
+    """Why the instance was given up on (a stage that keeps dying); "" while it is not."""
 
     def draw(self, wants: list[tuple[int, int]]) -> dict[int, list[int]]:
         """Block ids for each (req_id, count) from the lease (which must hold enough)."""
@@ -89,18 +105,15 @@ class ServedInstance:
         return self.core.index
 
     @property
-    def all_stages_registered(self) -> bool:
-        return len(self.stage_identities) == self.core.depth
-
-    @property
     def ready(self) -> bool:
-        return self.all_stages_registered and self.pool_ready
+        return len(self.joined) == self.core.depth and self.pool_ready and not self.given_up
 
     def stats(self) -> InstanceStats:
         """Live queue lengths and KV use, for the controller's status and metrics."""
         c = self.core
         used = 1 - c.free_blocks / c.total_blocks if c.total_blocks else 0.0
-        return InstanceStats(instance=c.index, ready=self.ready, waiting=len(c.waiting),
+        return InstanceStats(instance=c.index, ready=self.ready, given_up=bool(self.given_up),
+                             waiting=len(c.waiting),
                              running=c.num_running, inflight=len(c.inflight),
                              kv_total_blocks=c.total_blocks, kv_free_blocks=c.free_blocks,
                              kv_leased_blocks=len(self.lease), kv_utilization=round(used, 6),

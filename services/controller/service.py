@@ -29,13 +29,14 @@ from common.security import Security, log_handshake_failures
 from common.stats import ControllerMetrics, ControllerStats
 from common.wire.client_messages import ErrorCode
 from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, KVEndpoint,
-                                           KVMoved, RequestOutput, RequestOutputs, StatusQuery,
-                                           StatusReply, StepDone, SubmitRequest)
+                                           KVMoved, PipelineJoined, RequestOutput,
+                                           RequestOutputs, StatusQuery, StatusReply, StepDone,
+                                           SubmitRequest)
 from common.runtime import until_one_ends
 from common.zmq_io import Endpoint, Incoming, make_context, stop_tasks
 from services.controller.instance import Served, ServedInstance
 from services.controller.kv_link import KVLink
-from services.controller.liveness import Liveness
+from services.controller.membership import Membership
 from services.controller.migration import Migrations
 from services.controller.peers import from_ingress, from_stage, hello_allowed
 from services.controller.prediction import ControllerLengths
@@ -84,6 +85,7 @@ class Controller:
         self.kv_link = KVLink(self.kv, cfg.kvcache.lease_blocks)
         self.ingress_identity: bytes | None = None
         self.outputs: list[RequestOutput] = []
+        self.membership = Membership(self)
 
     # ---- main loops ---------------------------------------------------------------------
 
@@ -92,10 +94,9 @@ class Controller:
                  policy=self.cfg.scheduler.policy, instances=len(self.instances),
                  stages=self.cfg.deployment.stages)
         tasks = {"kv-cache watch": asyncio.create_task(
-            self.kv_link.rpc.fail_on_disconnect("kv-cache manager"))}
-        if self.security.enabled:
-            tasks["handshake watch"] = asyncio.create_task(
-                log_handshake_failures(self.endpoint.sock, "controller"))
+                     self.kv_link.watch(self.instances, self._kv_rebuilt)),
+                 "connection watch": asyncio.create_task(log_handshake_failures(
+                     self.endpoint.sock, "controller", on_disconnect=self.membership.probe))}
         try:
             # Started before its kv-cache manager (another host's part, any order): wait for
             # it, saying so, before taking stages' hellos, whose pools it must create; what
@@ -141,7 +142,13 @@ class Controller:
             log.warning("dropped undecodable frame", peer=inc.identity, error=inc.error)
         elif isinstance(msg, StepDone):
             if from_stage(inc, self.instances, msg.instance, msg.stage):
-                self._on_step_done(msg)
+                if msg.pipeline_lost:
+                    self.membership.step_lost(msg)
+                else:
+                    self._on_step_done(msg)
+        elif isinstance(msg, PipelineJoined):
+            if from_stage(inc, self.instances, msg.instance, msg.stage):
+                await self.membership.joined(msg)
         elif isinstance(msg, SubmitRequest):
             if from_ingress(inc):
                 self._on_submit(msg)
@@ -157,8 +164,16 @@ class Controller:
         elif isinstance(msg, StatusQuery):
             await self.endpoint.send(self._status(msg.call_id), inc.identity)
         elif isinstance(msg, Hello):
-            if hello_allowed(inc):
-                await self._on_hello(msg, inc.identity)
+            if not hello_allowed(inc):
+                pass
+            elif msg.role == "ingress":
+                self.membership.ingress_hello(msg, inc.identity)
+            elif (msg.role == "stage" and 0 <= msg.instance < len(self.instances)
+                  and 0 <= msg.stage < self.cfg.deployment.stages):
+                await self.membership.stage_hello(msg, inc.identity)
+            else:
+                log.warning("ignored hello", role=msg.role, instance=msg.instance,
+                            stage=msg.stage)
         else:
             log.warning("unexpected message", type=type(msg).__name__, peer=inc.identity)
 
@@ -187,7 +202,9 @@ class Controller:
                 self.predictor.lengths.admit(req)
             length = arrival_length(req.prompt, req.predicted_output, req.max_tokens)
         inst = self.instances[self.router.route([i.core.load for i in self.instances],
-                                                [i.ready for i in self.instances], length)]
+                                                self.membership.routable(), length)]
+        if self.membership.refuse_if_given_up(inst, req.req_id):
+            return
         self.requests[req.req_id] = req
         inst.core.add(req, now)
         if inst.pool_ready and not self._fits(inst, req, now):
@@ -243,7 +260,7 @@ class Controller:
         """A request's blocks on `inst` go back: the manager frees them with the next flush,
         the stages forget its table with the next StepPlan."""
         inst.to_release.append(req_id)
-        self.kv_link.free(inst.index, req_id)
+        self.kv_link.free(inst, req_id)
 
     def _assign_blocks(self, inst: ServedInstance, granted: dict[int, list[int]]) -> None:
         self.kv_link.assigned(inst, granted)
@@ -256,64 +273,30 @@ class Controller:
             log.warning("cannot reach a stage for a migration", instance=inst.index,
                         stage=stage, error=repr(e))
 
-    # ---- stages -------------------------------------------------------------------------
+    # ---- stages ----------------------------------------------------------------------
 
-    async def _on_hello(self, msg: Hello, identity: bytes) -> None:
-        if msg.role == "ingress":
-            if self.ingress_identity is not None and self.requests:
-                # The ingress says hello once: this one restarted. The old one's clients were
-                # failed when it died, so its requests serve nobody; they are aborted and their
-                # KV freed.
-                log.warning("a new ingress connected: aborting the old one's requests",
-                            requests=len(self.requests))
-                now = time.monotonic()
-                for req in list(self.requests.values()):
-                    self._end(req, Finish.ABORT, now, "the ingress restarted")
-            self.ingress_identity = identity
-            log.info("ingress connected")
+    async def pool_ready(self, inst: ServedInstance) -> None:
+        """Every stage of `inst` joined its first generation: its pool is created (the
+        smallest stage's KV), and the requests that waited for it are checked and served."""
+        num_blocks = min(inst.stage_blocks.values())
+        if not await self.kv_link.init_pool(inst, num_blocks):
             return
-        if msg.role != "stage" or not 0 <= msg.instance < len(self.instances) \
-                or not 0 <= msg.stage < self.cfg.deployment.stages:
-            log.warning("ignored hello", role=msg.role, instance=msg.instance, stage=msg.stage)
-            return
-        inst = self.instances[msg.instance]
-        if msg.stage in inst.stage_identities:  # a stage says hello once: this one restarted
-            self._pipeline_lost(inst, msg.stage)
-        inst.stage_identities[msg.stage] = identity
-        inst.stage_blocks[msg.stage] = msg.kv_blocks
-        log.info("stage registered", instance=msg.instance, stage=msg.stage,
-                 kv_blocks=msg.kv_blocks, **msg.detail)
-        if inst.all_stages_registered and not inst.pool_ready:
-            num_blocks = min(inst.stage_blocks.values())
-            if not await self.kv_link.init_pool(inst, num_blocks):
-                return
-            log.info("instance ready", instance=inst.index, kv_blocks=num_blocks,
-                     kv_tokens=num_blocks * inst.core.block_size)
-            now = time.monotonic()
-            for req in list(inst.core.waiting):
-                self._fits(inst, req, now)
-            inst.wake.set()
-        elif inst.ready:  # every stage back after a restart: the same pool serves on
-            log.info("instance serving again", instance=inst.index,
-                     waiting=len(inst.core.waiting))
-            inst.wake.set()
-
-    def _pipeline_lost(self, inst: ServedInstance, stage: int) -> None:
-        """A stage of `inst` registered again: it restarted, and its pipeline with it (the
-        supervisor restarts every stage of the instance, whose process group and KV are gone).
-        The instance serves nothing until all its stages are back; its micro-batches in flight
-        are dropped and its running requests wait to be recomputed, keeping their tokens."""
+        log.info("instance ready", instance=inst.index, kv_blocks=num_blocks,
+                 kv_tokens=num_blocks * inst.core.block_size)
         now = time.monotonic()
-        requeued = inst.core.reset_pipeline(now)
-        inst.stage_identities.clear()
-        inst.kv_endpoints.clear()
-        self.migrations.pipeline_lost(inst, now)
-        inst.liveness = Liveness(inst.liveness.timeout_s)
-        self.metrics.pipeline_recoveries += 1
-        self.metrics.requests_recovered += requeued
-        log.warning("stage restarted: recovering the instance", instance=inst.index,
-                    stage=stage, requests_requeued=requeued)
-        self.kv_link.flush(self.instances)  # the requeued requests' blocks go back
+        for req in list(inst.core.waiting):
+            self._fits(inst, req, now)
+        inst.wake.set()
+
+    def _kv_rebuilt(self) -> None:
+        """The kv-cache manager is back (restarted) with its pools rebuilt: what waited on it
+        goes on, and an instance whose pool could not be created meanwhile gets it now."""
+        self.metrics.restarts["kvcache"] += 1
+        self.kv_link.flush(self.instances)
+        for inst in self.instances:
+            if len(inst.joined) == inst.core.depth and not inst.pool_ready:
+                asyncio.create_task(self.pool_ready(inst))
+            inst.wake.set()
 
     def _on_step_done(self, msg: StepDone) -> None:
         if not (0 <= msg.instance < len(self.instances)
@@ -408,12 +391,12 @@ class Controller:
                                          len(batch.sampling))
             log.debug("dispatched", instance=inst.index, mb_id=first.mb_id,
                       requests=len(batch.chunks), **asdict(shape))
-        try:
-            for stage, identity in sorted(inst.stage_identities.items()):
+        for stage, identity in sorted(inst.stage_identities.items()):
+            try:
                 await self.endpoint.send(first if stage == 0 else rest, identity)
-        except Exception as e:  # a stage went away: the batch will never come back
-            core.fail_batch(batch.mb_id, f"could not reach a stage: {e}", time.monotonic())
-            raise
+            except zmq.ZMQError:  # gone: its death ends the generation, the batch with it
+                self.membership.unreachable(inst, stage)
+                return False
         return True
 
     # ---- outputs and status -------------------------------------------------------------
@@ -432,13 +415,8 @@ class Controller:
 
     def _status(self, call_id: int) -> StatusReply:
         now = time.monotonic()
-        problems = [f"instance {i.index}: {len(i.stage_identities)}/{i.core.depth} stages"
-                    + ("" if i.pool_ready else ", pool pending")
-                    for i in self.instances if not i.ready]
-        problems += [f"degraded: instance {i.index}: {why}" for i in self.instances
-                     if i.ready and (why := i.liveness.overdue(i.core.inflight.values(), now))]
-        return StatusReply(call_id, not problems, "; ".join(problems) or "ready",
-                           self._stats(now))
+        ready, detail = self.membership.health(self.kv_link.usable.is_set(), now)
+        return StatusReply(call_id, ready, detail, self._stats(now))
 
     def _stats(self, now: float) -> ControllerStats:
         """Everything the controller measures (cumulative; common/stats) plus live state."""

@@ -60,6 +60,12 @@ class _StatsCollector:
         for reason, n in sorted(s.finished.items()):
             success.add_metric([m, reason], n)
         yield success
+        restarts = CounterMetricFamily("conveyor_process_restarts", "Processes the controller "
+                                       "saw come back as a new process, by role.",
+                                       labels=["model_name", "role"])
+        for role, n in sorted(s.restarts.items()):
+            restarts.add_metric([m, role], n)
+        yield restarts
         for name, value, help_text in (
                 ("conveyor_prompt_tokens", s.prompt_tokens, "Prompt tokens received."),
                 ("conveyor_generation_tokens", s.generated_tokens, "Tokens generated."),
@@ -67,9 +73,12 @@ class _StatsCollector:
                 ("conveyor_num_preemptions", s.preemptions,
                  "Requests preempted (KV dropped, recomputed)."),
                 ("conveyor_pipeline_recoveries", s.pipeline_recoveries,
-                 "Times an instance's stages restarted and its requests were taken back."),
+                 "Times an instance's pipeline broke (a stage died) and its requests were "
+                 "taken back."),
                 ("conveyor_requests_recovered", s.requests_recovered,
                  "Requests re-queued for recompute by pipeline recoveries."),
+                ("conveyor_instances_given_up", s.instances_given_up,
+                 "Times an instance was given up on (a stage that kept dying)."),
                 ("conveyor_migrations", s.migrations,
                  "Requests moved to another instance."),
                 ("conveyor_migrations_aborted", s.migrations_aborted,

@@ -106,8 +106,8 @@ class Ingress:
                  "controller messages": asyncio.create_task(self._controller_loop()),
                  "keepalive": asyncio.create_task(self._keepalive_loop()),
                  "admission": asyncio.create_task(self.admission.run()),
-                 "controller watch": asyncio.create_task(
-                     self.ctrl_rpc.fail_on_disconnect("controller", self._controller_lost))}
+                 "controller watch": asyncio.create_task(self.ctrl_rpc.fail_on_disconnect(
+                     "controller", self._controller_lost, on_reconnect=self._controller_back))}
         if sd_notify.expected():
             tasks["readiness report"] = asyncio.create_task(self._report_ready())
         if self.cfg.http.enabled:
@@ -337,11 +337,20 @@ class Ingress:
         lost = [cr for cr in self.active.values() if cr.submitted]
         if lost:
             log.error("the controller went away: failing its requests", requests=len(lost))
+            # Queued for whichever controller comes back: a restarted one knows none of them,
+            # the same one (its link dropped) must not run them for nobody.
+            self._abort(lost, "the controller went away")
         for cr in lost:
             self._reply(cr, ErrorReply(cr.client_id, ErrorCode.INTERNAL,
                                        "the controller went away while serving this request; "
                                        "it was lost (retry once the deployment is back)"))
             self._forget(cr)
+
+    def _controller_back(self) -> None:
+        """A controller is back (restarted, knowing nobody): the ingress registers again, so
+        it may submit and gets its outputs."""
+        log.info("controller back: registering again")
+        self.ctrl.send_nowait(Hello("ingress", again=True))
 
     def _on_output(self, out: RequestOutput) -> None:
         cr = self.active.get(out.req_id)

@@ -24,6 +24,23 @@ class BlockPool:
         self._leased: set[int] = set()
         """Handed to the controller, not yet in any table: free, as far as stats go."""
 
+    @classmethod
+    def rebuilt(cls, num_blocks: int, block_size: int, tables: list[tuple[int, list[int]]],
+                leased: list[int]) -> "BlockPool":
+        """A pool as a controller's books describe it (a restarted manager): these tables and
+        this lease held, every other block free. Raises ValueError for a block id out of range
+        or held twice, and nothing is built."""
+        pool = cls(num_blocks, block_size)
+        held = [b for _, blocks in tables for b in blocks] + list(leased)
+        if len(set(held)) != len(held) or any(not 0 <= b < num_blocks for b in held):
+            raise ValueError(f"the books name {len(held)} blocks, some out of range or held "
+                             f"twice, for a pool of {num_blocks}")
+        taken = set(held)
+        pool._free = [b for b in pool._free if b not in taken]
+        pool._leased = set(leased)
+        pool._tables = {req_id: list(blocks) for req_id, blocks in tables if blocks}
+        return pool
+
     @property
     def free_blocks(self) -> int:
         """Blocks in no request's table (leased ones included)."""

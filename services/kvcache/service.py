@@ -89,10 +89,17 @@ class KVCacheManager:
                 return PoolReply(msg.call_id, False, [], 0,
                                  f"a pool needs num_blocks >= 1 and block_size >= 1, got "
                                  f"num_blocks={msg.num_blocks}, block_size={msg.block_size}")
-            self.pools[msg.instance] = BlockPool(msg.num_blocks, msg.block_size)
+            try:
+                pool = BlockPool.rebuilt(msg.num_blocks, msg.block_size, msg.tables, msg.leased)
+            except ValueError as e:
+                log.error("refused a pool", instance=msg.instance, error=str(e))
+                return PoolReply(msg.call_id, False, [], 0, str(e))
+            self.pools[msg.instance] = pool
             log.info("pool initialized", instance=msg.instance, blocks=msg.num_blocks,
-                     block_size=msg.block_size)
-            return PoolReply(msg.call_id, True, [], msg.num_blocks)
+                     block_size=msg.block_size,
+                     **({"rebuilt_requests": pool.num_requests, "leased": pool.leased_blocks}
+                        if msg.tables or msg.leased else {}))
+            return PoolReply(msg.call_id, True, [], pool.free_blocks)
         if isinstance(msg, PoolStatsQuery):
             return PoolStats(msg.call_id, [
                 PoolInfo(i, p.block_size, p.num_blocks, p.free_blocks, p.num_requests)

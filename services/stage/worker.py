@@ -4,6 +4,14 @@ A plain synchronous loop, on purpose: a stage does one thing at a time, in the o
 controller dispatched the micro-batches, which is also the order activations arrive in. The
 plan arrives ahead of the activations, so a stage builds its inputs (positions, slot mapping,
 block tables) while the previous stage is still computing, then blocks on the activations.
+
+Its pipeline group is joined when the controller says which generation (JoinPipeline, after the
+stage's Hello), and left when it breaks (a neighbour died: the micro-batch is reported lost,
+not failed, and the controller re-queues the instance's requests) or when the connection to
+the controller drops (a new controller knows nothing of the micro-batches in flight, so the
+group's state is void; the stage says hello again once a controller is back). The process
+itself lives on through both: only a dead stage is restarted (by `conveyor serve`, systemd or
+supervisord), and the others rejoin with it.
 """
 
 from __future__ import annotations
@@ -25,15 +33,18 @@ from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepB
 from common.model.decode_graphs import DecodeGraphs, graph_capture
 from common.model.host_transfer import to_device
 from common.model.placement import deployment_layout
-from common.peer_wait import wait_connected, watch_connection
+from common.peer_wait import is_handshake, wait_connected, watch_connection
 from common.security import Security, stage_identity
 from common.wire import ProtocolError, decode, encode
-from common.wire.internal_messages import Hello, KVEndpoint, KVMoved, MoveKV, StepDone, StepPlan
+from common.wire.internal_messages import (Hello, JoinPipeline, KVEndpoint, KVMoved, MoveKV,
+                                           PipelineJoined, Probe, StepDone, StepPlan)
 from services.stage.devices import StagePlacement, place_stage
 from services.stage.kv_mover import KVMover
 from services.stage.transport import ActivationLink
 
 log = get_logger()
+JOIN_POLL_MS = 50
+"""While joining a generation: how often the stage looks whether its peers have all come."""
 
 
 class StageWorker:
@@ -71,6 +82,7 @@ class StageWorker:
         self.link = ActivationLink(stage, self.num_stages, *ep.rendezvous(instance),
                                    self.device, self.placement.shares_device)
         self.tables: dict[int, list[int]] = {}
+        self.ready_said = False
         mig = cfg.migration
         # The migration store listens where this stage's gloo does: the address its host
         # reaches the instance's rendezvous host from (loopback on one machine).
@@ -123,28 +135,25 @@ class StageWorker:
         try:
             # Its hello would wait in the socket for a controller not up yet; say that it waits.
             wait_connected(self.controller_events, "controller", self.cfg.endpoints.controller)
-            detail = {"layers": list(self.layers), "device": str(self.device),
-                      "pid": os.getpid()}
-            # Before the Hello: once the controller knows it, the deployment may be ready, and
-            # the service manager must have heard from this stage first.
-            sd_notify.ready(f"stage {self.instance}.{self.stage} warmed up")
-            self.sock.send_multipart(encode(Hello("stage", self.instance, self.stage,
-                                                  self.num_blocks, detail)))
-            if self.mover is not None:
-                self.sock.send_multipart(encode(KVEndpoint(self.instance, self.stage,
-                                                           self.mover.host, self.mover.port)))
-            log.info("stage ready", controller=self.cfg.endpoints.controller)
+            self._hello(again=False)
+            log.info("stage registered; waiting for its pipeline generation",
+                     controller=self.cfg.endpoints.controller)
             poller = zmq.Poller()
             poller.register(self.sock, zmq.POLLIN)
+            poller.register(self.controller_events, zmq.POLLIN)
             if self.mover is not None:  # a KV copy round done in the background
                 poller.register(self.mover.wake_r, zmq.POLLIN)
             while True:
-                events = dict(poller.poll())
+                events = dict(poller.poll(JOIN_POLL_MS if self.link.target else None))
+                if self.controller_events in events:
+                    self._controller_connection()
                 if self.mover is not None and self.mover.wake_r in events:
                     for done in self.mover.drain():
                         self.sock.send_multipart(encode(done))
                 if self.sock in events:
                     self._handle()
+                if self.link.target:
+                    self._try_join()
         finally:
             if self.mover is not None:
                 self.mover.close()
@@ -154,6 +163,44 @@ class StageWorker:
             self.sock.close(linger=0)
             self.ctx.term()
 
+    def _hello(self, again: bool) -> None:
+        detail = {"layers": list(self.layers), "device": str(self.device), "pid": os.getpid()}
+        self.sock.send_multipart(encode(Hello("stage", self.instance, self.stage,
+                                              self.num_blocks, detail, again)))
+        if self.mover is not None:
+            self.sock.send_multipart(encode(KVEndpoint(self.instance, self.stage,
+                                                       self.mover.host, self.mover.port)))
+
+    def _controller_connection(self) -> None:
+        """The controller went away (its state, and the micro-batches it had in flight, with
+        it: the group is left, so a neighbour blocked on a micro-batch this stage never got is
+        freed) or came back (hello again: it knows nobody)."""
+        if is_handshake(self.controller_events.recv_multipart()):
+            log.info("controller back: registering again")
+            self._hello(again=True)
+            return
+        log.warning("controller connection lost: leaving the pipeline group until it is back",
+                    generation=self.link.generation or self.link.target)
+        self.link.leave()
+        self.tables.clear()
+
+    def _try_join(self) -> None:
+        try:
+            joined = self.link.try_join()
+        except Exception as e:  # a peer died meanwhile: the controller hands out another
+            log.error("joining the pipeline failed; waiting for the next generation",
+                      generation=self.link.target, error=repr(e))
+            self.link.leave()
+            return
+        if joined:
+            # Before the controller hears of it: once it does, the deployment may be ready,
+            # and the service manager must have heard from this stage first (once).
+            if not self.ready_said:
+                sd_notify.ready(f"stage {self.instance}.{self.stage} warmed up and joined")
+                self.ready_said = True
+            self.sock.send_multipart(encode(PipelineJoined(self.instance, self.stage,
+                                                           self.link.generation)))
+
     def _handle(self) -> None:
         try:
             msg = decode(self.sock.recv_multipart())
@@ -161,7 +208,15 @@ class StageWorker:
             log.error("dropped undecodable frame from the controller", error=str(e))
             return
         if isinstance(msg, StepPlan):
-            self.sock.send_multipart(encode(self.step(msg)))
+            self.sock.send_multipart(encode(self.step(msg) if self.link.joined else
+                                            self._lost(msg, "this stage is in no pipeline "
+                                                            "group (it is being rebuilt)")))
+        elif isinstance(msg, JoinPipeline):
+            if msg.generation in (self.link.generation, self.link.target):
+                return  # already in it (or joining): counting in twice would be wrong
+            self.tables.clear()  # the controller re-queues every request: all start afresh
+            self.link.start_join(msg.generation)
+            self._try_join()
         elif isinstance(msg, MoveKV):
             if self.mover is not None:
                 self.mover.submit(msg, self.tables)
@@ -169,8 +224,12 @@ class StageWorker:
                 self.sock.send_multipart(encode(KVMoved(
                     msg.mig_id, self.instance, self.stage, msg.round, 0, 0.0,
                     "live migration is off on this stage")))
-        else:
+        elif not isinstance(msg, Probe):
             log.warning("unexpected message from the controller", type=type(msg).__name__)
+
+    def _lost(self, plan: StepPlan, why: str, generation: int = 0) -> StepDone:
+        return StepDone(plan.mb_id, self.instance, self.stage, 0.0, 0.0, [], why,
+                        pipeline_lost=True, generation=generation)
 
     def step(self, plan: StepPlan) -> StepDone:
         t_start = time.perf_counter()
@@ -181,9 +240,13 @@ class StageWorker:
             error, batch = f"bad plan: {e!r}", None
         num_tokens = sum(c.num_new for c in plan.chunks)
         wait_s = 0.0
+        generation = self.link.generation
         if not self.is_first:
             t_wait = time.perf_counter()
-            x = self.link.recv((num_tokens, self.shape.hidden_size), self.dtype)
+            try:
+                x = self.link.recv((num_tokens, self.shape.hidden_size), self.dtype)
+            except RuntimeError as e:  # the previous stage is gone
+                return self._broken(plan, generation, e)
             wait_s = time.perf_counter() - t_wait
         out, sampled = None, []
         if batch is not None:
@@ -202,7 +265,10 @@ class StageWorker:
             if out is None:
                 out = torch.zeros((num_tokens, self.shape.hidden_size), dtype=self.dtype,
                                   device=self.device)
-            self.link.send(out)
+            try:
+                self.link.send(out)
+            except RuntimeError as e:  # the next stage is gone (an earlier send failed)
+                return self._broken(plan, generation, e)
         elif self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         compute_s = time.perf_counter() - t_start - wait_s
@@ -219,6 +285,16 @@ class StageWorker:
         out = self.graphs.run(batch, x)
         over_nccl = not self.is_last and self.link.wire_device.type == "cuda"
         return out.clone() if self.capture and over_nccl else out
+
+    def _broken(self, plan: StepPlan, generation: int, error: Exception) -> StepDone:
+        """A neighbour died: the group is left, and the micro-batch reported lost with it (the
+        controller takes the requests back and hands out the next generation)."""
+        log.error("pipeline group broken: a neighbouring stage is gone", mb_id=plan.mb_id,
+                  generation=generation, error=str(error).splitlines()[0][:300])
+        self.link.leave()
+        self.tables.clear()
+        return self._lost(plan, f"the pipeline broke: {str(error).splitlines()[0][:200]}",
+                          generation)
 
     def _prepare(self, plan: StepPlan):
         for req_id in plan.released:

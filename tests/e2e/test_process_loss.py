@@ -1,6 +1,8 @@
 """Processes that die under load, in a deployment started role by role the way supervisord or
 systemd start it (one `conveyor start ROLE` each): the clients of a dead ingress or controller
-learn at once instead of waiting out their own timeouts, and a restarted ingress serves again."""
+learn at once instead of waiting out their own timeouts, and a restarted ingress, controller
+or kv-cache manager serves again (its peers say hello again; the manager's pools are rebuilt
+from the controller's books)."""
 
 from __future__ import annotations
 
@@ -74,12 +76,51 @@ def test_a_killed_ingress_fails_its_streams_at_once_and_a_restarted_one_serves(d
     assert deployment.kv_free(timeout_s=15)
 
 
-def test_a_killed_controller_fails_the_ingress_requests_at_once(deployment):
+def _served_within(client: Client, seconds: float) -> None:
+    """A new request, sent now, completes within `seconds`."""
+    t0 = time.monotonic()
+    result = client.generate("Hello", max_tokens=5, temperature=0, ignore_eos=True,
+                             timeout=seconds + 20)
+    assert result.completion_tokens == 5
+    assert time.monotonic() - t0 < seconds, f"served after {time.monotonic() - t0:.1f}s"
+
+
+def test_a_killed_controller_fails_its_requests_at_once_and_a_restarted_one_serves(deployment):
     with Client(deployment.address, timeout=60) as client:
         deployment.wait_ready(client)
+        stage_pids = [deployment.procs[s].pid for s in ("stage 0", "stage 1")]
         _kill_under_streams(deployment, client, "controller", ServerError,
                             "the controller went away")
         assert deployment.procs["ingress"].poll() is None  # the ingress itself lives on
+        deployment.start("controller")  # as Restart= would
+        # The ingress and the stages say hello again; the stages join a new generation.
+        _served_within(client, 10.0)
+        assert client.health().ready
+    assert [deployment.procs[s].pid for s in ("stage 0", "stage 1")] == stage_pids
+    assert all(deployment.procs[s].poll() is None for s in ("stage 0", "stage 1"))
+    assert deployment.kv_free(timeout_s=15)  # the new controller's pools: nothing leaked
+
+
+@pytest.mark.parametrize("deployment", [{}, {"kvcache.lease_blocks": 16}],
+                         ids=["whole-pool-lease", "small-lease"], indirect=True)
+def test_a_killed_kv_cache_manager_is_rebuilt_and_its_requests_complete(deployment):
+    """The streams go on from the controller's lease while the manager is away (a dispatch
+    that needs a top-up waits for it); the restarted manager's pools are the controller's
+    books, so every block comes back once the streams end."""
+    with Client(deployment.address, timeout=120) as client:
+        deployment.wait_ready(client)
+        threads, errors, ended = _streams_in_flight(client, 4)
+        deployment.kill("kvcache")
+        time.sleep(1.0)  # away for a while, under load
+        deployment.start("kvcache")  # as Restart= would
+        _served_within(client, 10.0)
+        for t in threads:
+            t.join(120)
+        assert errors == [None] * 4
+        stats = client.stats()
+    assert stats["restarts"] == {"kvcache": 1}
+    assert stats["finished"].get("error", 0) == 0
+    assert deployment.kv_free(timeout_s=15)
 
 
 @pytest.mark.parametrize("deployment", [{}, {"kvcache.lease_blocks": 16}],

@@ -30,7 +30,7 @@ def test_every_role_says_ready_when_it_can_serve_and_the_ingress_last(tmp_path):
         statuses = [s.split("STATUS=", 1)[1] for s in said]
         assert sorted(statuses) == sorted([
             "kv-cache manager listening", "controller listening",
-            "stage 0.0 warmed up", "stage 0.1 warmed up",
+            "stage 0.0 warmed up and joined", "stage 0.1 warmed up and joined",
             "the deployment is ready"]), statuses
         assert statuses[-1] == "the deployment is ready"  # after both stages had said so
         with Client(dep.address, timeout=30) as client:

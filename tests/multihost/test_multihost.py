@@ -74,14 +74,15 @@ def test_roles_started_before_their_peers_wait_for_them_and_all_come_up(hosts):
     # Each role starts before a peer it needs, and the next starts once it said it waits.
     hosts.start("ingress")
     hosts.wait_log("ingress", "waiting for the controller", 120)
-    hosts.start("stage 1")  # before stage 0, which serves the rendezvous
-    hosts.wait_log("stage 1", "waiting for the instance's other stages at the rendezvous", 120)
-    hosts.start("controller")  # before its kv-cache manager
+    hosts.start("stage 1")  # before its controller, and stage 0 (the rendezvous)
+    hosts.wait_log("stage 1", "waiting for the controller", 120)
+    hosts.start("controller")  # before its kv-cache manager, which it waits for
     waited = hosts.wait_log("controller", "waiting for the kv-cache manager", 120)
     assert waited["address"] == "tcp://control:7602"
+    hosts.start("kvcache")  # the controller takes hellos, and names the generation to join
+    hosts.wait_log("stage 1", "waiting for the instance's other stages at the rendezvous", 120)
     hosts.start("stage 0")
     hosts.wait_log("stage 1", "pipeline joined", 120)
-    hosts.start("kvcache")
     hosts.wait_ready(120)
     hosts.wait_log("controller", "kv-cache manager connected", 5)
     hosts.wait_log("ingress", "controller connected", 5)

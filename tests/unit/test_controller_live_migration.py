@@ -124,10 +124,12 @@ def test_the_destination_lost_during_a_copy_aborts_it_and_the_source_goes_on():
     req = d.add(1, prompt=20, max_tokens=12)
     _decode_until_moving(d, req)
     d.instances[1].stage_identities.clear()
+    d.instances[1].joined.clear()
     d.mig.pipeline_lost(d.instances[1], d.now)
     d.answer(only=0)
     assert not d.mig.active and req.instance == 0 and d.instances[1].core.free_blocks == 100
     d.instances[1].stage_identities.update({0: b"s0", 1: b"s1"})
+    d.instances[1].joined.update({0, 1})
     d.run()
     assert req.output_token_ids == list(range(20, 32))
     d.assert_pools_free()

@@ -31,6 +31,7 @@ class Driver:
         for inst in self.instances:
             inst.core.resize_pool(blocks)
             inst.stage_identities.update({0: b"s0", 1: b"s1"})
+            inst.joined.update({0, 1})
             inst.pool_ready = True
         self.mig = Migrations(MigrationConfig(enabled=True, **cfg), self.instances,
                               self.metrics, make_planner(["boundary"],

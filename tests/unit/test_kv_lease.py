@@ -39,6 +39,7 @@ async def test_the_lease_serves_dispatches_and_refills_from_frees(tmp_path):
     reader = asyncio.create_task(replies())
     inst = ServedInstance.create(0, 2, 2, 16, make_policy("fcfs"),
                                  ControllerMetrics(started=0.0), None, None)
+    watch = asyncio.create_task(link.watch([inst], lambda: None))
     try:
         assert await link.init_pool(inst, 20)
         pool = manager.pools[0]
@@ -56,7 +57,7 @@ async def test_the_lease_serves_dispatches_and_refills_from_frees(tmp_path):
         await _until(lambda: len(inst.lease) == 8)
         assert pool.free_blocks == 15 and pool.leased_blocks == 8
         # Frees go back to the manager, and nothing more is leased past the target.
-        link.free(0, 1)
+        link.free(inst, 1)
         inst.core.free_blocks += 3
         link.flush([inst])
         await _until(lambda: pool.table(1) == [])
@@ -68,6 +69,54 @@ async def test_the_lease_serves_dispatches_and_refills_from_frees(tmp_path):
         assert not await link.top_up_for(inst, 40)
         assert len(inst.lease) == 18 and pool.free_blocks == 18
     finally:
-        await stop_tasks([reader, server])
+        await stop_tasks([reader, server, watch])
+        kv.close()
+        ctx.destroy(linger=0)
+
+
+async def test_a_restarted_manager_is_rebuilt_from_the_controllers_books(tmp_path):
+    """The manager dies with requests holding blocks; one freed meanwhile. The new manager's
+    pool is the controller's books: the live request's table, the lease, the rest free."""
+    address = f"ipc://{tmp_path}/kvcache"
+    manager = KVCacheManager(address)
+    server = asyncio.create_task(manager.serve())
+    ctx = make_context()
+    kv = Endpoint(ctx, zmq.DEALER, connect=address, identity=b"controller")
+    link = KVLink(kv, lease_blocks=8)
+
+    async def replies():
+        while True:
+            link.rpc.dispatch(await kv.recv())
+
+    reader = asyncio.create_task(replies())
+    inst = ServedInstance.create(0, 2, 2, 16, make_policy("fcfs"),
+                                 ControllerMetrics(started=0.0), None, None)
+    rebuilt = asyncio.Event()
+    watch = asyncio.create_task(link.watch([inst], rebuilt.set))
+    tasks = [reader, server, watch]
+    try:
+        assert await link.init_pool(inst, 20)
+        granted = inst.draw([(1, 3), (2, 2)])
+        link.assigned(inst, granted)
+        inst.core.free_blocks -= 5
+        await _until(lambda: manager.pools[0].num_requests == 2)
+        await stop_tasks([server])  # the manager's process ends: its socket closes
+        await _until(lambda: not link.usable.is_set())
+        link.free(inst, 2)  # request 2 ends while the manager is away
+        inst.core.free_blocks += 2
+        link.flush([])
+        successor = KVCacheManager(address)
+        tasks.append(asyncio.create_task(successor.serve()))
+        await asyncio.wait_for(rebuilt.wait(), 10)
+        pool = successor.pools[0]
+        assert pool.table(1) == granted[1] and pool.table(2) == []
+        assert pool.num_requests == 1 and sorted(pool._leased) == sorted(inst.lease)
+        assert pool.free_blocks == 20 - 3
+        # It serves on: a top-up comes from the rebuilt pool's free blocks.
+        assert await link.top_up_for(inst, len(inst.lease) + 4)
+        assert len(inst.lease) == 8 and pool.leased_blocks == 8  # topped up to its target
+        assert not set(inst.lease) & set(granted[1])
+    finally:
+        await stop_tasks(tasks)
         kv.close()
         ctx.destroy(linger=0)

@@ -65,7 +65,9 @@ def test_deeply_nested_bodies_are_refused(depth):
     with pytest.raises(ProtocolError, match="GenerateRequest body is nested too deeply"):
         decode([header, body])
     hello = encode(Hello("stage"))
-    deep_detail = hello[1][:-1] + b"\x81\xa1x" + _nested(depth)  # Hello.detail, an Any map
+    # Hello.detail (an Any map, the array's fifth element, `{}`) nested, `again` after it.
+    assert hello[1][-2:] == b"\x80\xc2"
+    deep_detail = hello[1][:-2] + b"\x81\xa1x" + _nested(depth) + b"\xc2"
     with pytest.raises(ProtocolError, match="Hello body is nested too deeply"):
         decode([hello[0], deep_detail])
     with pytest.raises(ProtocolError, match="malformed header frame"):
