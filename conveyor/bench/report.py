@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from conveyor.bench import groups_report
 from conveyor.bench.arrivals import rate_text
 from conveyor.bench.runner import RequestRecord, RunResult
 from common.scheduling.types import SLO
@@ -163,14 +164,13 @@ def controller_window(before: ControllerStats | None, after: ControllerStats | N
     if after is None:
         return {}
     out: dict[str, Any] = {"policy": after.policy} if after.policy else {}
-    if before is not None:
-        window = after.since(before)
+    window = after.since(before) if before is not None else None
+    if window is not None:
         out["counters"] = {k: getattr(window, k) for k in
-                           ("prompt_tokens", "generated_tokens", "micro_batches", "preemptions",
-                            "migrations", "migrations_aborted", "migration_kv_bytes")}
-        if window.migration_pause_s.count:
-            out["counters"]["mean_migration_pause_ms"] = round(
-                1000 * window.migration_pause_s.sum / window.migration_pause_s.count, 3)
+                           ("prompt_tokens", "generated_tokens", "micro_batches", "preemptions")}
+        migrations = groups_report.migration_counters(window)
+        if migrations:
+            out["migrations"] = migrations
         stages = stage_window(window)
         if stages:
             out["stages"] = stages
@@ -178,8 +178,15 @@ def controller_window(before: ControllerStats | None, after: ControllerStats | N
             out["mean_bubble_ratio"] = sum(ratios) / len(ratios) if ratios else None
         out["batch_tokens"] = batch_tokens_window(window)
     instances = instance_gauges(after, samples)
+    spreads = groups_report.length_spreads(window) if window is not None else {}
+    for row in instances:
+        if row["instance"] in spreads:
+            row["length_spread"] = spreads[row["instance"]]
     if instances:
         out["instances"] = instances
+    groups = groups_report.groups_section(after, window)
+    if groups:
+        out["length_groups"] = groups
     return out
 
 
@@ -303,7 +310,11 @@ def _controller_lines(ctl: dict[str, Any]) -> list[str]:
     for phase, b in (ctl.get("batch_tokens") or {}).items():
         text = "n/a" if b["mean"] is None else f"{b['mean']:.1f} ± {b['std']:.1f}"
         lines.append(_line(f"{phase.capitalize()} tokens/micro-batch:", text))
+    lines += groups_report.lines(ctl, _line)
     for i in ctl.get("instances") or []:
+        if "length_spread" in i:
+            lines.append(_line(f"Length spread, instance {i['instance']} (tokens):",
+                               i["length_spread"], ".0f"))
         if "peak_kv_used" in i:
             lines.append(_line(f"Peak KV use, instance {i['instance']} (%):",
                                100 * i["peak_kv_used"], ".1f"))
