@@ -110,7 +110,19 @@ def summarize(records: Sequence[RequestRecord], duration_s: float,
         summary["goodput"] = {"slo_s": dict(slo), "requests": good,
                               "request_goodput": per_s(good),
                               "fraction": good / len(records) if records else 0.0}
+    classes = sorted({r.slo_class for r in records if r.slo_class})
+    if classes:  # latency per SLO class (the controller's window has their attainment)
+        summary["by_slo_class"] = {c: _class_latency([r for r in records if r.slo_class == c])
+                                   for c in classes}
     return summary
+
+
+def _class_latency(records: Sequence[RequestRecord]) -> dict[str, Any]:
+    ok = [r for r in records if r.ok]
+    return {"requests": len(records), "completed": len(ok),
+            "ttft": distribution([r.ttft_s for r in ok if r.ttft_s is not None]),
+            "tpot": distribution([t for t in map(tpot, ok) if t is not None]),
+            "e2e": distribution([r.e2e_s for r in ok if r.e2e_s is not None])}
 
 
 # ---- controller counters over the window ----------------------------------------------------
@@ -168,6 +180,8 @@ def controller_window(before: ControllerStats | None, after: ControllerStats | N
     if window is not None:
         out["counters"] = {k: getattr(window, k) for k in
                            ("prompt_tokens", "generated_tokens", "micro_batches", "preemptions")}
+        if window.slo:
+            out["slo"] = {label: msgspec.to_builtins(a) for label, a in window.slo.items()}
         migrations = groups_report.migration_counters(window)
         if migrations:
             out["migrations"] = migrations
@@ -289,6 +303,11 @@ def format_table(summary: dict[str, Any], title: str = " Serving Benchmark Resul
             value = dist.get(stat)
             lines.append(_line(f"{label} {name} (ms):", None if value is None else 1e3 * value,
                                ".2f"))
+    for label, c in (summary.get("by_slo_class") or {}).items():
+        lines.append(_rule(f"SLO class {label}"))
+        for key, name in (("ttft", "TTFT"), ("e2e", "E2E")):
+            p99 = (c.get(key) or {}).get("p99")
+            lines.append(_line(f"P99 {name} (ms):", None if p99 is None else 1e3 * p99, ".2f"))
     lines += _controller_lines(summary.get("controller") or {})
     lines.append("=" * WIDTH)
     return "\n".join(lines)
@@ -310,6 +329,9 @@ def _controller_lines(ctl: dict[str, Any]) -> list[str]:
     for phase, b in (ctl.get("batch_tokens") or {}).items():
         text = "n/a" if b["mean"] is None else f"{b['mean']:.1f} ± {b['std']:.1f}"
         lines.append(_line(f"{phase.capitalize()} tokens/micro-batch:", text))
+    for label, a in (ctl.get("slo") or {}).items():
+        lines.append(_line(f"SLO attainment, {label} (%):",
+                           f"{100 * a['attainment']:.1f} ({a['met']}/{a['met'] + a['missed']})"))
     lines += groups_report.lines(ctl, _line)
     for i in ctl.get("instances") or []:
         if "length_spread" in i:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -47,6 +48,9 @@ class RunConfig:
     slo_s: dict[str, float] = field(default_factory=dict)
     """The goodput SLO (ttft, tpot, e2e); its ttft and tpot travel with every request, so
     schedulers that plan by SLO see them and `conveyor stats` counts their attainment."""
+    slo_classes: list[str] = field(default_factory=list)
+    """Each request is given one of these classes (the deployment's [slo.classes]) at
+    random, seeded by `seed`."""
     backend: str = "conveyor"
     """conveyor (the SDK over ZeroMQ at `address`), or openai / openai-chat (any
     OpenAI-compatible server at `base_url`, see openai_backend.py)."""
@@ -71,6 +75,8 @@ class RequestRecord:
     output_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    slo_class: str = ""
+    """The SLO class it was sent with (RunConfig.slo_classes), if any."""
 
     @property
     def ok(self) -> bool:
@@ -103,7 +109,8 @@ async def _send(client: AsyncClient, sample: Sample, cfg: RunConfig, rec: Reques
     kwargs: dict[str, Any] = {"max_tokens": max_tokens or sample.output_len,
                               "ignore_eos": cfg.ignore_eos, "temperature": cfg.temperature,
                               "ttft_slo_s": slo.ttft_s if slo else None,
-                              "tpot_slo_s": slo.tpot_s if slo else None}
+                              "tpot_slo_s": slo.tpot_s if slo else None,
+                              **({"slo_class": rec.slo_class} if rec.slo_class else {})}
     if sample.prompt_token_ids is not None:
         prompt, kwargs["prompt_token_ids"] = None, sample.prompt_token_ids
     else:
@@ -187,6 +194,10 @@ async def run_benchmark(samples: list[Sample], cfg: RunConfig) -> RunResult:
     Raises ConveyorError (ConnectionFailed) only when the deployment cannot be reached."""
     offsets = arrival_times(len(samples), cfg.request_rate, cfg.burstiness, cfg.seed)
     records = [RequestRecord(i, s.prompt_len, s.output_len) for i, s in enumerate(samples)]
+    if cfg.slo_classes:  # its own generator: the arrival times stay what they were
+        rng = random.Random(cfg.seed)
+        for rec in records:
+            rec.slo_class = rng.choice(cfg.slo_classes)
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     async with _client(cfg) as client:
         health = await client.wait_ready(timeout=cfg.ready_timeout_s)

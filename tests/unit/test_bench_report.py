@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -13,7 +14,7 @@ from conveyor.bench.report import (build_result, controller_window, format_table
 from conveyor.bench.runner import RequestRecord, RunResult
 from conveyor.bench.sweep import markdown_table
 from conveyor.cli.app import app
-from common.stats import ControllerStats, InstanceStats
+from common.stats import ControllerStats, InstanceStats, SLOAttainment
 
 
 def _record(i: int, ttft: float, tpot_s: float, out: int = 11, prompt: int = 20,
@@ -93,7 +94,10 @@ def test_the_cli_refuses_bad_input_before_doing_any_work():
     runner = CliRunner()
     for args, text in ((["--slo", "ttft"], "--slo"), (["--dataset", "alpaca"], "alpaca"),
                        (["--request-rate", "0"], "must be > 0"),
-                       (["--sweep", "--rates", "1,x"], "--rates")):
+                       (["--sweep", "--rates", "1,x"], "--rates"),
+                       (["--random-input-len", "64,0"], "every value must be >= 1"),
+                       (["--slo-classes", "batch", "--backend", "openai"],
+                        "SLO classes travel with the Conveyor SDK")):
         out = runner.invoke(app, ["bench", "--address", "tcp://127.0.0.1:9", *args])
         assert out.exit_code == 2, out.output
         flat = " ".join(out.output.replace("│", " ").split())  # undo the error box's wrapping
@@ -196,3 +200,25 @@ def test_sweep_charts(tmp_path):
     no_bubbles = [{**r, "summary": summary(5, None)} for r in runs if r["summary"]]
     names = {p.name for p in plot_sweep(no_bubbles, tmp_path / "nb")}
     assert "sweep-bubble.png" not in names and "sweep-throughput.png" in names
+
+
+def test_latency_and_attainment_per_slo_class():
+    recs = _records()
+    for r in recs:
+        r.slo_class = "interactive" if r.index % 3 == 0 else "batch"
+    s = summarize(recs, 10.0)
+    a = [r for r in recs if r.ok and r.slo_class == "interactive"]
+    assert s["by_slo_class"]["interactive"]["requests"] == 34
+    assert s["by_slo_class"]["interactive"]["e2e"]["p99"] == pytest.approx(
+        float(np.percentile([r.e2e_s for r in a], 99)))
+    assert s["by_slo_class"]["batch"]["completed"] == 67  # 68 sent, one failed
+    assert "by_slo_class" not in summarize(_records(), 10.0)
+    before = ControllerStats(slo={"interactive": SLOAttainment(met=1, missed=1)})
+    after = ControllerStats(slo={"interactive": SLOAttainment(met=4, missed=2),
+                                 "batch": SLOAttainment(met=5)})
+    ctl = controller_window(before, after)
+    assert ctl["slo"]["interactive"] == {"met": 3, "missed": 1, "attainment": 0.75}
+    assert ctl["slo"]["batch"]["attainment"] == 1.0
+    s["controller"] = ctl
+    text = format_table(s)
+    assert "SLO class interactive" in text and "SLO attainment, interactive (%):" in text
