@@ -9,9 +9,11 @@ Studies:
   and length groups (with boundary and balance migration). The groups are what the range DP
   chose for this workload in the simulator (`conveyor simulate` on the CPU profile:
   `--groups`); the predictor is off, so requests are routed by their prompt, as the DP assumes.
-- planck (issue 13): 1 instance x 3 stages, ShareGPT (prompt plus reply <= 1024 tokens),
-  gamma arrivals with CV 2 (burstiness 0.25), two SLO classes drawn half and half; throttle,
-  fcfs and planck-throttle.
+- planck (issue 13): 1 instance x 3 stages (layers placed as serve places them, the last
+  stage with the LM head), prompts a mix of 32 (two thirds) and 256 tokens (+-50%) generating
+  64 (+-50%), gamma arrivals with CV 2 (burstiness 0.25) at 0.8 req/s (about 70% of the
+  simulated burst capacity of this workload, 1.19 req/s), two SLO classes drawn half and half
+  (interactive: TTFT 2 s, TPOT 0.3 s; batch: 20 s, 1 s); throttle, fcfs and planck-throttle.
 
     .venv/bin/python scripts/cpu_compare.py cascade --runs 3
     .venv/bin/python scripts/cpu_compare.py planck --runs 3
@@ -56,15 +58,17 @@ STUDIES: dict[str, dict[str, Any]] = {
                   "--num-prompts", "40"]},
     "planck": {
         "instances": 1, "stages": 3,
-        "common": ["slo.classes.interactive.ttft_s=4.0", "slo.classes.interactive.tpot_s=0.3",
-                   "slo.classes.batch.ttft_s=60.0", "slo.classes.batch.tpot_s=2.0"],
+        "common": ["slo.classes.interactive.ttft_s=2.0", "slo.classes.interactive.tpot_s=0.3",
+                   "slo.classes.batch.ttft_s=20.0", "slo.classes.batch.tpot_s=1.0"],
         "schemes": {
             "throttle": ['scheduler.policy="throttle"'],
             "fcfs": ['scheduler.policy="fcfs"'],
             "planck-throttle": ['scheduler.policy="planck-throttle"']},
-        "loads": ["1.0"],
-        "bench": ["--dataset", "sharegpt", "--sharegpt-max-len", "1024", "--num-prompts", "48",
-                  "--burstiness", "0.25", "--slo-classes", "interactive,batch"]},
+        "loads": ["0.8"],
+        "bench": ["--dataset", "random", "--random-input-len", "32,32,256",
+                  "--random-output-len", "64", "--random-range-ratio", "0.5",
+                  "--num-prompts", "48", "--burstiness", "0.25",
+                  "--slo-classes", "interactive,batch"]},
 }
 
 

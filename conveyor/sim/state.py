@@ -70,8 +70,11 @@ class SimInstance(InstanceCore):
         self.sample_points = sample_points
         self.sample_interval = 1e-3
         self._next_sample = 0.0
-        self.stage_samples: list[tuple[float, tuple[int, ...], int]] = []
-        """(time, each stage's queue, micro-batches allowed in flight), with `samples`."""
+        self.stage_samples: list[tuple[float, tuple[int, ...], int, int]] = []
+        """(time, each stage's queue, micro-batches allowed in flight, micro-batches completed
+        so far), with `samples`."""
+        self.completed = 0
+        """Micro-batches that left the pipeline."""
         self.token_hooks: dict[int, Callable[[Any, float], None]] = {}
         """request id -> hook(req, now), called once when the request's token is back (and
         then dropped): a migration (conveyor/sim/cascade.py) stops a request leaving this
@@ -95,7 +98,8 @@ class SimInstance(InstanceCore):
         samples = self.samples
         samples.append((now, len(self.waiting), self.num_running,
                         self.total_blocks - self.free_blocks))
-        self.stage_samples.append((now, self.stage_queues_at(now), self.allowance))
+        self.stage_samples.append((now, self.stage_queues_at(now), self.allowance,
+                                   self.completed))
         if len(samples) >= 2 * self.sample_points:
             del samples[1::2]
             del self.stage_samples[1::2]
@@ -192,6 +196,7 @@ class SimInstance(InstanceCore):
         self._gauge(now)
         if next(iter(self.inflight)) != batch.mb_id:
             raise SimulationError("micro-batches completed out of dispatch order")
+        self.completed += 1
         if self.feeds_back:
             self.report_stages(now)  # this batch's last stage included
         # Each sampled request's token: EOS at its true length (SimRequest.true_output).
