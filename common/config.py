@@ -188,6 +188,29 @@ class MigrationConfig(_Section):
         return make_planner(self.planner.split("+"), groups, self.min_gap)
 
 
+class GroupRefinementConfig(_Section):
+    """Length groups refined while serving (common/scheduling/group_refinement.py, `nudge`):
+    every `interval_s`, each boundary moves by `step` of the lower group's width toward
+    balanced work per instance (the work routed since the last look), unless the two groups
+    are within `hysteresis` of each other. (Re-running the range DP needs a cost model: only
+    the simulator does that.)"""
+
+    enabled: bool = False
+    interval_s: float = 1.0
+    hysteresis: float = 0.2
+    step: float = 0.1
+
+    def problems(self, deployment: DeploymentConfig) -> list[str]:
+        return _failed([
+            (self.interval_s > 0, "group_refinement.interval_s must be > 0"),
+            (self.hysteresis >= 0, "group_refinement.hysteresis must be >= 0"),
+            (0 < self.step < 1, "group_refinement.step must be in (0, 1)"),
+            (not self.enabled or deployment.routing == "length-groups",
+             "group_refinement moves the boundaries of length groups: it needs "
+             "deployment.routing = length-groups and deployment.groups"),
+        ])
+
+
 class EndpointsConfig(_Section):
     ingress: str = f"tcp://127.0.0.1:{DEFAULT_INGRESS_PORT}"
     """Where clients reach the ingress (the SDK's address). Port 0 picks a free port."""
@@ -328,6 +351,8 @@ class ConveyorConfig(_Section):
     predictor: PredictorConfig = msgspec.field(default_factory=PredictorConfig)
     """Output-length prediction at admission (common/prediction/config.py)."""
     migration: MigrationConfig = msgspec.field(default_factory=MigrationConfig)
+    group_refinement: GroupRefinementConfig = msgspec.field(
+        default_factory=GroupRefinementConfig)
 
     def validate(self) -> "ConveyorConfig":
         """Checks that single fields cannot express; returns self for chaining."""
@@ -368,7 +393,8 @@ class ConveyorConfig(_Section):
         problems = [*_failed(checks), *self.deployment.group_problems(),
                     *self.model.problems(self.deployment.stages, "deployment.stages"),
                     *self.kvcache.problems(),
-                    *self.migration.problems(self.deployment)]
+                    *self.migration.problems(self.deployment),
+                    *self.group_refinement.problems(self.deployment)]
         if problems:
             raise ConfigError(problems[0])
         try:

@@ -120,6 +120,7 @@ def figures(result: Any, slos: list[dict[str, float]]) -> dict[str, Any]:
         summarize(result, slo)["goodput"]["request_goodput"] for slo in slos[1:]]
     e2e = [r.last_token - r.arrival for r in result.requests if not r.error]
     cascade = result.cascade or {}
+    mig = s["controller"].get("migrations") or {}
     return {"mean_e2e_s": float(np.mean(e2e)), "p99_e2e_s": float(np.percentile(e2e, 99)),
             "mean_ttft_s": s["ttft"]["mean"], "mean_tpot_s": s["tpot"]["mean"],
             "request_throughput": s["request_throughput"],
@@ -127,10 +128,10 @@ def figures(result: Any, slos: list[dict[str, float]]) -> dict[str, Any]:
             "goodput": goodput, "failed": s["failed"],
             "length_spread": s["simulator"]["length_spread"],
             "preemptions": s["simulator"]["preemptions"],
-            "groups": cascade.get("groups"), "migrations": cascade.get("migrations"),
-            "migrated_gb": cascade.get("migrated_bytes", 0) / 1e9,
-            "mean_pause_ms": (1e3 * cascade["mean_pause_s"]
-                              if cascade.get("mean_pause_s") is not None else None)}
+            "groups": cascade.get("groups"),
+            "migrations": mig.get("migration_reasons", {}) if cascade else None,
+            "migrated_gb": mig.get("migration_kv_bytes", 0) / 1e9,
+            "mean_pause_ms": mig.get("mean_migration_pause_ms")}
 
 
 def markdown(rows: list[dict[str, Any]], slos: list[dict[str, float]]) -> str:
@@ -151,7 +152,8 @@ def markdown(rows: list[dict[str, Any]], slos: list[dict[str, float]]) -> str:
             f"{r['request_throughput']:.2f} | "
             + " | ".join(f"{g:.2f}" for g in r["goodput"]) + " | "
             f"{r['length_spread'] or 0:.0f} | "
-            f"{m.get('boundary', '-')}/{m.get('balance', '-')} | "
+            f"{m.get('boundary', 0) if r['migrations'] is not None else '-'}/"
+            f"{m.get('balance', 0) if r['migrations'] is not None else '-'} | "
             f"{'-' if r['mean_pause_ms'] is None else format(r['mean_pause_ms'], '.2f')} | "
             f"{r['groups'] or '-'} |")
     return "\n".join(out)

@@ -16,6 +16,11 @@ queue over time at the highest load and CV, per policy).
 
     .venv/bin/python scripts/sim_planck.py                          # ~3 minutes on one core
     .venv/bin/python scripts/sim_planck.py --loads 0.9 --cvs 3 --num-prompts 500
+    .venv/bin/python scripts/sim_planck.py --long-share 0.2 --out sim-results/planck-long
+
+`--long-share F` replaces a fraction F of the ShareGPT requests (drawn at random, seeded) by
+long prompts (`--long-prompt`, 3000-6000 tokens, uniform) with short replies (`--long-output`,
+100-400): a mix where prefill competes with the running requests' decodes at the bottleneck.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ def run_point(cfg: Any, cost: Any, wl: Any) -> dict[str, Any]:
             "output_throughput": s["output_throughput"],
             "slo": {k: v.attainment for k, v in r.metrics.slo_attainment().items()},
             "mean_stage_queue": inst["mean_stage_queue"],
-            "queue_samples": [(t, list(q)) for t, q, _ in inst["stage_samples"]]}
+            "queue_samples": [(t, list(q)) for t, q, *_ in inst["stage_samples"]]}
 
 
 def table(rows: list[dict[str, Any]], classes: list[str]) -> str:
@@ -108,6 +113,21 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def with_long_prompts(requests: Any, share: float, prompt: str, output: str, seed: int) -> Any:
+    """`requests` with a fraction `share` of them, drawn at random, made long prompts of
+    LO-HI tokens with replies of LO-HI tokens (uniform)."""
+    import random
+
+    from conveyor.sim.workload import Workload
+
+    rng = random.Random(seed)
+    (p_lo, p_hi), (o_lo, o_hi) = ([int(x) for x in r.split("-")] for r in (prompt, output))
+    lengths = [(rng.randint(p_lo, p_hi), rng.randint(o_lo, o_hi)) if rng.random() < share
+               else (p, o) for p, o in zip(requests.prompt_len, requests.output_len)]
+    return Workload.from_lengths(lengths, list(requests.arrival_s), **requests.description,
+                                 long_share=share)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cluster", default="deploy/clusters/h100-4stage-uneven.toml")
@@ -115,6 +135,9 @@ def main() -> None:
     ap.add_argument("--cvs", default="2,3,4", help="coefficients of variation of the gaps")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--long-share", type=float, default=0.0)
+    ap.add_argument("--long-prompt", default="3000-6000")
+    ap.add_argument("--long-output", default="100-400")
     ap.add_argument("--classes", default="interactive:0.5:0.05:0.5,batch:10:0.2:0.5",
                     help="NAME:TTFT_S:TPOT_S:WEIGHT,... (default: interactive 0.5 s / 50 ms, "
                          "batch 10 s / 200 ms, half each)")
@@ -136,6 +159,9 @@ def main() -> None:
     base = load_cluster(ROOT / args.cluster, {"simulator.stage_queue_samples": True})
     cost = build_cost_model(base, None)
     requests = make_workload("sharegpt", args.num_prompts, seed=args.seed)
+    if args.long_share > 0:
+        requests = with_long_prompts(requests, args.long_share, args.long_prompt,
+                                     args.long_output, args.seed)
     from conveyor.sim.engine import simulate  # capacity: request throughput, all at t=0
     from conveyor.sim.report import summarize
 

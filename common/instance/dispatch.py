@@ -200,6 +200,8 @@ class Dispatch:
         self.inflight[batch.mb_id] = batch
         self.load -= prefill + decode
         self.metrics.record_batch(prefill, decode)
+        if decode > 1:
+            self.metrics.record_spread(self.index, decode, context, longest)
         self.tokens_per_batch.add(prefill + decode)
         return batch
 

@@ -160,3 +160,51 @@ class GroupRefiner:
             else:
                 self.bands[k] = base
             self.last_move[k] = step
+
+
+class LiveGroups:
+    """The groups a deployment or a simulation routes by while serving, kept current by a
+    GroupRefiner. The driver reports the work it routes (`routed`: prompt plus cap, per
+    instance) and the requests that end (`finished`), and calls `tick(now)` whenever it likes
+    (a completion, an arrival): every `interval_s` the refiner looks at the work routed since
+    its last look, and a change of groups goes to each follower's `set_groups` (the router,
+    the migration planner) and to `on_change(now, groups)` (the metrics). No arrivals since
+    the last look, no evidence: the groups stay."""
+
+    def __init__(self, refiner: GroupRefiner, followers: Sequence, interval_s: float,
+                 on_change: Callable[[float, LengthGroups], None] | None = None,
+                 start: float = 0.0):
+        if interval_s <= 0:
+            raise ValueError(f"group refinement: interval_s must be > 0, got {interval_s}")
+        self.refiner = refiner
+        self.followers = [f for f in followers if f is not None]
+        self.interval_s = interval_s
+        self.on_change = on_change
+        self.next_look = start + interval_s
+        self.routed_work = [0] * refiner.groups.num_instances
+
+    @property
+    def groups(self) -> LengthGroups:
+        return self.refiner.groups
+
+    def routed(self, instance: int, work: int) -> None:
+        self.routed_work[instance] += work
+
+    def finished(self, now: float, prompt: int, output: int) -> None:
+        if output:
+            self.refiner.finished(now, prompt, output)
+
+    def tick(self, now: float) -> bool:
+        """Refines the groups if a look is due; True when they changed."""
+        if now < self.next_look:
+            return False
+        self.next_look = now + self.interval_s
+        routed, self.routed_work = self.routed_work, [0] * len(self.routed_work)
+        before = self.refiner.groups
+        if not any(routed) or self.refiner.refine(now, routed) == before:
+            return False
+        for follower in self.followers:
+            follower.set_groups(self.refiner.groups)
+        if self.on_change is not None:
+            self.on_change(now, self.refiner.groups)
+        return True

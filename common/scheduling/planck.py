@@ -63,6 +63,9 @@ class PlanckSettings:
         "share of the prefill budget still admitted at zero headroom"))] = 0.25
     initial_headroom: Annotated[float, Meta(ge=0, le=1, description=(
         "the controller's output before any feedback (0: least admission, 1: most)"))] = 0.5
+    queue_smoothing: Annotated[float, Meta(gt=0, le=1, description=(
+        "weight of the newest count in a stage's smoothed queue, on which the error is "
+        "taken (1: the count itself)"))] = 0.25
     waiting_window: Annotated[int, Meta(ge=0, description=(
         "waiting requests ordered by slack, from the head of the queue (0: all)"))] = 256
 
@@ -73,7 +76,8 @@ class PlanckSettings:
             raise ValueError("controller_max_inflight must not be below controller_min_inflight")
         self.stage_control = StageController(ControllerGains(
             self.kp, self.ki, self.min_target_queue, self.max_target_queue, self.controller_min_inflight,
-            self.controller_max_inflight, self.min_prefill_fraction, self.initial_headroom))
+            self.controller_max_inflight, self.min_prefill_fraction, self.initial_headroom,
+            self.queue_smoothing))
 
 
 class _Planck:

@@ -40,6 +40,8 @@ class ControllerGains:
     """0: twice the pipeline depth."""
     min_prefill_fraction: float
     initial_headroom: float
+    queue_smoothing: float = 1.0
+    """Weight of the newest count in each stage's smoothed queue (1: the count itself)."""
 
 
 class StageController:
@@ -53,6 +55,8 @@ class StageController:
         """StageView.completed at the last update: one update per micro-batch that left."""
         self.targets: list[float] = []
         self.budgets: list[float] = []
+        self.queues: list[float] = []
+        """Each stage's smoothed queue, what the error is taken on."""
         self.error = 0.0
 
     def bounds(self, depth: int) -> tuple[int, int]:
@@ -99,7 +103,12 @@ class StageController:
             return
         self.targets = [min(max(w / slowest, g.min_target), g.max_target)
                         for w in self.budgets]
-        error = min(t - s.queue for t, s in zip(self.targets, stages))
+        a = g.queue_smoothing
+        if len(self.queues) != len(stages):
+            self.queues = [float(s.queue) for s in stages]
+        else:
+            self.queues = [q + a * (s.queue - q) for q, s in zip(self.queues, stages)]
+        error = min(t - q for t, q in zip(self.targets, self.queues))
         delta = g.ki * error + (g.kp * (error - self.prev_error)
                                 if self.prev_error is not None else 0.0)
         self.prev_error = error

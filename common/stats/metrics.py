@@ -10,14 +10,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from common.stats.snapshot import (REQUEST_LATENCIES, BatchTokens, ControllerStats,
-                                   HistogramStats, MomentsStats, SLOAttainment, StageStats,
-                                   request_times)
+                                   GroupChange, HistogramStats, MomentsStats, SLOAttainment,
+                                   StageStats, request_times)
 
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0,
                      300.0)
 LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
                   100000)
 """Token counts per request (prompt, generation): vLLM's 1-2-5 series."""
+GROUP_HISTORY = 64
+"""Length-group changes kept with their times (the latest; `length_group_changes` counts all)."""
 
 @dataclass
 class Moments:
@@ -133,6 +135,8 @@ class ControllerMetrics:
     """Requests moved to another instance (services/controller/migration.py)."""
     migrations_waiting: int = 0
     """Of those, requests moved while waiting (no KV yet: nothing to recompute)."""
+    migration_reasons: Counter = field(default_factory=Counter)
+    """Of those, by the planner's reason (boundary, balance)."""
     migrations_aborted: int = 0
     """Migrations whose request ended (aborted, failed) before its first token at the
     destination."""
@@ -148,6 +152,14 @@ class ControllerMetrics:
     """KV bytes the destinations' stages received in committed live migrations."""
     migration_copy: Moments = field(default_factory=Moments)
     """Seconds from a live migration's start to its commit (every copy round)."""
+    length_spread: list[Moments] = field(default_factory=list)
+    """Per instance, over its micro-batches of two decodes or more: the longest decode context
+    less the mean one (tokens). What mixing lengths costs a padded attention, and what length
+    groups narrow."""
+    group_history: list[tuple[float, str]] = field(default_factory=list)
+    """The length groups in force and since when (seconds since `started`): the first entry
+    at start, then every change (the latest GROUP_HISTORY)."""
+    length_group_changes: int = 0
     stages: dict[tuple[int, int], StageCounters] = field(default_factory=dict)
     pending: list[PendingClock] = field(default_factory=list)
     prefill_per_batch: Moments = field(default_factory=Moments)
@@ -160,6 +172,7 @@ class ControllerMetrics:
 
     def __post_init__(self) -> None:
         self.pending = [PendingClock() for _ in range(self.num_instances)]
+        self.length_spread = [Moments() for _ in range(self.num_instances)]
 
     def merge(self, other: ControllerMetrics) -> None:
         """Adds `other`'s counters, kept for a disjoint share of the instances and requests
@@ -185,6 +198,11 @@ class ControllerMetrics:
             elif f.name == "pending":
                 for clock, other_clock in zip(mine, theirs):
                     clock.merge(other_clock)
+            elif f.name == "length_spread":
+                for moments, other_moments in zip(mine, theirs):
+                    moments.merge(other_moments)
+            elif f.name == "group_history":  # one worker routes by groups: the others' are []
+                mine[:] = sorted(mine + theirs)[-GROUP_HISTORY:]
             elif isinstance(mine, (int, float)):
                 setattr(self, f.name, mine + theirs)
             else:
@@ -201,6 +219,19 @@ class ControllerMetrics:
     def record_batch(self, prefill_tokens: int, decode_tokens: int) -> None:
         self.prefill_per_batch.add(prefill_tokens)
         self.decode_per_batch.add(decode_tokens)
+
+    def record_spread(self, instance: int, decodes: int, context: int, longest: int) -> None:
+        """A micro-batch's decodes: `context` the sum of their contexts, `longest` the
+        longest."""
+        if decodes > 1:
+            self.length_spread[instance].add(longest - context / decodes)
+
+    def record_groups(self, now: float, spec: str) -> None:
+        """The length groups (LengthGroups.spec) in force from `now` on."""
+        if self.group_history:
+            self.length_group_changes += 1
+        self.group_history.append((now - self.started, spec))
+        del self.group_history[:-GROUP_HISTORY]
 
     def record_request(self, timings: dict[str, float], prompt_tokens: int | None = None,
                        generated_tokens: int | None = None) -> None:
@@ -242,12 +273,16 @@ class ControllerMetrics:
             requests_recovered=self.requests_recovered, restarts=dict(self.restarts),
             instances_given_up=self.instances_given_up, migrations=self.migrations,
             migrations_waiting=self.migrations_waiting,
+            migration_reasons=dict(self.migration_reasons),
             migrations_aborted=self.migrations_aborted,
             migrations_refused=self.migrations_refused,
             migration_recomputed_tokens=self.migration_recomputed_tokens,
             migration_pause_s=self.migration_pause.snapshot(),
             migration_kv_bytes=self.migration_kv_bytes,
-            migration_copy_s=self.migration_copy.snapshot(), slo=self.slo_attainment(),
+            migration_copy_s=self.migration_copy.snapshot(),
+            length_spread=[m.snapshot() for m in self.length_spread],
+            length_groups=[GroupChange(t_s=t, groups=g) for t, g in self.group_history],
+            length_group_changes=self.length_group_changes, slo=self.slo_attainment(),
             stages=stages,
             batch_tokens=BatchTokens(prefill=self.prefill_per_batch.snapshot(),
                                      decode=self.decode_per_batch.snapshot()),

@@ -139,6 +139,14 @@ class IngressStats(_Snapshot):
     draining: bool = False
 
 
+class GroupChange(_Snapshot):
+    """Length groups (LengthGroups.spec, e.g. "0-512:2,512-:1") in force from `t_s`, seconds
+    since the controller's start (the simulation's)."""
+
+    t_s: float = 0.0
+    groups: str = ""
+
+
 class ControllerStats(_Snapshot):
     uptime_s: float = 0.0
     finished: dict[str, int] = {}
@@ -162,6 +170,8 @@ class ControllerStats(_Snapshot):
     migrations: int = 0
     """Requests moved to another instance (running or waiting)."""
     migrations_waiting: int = 0
+    migration_reasons: dict[str, int] = {}
+    """Migrations by the planner's reason (boundary, balance)."""
     migrations_aborted: int = 0
     """Migrations whose request ended before its first token at the destination."""
     migrations_refused: int = 0
@@ -174,6 +184,13 @@ class ControllerStats(_Snapshot):
     """KV bytes received by the destinations of committed live migrations."""
     migration_copy_s: MomentsStats = msgspec.field(default_factory=MomentsStats)
     """A live migration's start to its commit, in seconds."""
+    length_spread: list[MomentsStats] = []
+    """Per instance (by index), over its micro-batches of two decodes or more: the longest
+    decode context less the mean one, in tokens."""
+    length_groups: list[GroupChange] = []
+    """With length groups: the groups in force and since when, the first at start, the last
+    the current ones (the latest changes only: `length_group_changes` counts them all)."""
+    length_group_changes: int = 0
     slo: dict[str, SLOAttainment] = {}
     """Per SLO class (SLO.label)."""
     stages: list[StageStats] = []
@@ -199,7 +216,8 @@ class ControllerStats(_Snapshot):
 
     def since(self, before: ControllerStats) -> ControllerStats:
         """The counters of the window from `before` to this snapshot (stages present in
-        both); gauges, names and the ingress section are this snapshot's."""
+        both); gauges, names, the ingress section and the groups' history are this
+        snapshot's."""
         start = {(s.instance, s.stage): s for s in before.stages}
         slo = {}
         for label, a in self.slo.items():
@@ -220,13 +238,19 @@ class ControllerStats(_Snapshot):
             instances_given_up=self.instances_given_up - before.instances_given_up,
             migrations=self.migrations - before.migrations,
             migrations_waiting=self.migrations_waiting - before.migrations_waiting,
+            migration_reasons={k: v - before.migration_reasons.get(k, 0)
+                               for k, v in self.migration_reasons.items()},
             migrations_aborted=self.migrations_aborted - before.migrations_aborted,
             migrations_refused=self.migrations_refused - before.migrations_refused,
             migration_recomputed_tokens=(self.migration_recomputed_tokens
                                          - before.migration_recomputed_tokens),
             migration_pause_s=self.migration_pause_s.since(before.migration_pause_s),
             migration_kv_bytes=self.migration_kv_bytes - before.migration_kv_bytes,
-            migration_copy_s=self.migration_copy_s.since(before.migration_copy_s), slo=slo,
+            migration_copy_s=self.migration_copy_s.since(before.migration_copy_s),
+            length_spread=[a.since(b) for a, b in zip(self.length_spread, before.length_spread)]
+            if len(before.length_spread) == len(self.length_spread) else self.length_spread,
+            length_group_changes=self.length_group_changes - before.length_group_changes,
+            slo=slo,
             stages=[s.since(start[(s.instance, s.stage)]) for s in self.stages
                     if (s.instance, s.stage) in start],
             batch_tokens=BatchTokens(

@@ -11,7 +11,7 @@ import io
 import json
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -168,27 +168,32 @@ def length_range(length: int, range_ratio: float) -> tuple[int, int]:
                                                                            (1 + range_ratio)))
 
 
-def sample_random(num_prompts: int, input_len: int, output_len: int, range_ratio: float = 0.0,
-                  tokenizer: Any | None = None, seed: int = 0, kind: str = "ids"
-                  ) -> list[Sample]:
+def sample_random(num_prompts: int, input_len: int | Sequence[int], output_len: int,
+                  range_ratio: float = 0.0, tokenizer: Any | None = None, seed: int = 0,
+                  kind: str = "ids") -> list[Sample]:
     """Prompts of random content with lengths uniform around `input_len` and `output_len`.
+    Several input lengths make a mix: each prompt's is drawn around one of them, chosen at
+    random (repeat one to weigh it: 64,64,1024 makes a third of the prompts long).
 
     kind "ids": random token ids sent as they are (exact prompt lengths), drawn from the
     tokenizer's vocabulary less its special tokens, or from FALLBACK_VOCAB without one.
     kind "words": text of random common words, tokenized by the ingress; its prompt_len is
     the tokenizer's count when there is one, else the word count (about a token a word)."""
-    if input_len < 1 or output_len < 1:
+    modes = [input_len] if isinstance(input_len, int) else list(input_len)
+    if not modes or min(modes) < 1 or output_len < 1:
         raise ValueError("random input and output lengths must be >= 1")
     if not 0.0 <= range_ratio < 1.0:
         raise ValueError(f"random range ratio must be in [0, 1), got {range_ratio}")
     if kind not in ("ids", "words"):
         raise ValueError(f"unknown random prompt kind {kind!r} (ids or words)")
     rng = random.Random(seed)
-    in_lo, in_hi = length_range(input_len, range_ratio)
+    in_ranges = [length_range(n, range_ratio) for n in modes]
     out_lo, out_hi = length_range(output_len, range_ratio)
     vocab = _random_vocab(tokenizer) if kind == "ids" else []
     samples = []
     for _ in range(num_prompts):
+        in_lo, in_hi = in_ranges[rng.randrange(len(in_ranges))] if len(in_ranges) > 1 \
+            else in_ranges[0]  # one mode draws exactly what it always drew
         n_in, n_out = rng.randint(in_lo, in_hi), rng.randint(out_lo, out_hi)
         if kind == "ids":
             ids = [rng.choice(vocab) for _ in range(n_in)]

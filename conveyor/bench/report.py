@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from conveyor.bench import groups_report
 from conveyor.bench.arrivals import rate_text
 from conveyor.bench.runner import RequestRecord, RunResult
 from common.scheduling.types import SLO
@@ -109,7 +110,19 @@ def summarize(records: Sequence[RequestRecord], duration_s: float,
         summary["goodput"] = {"slo_s": dict(slo), "requests": good,
                               "request_goodput": per_s(good),
                               "fraction": good / len(records) if records else 0.0}
+    classes = sorted({r.slo_class for r in records if r.slo_class})
+    if classes:  # latency per SLO class (the controller's window has their attainment)
+        summary["by_slo_class"] = {c: _class_latency([r for r in records if r.slo_class == c])
+                                   for c in classes}
     return summary
+
+
+def _class_latency(records: Sequence[RequestRecord]) -> dict[str, Any]:
+    ok = [r for r in records if r.ok]
+    return {"requests": len(records), "completed": len(ok),
+            "ttft": distribution([r.ttft_s for r in ok if r.ttft_s is not None]),
+            "tpot": distribution([t for t in map(tpot, ok) if t is not None]),
+            "e2e": distribution([r.e2e_s for r in ok if r.e2e_s is not None])}
 
 
 # ---- controller counters over the window ----------------------------------------------------
@@ -163,27 +176,32 @@ def controller_window(before: ControllerStats | None, after: ControllerStats | N
     if after is None:
         return {}
     out: dict[str, Any] = {"policy": after.policy} if after.policy else {}
-    if before is not None:
-        window = after.since(before)
+    window = after.since(before) if before is not None else None
+    if window is not None:
         out["counters"] = {k: getattr(window, k) for k in
-                           ("prompt_tokens", "generated_tokens", "micro_batches", "preemptions",
-                            "migrations", "migrations_aborted", "migration_kv_bytes")}
-        if window.migration_pause_s.count:
-            out["counters"]["mean_migration_pause_ms"] = round(
-                1000 * window.migration_pause_s.sum / window.migration_pause_s.count, 3)
+                           ("prompt_tokens", "generated_tokens", "micro_batches", "preemptions")}
+        if window.slo:
+            out["slo"] = {label: msgspec.to_builtins(a)
+                          for label, a in sorted(window.slo.items())}
+        migrations = groups_report.migration_counters(window)
+        if migrations:
+            out["migrations"] = migrations
         stages = stage_window(window)
         if stages:
             out["stages"] = stages
             ratios = [s["bubble_ratio"] for s in stages if s["bubble_ratio"] is not None]
             out["mean_bubble_ratio"] = sum(ratios) / len(ratios) if ratios else None
         out["batch_tokens"] = batch_tokens_window(window)
-        if window.slo:
-            out["slo"] = {label: {"met": a.met, "missed": a.missed,
-                                  "attainment": a.attainment}
-                          for label, a in sorted(window.slo.items())}
     instances = instance_gauges(after, samples)
+    spreads = groups_report.length_spreads(window) if window is not None else {}
+    for row in instances:
+        if row["instance"] in spreads:
+            row["length_spread"] = spreads[row["instance"]]
     if instances:
         out["instances"] = instances
+    groups = groups_report.groups_section(after, window)
+    if groups:
+        out["length_groups"] = groups
     return out
 
 
@@ -286,6 +304,11 @@ def format_table(summary: dict[str, Any], title: str = " Serving Benchmark Resul
             value = dist.get(stat)
             lines.append(_line(f"{label} {name} (ms):", None if value is None else 1e3 * value,
                                ".2f"))
+    for label, c in (summary.get("by_slo_class") or {}).items():
+        lines.append(_rule(f"SLO class {label}"))
+        for key, name in (("ttft", "TTFT"), ("e2e", "E2E")):
+            p99 = (c.get(key) or {}).get("p99")
+            lines.append(_line(f"P99 {name} (ms):", None if p99 is None else 1e3 * p99, ".2f"))
     lines += _controller_lines(summary.get("controller") or {})
     lines.append("=" * WIDTH)
     return "\n".join(lines)
@@ -299,8 +322,6 @@ def _controller_lines(ctl: dict[str, Any]) -> list[str]:
         lines.append(_line("Policy:", ctl["policy"]))
     for k, v in (ctl.get("counters") or {}).items():
         lines.append(_line(f"{k.replace('_', ' ').capitalize()}:", v, "g"))
-    for label, a in (ctl.get("slo") or {}).items():
-        lines.append(_line(f"SLO attained, {label} (%):", 100 * a["attainment"], ".1f"))
     for s in ctl.get("stages") or []:
         lines.append(_line(f"Bubble ratio, stage {s['instance']}.{s['stage']}:",
                            s["bubble_ratio"], ".3f"))
@@ -309,7 +330,14 @@ def _controller_lines(ctl: dict[str, Any]) -> list[str]:
     for phase, b in (ctl.get("batch_tokens") or {}).items():
         text = "n/a" if b["mean"] is None else f"{b['mean']:.1f} ± {b['std']:.1f}"
         lines.append(_line(f"{phase.capitalize()} tokens/micro-batch:", text))
+    for label, a in (ctl.get("slo") or {}).items():
+        lines.append(_line(f"SLO attainment, {label} (%):",
+                           f"{100 * a['attainment']:.1f} ({a['met']}/{a['met'] + a['missed']})"))
+    lines += groups_report.lines(ctl, _line)
     for i in ctl.get("instances") or []:
+        if "length_spread" in i:
+            lines.append(_line(f"Length spread, instance {i['instance']} (tokens):",
+                               i["length_spread"], ".0f"))
         if "peak_kv_used" in i:
             lines.append(_line(f"Peak KV use, instance {i['instance']} (%):",
                                100 * i["peak_kv_used"], ".1f"))

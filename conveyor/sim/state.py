@@ -72,16 +72,16 @@ class SimInstance(InstanceCore):
         self.sample_points = sample_points
         self.sample_interval = 1e-3
         self._next_sample = 0.0
-        self.stage_samples: list[tuple[float, tuple[int, ...], int]] = []
-        """(time, each stage's queue, micro-batches allowed in flight), with `samples`, when
-        simulator.stage_queue_samples is on."""
+        self.stage_samples: list[tuple[float, tuple[int, ...], int, int]] = []
+        """(time, each stage's queue, micro-batches allowed in flight, micro-batches completed
+        so far), with `samples`, when simulator.stage_queue_samples is on."""
         self.samples_stages = cfg.stage_queue_samples
-        self.spread_sum = 0.0
-        self.spread_batches = 0
-        """Length spread: the sum over decode micro-batches of longest minus mean context."""
-        self.migration_stops: dict[int, Callable[[Any, float], None]] = {}
-        """Requests migrating away (conveyor/sim/cascade.py) to stop once their token is back:
-        request id -> the migration's stop(req, now)."""
+        self.completed = 0
+        """Micro-batches that left the pipeline."""
+        self.token_hooks: dict[int, Callable[[Any, float], None]] = {}
+        """request id -> hook(req, now), called once when the request's token is back (and
+        then dropped): a migration (conveyor/sim/cascade.py) stops a request leaving this
+        instance then, and ends the pause of one that arrived here."""
         self.samples: list[tuple[float, int, int, int]] = [(0.0, 0, 0, 0)]
         """(time, waiting, running, blocks in use) after a scheduling round, every
         sample_interval seconds at most; the interval doubles (and every other sample goes)
@@ -102,7 +102,8 @@ class SimInstance(InstanceCore):
         samples.append((now, len(self.waiting), self.num_running,
                         self.total_blocks - self.free_blocks))
         if self.samples_stages:
-            self.stage_samples.append((now, self.stage_queues_at(now), self.allowance))
+            self.stage_samples.append((now, self.stage_queues_at(now), self.allowance,
+                                       self.completed))
         if len(samples) >= 2 * self.sample_points:
             del samples[1::2]
             del self.stage_samples[1::2]
@@ -148,9 +149,6 @@ class SimInstance(InstanceCore):
             if len(self.inflight) > self.max_inflight_seen:
                 self.max_inflight_seen = len(self.inflight)
             decode, prefill = batch.decode, batch.prefill
-            if decode > 1:
-                self.spread_sum += batch.longest - batch.context / decode
-                self.spread_batches += 1
             durations, hops, corun = self.timer(prefill, decode,
                                                batch.context / decode if decode else 0.0,
                                                len(batch.sampling),
@@ -203,6 +201,7 @@ class SimInstance(InstanceCore):
         self._gauge(now)
         if next(iter(self.inflight)) != batch.mb_id:
             raise SimulationError("micro-batches completed out of dispatch order")
+        self.completed += 1
         if self.feeds_back:
             self.report_stages(now)  # this batch's last stage included
         # Each sampled request's token: EOS at its true length (SimRequest.true_output).
@@ -212,9 +211,8 @@ class SimInstance(InstanceCore):
         else:
             tokens = [0] * len(sampling)
         self.complete(batch.mb_id, tokens, now)
-        if self.migration_stops:
+        if self.token_hooks:
             for r in batch.requests:
-                stop = self.migration_stops.get(r.req_id)
-                if stop is not None and not r.inflight:
-                    stop(r, now)
+                if not r.inflight and r.req_id in self.token_hooks:
+                    self.token_hooks.pop(r.req_id)(r, now)
         self.schedule(now)

@@ -149,6 +149,7 @@ class Migrations:
         self.active[req.req_id] = m
         self.metrics.migrations += 1
         self.metrics.migrations_waiting += 0 if running else 1
+        self.metrics.migration_reasons[move.reason] += 1
         why = (self.live.cannot_copy(src, dst, req) if self.live is not None and running
                else "recompute")
         log.info("request migrating", req_id=req.req_id, src=move.src, dst=move.dst,

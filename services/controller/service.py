@@ -37,6 +37,7 @@ from common.zmq_io import Endpoint, Incoming, make_context, stop_tasks
 from services.controller.instance import Served, ServedInstance
 from services.controller.kv_link import KVLink
 from services.controller.membership import Membership
+from services.controller.length_groups import live_groups
 from services.controller.migration import Migrations
 from services.controller.peers import from_ingress, from_stage, hello_allowed
 from services.controller.prediction import ControllerLengths
@@ -68,6 +69,8 @@ class Controller:
                                      free=self._free_blocks,
                                      end=lambda r, why, error: self._end(r, why,
                                                                          time.monotonic(), error))
+        self.groups = live_groups(cfg, [self.router, self.migrations.planner], self.metrics)
+        """The length groups' refinement (None when off)."""
         # Output lengths predicted at admission (InstanceCore.add) and learned at EOS, one
         # predictor for every instance.
         self.predictor = ControllerLengths(cfg)
@@ -207,6 +210,9 @@ class Controller:
             return
         self.requests[req.req_id] = req
         inst.core.add(req, now)
+        if self.groups is not None:
+            self.groups.routed(inst.index, req.prompt + req.max_tokens)
+            self.groups.tick(now)
         if inst.pool_ready and not self._fits(inst, req, now):
             return
         inst.wake.set()
@@ -240,6 +246,8 @@ class Controller:
         travels with the request's last token) and log it."""
         self.requests.pop(req.req_id, None)
         self.predictor.learned()
+        if self.groups is not None:
+            self.groups.finished(time.monotonic(), req.prompt, req.out)
         self.migrations.ended(req, time.monotonic())
         if req.finish in (Finish.ABORT, Finish.ERROR):
             self.outputs.append(RequestOutput(req.req_id, [], _WIRE_FINISH[req.finish],
@@ -338,6 +346,8 @@ class Controller:
                 self.migrations.took_token(req, now)
             # Between micro-batches, before this instance schedules again: this batch's
             # requests hold no token in flight, so they may move.
+            if self.groups is not None:
+                self.groups.tick(now)
             self.migrations.round(now)
         inst.wake.set()
 

@@ -9,6 +9,7 @@ carries a `model_name` label. The per-stage busy, idle and pending series are Co
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -16,7 +17,8 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric, SummaryMetricFamily)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from common.stats import ControllerStats, HistogramStats
+from common.scheduling.length_groups import UNBOUNDED, LengthGroups
+from common.stats import ControllerStats, HistogramStats, MomentsStats
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
@@ -81,6 +83,8 @@ class _StatsCollector:
                  "Times an instance was given up on (a stage that kept dying)."),
                 ("conveyor_migrations", s.migrations,
                  "Requests moved to another instance."),
+                ("conveyor_migrations_waiting", s.migrations_waiting,
+                 "Of the migrations, requests moved while waiting (no KV to move)."),
                 ("conveyor_migrations_aborted", s.migrations_aborted,
                  "Migrations whose request ended before its first token at the destination."),
                 ("conveyor_migrations_refused", s.migrations_refused,
@@ -91,22 +95,26 @@ class _StatsCollector:
                 ("conveyor_migration_kv_bytes", s.migration_kv_bytes,
                  "KV bytes received by the destinations of committed live migrations."),
                 ("conveyor_kv_lease_waits", s.kv_lease_waits,
-                 "Dispatches that waited for the KV lease to be topped up.")):
+                 "Dispatches that waited for the KV lease to be topped up."),
+                ("conveyor_length_group_changes", s.length_group_changes,
+                 "Times the length groups' boundaries moved.")):
             yield _counter(name, help_text, value, m)
+        reasons = CounterMetricFamily("conveyor_migrations_by_reason", "Migrations by the "
+                                      "planner's reason.", labels=["model_name", "reason"])
+        for reason, n in sorted(s.migration_reasons.items()):
+            reasons.add_metric([m, reason], n)
+        yield reasons
+        yield from self._length_groups()
         yield from self._instances()
         yield from self._stages()
         for phase in ("prefill", "decode"):
-            moments = getattr(s.batch_tokens, phase)
-            summary = SummaryMetricFamily(f"conveyor_batch_{phase}_tokens",
-                                          f"{phase.capitalize()} tokens per micro-batch.",
-                                          labels=["model_name"])
-            summary.add_metric([m], moments.count, moments.sum)
-            yield summary
-        pause = SummaryMetricFamily("conveyor_migration_pause_seconds", "A running request's "
-                                    "move to its first token at the destination.",
-                                    labels=["model_name"])
-        pause.add_metric([m], s.migration_pause_s.count, s.migration_pause_s.sum)
-        yield pause
+            yield _summary(f"conveyor_batch_{phase}_tokens",
+                           f"{phase.capitalize()} tokens per micro-batch.",
+                           getattr(s.batch_tokens, phase), m)
+        yield _summary("conveyor_migration_pause_seconds", "A running request's stop at the "
+                       "source to its first token at the destination.", s.migration_pause_s, m)
+        yield _summary("conveyor_migration_copy_seconds", "A live migration's start to its "
+                       "commit (every copy round).", s.migration_copy_s, m)
         for key, (name, help_text) in LATENCY_SERIES.items():
             if key in s.latency:
                 yield _histogram(name, help_text, s.latency[key], m)
@@ -156,6 +164,28 @@ class _StatsCollector:
                         g.add_metric([self.model, str(inst.instance), str(st.stage)], value)
             yield g
 
+    def _length_groups(self) -> Iterator[Metric]:
+        """Each instance's decode length spread, and the length groups now."""
+        spread = SummaryMetricFamily("conveyor_decode_length_spread_tokens", "Per micro-batch "
+                                     "of two decodes or more: the longest decode context less "
+                                     "the mean one.", labels=["model_name", "instance"])
+        for i, moments in enumerate(self.stats.length_spread):
+            spread.add_metric([self.model, str(i)], moments.count, moments.sum)
+        yield spread
+        if not self.stats.length_groups:
+            return
+        groups = LengthGroups.parse(self.stats.length_groups[-1].groups).groups
+        for name, help_text, values in (
+                ("conveyor_length_group_upper_bound_tokens", "First context length a length "
+                 "group no longer serves (its lower bound is the previous group's).",
+                 [math.inf if g.hi == UNBOUNDED else g.hi for g in groups]),
+                ("conveyor_length_group_instances", "Instances serving a length group.",
+                 [len(g.instances) for g in groups])):
+            g = GaugeMetricFamily(name, help_text, labels=["model_name", "group"])
+            for k, value in enumerate(values):
+                g.add_metric([self.model, str(k)], value)
+            yield g
+
     def _stages(self) -> Iterator[Metric]:
         series = (("conveyor_stage_busy_seconds", "busy_s", "Seconds a stage spent computing."),
                   ("conveyor_stage_idle_seconds", "idle_s",
@@ -197,6 +227,13 @@ def _counter(name: str, help_text: str, value: float, model: str) -> CounterMetr
     c = CounterMetricFamily(name, help_text, labels=["model_name"])
     c.add_metric([model], value)
     return c
+
+
+def _summary(name: str, help_text: str, moments: MomentsStats, model: str
+             ) -> SummaryMetricFamily:
+    summary = SummaryMetricFamily(name, help_text, labels=["model_name"])
+    summary.add_metric([model], moments.count, moments.sum)
+    return summary
 
 
 def _histogram(name: str, help_text: str, h: HistogramStats, model: str

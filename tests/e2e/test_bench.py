@@ -19,6 +19,7 @@ def test_bench_random_dataset_end_to_end(deployment, tmp_path):
         "bench", "--address", deployment.address, "--dataset", "random", "--num-prompts", "8",
         "--random-input-len", "24", "--random-output-len", "8", "--random-range-ratio", "0.25",
         "--request-rate", "inf", "--num-warmups", "1", "--seed", "5", "--slo", "e2e=120",
+        "--slo-classes", "interactive,batch",
         "--stats-interval", "0.2", "--request-timeout", "60", "--result-file", str(result_file),
         "--no-progress"])
     assert out.exit_code == 0, out.output + (deployment.log_tail() if out.exception else "")
@@ -46,7 +47,13 @@ def test_bench_random_dataset_end_to_end(deployment, tmp_path):
     assert summary["total_output_tokens"] == sum(r["expected_output_len"] for r in requests)
     assert summary["duration_s"] >= max(r["e2e_s"] for r in requests)
 
+    # each request carried one class; the controller counted each class's attainment
+    by_class = summary["by_slo_class"]
+    assert set(by_class) <= {"interactive", "batch"}
+    assert sum(c["completed"] for c in by_class.values()) == 8
     ctl = summary["controller"]
+    assert {k: v["met"] + v["missed"] for k, v in ctl["slo"].items()} == \
+        {k: c["completed"] for k, c in by_class.items()}
     assert ctl["policy"] == data["health"]["policy"]
     assert ctl["counters"]["generated_tokens"] == summary["total_output_tokens"]
     assert len(ctl["stages"]) == data["health"]["stages"]

@@ -121,10 +121,23 @@ def test_random_fixed_lengths_and_words():
     assert all(s.prompt_token_ids is None and len(s.prompt.split()) == 12 for s in words)
 
 
+def test_several_input_lengths_make_a_mix_of_them():
+    mixed = sample_random(300, [64, 64, 1024], 8, 0.1, None, seed=3)
+    short = [s for s in mixed if 58 <= s.prompt_len <= 70]
+    long = [s for s in mixed if 922 <= s.prompt_len <= 1126]
+    assert len(short) + len(long) == 300 and 60 <= len(long) <= 140  # about a third
+    assert all(len(s.prompt_token_ids) == s.prompt_len for s in mixed)
+    # one length is what a single number gives
+    assert sample_random(20, [100], 8, 0.2, None, seed=4) == sample_random(20, 100, 8, 0.2,
+                                                                            None, seed=4)
+
+
 def test_random_rejects_bad_arguments():
     with pytest.raises(ValueError, match="range ratio"):
         sample_random(1, 10, 10, 1.0)
     with pytest.raises(ValueError, match=">= 1"):
         sample_random(1, 0, 10)
+    with pytest.raises(ValueError, match=">= 1"):
+        sample_random(1, [10, 0], 10)
     with pytest.raises(ValueError, match="kind"):
         sample_random(1, 10, 10, kind="emoji")

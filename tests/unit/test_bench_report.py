@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -13,7 +14,7 @@ from conveyor.bench.report import (build_result, controller_window, format_table
 from conveyor.bench.runner import RequestRecord, RunResult
 from conveyor.bench.sweep import markdown_table
 from conveyor.cli.app import app
-from common.stats import ControllerStats, InstanceStats
+from common.stats import ControllerStats, InstanceStats, SLOAttainment
 
 
 def _record(i: int, ttft: float, tpot_s: float, out: int = 11, prompt: int = 20,
@@ -95,7 +96,8 @@ def test_the_cli_refuses_bad_input_before_doing_any_work():
                        (["--request-rate", "0"], "must be > 0"),
                        (["--sweep", "--rates", "1,x"], "--rates"),
                        (["--slo-classes", "interactive", "--slo", "ttft=1"], "not both"),
-                       (["--slo-classes", "interactive", "--backend", "openai"], "SDK")):
+                       (["--slo-classes", "interactive", "--backend", "openai"], "SDK"),
+                       (["--random-input-len", "64,0"], "every value must be >= 1")):
         out = runner.invoke(app, ["bench", "--address", "tcp://127.0.0.1:9", *args])
         assert out.exit_code == 2, out.output
         flat = " ".join(out.output.replace("│", " ").split())  # undo the error box's wrapping
@@ -208,6 +210,28 @@ def test_slo_attainment_per_class_over_the_window():
     assert ctl["slo"] == {"batch": {"met": 4, "missed": 0, "attainment": 1.0},
                           "interactive": {"met": 3, "missed": 2, "attainment": 0.6}}
     summary = {**summarize(_records(), 10.0), "controller": ctl}
-    assert "SLO attained, interactive (%):" in format_table(summary)
+    assert "SLO attainment, interactive (%):" in format_table(summary)
     md = markdown_table([{"stages": 2, "policy": "fcfs", "rate": 1.0, "summary": summary}])
     assert "| batch 100%, interactive 60% |" in md
+
+
+def test_latency_and_attainment_per_slo_class():
+    recs = _records()
+    for r in recs:
+        r.slo_class = "interactive" if r.index % 3 == 0 else "batch"
+    s = summarize(recs, 10.0)
+    a = [r for r in recs if r.ok and r.slo_class == "interactive"]
+    assert s["by_slo_class"]["interactive"]["requests"] == 34
+    assert s["by_slo_class"]["interactive"]["e2e"]["p99"] == pytest.approx(
+        float(np.percentile([r.e2e_s for r in a], 99)))
+    assert s["by_slo_class"]["batch"]["completed"] == 67  # 68 sent, one failed
+    assert "by_slo_class" not in summarize(_records(), 10.0)
+    before = ControllerStats(slo={"interactive": SLOAttainment(met=1, missed=1)})
+    after = ControllerStats(slo={"interactive": SLOAttainment(met=4, missed=2),
+                                 "batch": SLOAttainment(met=5)})
+    ctl = controller_window(before, after)
+    assert ctl["slo"]["interactive"] == {"met": 3, "missed": 1, "attainment": 0.75}
+    assert ctl["slo"]["batch"]["attainment"] == 1.0
+    s["controller"] = ctl
+    text = format_table(s)
+    assert "SLO class interactive" in text and "SLO attainment, interactive (%):" in text

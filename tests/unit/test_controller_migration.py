@@ -162,3 +162,8 @@ def test_bad_migration_settings_are_refused_by_name():
         load_config(None, {"migration.enabled": True, "deployment.instances": 2})
     with pytest.raises(ConfigError, match="migration.max_per_instance must be >= 1"):
         load_config(None, {"migration.max_per_instance": 0})
+    with pytest.raises(ConfigError, match="group_refinement moves the boundaries of length "
+                                          "groups: it needs deployment.routing"):
+        load_config(None, {"group_refinement.enabled": True, "deployment.instances": 2})
+    with pytest.raises(ConfigError, match=r"group_refinement.step must be in \(0, 1\)"):
+        load_config(None, {"group_refinement.step": 1.5})

@@ -10,7 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from common.scheduling.group_refinement import GroupRefiner, RefineSettings, ks_distance, nudge
+from common.scheduling.group_refinement import (GroupRefiner, LiveGroups, RefineSettings,
+                                                ks_distance, nudge)
 from common.scheduling.length_groups import LengthGroup, LengthGroups
 from common.scheduling.range_dp import (DPSettings, LengthSample, expected_latency,
                                         group_cost, solve)
@@ -166,3 +167,29 @@ def test_a_boundary_that_reverses_widens_its_band_and_a_move_on_resets_it():
     assert r.refine(2.0, [130, 100]).spec() == "0-512:1,512-:1"  # 1.3 < 1.4: holds
     assert r.refine(3.0, [10, 100]).spec() == "0-560:1,560-:1"  # on the same way: reset
     assert r.bands == [pytest.approx(0.2)] and r.nudges == 3
+
+
+class _Follower:
+    groups = None
+
+    def set_groups(self, groups: LengthGroups) -> None:
+        self.groups = groups
+
+
+def test_live_groups_look_on_their_interval_and_tell_their_followers():
+    follower, changes = _Follower(), []
+    live = LiveGroups(GroupRefiner(LengthGroups.parse("0-512:1,512-:1"), RefineSettings()),
+                      [follower, None], 1.0, lambda t, g: changes.append((t, g.spec())),
+                      start=0.0)
+    live.routed(0, 1000)
+    assert not live.tick(0.5)  # not due yet
+    # all the work below 512: the boundary comes down a tenth of 512, to a block (16)
+    assert live.tick(1.0)
+    assert changes == [(1.0, "0-464:1,464-:1")] and follower.groups.spec() == "0-464:1,464-:1"
+    assert live.groups == follower.groups
+    assert not live.tick(2.5)  # nothing routed since: no evidence, no move
+    live.routed(0, 100)
+    live.routed(1, 110)
+    assert not live.tick(3.5) and len(changes) == 1  # within the band
+    with pytest.raises(ValueError, match="interval_s must be > 0"):
+        LiveGroups(GroupRefiner(LengthGroups.parse("0-:1")), [], 0.0)

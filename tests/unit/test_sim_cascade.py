@@ -5,6 +5,7 @@ penalty."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from common.costmodel import StepCost
@@ -12,7 +13,7 @@ from common.costmodel.roofline import RooflineCostModel
 from common.model.shape import NAMED_SHAPES
 from conveyor.sim.cluster import build_cluster
 from conveyor.sim.engine import simulate
-from conveyor.sim.report import format_summary, summarize
+from conveyor.sim.report import final_stats, format_summary, summarize
 from conveyor.sim.workload import Workload
 from tests.unit.test_instance_core import Cost
 
@@ -29,26 +30,35 @@ def test_requests_crossing_the_boundary_migrate_once_and_finish_at_the_next_grou
     cfg = cluster(migration=["boundary"], plan_interval_ms=5)
     wl = Workload([0.05 * i for i in range(12)], [40] * 12, [60] * 12)
     result = simulate(cfg, Cost(), wl)
-    report = result.cascade
-    assert report["migrations"] == {"boundary": 12, "balance": 0} and report["aborted"] == 0
+    stats = final_stats(result)  # counted as the controller counts them
+    assert stats.migrations == 12 and stats.migration_reasons == {"boundary": 12}
+    assert stats.migrations_waiting == 0 and stats.migrations_aborted == 0
     assert all(r.out == 60 and not r.error and r.instance == 1 for r in result.requests)
     # every request carried at least its 64-token context: 4 blocks of every stage's KV
     per_block = sum(cfg.shape.kv_bytes_per_block(16, s.num_layers, 4) for s in cfg.stages)
-    assert report["migrated_bytes"] >= 12 * 4 * per_block
-    # the pause copies at most pause_blocks blocks (plus the commit's latency)
-    largest = max(cfg.shape.kv_bytes_per_block(16, s.num_layers, 4) for s in cfg.stages)
-    assert 0 < report["max_pause_s"] <= 50e-6 + 16 * largest / 1e9
+    assert stats.migration_kv_bytes >= 12 * 4 * per_block
+    assert stats.migration_copy_s.count == 12 and stats.migration_copy_s.sum > 0
+    # The pause, the stop at the source to the first token at the destination, is one of the
+    # request's gaps between tokens.
+    pause = stats.migration_pause_s
+    assert pause.count == 12
+    assert 0 < pause.sum / 12 <= max(max(r.itl) for r in result.requests)
+    assert [g.groups for g in stats.length_groups] == ["0-64:1,64-:1"]
     summary = summarize(result)
     assert summary["simulator"]["cascade"]["groups"] == "0-64:1,64-:1"
+    assert summary["controller"]["migrations"]["migration_reasons"] == {"boundary": 12}
     text = format_summary(summary)
-    assert "Migrations boundary / balance / aborted:" in text and "12 / 0 / 0" in text
+    assert "Migrations (by reason):" in text and "12 (boundary 12)" in text
+    assert "Length groups (at the end):" in text
 
 
 def test_a_request_that_ends_during_its_copy_stays_at_the_source():
     # crosses 64 at its 5th token and ends at its 6th; the copy over a slow link is longer
     cfg = cluster(migration=["boundary"], migration_bandwidth_gbps=1e-4, plan_interval_ms=1)
     result = simulate(cfg, Cost(), Workload([0.0], [60], [6]))
-    assert result.cascade["aborted"] == 1 and result.cascade["migrations"]["boundary"] == 0
+    stats = final_stats(result)
+    assert stats.migrations == stats.migrations_aborted == 1
+    assert stats.migration_kv_bytes == 0 and stats.migration_pause_s.count == 0
     (r,) = result.requests
     assert r.instance == 0 and r.out == 6 and not r.error
 
@@ -59,7 +69,7 @@ def test_without_groups_llumnix_balancing_evens_the_load():
     prompts = [400 if i % 2 == 0 else 20 for i in range(20)]
     outputs = [200 if i % 2 == 0 else 5 for i in range(20)]
     result = simulate(cfg, Cost(), Workload([0.001 * i for i in range(20)], prompts, outputs))
-    assert result.cascade["migrations"]["balance"] > 0
+    assert final_stats(result).migration_reasons["balance"] > 0
     assert {r.instance for r, p in zip(result.requests, prompts) if p == 400} == {0, 1}
     assert all(r.out == o for r, o in zip(result.requests, outputs))
 
@@ -71,6 +81,7 @@ def test_auto_groups_come_from_the_dp_and_the_run_is_reproducible():
     wl = Workload([0.002 * i for i in range(90)], prompts, outputs)
     a, b = simulate(cfg, Cost(), wl), simulate(cfg, Cost(), wl)
     assert a.cascade == b.cascade
+    assert msgspec.to_builtins(final_stats(a)) == msgspec.to_builtins(final_stats(b))
     assert [r.instance for r in a.requests] == [r.instance for r in b.requests]
     assert len(a.cascade["groups"].split(",")) >= 1
     spreads = [i["length_spread"] for i in summarize(a)["simulator"]["instances"]]
@@ -128,7 +139,7 @@ def test_simulate_takes_routing_and_groups_on_the_command_line(tmp_path):
             "--no-progress", "--routing", "length-groups"]
     ok = CliRunner().invoke(app, [*args, "--groups", "0-64:1,64-:1"])
     assert ok.exit_code == 0, ok.output
-    assert "Length groups (at the end):" in ok.output and "6 / 0 / 0" in ok.output
+    assert "Length groups (at the end):" in ok.output and "6 (boundary 6)" in ok.output
     bad = CliRunner().invoke(app, [*args, "--groups", "0-64:1,64-:2"])
     assert bad.exit_code == 1 and "name 3 instance(s), the deployment has 2" in bad.output
 
@@ -146,7 +157,7 @@ def test_refinement_moves_the_boundary_to_the_traffic_and_settles():
     n = 1500  # 3 s of prompts of 60-99 tokens: all in the lower group at first
     prompts = [60 + (i * 7) % 40 for i in range(n)]
     result = simulate(cfg, Cost(), Workload([0.002 * i for i in range(n)], prompts, [40] * n))
-    changes = result.cascade["boundaries"]
+    changes = result.metrics.group_history
     bounds = [int(spec.split(":")[0].split("-")[1]) for _, spec in changes]
     assert bounds[-1] in (80, 96)  # where the routed work splits evenly, within a step
     assert bounds[:bounds.index(min(bounds)) + 1] == sorted(bounds[:bounds.index(min(bounds))

@@ -8,7 +8,8 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.stats import ControllerMetrics, ControllerStats, IngressStats, InstanceStats
+from common.stats import (GROUP_HISTORY, ControllerMetrics, ControllerStats, GroupChange,
+                          IngressStats, InstanceStats)
 from common.wire import decode, encode
 from common.wire.internal_messages import StatusReply
 from services.ingress.prometheus import render
@@ -25,6 +26,10 @@ def record(m: ControllerMetrics, instance: int, scale: float) -> None:
     for stage in range(2):
         m.record_step(instance, stage, 0.5 * scale, 0.1 * scale)
     m.record_batch(int(64 * scale), 4)
+    m.record_spread(instance, 4, int(400 * scale), int(300 * scale))  # 200 x scale
+    m.migrations += 1
+    m.migration_reasons["boundary" if instance == 0 else "balance"] += 1
+    m.migration_copy.add(0.1 * scale)
     m.record_request({"queue_s": 0.05 * scale, "ttft_s": 0.2 * scale, "tpot_s": 0.05 * scale,
                       "e2e_s": 3 * scale}, int(100 * scale), int(40 * scale))
     m.record_slo("interactive", scale < 1.5)
@@ -111,3 +116,44 @@ def test_the_prometheus_page_renders_the_snapshot():
         assert families[name].type == "histogram"
         assert samples[(f"{name}_count", model)] == 1
         assert samples[(f"{name}_bucket", (("le", "+Inf"), *model))] == 1
+
+
+def test_length_spread_migrations_and_groups_over_time_in_the_window_and_on_the_page():
+    m = ControllerMetrics(started=10.0, num_instances=2)
+    m.record_groups(10.0, "0-64:1,64-:1")  # at start
+    before = m.snapshot(11.0)
+    m.record_spread(0, 3, 30, 20)    # longest 20, mean 10
+    m.record_spread(1, 1, 500, 500)  # one decode: nothing mixed
+    m.record_spread(1, 2, 600, 500)  # longest 500, mean 300
+    m.migrations += 3
+    m.migration_reasons.update({"boundary": 2, "balance": 1})
+    m.migration_pause.add(0.25)
+    m.record_groups(15.0, "0-80:1,80-:1")  # the refinement moved the boundary
+    after = m.snapshot(20.0)
+    window = after.since(before)
+    assert after.length_groups == [GroupChange(t_s=0.0, groups="0-64:1,64-:1"),
+                                   GroupChange(t_s=5.0, groups="0-80:1,80-:1")]
+    assert window.length_group_changes == after.length_group_changes == 1
+    assert [(s.count, s.sum) for s in window.length_spread] == [(1, 10.0), (1, 200.0)]
+    assert window.migration_reasons == {"boundary": 2, "balance": 1}
+    page = render(after, "smol").decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(page) for s in f.samples}
+    model = (("model_name", "smol"),)
+    assert samples[("conveyor_length_group_upper_bound_tokens", (("group", "0"), *model))] == 80
+    assert samples[("conveyor_length_group_upper_bound_tokens",
+                    (("group", "1"), *model))] == float("inf")
+    assert samples[("conveyor_length_group_instances", (("group", "1"), *model))] == 1
+    assert samples[("conveyor_length_group_changes_total", model)] == 1
+    assert samples[("conveyor_decode_length_spread_tokens_sum", (("instance", "1"), *model))] \
+        == 200
+    assert samples[("conveyor_decode_length_spread_tokens_count",
+                    (("instance", "1"), *model))] == 1
+    assert samples[("conveyor_migrations_by_reason_total", (*model, ("reason", "balance")))] == 1
+    assert samples[("conveyor_migration_pause_seconds_sum", model)] == 0.25
+    for k in range(2 * GROUP_HISTORY):  # a long run keeps the latest changes, counts all
+        m.record_groups(20.0 + k, f"0-{96 + 16 * k}:1,{96 + 16 * k}-:1")
+    latest = m.snapshot(500.0)
+    assert len(latest.length_groups) == GROUP_HISTORY
+    assert latest.length_group_changes == 1 + 2 * GROUP_HISTORY
+    assert latest.length_groups[-1].groups.startswith(f"0-{96 + 16 * (2 * GROUP_HISTORY - 1)}:")
