@@ -7,7 +7,10 @@ a host of its own, the client on another, started from the shared recipe
 - roles started in a shuffled order (each before a peer it needs) wait for their peers, say
   so, and all come up;
 - a stage host's link down for seconds and up again is survived: every request in flight
-  finishes with the tokens it would have had, or fails with a clear error; none hangs.
+  finishes with the tokens it would have had, or fails with a clear error; none hangs;
+- a stage host whose process dies, started again as its host's systemd unit would: the other
+  stage rejoins a new generation of the pipeline with it, and every request in flight
+  finishes with the tokens it would have had (recomputed, not failed).
 """
 
 from __future__ import annotations
@@ -115,6 +118,35 @@ def test_a_stage_hosts_link_down_for_seconds_is_survived_or_fails_clearly(hosts)
             assert got["token_ids"] == ref["token_ids"]
     assert outcome["wall_s"] < baseline["wall_s"] + 60
     # And the deployment serves on: the same requests, the same tokens.
+    after = hosts.generate(requests, timeout_s=120)
+    assert [r.get("token_ids") for r in after["results"]] == \
+        [r["token_ids"] for r in baseline["results"]]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("hosts", [(2, TINY)], indirect=True, ids=["2-stage-tiny"])
+def test_a_stage_hosts_process_killed_and_restarted_rejoins_and_every_request_completes(hosts):
+    hosts.start_all()
+    hosts.wait_ready()
+    requests = [{"prompt_token_ids": list(range(1 + i, 40 + 7 * i)), "max_tokens": 300,
+                 "temperature": 0, "ignore_eos": True} for i in range(4)]
+    baseline = hosts.generate(requests, timeout_s=120)
+    assert all("error" not in r for r in baseline["results"]), baseline
+    run = hosts.generate_later(requests, timeout_s=180)
+    time.sleep(max(0.5, baseline["wall_s"] / 4))  # mid-run
+    victim = hosts.procs["stage 1"]
+    victim.kill()  # SIGKILL on its host: no goodbye
+    victim.wait(10)
+    assert run.running(), "the requests were still running when the stage died"
+    died = hosts.wait_log("controller", "stage died", 30)
+    assert (died["instance"], died["stage"]) == (0, 1)
+    hosts.start("stage 1")  # what the host's unit (Restart=always) does
+    outcome = run.result()
+    for ref, got in zip(baseline["results"], outcome["results"]):
+        assert "error" not in got, got  # a pause, then the same tokens: recomputed
+        assert got["token_ids"] == ref["token_ids"]
+    assert hosts.wait_log("controller", "instance serving again", 5)["instance"] == 0
+    hosts.check_alive()  # stage 0 rejoined in its own process: nothing else restarted
     after = hosts.generate(requests, timeout_s=120)
     assert [r.get("token_ids") for r in after["results"]] == \
         [r["token_ids"] for r in baseline["results"]]
