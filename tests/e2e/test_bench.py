@@ -78,7 +78,7 @@ def test_bench_sends_a_mix_of_slo_classes(deployment, tmp_path):
     slo = data["summary"]["controller"]["slo"]
     assert {k: v["met"] + v["missed"] for k, v in slo.items()} == \
         {c: drawn.count(c) for c in set(drawn)}
-    assert "SLO attained, batch (%):" in out.output
+    assert "SLO attainment, batch (%):" in out.output
 
 
 @pytest.mark.parametrize("backend", ["openai", "openai-chat"])

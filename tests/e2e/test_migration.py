@@ -154,21 +154,26 @@ def test_a_destination_without_room_leaves_the_request_finishing_at_the_source(d
 
 def test_a_destination_that_dies_leaves_the_request_finishing_at_the_source(deployment,
                                                                             story_ids):
-    """Instance 1's stage 1 is killed just before a request crosses the bound: the controller
-    does not know yet (the supervisor restarts the instance's stages, which takes seconds), so
-    the move starts and its copy fails (no peer within migration.timeout_s, or the instance's
-    pipeline is seen lost); the request, which kept decoding at the source during the first
-    round, finishes there unchanged (paused, it would have been recomputed there)."""
+    """Instance 1's stage 1 stops answering just before a request crosses the bound (SIGSTOP:
+    its sockets stay open, so the controller cannot know yet; a killed process's closed
+    sockets would tell it at once and no move would start), so the move starts and its copy
+    gets no peer within migration.timeout_s; the request, which kept decoding at the source
+    during the first round, finishes there unchanged. Then the stage dies for good (SIGKILL)
+    and the supervisor restarts it."""
     prompt = story_ids[300:360]
     want = reference.greedy(prompt, 24)
     before = _stats(deployment)
-    os.kill(deployment.process_pid("stage", instance=1, stage=1), signal.SIGKILL)
-    with deployment.client(timeout=240) as client:
-        got = client.generate(prompt_token_ids=prompt, max_tokens=24, temperature=0)
-        deadline = time.monotonic() + 60
-        while (after := client.stats())["migrations_aborted"] == before["migrations_aborted"]:
-            assert time.monotonic() < deadline, "the copy was never aborted"
-            time.sleep(0.2)
+    victim = deployment.process_pid("stage", instance=1, stage=1)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        with deployment.client(timeout=240) as client:
+            got = client.generate(prompt_token_ids=prompt, max_tokens=24, temperature=0)
+            deadline = time.monotonic() + 60
+            while (after := client.stats())["migrations_aborted"] == before["migrations_aborted"]:
+                assert time.monotonic() < deadline, "the copy was never aborted"
+                time.sleep(0.2)
+    finally:
+        os.kill(victim, signal.SIGKILL)
     assert got.token_ids == want
     assert after["migrations"] - before["migrations"] == 1
     assert after["migrations_aborted"] - before["migrations_aborted"] == 1
