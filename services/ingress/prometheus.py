@@ -57,17 +57,10 @@ class _StatsCollector:
         s, m = self.stats, self.model
         yield _gauge("conveyor_uptime_seconds", "Seconds since the controller started.",
                      s.uptime_s, m)
-        success = CounterMetricFamily("conveyor_request_success", "Requests finished, by "
-                                      "reason.", labels=["model_name", "finished_reason"])
-        for reason, n in sorted(s.finished.items()):
-            success.add_metric([m, reason], n)
-        yield success
-        restarts = CounterMetricFamily("conveyor_process_restarts", "Processes the controller "
-                                       "saw come back as a new process, by role.",
-                                       labels=["model_name", "role"])
-        for role, n in sorted(s.restarts.items()):
-            restarts.add_metric([m, role], n)
-        yield restarts
+        yield _counter_by("conveyor_request_success", "Requests finished, by reason.",
+                          "finished_reason", s.finished, m)
+        yield _counter_by("conveyor_process_restarts", "Processes the controller saw come "
+                          "back as a new process, by role.", "role", s.restarts, m)
         for name, value, help_text in (
                 ("conveyor_prompt_tokens", s.prompt_tokens, "Prompt tokens received."),
                 ("conveyor_generation_tokens", s.generated_tokens, "Tokens generated."),
@@ -99,11 +92,8 @@ class _StatsCollector:
                 ("conveyor_length_group_changes", s.length_group_changes,
                  "Times the length groups' boundaries moved.")):
             yield _counter(name, help_text, value, m)
-        reasons = CounterMetricFamily("conveyor_migrations_by_reason", "Migrations by the "
-                                      "planner's reason.", labels=["model_name", "reason"])
-        for reason, n in sorted(s.migration_reasons.items()):
-            reasons.add_metric([m, reason], n)
-        yield reasons
+        yield _counter_by("conveyor_migrations_by_reason", "Migrations by the planner's "
+                          "reason.", "reason", s.migration_reasons, m)
         yield from self._length_groups()
         yield from self._instances()
         yield from self._stages()
@@ -205,12 +195,8 @@ class _StatsCollector:
                      ing.queued_requests, m)
         yield _gauge("conveyor_num_prompt_tokens_queued", "Prompt tokens of the queued "
                      "requests.", ing.queued_prompt_tokens, m)
-        rejected = CounterMetricFamily("conveyor_request_rejected", "Requests refused before "
-                                       "they were served, by reason.",
-                                       labels=["model_name", "reason"])
-        for reason, n in sorted(ing.rejected.items()):
-            rejected.add_metric([m, reason], n)
-        yield rejected
+        yield _counter_by("conveyor_request_rejected", "Requests refused before they were "
+                          "served, by reason.", "reason", ing.rejected, m)
         yield _counter("conveyor_request_disconnected", "Requests aborted because their "
                        "client went away.", ing.disconnects, m)
         yield _gauge("conveyor_draining", "1 while the ingress drains before exiting.",
@@ -226,6 +212,15 @@ def _gauge(name: str, help_text: str, value: float, model: str) -> GaugeMetricFa
 def _counter(name: str, help_text: str, value: float, model: str) -> CounterMetricFamily:
     c = CounterMetricFamily(name, help_text, labels=["model_name"])
     c.add_metric([model], value)
+    return c
+
+
+def _counter_by(name: str, help_text: str, label: str, counts: dict[str, int], model: str
+                ) -> CounterMetricFamily:
+    """One series per key of `counts`, labelled `label`."""
+    c = CounterMetricFamily(name, help_text, labels=["model_name", label])
+    for key, n in sorted(counts.items()):
+        c.add_metric([model, key], n)
     return c
 
 
