@@ -134,7 +134,9 @@ class Supervisor:
                 if c.proc and not c.given_up and c.proc.poll() is not None]
         for child in dead:
             child.relay.join(timeout=1.0)
-        return dead
+        # Those killed by a signal first, the likelier cause: recover() acts on them first and
+        # a verdict it raises names them, not a peer that exited after them.
+        return sorted(dead, key=lambda c: c.proc.returncode >= 0)
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stops the ingress first and gives it its drain (ingress.shutdown_timeout_s: the
@@ -162,10 +164,10 @@ class Supervisor:
 
 
 def _deaths(children: list[Child]) -> str:
-    """Who died and how, those killed by a signal first (the likelier cause)."""
+    """Who died and how, in the order given (_dead's: those killed by a signal first)."""
     def how(child: Child) -> str:
         code = child.proc.returncode
         return (f"{child.name} (pid {child.proc.pid}) "
                 + (f"killed by signal {signal.Signals(-code).name}" if code < 0
                    else f"exited with code {code}"))
-    return "; ".join(how(c) for c in sorted(children, key=lambda c: c.proc.returncode >= 0))
+    return "; ".join(how(c) for c in children)

@@ -35,6 +35,13 @@ HEARTBEAT_MS = 1000
 """ZMTP heartbeat interval to the ingress; 3 missed ones count as a lost connection."""
 
 
+class _Replies(asyncio.Queue):
+    """The replies to one call, as they come."""
+
+    heard = False
+    """The server has answered this call (so it read it)."""
+
+
 class AsyncClient:
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None,
                  connect_timeout: float = 10.0, api_key: str | None = None):
@@ -51,7 +58,7 @@ class AsyncClient:
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._ids = itertools.count(1)
-        self._queues: dict[int, asyncio.Queue] = {}
+        self._queues: dict[int, _Replies] = {}
         self._reader: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
         self._connected = False
@@ -140,7 +147,7 @@ class AsyncClient:
             raise ProtocolError(f"expected {reply_cls.__name__}, got {type(reply).__name__}")
         return reply
 
-    async def _open(self, msg, check_connection: bool = True) -> asyncio.Queue:
+    async def _open(self, msg, check_connection: bool = True) -> _Replies:
         """Registers a reply queue for `msg.id` and sends it."""
         try:
             frames = encode(msg)
@@ -163,7 +170,7 @@ class AsyncClient:
             self._watcher = asyncio.create_task(self._watch_connection(self._sock))
         if check_connection and not self._connected:
             await self._ensure_connected()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = _Replies()
         self._queues[msg.id] = queue
         await self._sock.send_multipart(frames)
         return queue
@@ -205,9 +212,14 @@ class AsyncClient:
                 continue
             rid = getattr(msg, "id", None)
             if rid == NO_REQUEST_ID:
-                for queue in self._queues.values():  # the server could not read something
-                    queue.put_nowait(msg)           # we sent: every waiter learns why
+                # The server could not read something we sent, not even its id: it is one of
+                # the calls it has not answered yet (one it answered, it read), so only those
+                # learn why; a stream under way goes on.
+                for queue in self._queues.values():
+                    if not queue.heard:
+                        queue.put_nowait(msg)
             elif rid in self._queues:
+                self._queues[rid].heard = True
                 self._queues[rid].put_nowait(msg)
 
     async def _cancel(self, rid: int) -> None:

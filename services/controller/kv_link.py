@@ -22,6 +22,7 @@ import asyncio
 from collections.abc import Callable
 
 from common.log import get_logger
+from common.wire import Message
 from common.wire.internal_messages import (AssignBlocks, FreeBlocks, LeaseBlocks, PoolInit,
                                            PoolReply)
 from common.zmq_io import Endpoint, RpcClient
@@ -96,13 +97,22 @@ class KVLink:
             raise RuntimeError(f"the kv-cache manager has been away for {KV_TIMEOUT_S:g}s") \
                 from None
 
+    async def _call(self, build: Callable[[int], Message], what: str) -> PoolReply:
+        """One call to the manager; a manager that does not answer (stopped, say) is an
+        error saying so, not a bare timeout (its text reaches the requests it fails)."""
+        try:
+            return await self.rpc.call(build, KV_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"the kv-cache manager did not answer {what} within "
+                               f"{KV_TIMEOUT_S:g}s") from None
+
     async def init_pool(self, inst: ServedInstance, num_blocks: int) -> bool:
         """Creates the instance's pool and takes its first lease (the instance's pool is then
         ready); False if the manager refused it."""
         await self._usable()
-        reply: PoolReply = await self.rpc.call(
+        reply = await self._call(
             lambda cid: PoolInit(cid, inst.index, num_blocks, inst.core.block_size),
-            KV_TIMEOUT_S)
+            "the pool's creation")
         if not reply.ok:
             log.error("the kv-cache manager refused the instance's pool; it stays down",
                       instance=inst.index, kv_blocks=num_blocks, error=reply.error)
@@ -159,8 +169,8 @@ class KVLink:
         inst.refilling = True
         try:
             await self._usable()
-            reply: PoolReply = await self.rpc.call(
-                lambda cid: LeaseBlocks(cid, inst.index, count), KV_TIMEOUT_S)
+            reply = await self._call(lambda cid: LeaseBlocks(cid, inst.index, count),
+                                     "a lease top-up")
         finally:
             inst.refilling = False
         if reply.ok:

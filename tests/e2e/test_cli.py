@@ -59,19 +59,19 @@ def test_generate_without_a_server_fails_clearly():
 def test_serve_fails_loudly_when_a_stage_dies_and_restarts_are_off():
     dep = start_deployment(stages=2, sets=("deployment.stage_restarts=0",))
     try:
-        # Found by command line, not from the log: every process writes that file at once, and
-        # a line of one can be cut by another's (structlog writes a line and its newline apart).
+        # Found by command line under the serve process: no log line to wait for or parse.
         victim = dep.process_pid("stage", instance=0, stage=1)
         os.kill(victim, signal.SIGKILL)
         dep.proc.wait(timeout=30)
         assert dep.proc.returncode == 1
-        # The supervisor's verdict is one write of one line, so it stays whole in the file. It
-        # may name other processes too (stage 0 loses its link and exits), killed ones first.
+        # Only the supervisor's own lines start with "conveyor: " (every child's is relayed
+        # whole behind its name, child_output.py), and its verdict is one of them. It names the
+        # killed stage first, whatever else exited within its poll interval.
         verdict = [line for line in dep.log_path.read_text(errors="replace").splitlines()
-                   if "conveyor: error:" in line]
+                   if line.startswith("conveyor: error: ")]
         assert len(verdict) == 1, dep.log_tail()
-        assert re.search(rf"conveyor: error: stage 0\.1 \(pid {victim}\) killed by signal "
-                         rf"SIGKILL(; .+)?; stopping the deployment$", verdict[0]), verdict
+        assert re.fullmatch(rf"conveyor: error: stage 0\.1 \(pid {victim}\) killed by signal "
+                            r"SIGKILL(; .+)?; stopping the deployment", verdict[0]), verdict
     finally:
         stop_deployment(dep)
 

@@ -116,7 +116,8 @@ def test_strangers_and_wrong_roles_cannot_act(deployment, keys_dir):
         forged = [Hello("ingress"), SubmitRequest(victim + 7, [1, 2, 3], 4, sampling, [], True,
                                                   time.time()),
                   AbortRequests([victim], "forged"),
-                  StepDone(0, 0, 1, 0.0, 0.0, [5]), StepDone(1, 0, 1, 0.0, 0.0, [5, 5])]
+                  StepDone(0, 0, 1, 0.0, 0.0, [5]), StepDone(1, 0, 1, 0.0, 0.0, [5, 5]),
+                  StepDone(2, 99, 0, 0.0, 0.0, [5])]  # an instance that does not exist
         own = zmq.auth.create_certificates(keys_dir.parent, "stranger")
         stranger = KeyPair(*zmq.auth.load_certificate(own[1]))
         servers = {"controller": load_key(keys_dir, "controller", False).public,
@@ -186,6 +187,8 @@ def test_strangers_and_wrong_roles_cannot_act(deployment, keys_dir):
                 continue
             assert re.search(rf"refused a message .*peer=b'{peer}' peer_role={role} "
                              rf"reason=.{reason}.* type={kind}", log), (kind, peer)
+    assert re.search(r"refused a message .*peer=b'intruder' peer_role=stage reason=.not the "
+                     r"registered stage 99\.0.* type=StepDone", log)
     assert re.search(r"refused a message .*peer=b'not-controller'.*type=FreeBlocks", log)
     assert "ingress connected" in log and log.count("ingress connected") == 1
 

@@ -17,7 +17,8 @@ import zmq
 from common.wire import PROTOCOL_VERSION, decode, encode
 from common.wire.client_messages import ErrorReply, GenerateRequest
 from common.wire.internal_messages import PoolInit, PoolReply
-from conveyor.client import InvalidRequestError, RequestTimeout
+from conveyor.client import InvalidRequestError, ProtocolError, RequestTimeout
+from conveyor.client import async_client
 
 GOOD = dict(max_tokens=8, temperature=0)
 
@@ -238,6 +239,31 @@ def test_faults_while_a_stream_is_in_flight(deployment, client):
         assert re.search(rf"dropped undecodable frame .*GenerateRequest body is nested too "
                          rf"deeply.*role={role}", log), role
     assert_still_serving(deployment)
+
+
+def test_an_error_the_ingress_cannot_attribute_reaches_only_unanswered_calls(client,
+                                                                             monkeypatch):
+    """A frame the ingress cannot read even the id of (here: a client speaking another
+    protocol version) is answered with id -1. The SDK hands that error only to the calls the
+    ingress has not answered yet: the one that caused it fails with the reason, a stream under
+    way on the same connection goes on untouched (it used to fail with the same error)."""
+    reference = client.generate(PROMPT, **STREAMED)
+    stream = client.stream(PROMPT, **STREAMED)
+    tokens = iter(stream)
+    first = next(tokens)  # answered: the ingress read it
+    encode_now = async_client.encode
+
+    def another_version(msg):
+        return [msgspec.msgpack.encode([PROTOCOL_VERSION + 8, msg.TYPE_ID]), encode_now(msg)[1]]
+
+    monkeypatch.setattr(async_client, "encode", another_version)
+    with pytest.raises(ProtocolError, match=f"unsupported protocol version "
+                                            f"{PROTOCOL_VERSION + 8}"):
+        client.health()
+    monkeypatch.undo()
+    rest = list(tokens)
+    assert first.token_ids + [t for d in rest for t in d.token_ids] == reference.token_ids
+    assert stream.result.finish_reason == "length"
 
 
 def test_a_10mb_prompt_is_refused_at_once_and_streams_keep_their_pace(deployment):
