@@ -100,9 +100,7 @@ class Migrations:
         """Asks the planner for moves and carries out those it may; returns them."""
         if not self.cfg.enabled or len(self.instances) < 2 or self.planner is None:
             return []
-        for m in list(self.active.values()):
-            if m.copy is not None:
-                self._advance(m, now)
+        self.check_copies(now)
         started = []
         for move in self.planner.plan(self.states()):
             why = self.refusal(move)
@@ -113,6 +111,14 @@ class Migrations:
                 continue
             started.append(self.start(move, now))
         return started
+
+    def check_copies(self, now: float) -> None:
+        """Moves every live copy on that can move, aborting one whose round is overdue: between
+        micro-batches, and on the controller's timer, so that a destination gone silent ends
+        its copy even when no micro-batch completes to notice (an idle deployment)."""
+        for m in list(self.active.values()):
+            if m.copy is not None:
+                self._advance(m, now)
 
     def refusal(self, move: Move) -> str:
         """Why the controller will not carry `move` out now ("" when it will): the planner

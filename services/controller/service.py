@@ -109,6 +109,8 @@ class Controller:
                           "kv-cache replies": asyncio.create_task(self._kv_replies())})
             tasks.update({f"scheduler of instance {inst.index}": asyncio.create_task(
                 self._schedule_loop(inst)) for inst in self.instances})
+            if self.cfg.migration.enabled and self.cfg.migration.mode == "live":
+                tasks["live copies' deadlines"] = asyncio.create_task(self._copy_deadlines())
             sd_notify.ready("controller listening")
             await until_one_ends(tasks)
         finally:
@@ -352,6 +354,13 @@ class Controller:
         inst.wake.set()
 
     # ---- scheduling ---------------------------------------------------------------------
+
+    async def _copy_deadlines(self) -> None:
+        """A live copy whose stages stopped answering is aborted at its deadline (twice
+        migration.timeout_s after its round went out) even while no micro-batch completes."""
+        while True:
+            await asyncio.sleep(self.cfg.migration.timeout_s / 2)
+            self.migrations.check_copies(time.monotonic())
 
     async def _schedule_loop(self, inst: ServedInstance) -> None:
         while True:

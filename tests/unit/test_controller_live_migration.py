@@ -174,3 +174,23 @@ def test_a_round_unanswered_past_twice_the_timeout_is_given_up():
     d.run()
     assert req.output_token_ids == list(range(20, 60)) and req.instance == 0  # not moved again
     d.assert_pools_free()
+
+
+def test_a_copy_whose_destination_went_silent_ends_on_the_timer_with_nothing_else_happening():
+    """The request ends at the source mid-copy and only the source's side answers (the
+    destination's stages are stopped): no micro-batch completes after that to advance the
+    copy, so the controller's timer (check_copies) gives it up at its deadline and frees the
+    destination's blocks."""
+    d = LiveDriver(pause_blocks=0, timeout_s=100.0)
+    req = d.add(1, prompt=20, max_tokens=6)
+    _decode_until_moving(d, req)
+    d.run()  # it reaches max_tokens at the source, the copy's round still unanswered
+    assert req.finish is Finish.LENGTH and req.instance == 0 and d.mig.active
+    d.answer(only=0)  # the source's side gives up; the destination says nothing
+    assert d.mig.active and d.metrics.migrations_aborted == 0
+    sent = d.mig.active[1].copy.round_sent
+    d.mig.check_copies(sent + 150.0)  # not yet: the round's deadline is twice timeout_s
+    assert d.mig.active
+    d.mig.check_copies(sent + 201.0)
+    assert not d.mig.active and d.metrics.migrations_aborted == 1 and d.freed == [(1, 1)]
+    d.assert_pools_free()
