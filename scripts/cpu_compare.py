@@ -17,6 +17,10 @@ Studies:
 
     .venv/bin/python scripts/cpu_compare.py cascade --runs 3
     .venv/bin/python scripts/cpu_compare.py planck --runs 3
+    cpulock .venv/bin/python scripts/cpu_compare.py planck --runs 1 --first-seed 1 --lock-held
+
+Runs already in <out>/rows.jsonl are skipped, so the study can be run in pieces (a round, or
+one scheme of one, per invocation) and the table is printed over every row recorded.
 
 Each round uses its own dataset seed (the round's index), the same for every scheme.
 """
@@ -72,8 +76,12 @@ STUDIES: dict[str, dict[str, Any]] = {
 }
 
 
-def locked(fn, *args):
-    """Runs fn(*args) holding the shared CPU lock."""
+def locked(fn, *args, held: bool = False):
+    """Runs fn(*args) holding the shared CPU lock; held: the caller already holds it (this
+    script run under `cpulock`, which queues callers fairly), so it is not taken again here
+    (a second flock on the lock file from this process would wait for ever)."""
+    if held:
+        return fn(*args)
     with open(LOCK, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -194,6 +202,9 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--prompts", type=int, default=0, help="override the study's count")
     ap.add_argument("--loads", default="", help="override the study's request rates")
+    ap.add_argument("--lock-held", action="store_true",
+                    help="run under `cpulock` (the fair queue): take no lock here; pick "
+                         "--schemes/--runs so that one hold stays under ~15 minutes")
     args = ap.parse_args()
     study = dict(STUDIES[args.study])
     if args.prompts:
@@ -210,7 +221,7 @@ def main() -> None:
         for scheme in schemes:
             if any(r["scheme"] == scheme and r["seed"] == seed for r in rows):
                 continue  # done in an earlier invocation
-            new = locked(one_round, study, scheme, seed, out)
+            new = locked(one_round, study, scheme, seed, out, held=args.lock_held)
             rows += new
             with rows_file.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in new)
