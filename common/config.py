@@ -26,6 +26,7 @@ from common.prediction.config import PredictorConfig
 from common.scheduling.config import (SchedulerConfig, nest_scheduler_table,
                                       written_scheduler_table)
 from common.scheduling.length_groups import LengthGroups
+from common.wire.client_messages import DEFAULT_MAX_FRAME_BYTES
 
 DEFAULT_INGRESS_PORT = 7600
 MAX_GRAPH_SIZE = 4096
@@ -270,9 +271,10 @@ class IngressConfig(_Section):
     """Largest prompt (UTF-8 bytes of `prompt`, or of all `messages`) accepted for tokenizing;
     larger ones are refused before any tokenizer work. 0: PROMPT_BYTES_PER_TOKEN (32) per token
     of model.max_model_len."""
-    max_frame_bytes: int = 16 * 2**20
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     """Largest frame a client may send (ZeroMQ MAXMSGSIZE); ZeroMQ drops a larger one unread
-    and disconnects the client, which gets no reply. 0: no limit."""
+    and disconnects the client, which gets no reply. 0: no limit. Health replies carry it, so
+    the SDK refuses a larger request itself, before sending it."""
     max_queued_requests: int = 4096
     """Admission control: most requests received and not yet given their first token, over
     the whole deployment; beyond it a request is refused at once (overloaded: HTTP 503 with

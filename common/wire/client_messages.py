@@ -16,6 +16,9 @@ import msgspec
 from common.wire.framing import Message, register
 
 NO_REQUEST_ID = -1
+DEFAULT_MAX_FRAME_BYTES = 16 * 2**20
+"""The ingress's default `ingress.max_frame_bytes`, and what the SDK assumes of an ingress whose
+HealthReply does not say (one older than the field)."""
 
 
 class ErrorCode(IntEnum):
@@ -145,6 +148,9 @@ class HealthReply(Message):
     policy: str
     max_model_len: int
     detail: str = ""
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    """Largest frame the ingress reads (`ingress.max_frame_bytes`; 0: no limit). ZeroMQ drops a
+    larger one and the client's connection with it, so the SDK refuses such a request itself."""
 
 
 @register

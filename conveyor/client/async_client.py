@@ -23,9 +23,10 @@ from zmq.utils.monitor import parse_monitor_message
 from common.config import DEFAULT_INGRESS_PORT
 from common.wire import EncodeError, decode, encode
 from common.zmq_io import make_context
-from common.wire.client_messages import (NO_REQUEST_ID, CancelRequest, ChatMessage, ErrorReply,
-                                         Finished, GenerateRequest, HealthReply, HealthRequest,
-                                         StatsReply, StatsRequest, TokenDelta)
+from common.wire.client_messages import (DEFAULT_MAX_FRAME_BYTES, NO_REQUEST_ID, CancelRequest,
+                                         ChatMessage, ErrorReply, Finished, GenerateRequest,
+                                         HealthReply, HealthRequest, StatsReply, StatsRequest,
+                                         TokenDelta)
 from conveyor.client.errors import (ConnectionFailed, InvalidRequestError, ProtocolError,
                                     RequestTimeout, error_from_reply)
 from conveyor.client.types import GenerationResult, Health, StreamDelta
@@ -63,6 +64,8 @@ class AsyncClient:
         self._watcher: asyncio.Task | None = None
         self._connected = False
         self._connecting: asyncio.Lock | None = None
+        self._max_frame_bytes = DEFAULT_MAX_FRAME_BYTES
+        """The ingress's frame limit, as its last health reply said (0: none)."""
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -95,8 +98,9 @@ class AsyncClient:
 
     async def health(self, timeout: float = 10.0) -> Health:
         reply = await self._simple(HealthRequest, HealthReply, timeout)
+        self._max_frame_bytes = reply.max_frame_bytes
         return Health(reply.ready, reply.model, reply.stages, reply.instances, reply.policy,
-                      reply.max_model_len, reply.detail)
+                      reply.max_model_len, reply.detail, reply.max_frame_bytes)
 
     async def stats(self, timeout: float = 10.0) -> dict[str, Any]:
         return (await self._simple(StatsRequest, StatsReply, timeout)).stats
@@ -169,11 +173,23 @@ class AsyncClient:
             self._reader = asyncio.create_task(self._read_loop())
             self._watcher = asyncio.create_task(self._watch_connection(self._sock))
         if check_connection and not self._connected:
-            await self._ensure_connected()
+            await self._ensure_connected()  # (its health reply tells the frame limit)
+        self._check_frame_size(msg, frames)
         queue = _Replies()
         self._queues[msg.id] = queue
         await self._sock.send_multipart(frames)
         return queue
+
+    def _check_frame_size(self, msg, frames) -> None:
+        """ZeroMQ at the ingress drops a frame over its limit together with this client's
+        connection, failing every other request in flight on it: refuse such a request here
+        instead, so that it fails alone."""
+        size = max(len(frame) for frame in frames)
+        if 0 < self._max_frame_bytes < size:
+            raise InvalidRequestError(
+                f"{type(msg).__name__} is {size} bytes on the wire; the ingress reads frames of "
+                f"at most {self._max_frame_bytes} bytes (ingress.max_frame_bytes), so it was not "
+                "sent")
 
     async def _ensure_connected(self) -> None:
         self._connecting = self._connecting or asyncio.Lock()

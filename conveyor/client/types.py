@@ -39,3 +39,5 @@ class Health:
     policy: str
     max_model_len: int
     detail: str
+    max_frame_bytes: int
+    """Largest request frame the ingress reads (0: no limit); the SDK refuses larger ones."""

@@ -265,7 +265,8 @@ class Ingress:
         dep = self.cfg.deployment
         self._send(identity, HealthReply(msg.id, ready, self.model_name, dep.stages,
                                          dep.instances, self.cfg.scheduler.policy,
-                                         self.cfg.model.max_model_len, detail))
+                                         self.cfg.model.max_model_len, detail,
+                                         self.cfg.ingress.max_frame_bytes))
 
     def _reply(self, cr: ClientRequest, msg: Message) -> None:
         if cr.sink is not None:

@@ -266,6 +266,30 @@ def test_an_error_the_ingress_cannot_attribute_reaches_only_unanswered_calls(cli
     assert stream.result.finish_reason == "length"
 
 
+def test_a_request_over_the_frame_limit_fails_alone(client):
+    """ZeroMQ at the ingress drops a frame over ingress.max_frame_bytes with the client's whole
+    connection, which used to fail every stream on it with ConnectionFailed: the SDK refuses
+    such a request itself (the limit from the ingress's health reply), and only it fails."""
+    reference = client.generate(PROMPT, **STREAMED)
+    limit = client.health().max_frame_bytes
+    assert limit == 16 * 2**20  # the deployment's default, as its ingress reports it
+    stream = client.stream(PROMPT, **STREAMED)
+    tokens = iter(stream)
+    first = next(tokens)
+    start = time.monotonic()
+    with pytest.raises(InvalidRequestError) as refused:
+        client.generate("x" * limit, max_tokens=4)
+    found = re.fullmatch(rf"GenerateRequest is (\d+) bytes on the wire; the ingress reads frames "
+                         rf"of at most {limit} bytes \(ingress\.max_frame_bytes\), so it was "
+                         rf"not sent", refused.value.message)
+    assert found and limit < int(found[1]) < limit + 200, refused.value.message
+    assert time.monotonic() - start < 5.0  # refused here, not after the client's 120 s timeout
+    rest = list(tokens)
+    assert first.token_ids + [t for d in rest for t in d.token_ids] == reference.token_ids
+    assert stream.result.finish_reason == "length"
+    assert client.generate("Say hello.", **GOOD).completion_tokens >= 1
+
+
 def test_a_10mb_prompt_is_refused_at_once_and_streams_keep_their_pace(deployment):
     ingress = deployment.process_pid("ingress")
     rss_before = _rss_kib(ingress)

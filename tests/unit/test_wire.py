@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from common.wire import PROTOCOL_VERSION, EncodeError, ProtocolError, decode, encode, framing
-from common.wire.client_messages import ChatMessage, GenerateRequest, TokenDelta
+from common.wire.client_messages import ChatMessage, GenerateRequest, HealthReply, TokenDelta
 from common.wire.internal_messages import Chunk, Hello, SampleSpec, StepPlan
 
 
@@ -160,3 +160,13 @@ def test_a_public_body_with_a_bad_field_still_names_its_request():
     with pytest.raises(ProtocolError) as inner:
         decode([internal[0], msgspec.msgpack.encode({"id": 3})])
     assert inner.value.request_id is None  # internal peers' errors are never attributed
+
+
+def test_a_health_reply_without_a_frame_limit_gets_the_default():
+    """An ingress older than HealthReply.max_frame_bytes does not send it: the SDK then assumes
+    the ingress default, which every such ingress had unless configured otherwise."""
+    older = msgspec.msgpack.encode({"id": 3, "ready": True, "model": "m", "stages": 2,
+                                    "instances": 1, "policy": "fcfs", "max_model_len": 2048})
+    reply = decode([msgspec.msgpack.encode([PROTOCOL_VERSION, HealthReply.TYPE_ID]), older])
+    assert isinstance(reply, HealthReply) and reply.max_frame_bytes == 16 * 2**20
+    assert decode(encode(msgspec.structs.replace(reply, max_frame_bytes=0))).max_frame_bytes == 0
