@@ -15,52 +15,23 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conveyor.client import Client  # noqa: E402
+from scripts.stage_recovery_time import timed_kill  # noqa: E402
 from tests.e2e.role_by_role import RoleByRole  # noqa: E402
 
 VICTIM = {"stage": "stage 1", "controller": "controller", "kvcache": "kvcache"}
 
 
 def one_kill(dep: RoleByRole, client: Client, victim: str, streams: int, tokens: int) -> dict:
-    arrivals: list[list[float]] = [[] for _ in range(streams)]
-    errors: list[str] = []
+    def kill() -> None:  # and started again at once, as Restart= would without its delay
+        dep.kill(victim)
+        dep.start(victim)
 
-    def run(i: int) -> None:
-        try:
-            for _ in client.stream(f"Tell the story of river number {i}.", max_tokens=tokens,
-                                   temperature=0, ignore_eos=True):
-                arrivals[i].append(time.monotonic())
-        except Exception as e:  # reported, not raised: the figure says what failed
-            errors.append(repr(e))
-            arrivals[i].append(float("nan"))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
-    for t in threads:
-        t.start()
-    while min(len(a) for a in arrivals) < 5:
-        time.sleep(0.01)
-    killed = time.monotonic()
-    dep.kill(victim)
-    dep.start(victim)
-    fresh = client.generate("Say hi.", max_tokens=4, temperature=0, ignore_eos=True,
-                            timeout=300)
-    served = time.monotonic() - killed
-    for t in threads:
-        t.join(300)
-    pauses = []
-    for a in arrivals:
-        before = [t for t in a if t <= killed]
-        after = [t for t in a if t > killed]
-        if before and after and after[0] == after[0]:  # nan: the stream failed
-            pauses.append(after[0] - before[-1])
-    return {"pause_s": max(pauses) if pauses else None, "new_request_s": served,
-            "fresh_tokens": fresh.completion_tokens, "errors": errors}
+    return timed_kill(client, streams, tokens, kill)
 
 
 def main() -> None:

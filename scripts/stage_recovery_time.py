@@ -17,6 +17,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,37 +25,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conveyor.local_deployment import start_deployment, stop_deployment  # noqa: E402
 
 
-def one_kill(dep, streams: int, tokens: int) -> dict:
+def timed_kill(client, streams: int, tokens: int, kill: Callable[[], None]) -> dict:
+    """Streams `streams` greedy requests of `tokens` tokens on `client`, calls `kill()` once
+    each has 5 tokens, then sends a new request: the longest pause a surviving stream saw (its
+    last token before the kill to its first after), how long after the kill the new request
+    completed, and the errors of the streams the kill failed (restart_recovery_time.py too)."""
     arrivals: list[list[float]] = [[] for _ in range(streams)]
-    errors: list = []
-    with dep.client(timeout=300) as client:
-        def run(i: int) -> None:
-            try:
-                for _ in client.stream(f"Tell the story of river number {i}.", max_tokens=tokens,
-                                       temperature=0, ignore_eos=True):
-                    arrivals[i].append(time.monotonic())
-            except Exception as e:  # reported, not raised: the figure says what failed
-                errors.append(repr(e))
+    errors: list[str] = []
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
-        for t in threads:
-            t.start()
-        while min(len(a) for a in arrivals) < 5:
-            time.sleep(0.01)
-        killed = time.monotonic()
-        os.kill(dep.process_pid("stage", instance=0, stage=1), signal.SIGKILL)
-        fresh = client.generate("Say hi.", max_tokens=4, temperature=0, timeout=300)
-        served = time.monotonic() - killed
-        for t in threads:
-            t.join(300)
+    def run(i: int) -> None:
+        try:
+            for _ in client.stream(f"Tell the story of river number {i}.", max_tokens=tokens,
+                                   temperature=0, ignore_eos=True):
+                arrivals[i].append(time.monotonic())
+        except Exception as e:  # reported, not raised: the figure says what failed
+            errors.append(repr(e))
+            arrivals[i].append(float("nan"))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    while min(len(a) for a in arrivals) < 5:
+        time.sleep(0.01)
+    killed = time.monotonic()
+    kill()
+    fresh = client.generate("Say hi.", max_tokens=4, temperature=0, ignore_eos=True,
+                            timeout=300)
+    served = time.monotonic() - killed
+    for t in threads:
+        t.join(300)
     pauses = []
     for a in arrivals:
         before = [t for t in a if t <= killed]
         after = [t for t in a if t > killed]
-        if before and after:
+        if before and after and after[0] == after[0]:  # nan: the stream failed
             pauses.append(after[0] - before[-1])
     return {"pause_s": max(pauses) if pauses else None, "new_request_s": served,
             "fresh_tokens": fresh.completion_tokens, "errors": errors}
+
+
+def one_kill(dep, streams: int, tokens: int) -> dict:
+    with dep.client(timeout=300) as client:
+        return timed_kill(client, streams, tokens, lambda: os.kill(
+            dep.process_pid("stage", instance=0, stage=1), signal.SIGKILL))
 
 
 def main() -> None:

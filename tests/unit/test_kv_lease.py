@@ -6,6 +6,7 @@ than the lease holds waiting for a top-up."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import zmq
 
@@ -24,7 +25,11 @@ async def _until(predicate, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_the_lease_serves_dispatches_and_refills_from_frees(tmp_path):
+@contextlib.asynccontextmanager
+async def _controller_and_manager(tmp_path, on_rebuilt=lambda: None):
+    """A kv-cache manager serving on an ipc socket and the controller's side of it (KVLink
+    with an 8-block lease, its reply reader and pool watch) for one 20-block instance;
+    yields (address, manager, link, inst, tasks), and stops `tasks` and the socket after."""
     address = f"ipc://{tmp_path}/kvcache"
     manager = KVCacheManager(address)
     server = asyncio.create_task(manager.serve())
@@ -36,11 +41,20 @@ async def test_the_lease_serves_dispatches_and_refills_from_frees(tmp_path):
         while True:
             link.rpc.dispatch(await kv.recv())
 
-    reader = asyncio.create_task(replies())
     inst = ServedInstance.create(0, 2, 2, 16, make_policy("fcfs"),
                                  ControllerMetrics(started=0.0), None, None)
-    watch = asyncio.create_task(link.watch([inst], lambda: None))
+    tasks = [asyncio.create_task(replies()), server,
+             asyncio.create_task(link.watch([inst], on_rebuilt))]
     try:
+        yield address, manager, link, inst, tasks
+    finally:
+        await stop_tasks(tasks)
+        kv.close()
+        ctx.destroy(linger=0)
+
+
+async def test_the_lease_serves_dispatches_and_refills_from_frees(tmp_path):
+    async with _controller_and_manager(tmp_path) as (_, manager, link, inst, _):
         assert await link.init_pool(inst, 20)
         pool = manager.pools[0]
         assert len(inst.lease) == 8 and pool.leased_blocks == 8 and pool.free_blocks == 20
@@ -68,39 +82,20 @@ async def test_the_lease_serves_dispatches_and_refills_from_frees(tmp_path):
         # ...and is refused, with the books left alone, when the manager has too few.
         assert not await link.top_up_for(inst, 40)
         assert len(inst.lease) == 18 and pool.free_blocks == 18
-    finally:
-        await stop_tasks([reader, server, watch])
-        kv.close()
-        ctx.destroy(linger=0)
 
 
 async def test_a_restarted_manager_is_rebuilt_from_the_controllers_books(tmp_path):
     """The manager dies with requests holding blocks; one freed meanwhile. The new manager's
     pool is the controller's books: the live request's table, the lease, the rest free."""
-    address = f"ipc://{tmp_path}/kvcache"
-    manager = KVCacheManager(address)
-    server = asyncio.create_task(manager.serve())
-    ctx = make_context()
-    kv = Endpoint(ctx, zmq.DEALER, connect=address, identity=b"controller")
-    link = KVLink(kv, lease_blocks=8)
-
-    async def replies():
-        while True:
-            link.rpc.dispatch(await kv.recv())
-
-    reader = asyncio.create_task(replies())
-    inst = ServedInstance.create(0, 2, 2, 16, make_policy("fcfs"),
-                                 ControllerMetrics(started=0.0), None, None)
     rebuilt = asyncio.Event()
-    watch = asyncio.create_task(link.watch([inst], rebuilt.set))
-    tasks = [reader, server, watch]
-    try:
+    async with _controller_and_manager(tmp_path, rebuilt.set) as (address, manager, link, inst,
+                                                                  tasks):
         assert await link.init_pool(inst, 20)
         granted = inst.draw([(1, 3), (2, 2)])
         link.assigned(inst, granted)
         inst.core.free_blocks -= 5
         await _until(lambda: manager.pools[0].num_requests == 2)
-        await stop_tasks([server])  # the manager's process ends: its socket closes
+        await stop_tasks([tasks[1]])  # the manager's process ends: its socket closes
         await _until(lambda: not link.usable.is_set())
         link.free(inst, 2)  # request 2 ends while the manager is away
         inst.core.free_blocks += 2
@@ -116,7 +111,3 @@ async def test_a_restarted_manager_is_rebuilt_from_the_controllers_books(tmp_pat
         assert await link.top_up_for(inst, len(inst.lease) + 4)
         assert len(inst.lease) == 8 and pool.leased_blocks == 8  # topped up to its target
         assert not set(inst.lease) & set(granted[1])
-    finally:
-        await stop_tasks(tasks)
-        kv.close()
-        ctx.destroy(linger=0)
