@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import threading
 import time
 import urllib.request
 
@@ -16,41 +15,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.client import ServerError
 from conveyor.local_deployment import start_deployment, stop_deployment
+from tests.e2e.streaming import start_streams
 
 PROMPTS = [f"Write a short poem about the number {i}." for i in range(8)]
 GREEDY = dict(max_tokens=48, temperature=0, ignore_eos=True)
 
-
-def _start_streams(client, params: dict, wait_s: float) -> tuple[list, list]:
-    """Streams every prompt of PROMPTS on a thread of its own; returns (threads, results) once
-    each has its first token. results[i]: the token ids once done, or the exception."""
-    results: list = [None] * len(PROMPTS)
-    first = [threading.Event() for _ in PROMPTS]
-
-    def run(i: int) -> None:
-        ids = []
-        try:
-            for delta in client.stream(PROMPTS[i], **params):
-                ids += delta.token_ids
-                first[i].set()
-            results[i] = ids
-        except Exception as e:  # asserted by the caller
-            results[i] = e
-            first[i].set()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for ev in first:
-        assert ev.wait(wait_s)
-    return threads, results
 
 
 def test_a_killed_stage_is_restarted_and_every_stream_completes_unchanged():
     dep = start_deployment(stages=2)
     try:
         with dep.client(timeout=240) as client:
-            threads, results = _start_streams(client, GREEDY, 120)
+            threads, results = start_streams(client, PROMPTS, GREEDY, 120)
             victim = dep.process_pid("stage", instance=0, stage=1)
             survivor = dep.process_pid("stage", instance=0, stage=0)
             os.kill(victim, signal.SIGKILL)
@@ -104,7 +80,7 @@ def test_a_stage_that_keeps_dying_is_given_up_and_the_other_instance_serves_on()
             os.kill(dep.process_pid("stage", instance=0, stage=1), signal.SIGKILL)
             time.sleep(1.0)
             _wait_ready(client)  # restarted, and its instance rejoined
-            threads, results = _start_streams(client, LONG, 60)
+            threads, results = start_streams(client, PROMPTS, LONG, 60)
             victim = dep.process_pid("stage", instance=0, stage=1)
             os.kill(victim, signal.SIGKILL)
             for t in threads:

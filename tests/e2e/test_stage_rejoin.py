@@ -6,13 +6,13 @@ the requests back for recompute, and every stream completes with its undisturbed
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
 from conveyor.client import Client
 from tests.e2e.role_by_role import RoleByRole
+from tests.e2e.streaming import start_streams
 
 PROMPTS = [f"Write a short poem about the number {i}." for i in range(8)]
 GREEDY = dict(max_tokens=40, temperature=0, ignore_eos=True)
@@ -25,29 +25,6 @@ def deployment(tmp_path):
     dep.stop()
 
 
-def streams(client: Client, prompts: list[str]):
-    """One thread per prompt streaming it; returns (threads, results, started) where each
-    result ends as its token ids or the exception it ended with."""
-    results: list = [None] * len(prompts)
-    started = [threading.Event() for _ in prompts]
-
-    def run(i: int) -> None:
-        ids: list[int] = []
-        try:
-            for delta in client.stream(prompts[i], **GREEDY):
-                ids += delta.token_ids
-                started[i].set()
-            results[i] = ids
-        except Exception as e:  # asserted by the caller
-            results[i] = e
-        started[i].set()
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    return threads, results, started
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("victim", ["stage 1", "stage 0"])
 def test_a_stage_restarted_alone_rejoins_and_every_stream_completes_unchanged(deployment,
@@ -58,9 +35,7 @@ def test_a_stage_restarted_alone_rejoins_and_every_stream_completes_unchanged(de
     with Client(deployment.address, timeout=120) as client:
         deployment.wait_ready(client)
         reference = [client.generate(p, **GREEDY).token_ids for p in PROMPTS]
-        threads, results, started = streams(client, PROMPTS)
-        for ev in started:
-            assert ev.wait(60), "a stream never started"
+        threads, results = start_streams(client, PROMPTS, GREEDY, 60)
         survivor_pid = deployment.procs[survivor].pid
         deployment.kill(victim)
         killed = time.monotonic()
