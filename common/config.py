@@ -21,11 +21,12 @@ from typing import Any, Literal
 
 import msgspec
 
+from common.config_section import Section, failed
+from common.migration_config import GroupRefinementConfig, MigrationConfig
 from common.placement_config import PlacementConfig
 from common.prediction.config import PredictorConfig
 from common.scheduling.config import (SchedulerConfig, nest_scheduler_table,
                                       written_scheduler_table)
-from common.scheduling.length_groups import LengthGroups
 from common.wire.client_messages import DEFAULT_MAX_FRAME_BYTES
 
 DEFAULT_INGRESS_PORT = 7600
@@ -38,14 +39,6 @@ averages 3-5 bytes per token, and only runs of whitespace pack more into one tok
 
 class ConfigError(ValueError):
     """A configuration value is missing, malformed or inconsistent."""
-
-
-class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-def _failed(checks: list[tuple[bool, str]]) -> list[str]:
-    return [message for ok, message in checks if not ok]
 
 
 class ModelConfig(PlacementConfig):
@@ -78,7 +71,7 @@ class ModelConfig(PlacementConfig):
 
     def problems(self, stages: int, stages_key: str) -> list[str]:
         graphs = self.cuda_graphs
-        return [*super().problems(stages, stages_key), *_failed([
+        return [*super().problems(stages, stages_key), *failed([
             (bool(self.graph_sizes) and all(1 <= b <= MAX_GRAPH_SIZE for b in self.graph_sizes),
              f"model.graph_sizes must be a non-empty list of sizes in [1, {MAX_GRAPH_SIZE}]"),
             (graphs in ("auto", "off") or self.attention != "sdpa",
@@ -88,7 +81,7 @@ class ModelConfig(PlacementConfig):
         ])]
 
 
-class DeploymentConfig(_Section):
+class DeploymentConfig(Section):
     stages: int = 2
     """Pipeline depth P: stage processes per instance."""
     instances: int = 1
@@ -141,78 +134,7 @@ class DeploymentConfig(_Section):
         return []
 
 
-class MigrationConfig(_Section):
-    """Moving requests between instances (services/controller/migration.py): CascadeInfer's
-    length groups (deployment.groups) hand a request whose context outgrew its group's range
-    to the next group; Llumnix's balancing evens load within a group (docs/architecture.md)."""
-
-    enabled: bool = False
-    planner: Literal["boundary", "balance", "boundary+balance"] = "boundary"
-    """Which moves to make (common/scheduling/migration.py): "boundary" moves a request whose
-    context reached its group's upper bound to the least-loaded instance of the group that
-    holds it now (it needs deployment.routing = length-groups and deployment.groups);
-    "balance" sends the most-loaded instance's shortest request to the least-loaded of its
-    group when that narrows the gap."""
-    min_gap: int = 0
-    """balance: a load gap (tokens) at or under this is left alone."""
-    max_per_instance: int = 1
-    """Migrations in progress at once to or from one instance (Llumnix's default: one)."""
-    mode: Literal["live", "recompute"] = "live"
-    """"live": the stages copy the request's KV to the destination's stages while it keeps
-    decoding, pausing it only for the last blocks (Llumnix); a copy that fails falls back to
-    recompute. "recompute": the destination re-prefills it."""
-    max_stages: int = 3
-    """Live: copy rounds at most, the last one paused (Llumnix: 3)."""
-    pause_blocks: int = 16
-    """Live: blocks left to copy below which the request is paused for the last round."""
-    timeout_s: float = 10.0
-    """Live: a copy round not done in this time fails (the peer died or never came)."""
-
-    def problems(self, deployment: DeploymentConfig) -> list[str]:
-        return _failed([
-            (self.max_per_instance >= 1, "migration.max_per_instance must be >= 1"),
-            (self.max_stages >= 1, "migration.max_stages must be >= 1"),
-            (self.pause_blocks >= 0, "migration.pause_blocks must be >= 0"),
-            (self.timeout_s > 0, "migration.timeout_s must be > 0"),
-            (self.min_gap >= 0, "migration.min_gap must be >= 0"),
-            (not (self.enabled and "boundary" in self.planner
-                  and deployment.routing != "length-groups"),
-             "migration.planner boundary moves requests between length groups: it needs "
-             "deployment.routing = length-groups and deployment.groups"),
-        ])
-
-    def build_planner(self, deployment: DeploymentConfig):
-        """The planner over the deployment's length groups (one group without them)."""
-        from common.scheduling.migration import make_planner
-
-        groups = deployment.length_groups() or LengthGroups.single(deployment.instances)
-        return make_planner(self.planner.split("+"), groups, self.min_gap)
-
-
-class GroupRefinementConfig(_Section):
-    """Length groups refined while serving (common/scheduling/group_refinement.py, `nudge`):
-    every `interval_s`, each boundary moves by `step` of the lower group's width toward
-    balanced work per instance (the work routed since the last look), unless the two groups
-    are within `hysteresis` of each other. (Re-running the range DP needs a cost model: only
-    the simulator does that.)"""
-
-    enabled: bool = False
-    interval_s: float = 1.0
-    hysteresis: float = 0.2
-    step: float = 0.1
-
-    def problems(self, deployment: DeploymentConfig) -> list[str]:
-        return _failed([
-            (self.interval_s > 0, "group_refinement.interval_s must be > 0"),
-            (self.hysteresis >= 0, "group_refinement.hysteresis must be >= 0"),
-            (0 < self.step < 1, "group_refinement.step must be in (0, 1)"),
-            (not self.enabled or deployment.routing == "length-groups",
-             "group_refinement moves the boundaries of length groups: it needs "
-             "deployment.routing = length-groups and deployment.groups"),
-        ])
-
-
-class EndpointsConfig(_Section):
+class EndpointsConfig(Section):
     ingress: str = f"tcp://127.0.0.1:{DEFAULT_INGRESS_PORT}"
     """Where clients reach the ingress (the SDK's address). Port 0 picks a free port."""
     controller: str = "ipc://{run_dir}/controller"
@@ -236,7 +158,7 @@ class EndpointsConfig(_Section):
         return host, self.dist_base_port + instance
 
 
-class KVCacheConfig(_Section):
+class KVCacheConfig(Section):
     block_size: int = 16
     """Tokens per KV block."""
     num_blocks: int = 0
@@ -250,7 +172,7 @@ class KVCacheConfig(_Section):
     up in the background as blocks come free; 0: the whole pool."""
 
     def problems(self) -> list[str]:
-        return _failed([
+        return failed([
             (self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
              "kvcache.block_size must be a power of two up to 256"),
             (self.num_blocks >= 0, "kvcache.num_blocks must be >= 0"),
@@ -260,7 +182,7 @@ class KVCacheConfig(_Section):
         ])
 
 
-class IngressConfig(_Section):
+class IngressConfig(Section):
     default_max_tokens: int = 256
     """max_tokens of a request that does not set it (clamped to the context left)."""
     max_stop_strings: int = 16
@@ -292,7 +214,7 @@ class IngressConfig(_Section):
     """Retry-After (seconds) sent with an overloaded or draining refusal."""
 
 
-class HttpConfig(_Section):
+class HttpConfig(Section):
     """The OpenAI-compatible HTTP endpoint of the ingress (services/ingress/http/)."""
 
     enabled: bool = True
@@ -303,7 +225,7 @@ class HttpConfig(_Section):
     """The model id of /v1/models and of requests' `model`; empty: the model's name."""
 
 
-class SecurityConfig(_Section):
+class SecurityConfig(Section):
     """ZeroMQ CURVE on the control plane (common/security.py, docs/architecture.md)."""
 
     keys_dir: str = ""
@@ -317,19 +239,19 @@ class SecurityConfig(_Section):
     plane."""
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     format: Literal["console", "json"] = "console"
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class SLOClass(_Section):
+class SLOClass(Section):
     ttft_s: float | None = None
     """Time to first token, seconds (None: no target)."""
     tpot_s: float | None = None
     """Time per output token after the first, seconds (None: no target)."""
 
 
-class SLOConfig(_Section):
+class SLOConfig(Section):
     """Named latency targets a request may ask for with `slo_class` (docs/scheduling.md)."""
 
     classes: dict[str, SLOClass] = msgspec.field(default_factory=lambda: {
@@ -339,7 +261,7 @@ class SLOConfig(_Section):
     """The class of a request that names none and gives no targets ("": no SLO)."""
 
 
-class ConveyorConfig(_Section):
+class ConveyorConfig(Section):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     deployment: DeploymentConfig = msgspec.field(default_factory=DeploymentConfig)
     endpoints: EndpointsConfig = msgspec.field(default_factory=EndpointsConfig)
@@ -392,7 +314,7 @@ class ConveyorConfig(_Section):
              self.max_prompt_bytes, "ingress.max_frame_bytes must exceed the prompt limit "
              f"({self.max_prompt_bytes} bytes), so a prompt too long is answered, not dropped"),
         ]
-        problems = [*_failed(checks), *self.deployment.group_problems(),
+        problems = [*failed(checks), *self.deployment.group_problems(),
                     *self.model.problems(self.deployment.stages, "deployment.stages"),
                     *self.kvcache.problems(),
                     *self.migration.problems(self.deployment),

@@ -17,13 +17,10 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
+from common.config_section import Section
 
 
-class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class HelrConfig(_Section):
+class HelrConfig(Section):
     """`[model.helr]`: what HELR's placement program (common/model/helr.py) optimises. Stage
     times are the roofline's (common/costmodel/roofline.py) for one reference micro-batch on
     each device; memory is each device's, less the KV reserve."""
@@ -52,7 +49,7 @@ class HelrConfig(_Section):
         return self.kv_reserve_tokens or self.decode_tokens * max_model_len
 
 
-class PlacementConfig(_Section):
+class PlacementConfig(Section):
     """What a served model and a simulated one share: the context limit and the split of the
     layers over the stages (the cluster file's [model] extends it too)."""
 

@@ -10,14 +10,11 @@ import msgspec
 
 from common.config import KVCacheConfig, PlacementConfig
 from common.prediction.config import PredictorConfig
+from common.config_section import Section
 
 
 class ClusterError(ValueError):
     """A cluster file is missing, malformed or inconsistent."""
-
-
-class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
 
 
 class ModelSection(PlacementConfig):
@@ -30,7 +27,7 @@ class ModelSection(PlacementConfig):
     """Weights, activations and KV dtype: sizes the KV pool and the activations sent."""
 
 
-class ClusterSection(_Section):
+class ClusterSection(Section):
     instances: int = 1
     stages: int = 2
     routing: Literal["least-loaded", "round-robin", "length-groups"] = "least-loaded"
@@ -64,14 +61,14 @@ class KVSection(KVCacheConfig):
     weights and 2 GiB of working room, as services/stage/devices.py does."""
 
 
-class LinkSection(_Section):
+class LinkSection(Section):
     bandwidth_gbps: float = 0.0
     """Gigabytes/s between consecutive stages; 0 uses the cost model's transfer_s."""
     latency_us: float = 0.0
     """Added to every stage-to-stage hop."""
 
 
-class SimulatorSection(_Section):
+class SimulatorSection(Section):
     dispatch_latency_us: float = 0.0
     """From the scheduling decision to stage 0 starting (the KV allocation round trip and the
     plan's sends). The instance's scheduling loop waits it out, as the controller's awaits the
@@ -104,7 +101,7 @@ class SimulatorSection(_Section):
     """Seeds the step-time noise (the same seed, the same run)."""
 
 
-class CascadeSection(_Section):
+class CascadeSection(Section):
     """CascadeInfer's moving parts in the simulator (docs/scheduling.md, "CascadeInfer")."""
 
     migration: list[Literal["boundary", "balance"]] = []
@@ -178,7 +175,7 @@ class CascadeSection(_Section):
         return problems + [message for ok, message in checks if not ok]
 
 
-class ClusterFile(_Section):
+class ClusterFile(Section):
     name: str = ""
     model: ModelSection = msgspec.field(default_factory=ModelSection)
     cluster: ClusterSection = msgspec.field(default_factory=ClusterSection)
