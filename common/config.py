@@ -108,6 +108,17 @@ class DeploymentConfig(Section):
     step_timeout_s: float = 30.0
     """A micro-batch in flight longer than this marks its instance degraded in health (not
     ready, naming the stage it waits on) until it completes."""
+    move_on_recovery: bool = True
+    """While an instance recovers (a stage died), its requests, re-queued for recompute,
+    move to the least-loaded ready instance (migration reason "recovery") instead of waiting
+    for the stage's restart. Off: they wait on their instance."""
+    dead_after_s: float = 120.0
+    """A stage that leaves a micro-batch unanswered this long is treated as dead, as if its
+    process had exited: the controller counts the death and re-queues the instance's requests
+    (services/controller/membership.py), its neighbours blocked on it give up their transfer
+    (the pipeline group's timeout), and a stage still stuck in that step half as long again
+    exits so that its supervisor restarts it (services/stage/watchdog.py). Must exceed
+    step_timeout_s and any one step; 0: never (a silent stage only makes health degraded)."""
 
     def length_groups(self):
         """The parsed `groups` (a LengthGroups), None unless routing by length groups."""
@@ -287,6 +298,10 @@ class ConveyorConfig(Section):
              "model.cuda_graphs = on needs CUDA, and deployment.device is cpu (off, or eager "
              "to run the graphs' buffers without capturing them)"),
             (self.deployment.step_timeout_s > 0, "deployment.step_timeout_s must be > 0"),
+            (self.deployment.dead_after_s == 0
+             or self.deployment.dead_after_s > self.deployment.step_timeout_s,
+             f"deployment.dead_after_s ({self.deployment.dead_after_s:g}) must be 0 (off) or "
+             f"more than deployment.step_timeout_s ({self.deployment.step_timeout_s:g})"),
             (self.deployment.stage_restarts >= 0, "deployment.stage_restarts must be >= 0"),
             (self.deployment.restart_window_s > 0, "deployment.restart_window_s must be > 0"),
             (self.kvcache.lease_blocks >= 0, "kvcache.lease_blocks must be >= 0"),

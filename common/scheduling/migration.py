@@ -50,7 +50,8 @@ class Move:
     src: int
     dst: int
     reason: str
-    """Why: "boundary" (outgrew its group) or "balance" (evening load within a group)."""
+    """Why: "boundary" (outgrew its group), "balance" (evening load within a group) or
+    "recovery" (its instance lost its pipeline: services/controller/migration.py)."""
 
 
 class MigrationPlanner(ABC):

@@ -131,6 +131,8 @@ class ControllerMetrics:
     kvcache)."""
     instances_given_up: int = 0
     """Times an instance was given up on (a stage that kept dying)."""
+    stages_silent: int = 0
+    """Stages treated as dead for answering no micro-batch within deployment.dead_after_s."""
     migrations: int = 0
     """Requests moved to another instance (services/controller/migration.py)."""
     migrations_waiting: int = 0
@@ -271,7 +273,8 @@ class ControllerMetrics:
             micro_batches=self.micro_batches, preemptions=self.preemptions,
             pipeline_recoveries=self.pipeline_recoveries,
             requests_recovered=self.requests_recovered, restarts=dict(self.restarts),
-            instances_given_up=self.instances_given_up, migrations=self.migrations,
+            instances_given_up=self.instances_given_up, stages_silent=self.stages_silent,
+            migrations=self.migrations,
             migrations_waiting=self.migrations_waiting,
             migration_reasons=dict(self.migration_reasons),
             migrations_aborted=self.migrations_aborted,

@@ -167,6 +167,9 @@ class ControllerStats(_Snapshot):
     instances_given_up: int = 0
     """Times an instance was given up on: a stage died more than deployment.stage_restarts
     times within restart_window_s."""
+    stages_silent: int = 0
+    """Stages treated as dead for answering no micro-batch within deployment.dead_after_s
+    (each also counts as a death and a pipeline recovery)."""
     migrations: int = 0
     """Requests moved to another instance (running or waiting)."""
     migrations_waiting: int = 0
@@ -236,6 +239,7 @@ class ControllerStats(_Snapshot):
             requests_recovered=self.requests_recovered - before.requests_recovered,
             restarts={k: v - before.restarts.get(k, 0) for k, v in self.restarts.items()},
             instances_given_up=self.instances_given_up - before.instances_given_up,
+            stages_silent=self.stages_silent - before.stages_silent,
             migrations=self.migrations - before.migrations,
             migrations_waiting=self.migrations_waiting - before.migrations_waiting,
             migration_reasons={k: v - before.migration_reasons.get(k, 0)

@@ -207,6 +207,9 @@ class StepDone(InternalMessage):
     generation: int = 0
     """The group generation the stage ran the micro-batch in (a report of an older one's loss
     is stale)."""
+    failed: dict[int, str] = {}
+    """Requests of the micro-batch this stage could not run, and why: only they fail, the
+    rest goes on (the last stage's `sampled` holds a placeholder in their slots)."""
 
 
 # ---- live migration: controller <-> stage workers (services/stage/kv_mover.py) -----------

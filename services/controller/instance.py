@@ -68,6 +68,9 @@ class ServedInstance:
     """Stages that joined the current generation: the instance serves when all have."""
     gone: set[int] = field(default_factory=set)
     """Registered stages whose process died, until a successor says hello."""
+    silent: set[int] = field(default_factory=set)
+    """Of those, stages counted dead for their silence (deployment.dead_after_s): their
+    process may run on and answer (Membership.heard)."""
     deaths: dict[int, list[float]] = field(default_factory=dict)
     """Per stage, when it died within the last restart window."""
     given_up: str = ""
@@ -94,11 +97,11 @@ class ServedInstance:
     @classmethod
     def create(cls, index: int, depth: int, max_inflight: int, block_size: int,
                policy: SchedulingPolicy, metrics: ControllerMetrics, on_release, on_finish,
-               step_timeout_s: float = 30.0) -> "ServedInstance":
+               step_timeout_s: float = 30.0, dead_after_s: float = 0.0) -> "ServedInstance":
         core = InstanceCore(index, depth, max_inflight, block_size, 0, metrics,
                             waiting_need_of(policy), keep_chunks=True, on_release=on_release,
                             on_finish=on_finish)
-        return cls(core, policy, liveness=Liveness(step_timeout_s))
+        return cls(core, policy, liveness=Liveness(step_timeout_s, dead_after_s))
 
     @property
     def index(self) -> int:

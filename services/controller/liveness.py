@@ -2,7 +2,8 @@
 past the step timeout marks the instance degraded in health, naming the stage it waits on (the
 core's CoreBatch keeps when it was dispatched and how many stages reported it done). A stage
 that stops answering (stopped, wedged, or dead on a host that closed nothing) shows there,
-where the processes themselves look alive."""
+where the processes themselves look alive. Past `dead_after_s` the stage is treated as dead
+(`silent`: membership.py ends the generation as for a process that exited)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,27 @@ from common.instance import CoreBatch
 class Liveness:
     timeout_s: float
     """A micro-batch in flight longer than this is overdue (deployment.step_timeout_s)."""
+    dead_after_s: float = 0.0
+    """A micro-batch in flight longer than this declares its stage dead (0: never;
+    deployment.dead_after_s)."""
     last_answer: dict[int, float] = field(default_factory=dict)
     """Per stage, when it last reported a micro-batch done."""
 
+    def fresh(self) -> "Liveness":
+        """The same timeouts, nothing answered yet (a new generation of the group)."""
+        return Liveness(self.timeout_s, self.dead_after_s)
+
     def answered(self, stage: int, now: float) -> None:
         self.last_answer[stage] = now
+
+    def silent(self, inflight: Iterable[CoreBatch], now: float) -> tuple[int, float] | None:
+        """(stage, seconds waited) when the oldest micro-batch has waited past dead_after_s on
+        the stage it is at; None while every one is within it (or the check is off)."""
+        oldest = min(inflight, key=lambda b: b.dispatched, default=None)
+        if not self.dead_after_s or oldest is None:
+            return None
+        waited = now - oldest.dispatched
+        return (oldest.stages_done, waited) if waited > self.dead_after_s else None
 
     def overdue(self, inflight: Iterable[CoreBatch], now: float) -> str | None:
         """Why the instance is degraded, or None when every micro-batch is within time."""

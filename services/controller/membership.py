@@ -8,7 +8,8 @@ PipelineJoined for it (its pool is created the first time). A stage of the insta
 ends the generation: the controller learns of it from the stage's dropped connection (a
 Probe to each registered stage fails at once for a routing identity that is gone), from a
 survivor whose send or receive broke (StepDone with `pipeline_lost`), or from the Hello of its
-restarted process, whichever comes first. It then re-queues the instance's requests for
+restarted process, whichever comes first; a stage that leaves a micro-batch unanswered for
+`deployment.dead_after_s` is treated as dead the same way (`check_silence`). It then re-queues the instance's requests for
 recompute, keeping their tokens (InstanceCore.reset_pipeline), and tells the stages still
 there to join a new generation, which the dead stage's successor joins once it says Hello. No
 stage but the dead one restarts, whatever restarts it (`conveyor serve`, systemd, supervisord):
@@ -34,7 +35,6 @@ from common.wire.client_messages import ErrorCode
 from common.wire.internal_messages import (FinishReason, Hello, JoinPipeline, PipelineJoined,
                                            Probe, RequestOutput, StepDone)
 from services.controller.instance import ServedInstance
-from services.controller.liveness import Liveness
 
 log = get_logger()
 PROBE_AGAIN_S = 0.5
@@ -89,6 +89,7 @@ class Membership:
         if known and not msg.again and s not in inst.gone:
             self._died(inst, s, "it restarted")  # unseen so far: this hello is the news
         inst.gone.discard(s)
+        inst.silent.discard(s)
         if inst.generation and inst.told.get(s) == inst.generation:
             # This stage's previous process was in (or joining) the current generation.
             self._regroup(inst, f"stage {inst.index}.{s} said hello again")
@@ -159,7 +160,7 @@ class Membership:
         ctl, now = self.ctl, time.monotonic()
         requeued = inst.core.reset_pipeline(now)
         ctl.migrations.pipeline_lost(inst, now)
-        inst.liveness = Liveness(inst.liveness.timeout_s)
+        inst.liveness = inst.liveness.fresh()
         if recovering:
             ctl.metrics.pipeline_recoveries += 1
             ctl.metrics.requests_recovered += requeued
@@ -168,6 +169,11 @@ class Membership:
         log.warning("recovering the instance: its stages join a new generation",
                     instance=inst.index, why=why, generation=inst.generation,
                     requests_requeued=requeued)
+        if recovering and ctl.cfg.deployment.move_on_recovery:
+            moved = ctl.migrations.rehome(inst, now)
+            if moved:
+                log.info("requests of the recovering instance moved to ready ones",
+                         instance=inst.index, moved=moved)
         ctl.kv_link.flush(ctl.instances)  # the requeued requests' blocks go back
         beyond = ""
         for s in sorted(inst.stage_identities):
@@ -192,6 +198,32 @@ class Membership:
                     self._died(inst, s, "its connection dropped")
         if again:
             asyncio.get_running_loop().call_later(PROBE_AGAIN_S, self.probe, False)
+
+    def check_silence(self, now: float) -> None:
+        """A stage that has left a micro-batch unanswered past deployment.dead_after_s is dead
+        to its instance, whatever its process does: stopped, wedged in a kernel, or cut off
+        on a host that closed nothing. Its neighbours blocked on it are freed by their group's
+        timeout (the same seconds), and the stage itself, if it ever runs on, either exits
+        (services/stage/watchdog.py) or answers and is told to rejoin (`heard`)."""
+        for inst in self.ctl.instances:
+            found = inst.liveness.silent(inst.core.inflight.values(), now)
+            if found is not None and found[0] not in inst.gone:
+                stage, waited = found
+                self.ctl.metrics.stages_silent += 1
+                inst.silent.add(stage)
+                self._died(inst, stage, f"it answered no micro-batch for {waited:.1f}s "
+                                        f"(deployment.dead_after_s = "
+                                        f"{inst.liveness.dead_after_s:g})")
+
+    def heard(self, inst: ServedInstance, stage: int) -> None:
+        """A message from a stage counted dead while its process lived on (it was silent, then
+        ran on): it is back, and joins the current generation like a successor would."""
+        if stage in inst.silent and stage in inst.gone and not inst.given_up \
+                and self._tell(inst, stage):
+            inst.gone.discard(stage)
+            inst.silent.discard(stage)
+            log.warning("a stage counted dead answered again: it rejoins", instance=inst.index,
+                        stage=stage, generation=inst.generation)
 
     def unreachable(self, inst: ServedInstance, stage: int) -> None:
         """A send to a registered stage failed: it is gone."""

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.config import MigrationConfig
-from common.instance import CoreRequest, Finish
+from common.instance import CoreRequest, Finish, pool_misfit
 from common.instance.core import remaining_load
 from common.log import get_logger
 from common.scheduling.migration import Candidate, InstanceState, MigrationPlanner, Move
@@ -173,6 +173,25 @@ class Migrations:
         self._recompute(m, src.core.detach(req.req_id, now), dst, now)
         src.wake.set()
         return m
+
+    def rehome(self, inst: ServedInstance, now: float) -> int:
+        """`inst` lost its pipeline and its requests wait there for recompute: each goes to
+        the least-loaded ready instance whose pool could hold it instead (reason "recovery"),
+        so that its client waits for a recompute, not for a stage's restart. Returns how
+        many moved."""
+        others = [o for o in self.instances if o is not inst and o.ready]
+        moved = 0
+        for req in list(inst.core.waiting) if others else ():
+            if req.req_id in self.active or req.finished:
+                continue
+            fits = [o for o in others if not pool_misfit(req.num_tokens, req.max_tokens - req.out,
+                                                         o.core.block_size,
+                                                         o.core.total_blocks)]
+            if fits:
+                dst = min(fits, key=lambda o: o.core.load)
+                self.start(Move(req.req_id, inst.index, dst.index, "recovery"), now)
+                moved += 1
+        return moved
 
     def _recompute(self, m: Migration, req: CoreRequest, at: ServedInstance,
                    now: float) -> None:

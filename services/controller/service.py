@@ -60,7 +60,7 @@ class Controller:
             ServedInstance.create(i, cfg.deployment.stages, cfg.max_inflight,
                                   cfg.kvcache.block_size, cfg.scheduler.build_policy(),
                                   self.metrics, self._on_release, self._on_finish,
-                                  cfg.deployment.step_timeout_s)
+                                  cfg.deployment.step_timeout_s, cfg.deployment.dead_after_s)
             for i in range(cfg.deployment.instances)]
         self.router = make_router(cfg.deployment.routing, cfg.deployment.length_groups())
         self.migrations = Migrations(cfg.migration, self.instances, self.metrics,
@@ -111,6 +111,8 @@ class Controller:
                 self._schedule_loop(inst)) for inst in self.instances})
             if self.cfg.migration.enabled and self.cfg.migration.mode == "live":
                 tasks["live copies' deadlines"] = asyncio.create_task(self._copy_deadlines())
+            if self.cfg.deployment.dead_after_s:
+                tasks["silent stages"] = asyncio.create_task(self._silent_stages())
             sd_notify.ready("controller listening")
             await until_one_ends(tasks)
         finally:
@@ -147,6 +149,7 @@ class Controller:
             log.warning("dropped undecodable frame", peer=inc.identity, error=inc.error)
         elif isinstance(msg, StepDone):
             if from_stage(inc, self.instances, msg.instance, msg.stage):
+                self.membership.heard(self.instances[msg.instance], msg.stage)
                 if msg.pipeline_lost:
                     self.membership.step_lost(msg)
                 else:
@@ -327,6 +330,8 @@ class Controller:
                       mb_id=msg.mb_id, error=msg.error)
         now = time.monotonic()
         inst.liveness.answered(msg.stage, now)
+        if msg.failed and batch is not None:  # only these requests fail; the batch goes on
+            self._fail_alone(batch, msg, now)
         if msg.stage != core.depth - 1:
             if msg.error and batch is not None:  # the micro-batch is lost: fail its requests
                 for req in batch.requests:
@@ -353,6 +358,22 @@ class Controller:
             self.migrations.round(now)
         inst.wake.set()
 
+    def _fail_alone(self, batch, msg: StepDone, now: float) -> None:
+        """The requests a stage could not run end with its error; their slots in the batch
+        (zeros downstream, a placeholder token at the end) are dropped with them."""
+        mine = {r.req_id: r for r in batch.requests}
+        for req_id, error in msg.failed.items():
+            req = mine.get(req_id)
+            if req is None:
+                log.warning("a stage failed a request that is not in the micro-batch",
+                            instance=msg.instance, stage=msg.stage, mb_id=msg.mb_id,
+                            req_id=req_id)
+            elif not req.finished:
+                log.error("a stage failed one request of a micro-batch", req_id=req_id,
+                          instance=msg.instance, stage=msg.stage, mb_id=msg.mb_id,
+                          error=error)
+                self._end(req, Finish.ERROR, now, f"stage {msg.stage}: {error}")
+
     # ---- scheduling ---------------------------------------------------------------------
 
     async def _copy_deadlines(self) -> None:
@@ -361,6 +382,15 @@ class Controller:
         while True:
             await asyncio.sleep(self.cfg.migration.timeout_s / 2)
             self.migrations.check_copies(time.monotonic())
+
+    async def _silent_stages(self) -> None:
+        """A stage silent past deployment.dead_after_s is dead (Membership.check_silence),
+        checked a few times per period so that it is declared within a quarter of it."""
+        period = min(1.0, self.cfg.deployment.dead_after_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            self.membership.check_silence(time.monotonic())
+            await self._flush_outputs()  # a give-up's failed requests
 
     async def _schedule_loop(self, inst: ServedInstance) -> None:
         while True:

@@ -74,6 +74,9 @@ class _StatsCollector:
                  "Requests re-queued for recompute by pipeline recoveries."),
                 ("conveyor_instances_given_up", s.instances_given_up,
                  "Times an instance was given up on (a stage that kept dying)."),
+                ("conveyor_stages_silent", s.stages_silent,
+                 "Stages treated as dead for answering no micro-batch within "
+                 "deployment.dead_after_s."),
                 ("conveyor_migrations", s.migrations,
                  "Requests moved to another instance."),
                 ("conveyor_migrations_waiting", s.migrations_waiting,

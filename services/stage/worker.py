@@ -28,10 +28,9 @@ from common import sd_notify
 from common.addresses import source_address_towards
 from common.config import ConveyorConfig
 from common.log import get_logger
-from common.model import (PagedKVCache, SamplingSpec, SeqSpec, StageModel, StepBatch,
-                          resolve_model, sample)
+from common.model import (PagedKVCache, SeqSpec, StageModel, StepBatch,
+                          resolve_model)
 from common.model.decode_graphs import DecodeGraphs, graph_capture
-from common.model.host_transfer import to_device
 from common.model.placement import deployment_layout
 from common.peer_wait import is_handshake, wait_connected, watch_connection
 from common.security import Security, stage_identity
@@ -39,8 +38,10 @@ from common.wire import ProtocolError, decode, encode
 from common.wire.internal_messages import (Hello, JoinPipeline, KVEndpoint, KVMoved, MoveKV,
                                            PipelineJoined, Probe, StepDone, StepPlan)
 from services.stage.devices import StagePlacement, place_stage
+from services.stage.isolation import IsolatedStep
 from services.stage.kv_mover import KVMover
 from services.stage.transport import ActivationLink
+from services.stage.watchdog import StepWatchdog
 
 log = get_logger()
 JOIN_POLL_MS = 50
@@ -79,8 +80,12 @@ class StageWorker:
                  cuda_graphs={None: "off", True: "on", False: "eager"}[self.capture],
                  kv_blocks=self.num_blocks, load_s=round(time.perf_counter() - t0, 2))
         ep = cfg.endpoints
+        # The group's timeout frees a stage blocked on a neighbour the controller counts dead.
+        dead_after_s = cfg.deployment.dead_after_s
         self.link = ActivationLink(stage, self.num_stages, *ep.rendezvous(instance),
-                                   self.device, self.placement.shares_device)
+                                   self.device, self.placement.shares_device,
+                                   timeout_s=dead_after_s or 1800.0)
+        self.watchdog = StepWatchdog.for_deployment(dead_after_s)
         self.tables: dict[int, list[int]] = {}
         self.ready_said = False
         mig = cfg.migration
@@ -208,9 +213,14 @@ class StageWorker:
             log.error("dropped undecodable frame from the controller", error=str(e))
             return
         if isinstance(msg, StepPlan):
-            self.sock.send_multipart(encode(self.step(msg) if self.link.joined else
-                                            self._lost(msg, "this stage is in no pipeline "
-                                                            "group (it is being rebuilt)")))
+            self.watchdog.begin(msg.mb_id)
+            try:
+                done = (self.step(msg) if self.link.joined else
+                        self._lost(msg, "this stage is in no pipeline group (it is being "
+                                        "rebuilt)"))
+            finally:
+                self.watchdog.end()
+            self.sock.send_multipart(encode(done))
         elif isinstance(msg, JoinPipeline):
             if msg.generation in (self.link.generation, self.link.target):
                 return  # already in it (or joining): counting in twice would be wrong
@@ -234,13 +244,16 @@ class StageWorker:
     def step(self, plan: StepPlan) -> StepDone:
         t_start = time.perf_counter()
         error = ""
-        try:
-            batch, specs, x = self._prepare(plan)
-        except Exception as e:  # a bad plan must not desynchronize the pipeline
-            error, batch = f"bad plan: {e!r}", None
+        work = None
+        try:  # each chunk on its own: one that cannot be prepared fails alone (isolation.py)
+            work = IsolatedStep.prepare(plan, self.tables, self.num_blocks, self.is_first,
+                                        self.block_size, self.device)
+        except Exception as e:  # a plan this stage cannot read at all
+            error = f"bad plan: {e!r}"
         num_tokens = sum(c.num_new for c in plan.chunks)
         wait_s = 0.0
         generation = self.link.generation
+        x = None
         if not self.is_first:
             t_wait = time.perf_counter()
             try:
@@ -249,16 +262,18 @@ class StageWorker:
                 return self._broken(plan, generation, e)
             wait_s = time.perf_counter() - t_wait
         out, sampled = None, []
-        if batch is not None:
+        if work is not None:
             try:
                 with torch.inference_mode():
-                    out = self._forward(batch, x)
-                    if self.is_last:
-                        sampled = sample(out, specs)
+                    out, sampled = work.run(self._forward, x, self.is_first, self.is_last,
+                                            self.shape.hidden_size, self.dtype)
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
                 log.error("micro-batch failed", mb_id=plan.mb_id,
                           traceback=traceback.format_exc())
+            if work.failed:
+                log.error("sequences failed alone; the rest of the micro-batch goes on",
+                          mb_id=plan.mb_id, failed=work.failed)
         if not self.is_last:
             # Downstream stages wait for exactly one tensor per micro-batch; on failure they get
             # zeros and the controller, told of the error, discards the result.
@@ -273,7 +288,8 @@ class StageWorker:
             torch.cuda.synchronize(self.device)
         compute_s = time.perf_counter() - t_start - wait_s
         return StepDone(plan.mb_id, self.instance, self.stage, compute_s, wait_s,
-                        sampled if not error else [], error)
+                        sampled if not error else [], error,
+                        failed=work.failed if work is not None and not error else {})
 
     def _forward(self, batch: StepBatch, x: torch.Tensor) -> torch.Tensor:
         """A decode-only step through its graph, any other eagerly. A captured graph's output
@@ -295,37 +311,6 @@ class StageWorker:
         self.tables.clear()
         return self._lost(plan, f"the pipeline broke: {str(error).splitlines()[0][:200]}",
                           generation)
-
-    def _prepare(self, plan: StepPlan):
-        for req_id in plan.released:
-            self.tables.pop(req_id, None)
-        seqs, specs, token_ids = [], [], []
-        for ch in plan.chunks:
-            if ch.start == 0:
-                self.tables[ch.req_id] = list(ch.new_blocks)
-            else:
-                table = self.tables.get(ch.req_id)
-                if table is None:
-                    raise ValueError(f"request {ch.req_id} continues at token {ch.start} but "
-                                     f"this stage holds no block table for it")
-                table.extend(ch.new_blocks)
-            seqs.append(SeqSpec(ch.start, ch.num_new, self.tables[ch.req_id],
-                                ch.sample is not None))
-            if ch.sample is not None:
-                s = ch.sample
-                specs.append(SamplingSpec(s.temperature, s.top_p, s.top_k, s.seed, s.step))
-            if self.is_first:
-                if len(ch.token_ids) != ch.num_new:
-                    raise ValueError(f"request {ch.req_id}: {len(ch.token_ids)} token ids for "
-                                     f"{ch.num_new} new tokens")
-                token_ids.extend(ch.token_ids)
-        batch = StepBatch.build(seqs, self.block_size, self.device)
-        if batch.max_block_id >= self.num_blocks:  # the scratch block is no request's either
-            raise ValueError(f"block id {batch.max_block_id} is beyond this stage's pool of "
-                             f"{self.num_blocks} blocks")
-        x = to_device(torch.tensor(token_ids, dtype=torch.long), self.device) if self.is_first \
-            else None
-        return batch, specs, x
 
 
 def _interrupt(signum, frame) -> None:

@@ -119,3 +119,73 @@ def test_a_stage_that_keeps_dying_is_given_up_and_the_other_instance_serves_on()
         assert all(p.free_blocks == p.total_blocks for p in pools)
     finally:
         stop_deployment(dep)
+
+
+def test_a_stage_silent_past_dead_after_is_counted_dead_and_its_instance_recovers():
+    """SIGSTOP of stage 1 under 8 streams for twice deployment.dead_after_s: the controller
+    counts it dead once a micro-batch has waited that long on it and takes the requests back;
+    stage 0, blocked on it, is freed by the group's timeout. After SIGCONT the stage rejoins
+    (it answers and is told to, or its watchdog ends it and `conveyor serve` restarts it) and
+    every stream completes with the output it would have had."""
+    dep = start_deployment(stages=2, sets=("deployment.step_timeout_s=1",
+                                           "deployment.dead_after_s=3"))
+    try:
+        with dep.client(timeout=240) as client:
+            reference = [client.generate(p, **GREEDY).token_ids for p in PROMPTS]
+            threads, results = start_streams(client, PROMPTS, GREEDY, 120)
+            victim = dep.process_pid("stage", instance=0, stage=1)
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                time.sleep(6.0)
+                health = client.health()
+            finally:
+                os.kill(victim, signal.SIGCONT)
+            resumed = time.monotonic()
+            again = client.generate("Say hi.", max_tokens=4, temperature=0, ignore_eos=True,
+                                    timeout=60)
+            served_after = time.monotonic() - resumed
+            for t in threads:
+                t.join(240)
+            assert all(isinstance(r, list) for r in results), results
+            assert results == reference
+            assert again.completion_tokens == 4 and served_after < 10, served_after
+            stats = client.stats()
+            _wait_ready(client)
+        assert not health.ready and "instance 0" in health.detail, health.detail
+        assert stats["stages_silent"] == 1 and stats["requests_recovered"] >= 1
+        assert stats["finished"].get("error", 0) == 0
+        pools = dep.wait_kv_free(timeout_s=15)
+        assert pools[0].free_blocks == pools[0].total_blocks
+        log = dep.log_path.read_text(errors="replace")
+        assert re.search(r"stage died.*it answered no micro-batch for [3-5]\.\d+s "
+                         r"\(deployment\.dead_after_s = 3\)", log), log[-3000:]
+        assert dep.alive()
+    finally:
+        stop_deployment(dep)
+
+
+def test_a_recovering_instances_requests_move_to_the_ready_one_and_complete_unchanged():
+    """Two instances; stage 0.1 killed under 8 streams spread over both: instance 0's
+    requests, re-queued for recompute, move to instance 1 (deployment.move_on_recovery)
+    rather than wait for the restart, and every stream gets its undisturbed tokens."""
+    dep = start_deployment(stages=2, instances=2, sets=TINY)
+    try:
+        with dep.client(timeout=120) as client:
+            reference = [client.generate(p, **LONG).token_ids for p in PROMPTS]
+            threads, results = start_streams(client, PROMPTS, LONG, 60)
+            os.kill(dep.process_pid("stage", instance=0, stage=1), signal.SIGKILL)
+            for t in threads:
+                t.join(120)
+            assert results == reference
+            stats = client.stats()
+            _wait_ready(client)
+        moved = stats["migration_reasons"].get("recovery", 0)
+        assert 1 <= moved <= len(PROMPTS) and stats["pipeline_recoveries"] == 1
+        assert stats["finished"].get("error", 0) == 0
+        log = dep.log_path.read_text(errors="replace")
+        assert "requests of the recovering instance moved to ready ones" in log
+        assert re.search(rf"moved={moved}\b", log)
+        pools = dep.wait_kv_free(timeout_s=15)
+        assert all(p.free_blocks == p.total_blocks for p in pools)
+    finally:
+        stop_deployment(dep)

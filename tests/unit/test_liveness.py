@@ -23,3 +23,13 @@ def test_a_micro_batch_past_the_timeout_names_the_stage_it_waits_on():
     assert why.startswith("stage 0 is overdue: micro-batch 2 has waited 6.5s") \
         and "stage 0 last answered 7.0s ago" in why
     assert live.overdue([], now=200.0) is None  # nothing in flight: nothing overdue
+
+
+def test_a_micro_batch_past_dead_after_names_the_silent_stage_and_how_long():
+    live = Liveness(timeout_s=1.0, dead_after_s=3.0)
+    one = batch(1, 100.0)
+    one.stage_reported(0)
+    assert live.silent([one], now=102.9) is None  # overdue, not yet dead
+    assert live.silent([one], now=103.5) == (1, 3.5)
+    assert Liveness(timeout_s=1.0).silent([one], now=1000.0) is None  # 0: never
+    assert live.fresh() == Liveness(1.0, 3.0)  # a new generation: same limits, no answers

@@ -76,7 +76,8 @@ messages = st.one_of(
     generate, step_plan, st.builds(CancelRequest, id=i64),
     st.builds(AbortRequests, req_ids=st.lists(i64, max_size=5), reason=text),
     st.builds(StepDone, mb_id=i64, instance=i64, stage=i64, compute_s=floats, wait_s=floats,
-              sampled=st.lists(i64, max_size=5), error=text),
+              sampled=st.lists(i64, max_size=5), error=text,
+              failed=st.dictionaries(i64, text, max_size=3)),
     st.builds(RequestOutputs, outputs=st.lists(st.builds(
         RequestOutput, req_id=i64, token_ids=st.lists(i64, max_size=4), finish=st.integers(0, 4),
         error=text, error_code=st.integers(0, 6)), max_size=4)))
