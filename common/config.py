@@ -116,9 +116,10 @@ class DeploymentConfig(Section):
     """A stage that leaves a micro-batch unanswered this long is treated as dead, as if its
     process had exited: the controller counts the death and re-queues the instance's requests
     (services/controller/membership.py), its neighbours blocked on it give up their transfer
-    (the pipeline group's timeout), and a stage still stuck in that step half as long again
-    exits so that its supervisor restarts it (services/stage/watchdog.py). Must exceed
-    step_timeout_s and any one step; 0: never (a silent stage only makes health degraded)."""
+    a quarter later (the pipeline group's timeout), and a stage still stuck in that step half
+    as long again exits so that its supervisor restarts it (services/stage/watchdog.py). Must
+    exceed step_timeout_s and any one step; 0: never (a silent stage only makes health
+    degraded, and the group's timeout is 30 minutes)."""
 
     def length_groups(self):
         """The parsed `groups` (a LengthGroups), None unless routing by length groups."""

@@ -9,9 +9,10 @@ that sees the step has lasted `limit_s` and ends the process with WEDGED_EXIT_CO
 `conveyor serve`, systemd (Restart=on-failure) and supervisord all restart; the successor says
 hello and rejoins like any restarted stage.
 
-The limit is half as long again as dead_after_s on purpose: a stage blocked on a silent
-neighbour is freed by the group's timeout first and stays up (it only reports its micro-batch
-lost), so only the stage that is itself stuck exits. A process that was stopped (SIGSTOP) and
+The timeouts are staggered on purpose: the controller counts the silent stage dead within
+dead_after_s and an eighth, its neighbours' transfers time out at a quarter past it (they stay
+up and only report their micro-batch lost), and the watchdog acts at half as long again, so
+only the stage that is itself stuck exits. A process that was stopped (SIGSTOP) and
 continued after that long exits too: it was counted dead meanwhile, and a restart is the
 plainest way back.
 """

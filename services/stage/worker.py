@@ -80,11 +80,13 @@ class StageWorker:
                  cuda_graphs={None: "off", True: "on", False: "eager"}[self.capture],
                  kv_blocks=self.num_blocks, load_s=round(time.perf_counter() - t0, 2))
         ep = cfg.endpoints
-        # The group's timeout frees a stage blocked on a neighbour the controller counts dead.
+        # The group's timeout frees a stage blocked on a neighbour the controller counts dead;
+        # a quarter longer, so that the controller has counted the silent one dead first and
+        # the report of the broken group names no one (services/stage/watchdog.py).
         dead_after_s = cfg.deployment.dead_after_s
         self.link = ActivationLink(stage, self.num_stages, *ep.rendezvous(instance),
                                    self.device, self.placement.shares_device,
-                                   timeout_s=dead_after_s or 1800.0)
+                                   timeout_s=1.25 * dead_after_s if dead_after_s else 1800.0)
         self.watchdog = StepWatchdog.for_deployment(dead_after_s)
         self.tables: dict[int, list[int]] = {}
         self.ready_said = False
