@@ -4,6 +4,7 @@ requests are in flight (a stage killed, restarted, rejoining)."""
 from __future__ import annotations
 
 import threading
+import time
 
 
 def start_streams(client, prompts: list[str], params: dict, wait_s: float
@@ -31,3 +32,14 @@ def start_streams(client, prompts: list[str], params: dict, wait_s: float
     for ev in started:
         assert ev.wait(wait_s), "a stream never started"
     return threads, results
+
+
+def served_within(client, seconds: float, since: float | None = None) -> None:
+    """A new request, sent now, completes within `seconds` of `since` (default: now): how a
+    test shows a disturbed deployment serves again."""
+    t0 = time.monotonic() if since is None else since
+    result = client.generate("Say hi.", max_tokens=4, temperature=0, ignore_eos=True,
+                             timeout=seconds + 50)
+    assert result.completion_tokens == 4
+    took = time.monotonic() - t0
+    assert took < seconds, f"served {took:.1f}s after"

@@ -15,6 +15,7 @@ import pytest
 from conveyor.client import Client
 from conveyor.client.errors import ConnectionFailed, ServerError
 from tests.e2e.role_by_role import RoleByRole
+from tests.e2e.streaming import served_within
 
 LONG = dict(max_tokens=400, temperature=0, ignore_eos=True)
 
@@ -76,15 +77,6 @@ def test_a_killed_ingress_fails_its_streams_at_once_and_a_restarted_one_serves(d
     assert deployment.kv_free(timeout_s=15)
 
 
-def _served_within(client: Client, seconds: float, since: float | None = None) -> None:
-    """A new request, sent now, completes within `seconds` of `since` (default: now)."""
-    t0 = time.monotonic() if since is None else since
-    result = client.generate("Hello", max_tokens=5, temperature=0, ignore_eos=True,
-                             timeout=seconds + 20)
-    assert result.completion_tokens == 5
-    assert time.monotonic() - t0 < seconds, f"served after {time.monotonic() - t0:.1f}s"
-
-
 def test_a_killed_controller_fails_its_requests_at_once_and_a_restarted_one_serves(deployment):
     with Client(deployment.address, timeout=60) as client:
         deployment.wait_ready(client)
@@ -94,7 +86,7 @@ def test_a_killed_controller_fails_its_requests_at_once_and_a_restarted_one_serv
         assert deployment.procs["ingress"].poll() is None  # the ingress itself lives on
         deployment.start("controller")  # as Restart= would
         # The ingress and the stages say hello again; the stages join a new generation.
-        _served_within(client, 10.0)
+        served_within(client, 10.0)
         assert client.health().ready
     assert [deployment.procs[s].pid for s in ("stage 0", "stage 1")] == stage_pids
     assert all(deployment.procs[s].poll() is None for s in ("stage 0", "stage 1"))
@@ -114,7 +106,7 @@ def test_a_killed_kv_cache_manager_is_rebuilt_and_its_requests_complete(deployme
         deployment.kill("kvcache")
         time.sleep(1.0)  # away for a while, under load (Restart='s delay)
         deployment.start("kvcache")  # as Restart= would
-        _served_within(client, 10.0, since=killed)
+        served_within(client, 10.0, since=killed)
         for t in threads:
             t.join(120)
         assert errors == [None] * 4
@@ -136,7 +128,7 @@ def test_a_paused_kv_cache_manager_is_survived(deployment):
         deployment.procs["kvcache"].send_signal(signal.SIGSTOP)
         time.sleep(30)  # the pause itself
         deployment.procs["kvcache"].send_signal(signal.SIGCONT)
-        _served_within(client, 10.0)  # a new request, sent at once beside the streams
+        served_within(client, 10.0)  # a new request, sent at once beside the streams
         for t in threads:
             t.join(60)
         # Each stream completed, or failed saying why (a top-up it waited 30 s for).

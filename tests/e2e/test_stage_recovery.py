@@ -15,11 +15,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.client import ServerError
 from conveyor.local_deployment import start_deployment, stop_deployment
-from tests.e2e.streaming import start_streams
+from tests.e2e.streaming import served_within, start_streams
 
 PROMPTS = [f"Write a short poem about the number {i}." for i in range(8)]
 GREEDY = dict(max_tokens=48, temperature=0, ignore_eos=True)
 
+
+def _recovered_cleanly(dep, stats: dict) -> str:
+    """Requests were recovered, none failed, every KV block is back; returns the log."""
+    assert stats["requests_recovered"] >= 1 and stats["finished"].get("error", 0) == 0
+    pools = dep.wait_kv_free(timeout_s=15)
+    assert all(p.free_blocks == p.total_blocks for p in pools)
+    return dep.log_path.read_text(errors="replace")
 
 
 def test_a_killed_stage_is_restarted_and_every_stream_completes_unchanged():
@@ -30,26 +37,19 @@ def test_a_killed_stage_is_restarted_and_every_stream_completes_unchanged():
             victim = dep.process_pid("stage", instance=0, stage=1)
             survivor = dep.process_pid("stage", instance=0, stage=0)
             os.kill(victim, signal.SIGKILL)
-            killed = time.monotonic()
             # A new request sent at once is served within 10 s of the kill (the stage's
             # restart, its warm-up and the rejoin included), beside the 8 recovered streams.
-            again = client.generate("Say hi.", max_tokens=4, temperature=0, ignore_eos=True,
-                                    timeout=60)
-            served_after = time.monotonic() - killed
+            served_within(client, 10.0)
             for t in threads:
                 t.join(240)
             assert all(isinstance(r, list) for r in results), results
-            assert again.completion_tokens == 4 and served_after < 10, served_after
             assert dep.process_pid("stage", instance=0, stage=0) == survivor  # not restarted
             # The same prompts, undisturbed: the recovered streams are token for token these.
             for i, prompt in enumerate(PROMPTS):
                 assert results[i] == client.generate(prompt, **GREEDY).token_ids, i
             stats = client.stats()
-        assert stats["pipeline_recoveries"] == 1 and stats["requests_recovered"] >= 1
-        assert stats["finished"].get("error", 0) == 0
-        pools = dep.wait_kv_free(timeout_s=15)
-        assert pools[0].free_blocks == pools[0].total_blocks
-        log = dep.log_path.read_text(errors="replace")
+        assert stats["pipeline_recoveries"] == 1
+        log = _recovered_cleanly(dep, stats)
         assert re.search(rf"conveyor: stage 0\.1 \(pid {victim}\) killed by signal SIGKILL; "
                          r"restarting it \(restart 1 of 3 in 60s\)", log)
         assert dep.alive()
@@ -140,23 +140,16 @@ def test_a_stage_silent_past_dead_after_is_counted_dead_and_its_instance_recover
                 health = client.health()
             finally:
                 os.kill(victim, signal.SIGCONT)
-            resumed = time.monotonic()
-            again = client.generate("Say hi.", max_tokens=4, temperature=0, ignore_eos=True,
-                                    timeout=60)
-            served_after = time.monotonic() - resumed
+            served_within(client, 10.0)  # sent at SIGCONT
             for t in threads:
                 t.join(240)
             assert all(isinstance(r, list) for r in results), results
             assert results == reference
-            assert again.completion_tokens == 4 and served_after < 10, served_after
             stats = client.stats()
             _wait_ready(client)
         assert not health.ready and "instance 0" in health.detail, health.detail
-        assert stats["stages_silent"] == 1 and stats["requests_recovered"] >= 1
-        assert stats["finished"].get("error", 0) == 0
-        pools = dep.wait_kv_free(timeout_s=15)
-        assert pools[0].free_blocks == pools[0].total_blocks
-        log = dep.log_path.read_text(errors="replace")
+        assert stats["stages_silent"] == 1
+        log = _recovered_cleanly(dep, stats)
         assert re.search(r"stage died.*it answered no micro-batch for [3-5]\.\d+s "
                          r"\(deployment\.dead_after_s = 3\)", log), log[-3000:]
         assert dep.alive()
@@ -181,11 +174,8 @@ def test_a_recovering_instances_requests_move_to_the_ready_one_and_complete_unch
             _wait_ready(client)
         moved = stats["migration_reasons"].get("recovery", 0)
         assert 1 <= moved <= len(PROMPTS) and stats["pipeline_recoveries"] == 1
-        assert stats["finished"].get("error", 0) == 0
-        log = dep.log_path.read_text(errors="replace")
+        log = _recovered_cleanly(dep, stats)
         assert "requests of the recovering instance moved to ready ones" in log
         assert re.search(rf"moved={moved}\b", log)
-        pools = dep.wait_kv_free(timeout_s=15)
-        assert all(p.free_blocks == p.total_blocks for p in pools)
     finally:
         stop_deployment(dep)

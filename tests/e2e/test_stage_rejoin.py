@@ -12,7 +12,7 @@ import pytest
 
 from conveyor.client import Client
 from tests.e2e.role_by_role import RoleByRole
-from tests.e2e.streaming import start_streams
+from tests.e2e.streaming import served_within, start_streams
 
 PROMPTS = [f"Write a short poem about the number {i}." for i in range(8)]
 GREEDY = dict(max_tokens=40, temperature=0, ignore_eos=True)
@@ -40,14 +40,11 @@ def test_a_stage_restarted_alone_rejoins_and_every_stream_completes_unchanged(de
         deployment.kill(victim)
         killed = time.monotonic()
         deployment.start(victim)  # the service manager restarts the dead process alone
-        again = client.generate("Say hi.", max_tokens=4, temperature=0, ignore_eos=True,
-                                timeout=30)
-        served_after = time.monotonic() - killed
+        served_within(client, 10.0, since=killed)
         for t in threads:
             t.join(120)
         assert all(isinstance(r, list) for r in results), results
         assert results == reference  # token for token what they were undisturbed
-        assert again.completion_tokens == 4 and served_after < 10, served_after
         stats = client.stats()
     assert deployment.procs[survivor].pid == survivor_pid  # never restarted
     assert deployment.procs[survivor].poll() is None
