@@ -3,28 +3,24 @@
 One ROUTER socket takes the ingress and the stage workers; a DEALER reaches the kv-cache
 manager. Each instance's state machine is the instance core (common/instance), shared with
 the simulator; this module is its socket wrapper: wire messages in, the core's decisions out.
-Per instance, a scheduling task keeps up to `max_inflight` micro-batches in the pipeline:
-whenever a micro-batch completes or requests arrive it asks the core for the next plan, gets
-its blocks from the kv-cache manager and sends the plan to every stage at once (the stages
-prepare their inputs while earlier stages still compute, as gLLM does).
+Per instance, a scheduling task drives its pipeline (pipeline.py: micro-batches out, their
+completions in).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict
 
 import zmq
 
 from common import sd_notify
 from common.config import ConveyorConfig
-from common.costmodel import BatchShape
 from common.instance import CoreRequest, Finish, pool_misfit
-from common.log import debug_enabled, get_logger
+from common.log import get_logger
 from common.model import resolve_model
 from common.scheduling.routing import arrival_length, make_router
-from common.scheduling.types import SLO, MicroBatchPlan
+from common.scheduling.types import SLO
 from common.security import Security, log_handshake_failures
 from common.stats import ControllerMetrics, ControllerStats
 from common.wire.client_messages import ErrorCode
@@ -39,11 +35,11 @@ from services.controller.kv_link import KVLink
 from services.controller.membership import Membership
 from services.controller.length_groups import live_groups
 from services.controller.migration import Migrations
+from services.controller.pipeline import WIRE_FINISH, PipelineDriver
 from services.controller.peers import from_ingress, from_stage, hello_allowed
 from services.controller.prediction import ControllerLengths
 
 log = get_logger()
-_WIRE_FINISH = {f: FinishReason[f.name] for f in Finish}
 
 
 class Controller:
@@ -89,6 +85,7 @@ class Controller:
         self.ingress_identity: bytes | None = None
         self.outputs: list[RequestOutput] = []
         self.membership = Membership(self)
+        self.pipeline = PipelineDriver(self)
 
     # ---- main loops ---------------------------------------------------------------------
 
@@ -108,7 +105,7 @@ class Controller:
             tasks.update({"messages": asyncio.create_task(self._messages()),
                           "kv-cache replies": asyncio.create_task(self._kv_replies())})
             tasks.update({f"scheduler of instance {inst.index}": asyncio.create_task(
-                self._schedule_loop(inst)) for inst in self.instances})
+                self.pipeline.schedule_loop(inst)) for inst in self.instances})
             if self.cfg.migration.enabled and self.cfg.migration.mode == "live":
                 tasks["live copies' deadlines"] = asyncio.create_task(self._copy_deadlines())
             if self.cfg.deployment.dead_after_s:
@@ -153,7 +150,7 @@ class Controller:
                 if msg.pipeline_lost:
                     self.membership.step_lost(msg)
                 else:
-                    self._on_step_done(msg)
+                    self.pipeline.step_done(msg)
         elif isinstance(msg, PipelineJoined):
             if from_stage(inc, self.instances, msg.instance, msg.stage):
                 await self.membership.joined(msg)
@@ -255,7 +252,7 @@ class Controller:
             self.groups.finished(time.monotonic(), req.prompt, req.out)
         self.migrations.ended(req, time.monotonic())
         if req.finish in (Finish.ABORT, Finish.ERROR):
-            self.outputs.append(RequestOutput(req.req_id, [], _WIRE_FINISH[req.finish],
+            self.outputs.append(RequestOutput(req.req_id, [], WIRE_FINISH[req.finish],
                                               req.error, req.tag.error_code))
         timings = {k: round(v, 6) for k, v in req.timings().items()}
         log.info("request finished", req_id=req.req_id, finish=req.finish.name.lower(),
@@ -311,69 +308,6 @@ class Controller:
                 asyncio.create_task(self.pool_ready(inst))
             inst.wake.set()
 
-    def _on_step_done(self, msg: StepDone) -> None:
-        if not (0 <= msg.instance < len(self.instances)
-                and 0 <= msg.stage < self.cfg.deployment.stages):
-            log.warning("step done from an unknown stage", instance=msg.instance,
-                        stage=msg.stage)
-            return
-        self.metrics.record_step(msg.instance, msg.stage, msg.compute_s, msg.wait_s)
-        if debug_enabled():
-            log.debug("step done", instance=msg.instance, stage=msg.stage, mb_id=msg.mb_id,
-                      compute_s=round(msg.compute_s, 6), wait_s=round(msg.wait_s, 6))
-        inst = self.instances[msg.instance]
-        core = inst.core
-        core.stage_done(msg.mb_id, msg.stage, msg.compute_s, msg.wait_s)  # the stage feedback
-        batch = core.inflight.get(msg.mb_id)
-        if msg.error:
-            log.error("stage failed a micro-batch", instance=msg.instance, stage=msg.stage,
-                      mb_id=msg.mb_id, error=msg.error)
-        now = time.monotonic()
-        inst.liveness.answered(msg.stage, now)
-        if msg.failed and batch is not None:  # only these requests fail; the batch goes on
-            self._fail_alone(batch, msg, now)
-        if msg.stage != core.depth - 1:
-            if msg.error and batch is not None:  # the micro-batch is lost: fail its requests
-                for req in batch.requests:
-                    self._end(req, Finish.ERROR, now, f"stage {msg.stage}: {msg.error}")
-            return
-        if batch is None:
-            log.warning("completion of an unknown micro-batch", mb_id=msg.mb_id)
-            return
-        if msg.error or len(msg.sampled) != len(batch.sampling):
-            error = msg.error or f"stage returned {len(msg.sampled)} tokens for " \
-                                 f"{len(batch.sampling)} sequences"
-            core.fail_batch(msg.mb_id, error, now)
-        else:
-            live = [r for r in batch.sampling if not r.finished]
-            core.complete(msg.mb_id, msg.sampled, now)
-            for req in live:
-                self.outputs.append(RequestOutput(req.req_id, [req.output_token_ids[-1]],
-                                                  _WIRE_FINISH[req.finish]))
-                self.migrations.took_token(req, now)
-            # Between micro-batches, before this instance schedules again: this batch's
-            # requests hold no token in flight, so they may move.
-            if self.groups is not None:
-                self.groups.tick(now)
-            self.migrations.round(now)
-        inst.wake.set()
-
-    def _fail_alone(self, batch, msg: StepDone, now: float) -> None:
-        """The requests a stage could not run end with its error; their slots in the batch
-        (zeros downstream, a placeholder token at the end) are dropped with them."""
-        mine = {r.req_id: r for r in batch.requests}
-        for req_id, error in msg.failed.items():
-            req = mine.get(req_id)
-            if req is None:
-                log.warning("a stage failed a request that is not in the micro-batch",
-                            instance=msg.instance, stage=msg.stage, mb_id=msg.mb_id,
-                            req_id=req_id)
-            elif not req.finished:
-                log.error("a stage failed one request of a micro-batch", req_id=req_id,
-                          instance=msg.instance, stage=msg.stage, mb_id=msg.mb_id,
-                          error=error)
-                self._end(req, Finish.ERROR, now, f"stage {msg.stage}: {error}")
-
     # ---- scheduling ---------------------------------------------------------------------
 
     async def _copy_deadlines(self) -> None:
@@ -392,62 +326,6 @@ class Controller:
             await asyncio.sleep(period)
             self.membership.check_silence(time.monotonic())
             await self._flush_outputs()  # a give-up's failed requests
-
-    async def _schedule_loop(self, inst: ServedInstance) -> None:
-        while True:
-            await inst.wake.wait()
-            inst.wake.clear()
-            plan = None
-            try:
-                while inst.ready:
-                    plan = inst.core.next_plan(inst.policy, time.monotonic())
-                    self.kv_link.flush([])  # a preemption's frees reach the manager first
-                    if plan is None or not await self._dispatch(inst, plan):
-                        break
-                    plan = None
-            except Exception as e:  # never let the instance's only scheduler die silently
-                log.exception("scheduling failed", instance=inst.index)
-                self._fail_plan(inst, plan, f"the controller could not schedule it: {e}")
-                self.kv_link.flush(self.instances)
-                await self._flush_outputs()
-                inst.wake.set()
-
-    def _fail_plan(self, inst: ServedInstance, plan: MicroBatchPlan | None, error: str) -> None:
-        now = time.monotonic()
-        for c in plan.chunks if plan is not None else ():
-            req = inst.core.by_id.get(c.req_id)
-            if req is not None:
-                self._end(req, Finish.ERROR, now, error)
-
-    async def _dispatch(self, inst: ServedInstance, plan: MicroBatchPlan) -> bool:
-        core = inst.core
-        wants = core.block_wants(plan)
-        need = sum(n for _, n in wants)
-        if need > len(inst.lease):  # rare: the plan counts blocks freed a moment ago
-            if not await self.kv_link.top_up_for(inst, need):
-                return False
-            # Requests may have ended while we waited: drop their chunks.
-            plan = MicroBatchPlan(tuple(c for c in plan.chunks
-                                        if not _ended(core.by_id.get(c.req_id))))
-            if not plan.chunks:
-                return True
-            wants = core.block_wants(plan)
-        granted = inst.draw(wants)  # no round trip: the manager learns of it afterwards
-        batch = core.commit(plan, time.monotonic(), inst.policy)
-        self.kv_link.assigned(inst, granted)
-        first, rest = inst.step_plans(batch, granted)
-        if debug_enabled():  # the micro-batch's shape, for scripts/step_timeline.py
-            shape = BatchShape.of_chunks(((c.start, c.num_new) for c in first.chunks),
-                                         len(batch.sampling))
-            log.debug("dispatched", instance=inst.index, mb_id=first.mb_id,
-                      requests=len(batch.chunks), **asdict(shape))
-        for stage, identity in sorted(inst.stage_identities.items()):
-            try:
-                await self.endpoint.send(first if stage == 0 else rest, identity)
-            except zmq.ZMQError:  # gone: its death ends the generation, the batch with it
-                self.membership.unreachable(inst, stage)
-                return False
-        return True
 
     # ---- outputs and status -------------------------------------------------------------
 
@@ -475,10 +353,6 @@ class Controller:
             pipeline_depth=self.cfg.deployment.stages,
             instances=[i.stats() for i in self.instances],
             kv_lease_waits=self.kv_link.lease_waits)
-
-
-def _ended(req: CoreRequest | None) -> bool:
-    return req is None or req.finished
 
 
 async def until_connected(rpc, tasks: dict[str, asyncio.Task]) -> None:
