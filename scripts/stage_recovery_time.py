@@ -5,6 +5,10 @@ right after the kill completed. The supervisor restarts the instance's stages; t
 re-queues their requests for recompute.
 
     .venv/bin/python scripts/stage_recovery_time.py --kills 5
+
+With `--instances 2` the kills hit instance 0 while instance 1 serves; `--set
+deployment.move_on_recovery=false` (or true, the default) says whether the recovering
+instance's requests move there.
 """
 
 from __future__ import annotations
@@ -66,6 +70,11 @@ def timed_kill(client, streams: int, tokens: int, kill: Callable[[], None]) -> d
 
 def one_kill(dep, streams: int, tokens: int) -> dict:
     with dep.client(timeout=300) as client:
+        deadline = time.monotonic() + 120
+        while not client.health().ready:  # the previous kill's stage back and joined
+            if time.monotonic() > deadline:
+                raise SystemExit("the deployment did not get ready again within 120 s")
+            time.sleep(0.2)
         return timed_kill(client, streams, tokens, lambda: os.kill(
             dep.process_pid("stage", instance=0, stage=1), signal.SIGKILL))
 
@@ -75,8 +84,12 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--instances", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the deployment (repeatable)")
     args = ap.parse_args()
-    dep = start_deployment(stages=2, sets=("deployment.stage_restarts=1000",))
+    dep = start_deployment(stages=2, instances=args.instances,
+                           sets=("deployment.stage_restarts=1000", *args.set))
     try:
         runs = []
         for k in range(args.kills):

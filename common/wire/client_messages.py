@@ -101,8 +101,15 @@ class StatsRequest(Message):
     id: int
 
 
+class Reply(Message, forbid_unknown_fields=False):
+    """A message the SDK reads. Fields it does not know are ignored, so a newer ingress may add
+    fields with defaults and SDKs from this version on still read its replies; what the ingress
+    reads (requests) stays strict, so a field it does not understand is refused, never
+    silently ignored (docs/protocol.md, versions)."""
+
+
 @register
-class TokenDelta(Message):
+class TokenDelta(Reply):
     """Newly generated text of a streaming request (token_ids are the tokens behind it)."""
 
     TYPE_ID = 10
@@ -112,7 +119,7 @@ class TokenDelta(Message):
 
 
 @register
-class Finished(Message):
+class Finished(Reply):
     """The final reply of a request: the whole completion and how it ended."""
 
     TYPE_ID = 11
@@ -130,7 +137,7 @@ class Finished(Message):
 
 
 @register
-class ErrorReply(Message):
+class ErrorReply(Reply):
     TYPE_ID = 12
     id: int
     code: int
@@ -138,7 +145,7 @@ class ErrorReply(Message):
 
 
 @register
-class HealthReply(Message):
+class HealthReply(Reply):
     TYPE_ID = 13
     id: int
     ready: bool
@@ -154,14 +161,14 @@ class HealthReply(Message):
 
 
 @register
-class StatsReply(Message):
+class StatsReply(Reply):
     TYPE_ID = 14
     id: int
     stats: dict[str, Any]
 
 
 @register
-class Ping(Message):
+class Ping(Reply):
     """Sent by the ingress to clients with requests in flight; clients ignore it. Its only use
     is that sending it fails when the client has gone, which aborts the client's requests."""
 

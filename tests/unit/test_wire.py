@@ -50,6 +50,17 @@ def test_truncated_and_mistyped_bodies_are_explained():
         decode([header, extra])
 
 
+def test_a_reply_with_a_field_this_sdk_does_not_know_is_read_without_it():
+    """A newer ingress's HealthReply may carry a field added since: the SDK reads the rest."""
+    header, _ = encode(HealthReply(id=3, ready=True, model="m", stages=2, instances=1,
+                                   policy="throttle", max_model_len=2048))
+    newer = msgspec.msgpack.encode({"id": 3, "ready": True, "model": "m", "stages": 2,
+                                    "instances": 1, "policy": "throttle",
+                                    "max_model_len": 2048, "added_later": [1, 2]})
+    reply = decode([header, newer])
+    assert isinstance(reply, HealthReply) and reply.ready and reply.max_model_len == 2048
+
+
 # ---- nothing a frame holds gets past decode() as anything but ProtocolError ----------------
 
 def _nested(depth: int, leaf: bytes = b"\x00") -> bytes:
