@@ -21,8 +21,14 @@ deploy/clusters/h100-llama3-8b.toml), with ShareGPT lengths and replies ending a
 The online predictor sees in the simulator only the prompt's length (simulated requests have
 no tokens); it is warm-started on --warm ShareGPT (prompt, reply) lengths of another sample.
 
+`--set key=value` (repeatable) overrides a cluster-file setting in every run, e.g. a tighter KV
+pool: `--set kvcache.num_blocks=20000`. Each sweep row also reports the instance's peak KV use
+(blocks) and its waiting queue (time mean and peak), and for the requests that missed their TTFT
+the median TTFT and the median part of it spent waiting to be scheduled (queue_s).
+
     .venv/bin/python scripts/sim_uellm_comparison.py                  # ~3 min
     .venv/bin/python scripts/sim_uellm_comparison.py --num-prompts 1000 --loads 0.8
+    .venv/bin/python scripts/sim_uellm_comparison.py --loads 0.8 --burstiness 0.0625  # CV 4
 """
 
 from __future__ import annotations
@@ -46,20 +52,57 @@ CLASSES = (SLO(0.1, 0.02, "tight"), SLO(0.5, 0.05, "standard"), SLO(2.0, 0.1, "r
 UELLM_S3_TOTAL_S = 267.0
 
 
+OVERRIDES: dict[str, Any] = {}
+"""--set overrides, applied to every cluster this script builds."""
+
+
+def parse_set(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as TOML (20000, 0.5, true, "text"), else as a string."""
+    import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"--set wants key=value, got {text!r}")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value
+
+
 def cluster(path: str, policy: str, mode: str, state: str | None) -> Any:
     from conveyor.sim.cluster import load_cluster
 
-    overrides: dict[str, Any] = {"scheduler.policy": policy, "predictor.mode": mode}
+    overrides: dict[str, Any] = {**OVERRIDES, "scheduler.policy": policy, "predictor.mode": mode}
     if state:
         overrides["predictor.state_file"] = state
     return load_cluster(path, overrides)
 
 
-def run(cfg: Any, wl: Any) -> list[Any]:
+def simulated(cfg: Any, wl: Any) -> Any:
     from conveyor.sim.cluster import build_cost_model
     from conveyor.sim.engine import simulate
 
-    return simulate(cfg, build_cost_model(cfg), wl).requests
+    return simulate(cfg, build_cost_model(cfg), wl)
+
+
+def run(cfg: Any, wl: Any) -> list[Any]:
+    return simulated(cfg, wl).requests
+
+
+def pressure(result: Any) -> dict[str, Any]:
+    """The instance's KV and queue figures, and where the missed TTFTs went (waiting to be
+    scheduled, queue_s, or after)."""
+    inst = result.instances[0]
+    t = [r.timings() for r in result.requests]
+    missed = [x for x, r in zip(t, result.requests) if x["ttft_s"] > r.slo.ttft_s]
+    return {"kv_blocks": inst["kv_total_blocks"],
+            "peak_kv_blocks": round(inst["max_kv_used"] * inst["kv_total_blocks"]),
+            "mean_waiting": inst["mean_waiting"], "max_waiting": inst["max_waiting"],
+            "p50_ttft_s": float(np.median([x["ttft_s"] for x in t])),
+            "missed_ttft_p50_s": float(np.median([x["ttft_s"] for x in missed]))
+            if missed else None,
+            "missed_ttft_queue_p50_s": float(np.median([x.get("queue_s", 0.0) for x in missed]))
+            if missed else None}
 
 
 def warm_state(n: int, directory: Path) -> str | None:
@@ -108,7 +151,8 @@ def load_sweep(args: Any, base: Any, state: str | None, cap: float,
         wl = base.at_rate(cap * load, args.burstiness, args.seed)
         wl.slos = slos
         for policy in args.policies:
-            reqs = run(cluster(args.cluster, policy, "auto", state), wl)
+            result = simulated(cluster(args.cluster, policy, "auto", state), wl)
+            reqs = result.requests
             e2e = [r.timings()["e2e_s"] for r in reqs]
             row = {"classes": label, "load": load, "rate": round(cap * load, 2),
                    "policy": policy,
@@ -121,7 +165,8 @@ def load_sweep(args: Any, base: Any, state: str | None, cap: float,
                                                        if r.slo == c])) for c in classes},
                    "p99_e2e_s": float(np.percentile(e2e, 99)),
                    "p99_ttft_s": float(np.percentile([r.timings()["ttft_s"] for r in reqs], 99)),
-                   "preemptions": sum(r.preemptions for r in reqs)}
+                   "preemptions": sum(r.preemptions for r in reqs),
+                   "burstiness": args.burstiness, **pressure(result)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -155,11 +200,13 @@ def uellm_experiment(args: Any, state: str | None) -> list[dict[str, Any]]:
 
 def markdown(sweep: list[dict[str, Any]], uellm: list[dict[str, Any]]) -> str:
     out = ["| classes | load | policy | SLO violations (TTFT, TPOT) | p99 E2E (s) | "
-           "p99 TTFT (s) | preemptions |", "|---|---|---|---|---|---|---|"]
+           "p99 TTFT (s) | preemptions | peak KV (blocks) | waiting (mean, peak) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     out += [f"| {r['classes']} | {r['load']:.0%} ({r['rate']} req/s) | {r['policy']} | "
             f"{r['violations']:.1%} ({r['ttft_violations']:.1%}, {r['tpot_violations']:.1%}) "
-            f"| {r['p99_e2e_s']:.2f} | {r['p99_ttft_s']:.3f} | {r['preemptions']} |"
-            for r in sweep]
+            f"| {r['p99_e2e_s']:.2f} | {r['p99_ttft_s']:.3f} | {r['preemptions']} | "
+            f"{r['peak_kv_blocks']}/{r['kv_blocks']} | {r['mean_waiting']:.1f}, "
+            f"{r['max_waiting']} |" for r in sweep]
     out += ["", "| policy | lengths | total time (s) | mean E2E (s) | SLO violations |",
             "|---|---|---|---|---|"]
     out += [f"| {r['policy']} | {r['lengths']} | {r['total_s']:.2f} | {r['mean_e2e_s']:.2f} | "
@@ -177,7 +224,12 @@ def main() -> None:
     ap.add_argument("--classes", choices=("fixed", "derived", "both"), default="both",
                     help="SLO classes of the load sweep: the fixed three, classes derived "
                          "from the idle cluster, or both")
-    ap.add_argument("--burstiness", type=float, default=1.0)
+    ap.add_argument("--burstiness", type=float, default=1.0,
+                    help="gamma shape k of the arrival gaps (CV 1/sqrt(k)): 1 Poisson, "
+                         "0.25 CV 2, 0.0625 CV 4")
+    ap.add_argument("--set", dest="overrides", type=parse_set, action="append", default=[],
+                    metavar="KEY=VALUE", help="a cluster-file override for every run, e.g. "
+                    "kvcache.num_blocks=20000 (repeatable)")
     ap.add_argument("--policies", type=lambda s: s.split(","),
                     default=["fcfs", "throttle", "s3", "slo-odbs"])
     ap.add_argument("--uellm-prompts", type=int, default=100)
@@ -187,6 +239,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    OVERRIDES.update(args.overrides)
     from conveyor.sim.workload import make_workload
 
     with tempfile.TemporaryDirectory() as tmp:
