@@ -65,6 +65,9 @@ class SloOdbsPolicy(ThrottlePolicy):
         "factor of UELLM's batch rule"))] = 1.2
     kv_margin: Annotated[float, Meta(ge=0, description=(
         "KV is reserved for the high predicted output times (1 + this)"))] = 0.2
+    kv_high: Annotated[bool, Meta(description=(
+        "reserve KV for the high predicted quantile; false: for the median prediction (a "
+        "fuller pool, more preemptions when predictions run short)"))] = True
     throttle: Annotated[bool, Meta(description=(
         "size micro-batches by Token Throttling; false: every ready decode plus "
         "max_prefill_tokens of prompts"))] = True
@@ -118,7 +121,8 @@ class SloOdbsPolicy(ThrottlePolicy):
             if not plan.is_preempted(req):
                 plan.try_add(req, min(req.pending, plan.token_budget), reserve)
         if snap.waiting and plan.token_budget > 0:
-            self.admit_group(plan, snap, max(reserve, running_reserve(snap, self.kv_margin)))
+            self.admit_group(plan, snap, max(reserve, running_reserve(snap, self.kv_margin,
+                                                                      self.kv_high)))
         if plan.chunks:
             self._turn += 1
         return plan.build()
@@ -137,7 +141,8 @@ class SloOdbsPolicy(ThrottlePolicy):
                     > self.max_waste:
                 break
             chunk = min(req.pending, plan.token_budget)
-            own = growth_blocks(req, snap.kv, self.kv_margin) - snap.kv.blocks_to_add(req, chunk)
+            own = growth_blocks(req, snap.kv, self.kv_margin, self.kv_high) \
+                - snap.kv.blocks_to_add(req, chunk)
             if snap.num_running == 0 and not members:
                 own = 0  # an idle instance always takes its first request, prediction or not
             if not plan.try_add(req, chunk, reserve + max(own, 0)):

@@ -93,6 +93,7 @@ def test_a_request_that_outlives_its_prediction_has_it_doubled():
     r = RequestView(1, 0.0, 16, 16 + 150, 16 + 149, 11, 1000, num_output_tokens=150,
                     predicted_output=40, predicted_high=50)
     assert planned_output(r, 0.0) == 200  # 50 -> 100 -> 200, ahead of its 150 again
+    assert planned_output(r, 0.0, high=False) == 160  # the median's 40 -> 80 -> 160
     assert planned_output(RequestView(2, 0.0, 16, 16, 0, 0, 64), 0.2) == 64  # no prediction
 
 
