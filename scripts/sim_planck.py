@@ -157,15 +157,21 @@ def main() -> None:
                     help="NAME:TTFT_S:TPOT_S:WEIGHT,... (default: interactive 0.5 s / 50 ms, "
                          "batch 10 s / 200 ms, half each)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a cluster setting, as `conveyor simulate --set` (repeatable)")
+    ap.add_argument("--trace", default="",
+                    help="the requests' lengths from a trace or `conveyor bench` result "
+                         "instead of ShareGPT (their send times are drawn anew per load)")
     ap.add_argument("--jitter", type=float, default=0.0,
                     help="simulator.step_jitter: each stage time of each micro-batch scaled by "
                          "a log-normal factor of mean 1 and this CV (seeded by --seed)")
     ap.add_argument("--out", default="sim-results/planck")
     args = ap.parse_args()
 
+    from common.config import parse_override
     from common.scheduling.types import SLO
     from conveyor.sim.cluster import build_cost_model, load_cluster
-    from conveyor.sim.workload import make_workload
+    from conveyor.sim.workload import load_trace, make_workload
 
     classes = []
     for spec in args.classes.split(","):
@@ -176,9 +182,11 @@ def main() -> None:
     # Each stage's queue over time, for the chart (off by default: it costs every run).
     base = load_cluster(ROOT / args.cluster, {"simulator.stage_queue_samples": True,
                                               "simulator.step_jitter": args.jitter,
-                                              "simulator.seed": args.seed})
+                                              "simulator.seed": args.seed,
+                                              **dict(parse_override(x) for x in args.set)})
     cost = build_cost_model(base, None)
-    requests = make_workload("sharegpt", args.num_prompts, seed=args.seed)
+    requests = (load_trace(args.trace, args.num_prompts) if args.trace
+                else make_workload("sharegpt", args.num_prompts, seed=args.seed))
     if args.long_share > 0:
         requests = with_long_prompts(requests, args.long_share, args.long_prompt,
                                      args.long_output, args.seed)
