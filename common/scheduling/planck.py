@@ -67,10 +67,10 @@ class PlanckSettings:
         "weight of the newest count in a stage's smoothed queue, on which the error is "
         "taken (1: the count itself)"))] = 0.25
     release_when_late: Annotated[bool, Meta(description=(
-        "while every stage's SLO budget is negative (the requests already late, admission "
-        "cannot save them) admit as the throughput policy alone: its prefill budget and the "
-        "configured micro-batches in flight, until a budget is positive again (false: the "
-        "controller keeps restricting)"))] = True
+        "while every stage's SLO budget is negative (every micro-batch past its deadline) "
+        "admit as the throughput policy alone: its prefill budget and the "
+        "configured micro-batches in flight, until a budget is positive again (off by "
+        "default: measured, it did not help; BENCHMARKS.md)"))] = False
     waiting_window: Annotated[int, Meta(ge=0, description=(
         "waiting requests ordered by slack, from the head of the queue (0: all)"))] = 256
 

@@ -17,13 +17,12 @@ near a target by acting on the instance's admission.
   round(min_inflight + u * (max_inflight - min_inflight)) (P to 2P by default, so a fast stage
   is never starved), and a cap on the prefill tokens of a micro-batch,
   (min_prefill_fraction + u * (1 - min_prefill_fraction)) * the policy's own prefill budget.
-* Budgets lost (`release_when_late`): when every stage's budget is negative, the micro-batches
-  are already past their deadlines and holding admission back cannot bring them in; it only
-  lengthens prefill (more micro-batches per prompt, more requests running at once, larger and
-  slower micro-batches) and more requests fall late. So while every budget is negative the
-  actuators let go: the configured micro-batches in flight and the policy's own prefill budget
-  (the throughput policy alone), until a budget is positive again. u is held meanwhile (its
-  error, every target at its floor, says nothing about room), the third anti-windup.
+* Budgets lost (`release_when_late`, off by default): while every stage's budget is negative
+  (the micro-batches already past their deadlines) the actuators can let go: the configured
+  micro-batches in flight and the policy's own prefill budget (the throughput policy alone),
+  until a budget is positive again, u held meanwhile (its error, every target at its floor,
+  says nothing about room). Meant for a run that falls behind and is held back further by the
+  prefill cap; measured, it did not help (docs/scheduling.md, BENCHMARKS.md), hence off.
 """
 
 from __future__ import annotations
