@@ -17,6 +17,12 @@ queue over time at the highest load and CV, per policy).
     .venv/bin/python scripts/sim_planck.py                          # ~3 minutes on one core
     .venv/bin/python scripts/sim_planck.py --loads 0.9 --cvs 3 --num-prompts 500
     .venv/bin/python scripts/sim_planck.py --long-share 0.2 --out sim-results/planck-long
+    .venv/bin/python scripts/sim_planck.py --loads 1.2 --cvs 3 --jitter 0.3 \
+        --policies throttle,planck-throttle,"planck-throttle with release" --out sim-results/planck-late
+
+`--jitter CV` scatters the stage times (simulator.step_jitter), as a real pipeline's steps
+scatter; with a load past capacity it drives the requests late (every stage's SLO budget
+negative), the state `release_when_late` is about.
 
 `--long-share F` replaces a fraction F of the ShareGPT requests (drawn at random, seeded) by
 long prompts (`--long-prompt`, 3000-6000 tokens, uniform) with short replies (`--long-output`,
@@ -45,7 +51,10 @@ POLICIES = {
     "planck": ("planck", {}),
     "ablation: no controller": ("planck-throttle", {"controller": False}),
     "ablation: no allocation": ("planck-throttle", {"allocation": False}),
+    # Not in the default set: the controller letting go while every budget is lost.
+    "planck-throttle with release": ("planck-throttle", {"release_when_late": True}),
 }
+DEFAULT_POLICIES = [p for p in POLICIES if p != "planck-throttle with release"]
 
 
 def run_point(cfg: Any, cost: Any, wl: Any) -> dict[str, Any]:
@@ -56,7 +65,7 @@ def run_point(cfg: Any, cost: Any, wl: Any) -> dict[str, Any]:
     s = summarize(r)
     e2e = [t["e2e_s"] for t in (q.timings() for q in r.requests) if "e2e_s" in t]
     inst = r.instances[0]
-    return {"p99_e2e_s": float(np.percentile(e2e, 99)),
+    return {"mean_e2e_s": float(np.mean(e2e)), "p99_e2e_s": float(np.percentile(e2e, 99)),
             "p999_e2e_s": float(np.percentile(e2e, 99.9)),
             "p99_ttft_s": s["ttft"]["p99"], "p99_tpot_s": s["tpot"]["p99"],
             "output_throughput": s["output_throughput"],
@@ -66,25 +75,30 @@ def run_point(cfg: Any, cost: Any, wl: Any) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]], classes: list[str]) -> str:
-    head = ("| load | CV | policy | p99 E2E (s) | p99.9 E2E (s) | out tok/s | "
+    head = ("| load | CV | policy | mean E2E (s) | p99 E2E (s) | p99.9 E2E (s) | out tok/s | "
             + " | ".join(f"SLO {c}" for c in classes) + " | mean queue per stage |")
-    lines = [head, "|" + "---|" * (7 + len(classes))]
+    lines = [head, "|" + "---|" * (8 + len(classes))]
     for r in rows:
         p = r["point"]
         lines.append(
-            f"| {r['load']:.0%} | {r['cv']:g} | {r['policy']} | {p['p99_e2e_s']:.1f} | "
+            f"| {r['load']:.0%} | {r['cv']:g} | {r['policy']} | {p['mean_e2e_s']:.1f} | "
+            f"{p['p99_e2e_s']:.1f} | "
             f"{p['p999_e2e_s']:.1f} | {p['output_throughput']:.0f} | "
             + " | ".join(f"{p['slo'].get(c, 0):.1%}" for c in classes)
             + " | " + ", ".join(f"{q:.2f}" for q in p["mean_stage_queue"]) + " |")
     lines.append("")
     for (load, cv) in dict.fromkeys((r["load"], r["cv"]) for r in rows):
         pts = {r["policy"]: r["point"] for r in rows if (r["load"], r["cv"]) == (load, cv)}
-        a, b = pts.get("planck-throttle"), pts.get("throttle")
-        if a and b:
-            lines.append(f"- {load:.0%} load, CV {cv:g}: planck-throttle / throttle p99 E2E "
-                         f"{a['p99_e2e_s'] / b['p99_e2e_s'] - 1:+.1%}, p99.9 "
-                         f"{a['p999_e2e_s'] / b['p999_e2e_s'] - 1:+.1%}, throughput "
-                         f"{a['output_throughput'] / b['output_throughput'] - 1:+.1%}")
+        b = pts.get("throttle")
+        for name in ("planck-throttle", "planck-throttle with release"):
+            a = pts.get(name)
+            if a and b:
+                lines.append(
+                    f"- {load:.0%} load, CV {cv:g}: {name} / throttle mean E2E "
+                    f"{a['mean_e2e_s'] / b['mean_e2e_s'] - 1:+.1%}, p99 E2E "
+                    f"{a['p99_e2e_s'] / b['p99_e2e_s'] - 1:+.1%}, p99.9 "
+                    f"{a['p999_e2e_s'] / b['p999_e2e_s'] - 1:+.1%}, throughput "
+                    f"{a['output_throughput'] / b['output_throughput'] - 1:+.1%}")
     return "\n".join(lines) + "\n"
 
 
@@ -133,7 +147,8 @@ def main() -> None:
     ap.add_argument("--cluster", default="deploy/clusters/h100-4stage-uneven.toml")
     ap.add_argument("--loads", default="0.7,0.8,0.9", help="fractions of capacity")
     ap.add_argument("--cvs", default="2,3,4", help="coefficients of variation of the gaps")
-    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                    help=f"of: {', '.join(POLICIES)}")
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--long-share", type=float, default=0.0)
     ap.add_argument("--long-prompt", default="3000-6000")
@@ -142,12 +157,21 @@ def main() -> None:
                     help="NAME:TTFT_S:TPOT_S:WEIGHT,... (default: interactive 0.5 s / 50 ms, "
                          "batch 10 s / 200 ms, half each)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a cluster setting, as `conveyor simulate --set` (repeatable)")
+    ap.add_argument("--trace", default="",
+                    help="the requests' lengths from a trace or `conveyor bench` result "
+                         "instead of ShareGPT (their send times are drawn anew per load)")
+    ap.add_argument("--jitter", type=float, default=0.0,
+                    help="simulator.step_jitter: each stage time of each micro-batch scaled by "
+                         "a log-normal factor of mean 1 and this CV (seeded by --seed)")
     ap.add_argument("--out", default="sim-results/planck")
     args = ap.parse_args()
 
+    from common.config import parse_override
     from common.scheduling.types import SLO
     from conveyor.sim.cluster import build_cost_model, load_cluster
-    from conveyor.sim.workload import make_workload
+    from conveyor.sim.workload import load_trace, make_workload
 
     classes = []
     for spec in args.classes.split(","):
@@ -156,9 +180,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Each stage's queue over time, for the chart (off by default: it costs every run).
-    base = load_cluster(ROOT / args.cluster, {"simulator.stage_queue_samples": True})
+    base = load_cluster(ROOT / args.cluster, {"simulator.stage_queue_samples": True,
+                                              "simulator.step_jitter": args.jitter,
+                                              "simulator.seed": args.seed,
+                                              **dict(parse_override(x) for x in args.set)})
     cost = build_cost_model(base, None)
-    requests = make_workload("sharegpt", args.num_prompts, seed=args.seed)
+    requests = (load_trace(args.trace, args.num_prompts) if args.trace
+                else make_workload("sharegpt", args.num_prompts, seed=args.seed))
     if args.long_share > 0:
         requests = with_long_prompts(requests, args.long_share, args.long_prompt,
                                      args.long_output, args.seed)

@@ -66,6 +66,11 @@ class PlanckSettings:
     queue_smoothing: Annotated[float, Meta(gt=0, le=1, description=(
         "weight of the newest count in a stage's smoothed queue, on which the error is "
         "taken (1: the count itself)"))] = 0.25
+    release_when_late: Annotated[bool, Meta(description=(
+        "while every stage's SLO budget is negative (every micro-batch past its deadline) "
+        "admit as the throughput policy alone: its prefill budget and the "
+        "configured micro-batches in flight, until a budget is positive again (off by "
+        "default: measured, it did not help; BENCHMARKS.md)"))] = False
     waiting_window: Annotated[int, Meta(ge=0, description=(
         "waiting requests ordered by slack, from the head of the queue (0: all)"))] = 256
 
@@ -77,7 +82,7 @@ class PlanckSettings:
         self.stage_control = StageController(ControllerGains(
             self.kp, self.ki, self.min_target_queue, self.max_target_queue, self.controller_min_inflight,
             self.controller_max_inflight, self.min_prefill_fraction, self.initial_headroom,
-            self.queue_smoothing))
+            self.queue_smoothing, self.release_when_late))
 
 
 class _Planck:
@@ -94,7 +99,7 @@ class _Planck:
     def inflight_allowance(self, configured: int, stages: tuple | None) -> int:
         if not self.controller or not stages:
             return configured
-        return self.stage_control.allowance(len(stages))
+        return self.stage_control.allowance(len(stages), configured)
 
     def _deadline(self, r: RequestView, now: float) -> float:
         return pass_deadline(r, now, self.largest_prefill_chunk(), self.default_ttft_s,

@@ -17,6 +17,12 @@ near a target by acting on the instance's admission.
   round(min_inflight + u * (max_inflight - min_inflight)) (P to 2P by default, so a fast stage
   is never starved), and a cap on the prefill tokens of a micro-batch,
   (min_prefill_fraction + u * (1 - min_prefill_fraction)) * the policy's own prefill budget.
+* Budgets lost (`release_when_late`, off by default): while every stage's budget is negative
+  (the micro-batches already past their deadlines) the actuators can let go: the configured
+  micro-batches in flight and the policy's own prefill budget (the throughput policy alone),
+  until a budget is positive again, u held meanwhile (its error, every target at its floor,
+  says nothing about room). Meant for a run that falls behind and is held back further by the
+  prefill cap; measured, it did not help (docs/scheduling.md, BENCHMARKS.md), hence off.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ class ControllerGains:
     initial_headroom: float
     queue_smoothing: float = 1.0
     """Weight of the newest count in each stage's smoothed queue (1: the count itself)."""
+    release_when_late: bool = False
+    """While every stage's budget is negative, admit as the throughput policy alone."""
 
 
 class StageController:
@@ -58,17 +66,27 @@ class StageController:
         self.queues: list[float] = []
         """Each stage's smoothed queue, what the error is taken on."""
         self.error = 0.0
+        self.late = False
+        """Every stage's budget negative at the last update (and release_when_late)."""
 
     def bounds(self, depth: int) -> tuple[int, int]:
         lo = self.g.min_inflight or depth
         hi = self.g.max_inflight or 2 * depth
         return lo, max(lo, hi)
 
-    def allowance(self, depth: int) -> int:
+    def allowance(self, depth: int, configured: int) -> int:
+        """Micro-batches allowed in flight; `configured` (scheduler.max_inflight, what the
+        throughput policy alone runs) while the budgets are lost."""
+        if self.late:
+            return configured
         lo, hi = self.bounds(depth)
         return int(round(lo + self.u * (hi - lo)))
 
     def prefill_cap(self, budget: int) -> int:
+        """Prefill tokens a micro-batch may admit, of `budget`: all of it while the budgets
+        are lost."""
+        if self.late:
+            return budget
         f = self.g.min_prefill_fraction
         return int(budget * (f + self.u * (1.0 - f)))
 
@@ -113,6 +131,7 @@ class StageController:
                                 if self.prev_error is not None else 0.0)
         self.prev_error = error
         self.error = error
-        if delta > 0 and not demand:
+        self.late = g.release_when_late and all(w < 0 for w in self.budgets)
+        if self.late or (delta > 0 and not demand):
             return
         self.u = min(max(self.u + delta, 0.0), 1.0)

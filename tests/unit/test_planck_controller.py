@@ -2,6 +2,7 @@
 (common/scheduling/stage_control.py): the step-time model, the queue counts, the core's one
 in-flight rule, and the controller's response to a step in load in the simulator."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,10 @@ from common.instance import InstanceCore
 from common.instance.feedback import StageFeedback, StepTimeModel
 from common.scheduling.policy import make_policy
 from common.scheduling.stage_control import ControllerGains, StageController
-from common.scheduling.types import StageView
+from common.scheduling.types import SLO, InflightView, StageView
 from common.stats import ControllerMetrics
 from tests.unit.policy_driver import MiniDriver
+from tests.unit.policy_helpers import req, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,10 +92,10 @@ def test_the_pi_lowers_admission_when_a_stage_is_over_target_and_clamps():
     c = StageController(ControllerGains(kp=0.2, ki=0.1, min_target=1.0, max_target=2.0,
                                         min_inflight=0, max_inflight=0,
                                         min_prefill_fraction=0.25, initial_headroom=0.5))
-    assert c.allowance(4) == 6 and c.prefill_cap(2048) == 1280
+    assert c.allowance(4, 4) == 6 and c.prefill_cap(2048) == 1280
     for k in range(1, 30):  # a stage holding 4 against a target of 2: error -2 each time
         c.update(_views([0, 0, 0, 4], completed=k), (), 0.0, float("inf"))
-    assert c.u == 0.0 and c.allowance(4) == 4 and c.prefill_cap(2048) == 512
+    assert c.u == 0.0 and c.allowance(4, 4) == 4 and c.prefill_cap(2048) == 512
     for k in range(30, 60):  # queues short but nobody waits: no windup upwards
         c.update(_views([0, 0, 0, 0], completed=k), (), 0.0, float("inf"), demand=False)
     assert c.u == 0.0
@@ -114,6 +116,50 @@ def test_little_law_targets_follow_the_stage_budgets():
     c.update(stages, (), 0.0, 0.12)
     assert c.budgets == pytest.approx([0.02, 0.02, 0.02, 0.06])
     assert c.targets == pytest.approx([1.0, 1.0, 1.0, 2.0])
+
+
+def _late_snapshot(completed: int, late: bool):
+    """Three stages, one micro-batch at each (the last stage holding two: over its target of
+    one), ten 400-token prompts of the interactive class waiting. late: every deadline, in
+    flight and waiting, is already past (every stage's budget negative); else 10 s ahead."""
+    ahead = -5.0 if late else 10.0
+    waiting = [dataclasses.replace(req(i, 400, arrival=990.0), slo=SLO(10.0 + ahead, 0.3))
+               for i in range(1, 11)]
+    snap = snapshot(waiting=waiting, depth=3)
+    return dataclasses.replace(
+        snap, inflight=tuple(InflightView(0, 64, done, snap.now + ahead) for done in range(3)),
+        stages=tuple(StageView(stage=s, queue=q, step_s=0.1, completed=completed)
+                     for s, q in enumerate((1, 1, 2))))
+
+
+def _prefill(plan) -> int:
+    return sum(c.num_tokens for c in plan.chunks)
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_when_every_budget_is_lost_admission_falls_back_to_throttle(release):
+    """Every stage's budget negative and the last stage over its target: the controller's
+    error stays at -1. With release_when_late the policy admits what Token Throttling alone
+    admits, the configured 4 in flight (scheduler.max_inflight) and throttle's whole prefill
+    budget; without it the headroom sinks to 0, the allowance to its floor P = 3 and the
+    prefill cap to min_prefill_fraction (25%) of the 512-token chunk. Once the budgets are
+    positive again the controller acts again, from the headroom it held (0.5)."""
+    policy = make_policy("planck-throttle", {"release_when_late": release})
+    throttle = make_policy("throttle")
+    for k in range(1, 40):
+        plan = policy.schedule(_late_snapshot(k, late=True))
+    stages = _late_snapshot(40, late=True).stages
+    admitted = _prefill(throttle.schedule(_late_snapshot(40, late=True)))
+    assert admitted == 500  # 4000 pending tokens over 8 iterations
+    if release:
+        assert _prefill(plan) == admitted and policy.inflight_allowance(4, stages) == 4
+        # Budgets 10/3, 5 and 10 s: every target 2 (clamped), error 2 - 2 = 0, a step of +1:
+        # u = 0.5 + kp 0.2 = 0.7, 3 + 0.7 x 3 = 5.1 in flight, the cap 0.775 x 512 = 396.
+        assert _prefill(policy.schedule(_late_snapshot(40, late=False))) == 396
+        assert policy.inflight_allowance(4, stages) == 5
+    else:
+        assert policy.stage_control.u == 0.0
+        assert _prefill(plan) == 128 and policy.inflight_allowance(4, stages) == 3
 
 
 def _step_response(policy, **settings):
