@@ -10,7 +10,7 @@ from common.config_section import Section, failed
 from common.scheduling.length_groups import LengthGroups
 
 if TYPE_CHECKING:
-    from common.config import DeploymentConfig
+    from common.deployment_config import DeploymentConfig
 
 
 class MigrationConfig(Section):

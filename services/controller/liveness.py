@@ -33,7 +33,7 @@ class Liveness:
     def silent(self, inflight: Iterable[CoreBatch], now: float) -> tuple[int, float] | None:
         """(stage, seconds waited) when the oldest micro-batch has waited past dead_after_s on
         the stage it is at; None while every one is within it (or the check is off)."""
-        oldest = min(inflight, key=lambda b: b.dispatched, default=None)
+        oldest = _oldest(inflight)
         if not self.dead_after_s or oldest is None:
             return None
         waited = now - oldest.dispatched
@@ -41,7 +41,7 @@ class Liveness:
 
     def overdue(self, inflight: Iterable[CoreBatch], now: float) -> str | None:
         """Why the instance is degraded, or None when every micro-batch is within time."""
-        oldest = min(inflight, key=lambda b: b.dispatched, default=None)
+        oldest = _oldest(inflight)
         if oldest is None or now - oldest.dispatched <= self.timeout_s:
             return None
         stage = oldest.stages_done
@@ -51,3 +51,8 @@ class Liveness:
         return (f"stage {stage} is overdue: micro-batch {oldest.mb_id} has waited "
                 f"{now - oldest.dispatched:.1f}s on it (step timeout {self.timeout_s:g}s; "
                 f"stage {stage} {last})")
+
+
+def _oldest(inflight: Iterable[CoreBatch]) -> CoreBatch | None:
+    """The micro-batch in flight the longest: the one a silent stage holds up first."""
+    return min(inflight, key=lambda b: b.dispatched, default=None)

@@ -9,9 +9,10 @@ ends the generation: the controller learns of it from the stage's dropped connec
 Probe to each registered stage fails at once for a routing identity that is gone), from a
 survivor whose send or receive broke (StepDone with `pipeline_lost`), or from the Hello of its
 restarted process, whichever comes first; a stage that leaves a micro-batch unanswered for
-`deployment.dead_after_s` is treated as dead the same way (`check_silence`). It then re-queues the instance's requests for
-recompute, keeping their tokens (InstanceCore.reset_pipeline), and tells the stages still
-there to join a new generation, which the dead stage's successor joins once it says Hello. No
+`deployment.dead_after_s` is treated as dead the same way (`check_silence`). It then re-queues
+the instance's requests for recompute, keeping their tokens (InstanceCore.reset_pipeline),
+moving them to a ready instance when there is one (`deployment.move_on_recovery`), and tells
+the stages still there to join a new generation, which the dead stage's successor joins once it says Hello. No
 stage but the dead one restarts, whatever restarts it (`conveyor serve`, systemd, supervisord):
 the survivors keep their weights and rejoin in-process.
 
@@ -203,7 +204,7 @@ class Membership:
         """A stage that has left a micro-batch unanswered past deployment.dead_after_s is dead
         to its instance, whatever its process does: stopped, wedged in a kernel, or cut off
         on a host that closed nothing. Its neighbours blocked on it are freed by their group's
-        timeout (the same seconds), and the stage itself, if it ever runs on, either exits
+        timeout (a quarter later), and the stage itself, if it ever runs on, either exits
         (services/stage/watchdog.py) or answers and is told to rejoin (`heard`)."""
         for inst in self.ctl.instances:
             found = inst.liveness.silent(inst.core.inflight.values(), now)

@@ -184,7 +184,7 @@ class Migrations:
         for req in list(inst.core.waiting) if others else ():
             if req.req_id in self.active or req.finished:
                 continue
-            fits = [o for o in others if not pool_misfit(req.num_tokens, req.max_tokens - req.out,
+            fits = [o for o in others if not pool_misfit(req.prompt, req.max_tokens,
                                                          o.core.block_size,
                                                          o.core.total_blocks)]
             if fits:
