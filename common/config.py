@@ -10,11 +10,9 @@ Files are TOML or JSON; unknown keys and wrong types are errors that name the of
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import os
-import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +23,7 @@ from common.config_section import Section, failed
 from common.deployment_config import DeploymentConfig
 from common.migration_config import GroupRefinementConfig, MigrationConfig
 from common.placement_config import PlacementConfig
+from common.ports import free_port, free_port_block
 from common.prediction.config import PredictorConfig
 from common.scheduling.config import (SchedulerConfig, nest_scheduler_table,
                                       written_scheduler_table)
@@ -341,12 +340,6 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     raw[key] = value
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def resolve(cfg: ConveyorConfig) -> ConveyorConfig:
     """Fills in the automatic values (port 0, run_dir, dist ports, the stage count of a
     placement on model.devices) so that every process started from the result agrees on
@@ -414,18 +407,7 @@ def _port_of(address: str) -> str:
 
 
 def _free_port_block(count: int, host: str) -> int:
-    """A port p such that p .. p+count-1 are free now (best effort: picks, then checks)."""
-    for _ in range(50):
-        base = free_port(host)
-        if all(_port_is_free(host, base + i) for i in range(1, count)):
-            return base
-    raise ConfigError(f"could not find {count} consecutive free ports on {host}")
-
-
-def _port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
+    try:
+        return free_port_block(count, host)
+    except OSError as e:
+        raise ConfigError(str(e)) from None

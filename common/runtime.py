@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 from common.log import get_logger
+
+
+class StartupError(RuntimeError):
+    """A service cannot start (an address to listen on is taken): said in one log line, and
+    the process exits with status 1, without a traceback that would hide the reason."""
 
 
 class ServiceTaskEnded(RuntimeError):
@@ -35,7 +41,8 @@ async def until_one_ends(tasks: dict[str, asyncio.Task]) -> NoReturn:
 
 def run_service(main: Callable[[], Awaitable[None]]) -> None:
     """Runs `main()` on uvloop (when installed). SIGINT and SIGTERM cancel it, so the service's
-    `finally` blocks close sockets and the log says it stopped."""
+    `finally` blocks close sockets and the log says it stopped. A StartupError is logged and
+    ends the process with status 1."""
     try:
         import uvloop
         runner = uvloop.run
@@ -52,5 +59,9 @@ def run_service(main: Callable[[], Awaitable[None]]) -> None:
         except asyncio.CancelledError:
             pass
 
-    runner(_wrapper())
+    try:
+        runner(_wrapper())
+    except StartupError as e:
+        get_logger().error("cannot start", error=str(e))
+        sys.exit(1)
     get_logger().info("stopped")

@@ -23,6 +23,7 @@ from common.addresses import bindable
 from common.log import get_logger
 from common.peer_wait import PeerWait, is_handshake, watch_connection
 from common.run_dir import ensure_private_dir, ipc_folder
+from common.runtime import StartupError
 from common.security import CurveClient, CurveServer
 from common.wire import Message, ProtocolError, decode, encode
 
@@ -98,7 +99,11 @@ class Endpoint:
             security.apply(self.sock)
         if bind:
             ensure_ipc_dir(bind)
-            self.sock.bind(bindable(bind))  # a host name of a shared multi-host config
+            try:
+                self.sock.bind(bindable(bind))  # a host name of a shared multi-host config
+            except zmq.ZMQError as e:
+                self.sock.close(linger=0)
+                raise StartupError(f"cannot listen on {bind}: {e}") from None
         self.connection_events: zmq.asyncio.Socket | None = None
         """A connecting endpoint's handshakes and disconnections (common/peer_wait.py)."""
         if connect:

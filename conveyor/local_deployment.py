@@ -16,7 +16,8 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from common.config import ConveyorConfig, free_port, load_config
+from common.config import ConveyorConfig, load_config
+from common.ports import free_port
 from common.security import Security
 from common.wire import decode, encode
 from common.wire.internal_messages import PoolStats, PoolStatsQuery

@@ -67,7 +67,7 @@ def main() -> None:
                     help="a setting for `conveyor serve` (repeatable), e.g. the control plane's "
                          "endpoints and security.keys_dir to measure what CURVE costs")
     args = ap.parse_args()
-    from common.config import free_port
+    from common.ports import free_port
     from common.log import read_json_events
 
     run_dir = Path(tempfile.mkdtemp(prefix="cvy-dispatch-"))

@@ -9,7 +9,6 @@ the small size gives the latency, the difference between the sizes the bandwidth
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 import statistics
 import time
 from datetime import timedelta
@@ -17,14 +16,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from common.ports import free_port
+
 SMALL_BYTES = 4 * 1024
 LARGE_BYTES = 8 * 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ping_pong(rank: int, port: int, sizes: list[int], rounds: int, warmup: int,
@@ -64,7 +59,7 @@ def measure_gloo_link(rounds: int = 20, warmup: int = 3, timeout_s: float = 60.0
     """{bandwidth_bytes_s, latency_s, source} of a gloo link between two local processes.
     Raises RuntimeError when the measurement fails (e.g. no free port, a child crash)."""
     sizes = [SMALL_BYTES, LARGE_BYTES]
-    port = _free_port()
+    port = free_port()
     ctx = mp.get_context("spawn")
     child = ctx.Process(target=_echo, args=(port, sizes, rounds, warmup, timeout_s), daemon=True)
     child.start()

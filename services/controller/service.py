@@ -167,7 +167,10 @@ class Controller:
             if from_stage(inc, self.instances, msg.instance, msg.stage):
                 self.instances[msg.instance].kv_endpoints[msg.stage] = (msg.host, msg.port)
         elif isinstance(msg, StatusQuery):
-            await self.endpoint.send(self._status(msg.call_id), inc.identity)
+            try:
+                await self.endpoint.send(self._status(msg.call_id), inc.identity)
+            except zmq.ZMQError as e:  # the asker went away meanwhile (an ingress stopping)
+                log.warning("status asked by a peer now gone", peer=inc.identity, error=str(e))
         elif isinstance(msg, Hello):
             if not hello_allowed(inc):
                 pass

@@ -99,25 +99,30 @@ class Ingress:
         self.http = None
 
     async def serve(self) -> None:
-        await self.ctrl.send(Hello("ingress"))
-        log.info("ingress listening", address=self.clients.address,
-                 api_keys=self.api_keys.required)
-        tasks = {"client messages": asyncio.create_task(self._client_loop()),
-                 "controller messages": asyncio.create_task(self._controller_loop()),
-                 "keepalive": asyncio.create_task(self._keepalive_loop()),
-                 "admission": asyncio.create_task(self.admission.run()),
-                 "controller watch": asyncio.create_task(self.ctrl_rpc.fail_on_disconnect(
-                     "controller", self._controller_lost, on_reconnect=self._controller_back))}
-        if sd_notify.expected():
-            tasks["readiness report"] = asyncio.create_task(self._report_ready())
-        if self.cfg.http.enabled:
-            from services.ingress.http.server import HttpServer  # starlette: only when used
-            self.http = HttpServer(self)
-            tasks["http"] = asyncio.create_task(self._serve_http())
+        tasks: dict[str, asyncio.Task] = {}
         try:
+            if self.cfg.http.enabled:  # first: a port in use ends the start (StartupError)
+                from services.ingress.http.server import HttpServer  # starlette: when used
+                self.http = HttpServer(self)
+            await self.ctrl.send(Hello("ingress"))
+            log.info("ingress listening", address=self.clients.address,
+                     api_keys=self.api_keys.required)
+            tasks = {"client messages": asyncio.create_task(self._client_loop()),
+                     "controller messages": asyncio.create_task(self._controller_loop()),
+                     "keepalive": asyncio.create_task(self._keepalive_loop()),
+                     "admission": asyncio.create_task(self.admission.run()),
+                     "controller watch": asyncio.create_task(self.ctrl_rpc.fail_on_disconnect(
+                         "controller", self._controller_lost,
+                         on_reconnect=self._controller_back))}
+            if sd_notify.expected():
+                tasks["readiness report"] = asyncio.create_task(self._report_ready())
+            if self.http is not None:
+                tasks["http"] = asyncio.create_task(self._serve_http())
             await until_one_ends(tasks)
         finally:
             await stop_tasks(list(tasks.values()))
+            if self.http is not None:
+                self.http.socket.close()
             self.clients.close()
             self.ctrl.close()
             self._ctx.destroy(linger=0)

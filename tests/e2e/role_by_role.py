@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import free_port, load_config, resolve, save_config
+from common.config import load_config, resolve, save_config
+from common.ports import free_port
 from conveyor.client import Client
 from conveyor.client.errors import ConnectionFailed
 from conveyor.local_deployment import wait_kv_free

@@ -18,7 +18,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from common.config import free_port
+from common.ports import free_port
 from common.security import CurveClient, KeyPair, load_key
 from common.wire import decode, encode
 from common.wire.client_messages import CancelRequest

@@ -11,7 +11,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from common.config import free_port, load_config
+from common.config import load_config
+from common.ports import free_port
 from common.wire import decode, encode
 from common.wire.client_messages import (CancelRequest, ErrorReply, Finished, GenerateRequest,
                                          Ping, TokenDelta)

@@ -12,7 +12,7 @@ import zmq
 import zmq.asyncio
 
 from common.addresses import bindable, source_address_towards
-from common.config import free_port
+from common.ports import free_port
 from common.peer_wait import wait_connected, watch_connection
 from common.zmq_io import Endpoint, RpcClient, stop_tasks
 

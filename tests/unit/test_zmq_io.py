@@ -10,7 +10,7 @@ import time
 import pytest
 import zmq
 
-from common.config import free_port
+from common.ports import free_port
 from common.wire import decode, encode
 from common.wire.client_messages import (ErrorReply, GenerateRequest, HealthRequest,
                                          StatsRequest)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from common.log import get_logger
+from common.runtime import StartupError
 from common.wire.client_messages import ErrorReply, Finished, TokenDelta
 from common.wire.framing import Message
 from services.ingress.client_request import ControllerUnavailable
@@ -48,6 +50,18 @@ class _Server(uvicorn.Server):
         yield
 
 
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    """The listening socket, bound before serving: a port in use is then a start-up error that
+    says which setting to change (uvicorn's own bind ends the process with status 3 and a bare
+    errno)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:  # SO_REUSEADDR (set by create_server): a restart needs no wait for TIME_WAIT
+        return socket.create_server((host, port), family=family, backlog=backlog)
+    except OSError as e:
+        raise StartupError(f"cannot listen for HTTP on {host}:{port} (http.host, http.port): "
+                           f"{e.strerror or e}") from None
+
+
 class HttpServer:
     def __init__(self, ingress):
         self.ingress = ingress
@@ -68,10 +82,11 @@ class HttpServer:
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
         self.server = _Server(config)
         self.url = f"http://{cfg.host}:{cfg.port}"
+        self.socket = _listen(cfg.host, cfg.port, config.backlog)
 
     async def serve(self) -> None:
         log.info("http listening", url=self.url, model=self.model)
-        await self.server.serve()
+        await self.server.serve(sockets=[self.socket])
 
     async def stop(self) -> None:
         self.server.should_exit = True
