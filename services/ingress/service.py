@@ -25,37 +25,33 @@ import time
 import traceback
 from collections.abc import Callable
 
-import msgspec
 import zmq
 
 from common import sd_notify
 from common.config import ConveyorConfig
 from common.log import get_logger
 from common.model import resolve_model
-from common.stats import ControllerStats, IngressStats
+from common.stats import ControllerStats
 from common.wire.client_messages import (NO_REQUEST_ID, CancelRequest, ErrorCode, ErrorReply,
-                                         Finished, GenerateRequest, HealthReply, HealthRequest,
-                                         Ping, StatsReply, StatsRequest)
+                                         Finished, GenerateRequest, HealthRequest, Ping,
+                                         StatsRequest)
 from common.wire.framing import Message
 from common.wire.internal_messages import (AbortRequests, FinishReason, Hello, RequestOutput,
-                                           RequestOutputs, RequestSampling, StatusQuery,
-                                           SubmitRequest)
+                                           RequestOutputs, RequestSampling, SubmitRequest)
 from common.runtime import until_one_ends
-from common.zmq_io import (Endpoint, Incoming, PeerDisconnected, RpcClient, make_context,
-                           stop_tasks)
+from common.zmq_io import Endpoint, Incoming, RpcClient, make_context, stop_tasks
 from common.security import INGRESS_IDENTITY, Security
 from services.ingress.admission import Admission
 from services.ingress.api_keys import ApiKeys
 from services.ingress.detokenizer import IncrementalDetokenizer
-from services.ingress.client_request import (ClientRequest, ControllerUnavailable, Draining,
-                                             Unauthorized, refusal)
+from services.ingress.client_request import ClientRequest, Draining, Unauthorized, refusal
 from services.ingress.queue_bounds import Overloaded, QueueBounds
+from services.ingress.status import deployment_status, report_ready, status_reply
 from services.ingress.tokenizer import load_tokenizer, tokenizer_folder
 from services.ingress.validation import (InvalidRequest, Limits, ValidRequest,
                                          check, finalize, tokenize)
 
 log = get_logger()
-STATUS_TIMEOUT_S = 5.0
 _FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
                  FinishReason.ABORT: "cancelled"}
 
@@ -115,7 +111,7 @@ class Ingress:
                          "controller", self._controller_lost,
                          on_reconnect=self._controller_back))}
             if sd_notify.expected():
-                tasks["readiness report"] = asyncio.create_task(self._report_ready())
+                tasks["readiness report"] = asyncio.create_task(report_ready(self))
             if self.http is not None:
                 tasks["http"] = asyncio.create_task(self._serve_http())
             await until_one_ends(tasks)
@@ -238,40 +234,11 @@ class Ingress:
         self._forget(cr)
 
     async def status(self) -> tuple[bool, str, ControllerStats]:
-        """(ready, detail, stats with the ingress's section); ready is false while draining.
-        Raises ControllerUnavailable when the controller does not answer."""
-        try:
-            status = await self.ctrl_rpc.call(lambda cid: StatusQuery(cid), STATUS_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise ControllerUnavailable("the controller did not answer within "
-                                        f"{STATUS_TIMEOUT_S:g}s") from None
-        except PeerDisconnected as e:
-            raise ControllerUnavailable(str(e)) from None
-        ingress = IngressStats(active_requests=len(self.active),
-                               awaiting_admission=self.admission.waiting,
-                               queued_requests=self.bounds.requests,
-                               queued_prompt_tokens=self.bounds.prompt_tokens,
-                               rejected=dict(self.bounds.rejected),
-                               disconnects=self.disconnects, draining=self.draining)
-        stats = msgspec.structs.replace(status.stats, ingress=ingress)
-        if self.draining:
-            return False, "draining: the ingress is shutting down", stats
-        return status.ready, status.detail, stats
+        """The deployment's (ready, detail, stats): status.deployment_status."""
+        return await deployment_status(self)
 
     async def _answer_status(self, identity: bytes, msg: HealthRequest | StatsRequest) -> None:
-        try:
-            ready, detail, stats = await self.status()
-        except ControllerUnavailable as e:
-            self._send(identity, ErrorReply(msg.id, ErrorCode.NOT_READY, str(e)))
-            return
-        if isinstance(msg, StatsRequest):
-            self._send(identity, StatsReply(msg.id, stats.to_builtins()))
-            return
-        dep = self.cfg.deployment
-        self._send(identity, HealthReply(msg.id, ready, self.model_name, dep.stages,
-                                         dep.instances, self.cfg.scheduler.policy,
-                                         self.cfg.model.max_model_len, detail,
-                                         self.cfg.ingress.max_frame_bytes))
+        self._send(identity, await status_reply(self, msg))
 
     def _reply(self, cr: ClientRequest, msg: Message) -> None:
         if cr.sink is not None:
@@ -301,20 +268,6 @@ class Ingress:
             self._abort(victims, reason)
             for cr in victims:
                 self._forget(cr)
-
-    async def _report_ready(self) -> None:
-        """READY=1 to systemd once the deployment answers ready (its stages loaded), so that
-        starting the units returns when prompts work; then idles (a task that ended would end
-        the service)."""
-        while True:
-            try:
-                if (await self.status())[0]:
-                    break
-            except ControllerUnavailable:
-                pass
-            await asyncio.sleep(0.5)
-        sd_notify.ready("the deployment is ready")
-        await asyncio.Future()
 
     async def _keepalive_loop(self) -> None:
         while True:
