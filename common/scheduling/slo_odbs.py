@@ -19,7 +19,8 @@ Who goes in is SLO-ODBS's; how much goes in is Token Throttling's (`throttle`, t
 the decode and prefill budgets of throttle.py) or a fixed budget (`throttle = false`: every
 ready decode, then `max_prefill_tokens` of prompts). New requests are admitted only while the
 KV cache holds their predicted footprint besides what the running ones are predicted to need
-(predicted_kv.py).
+(predicted_kv.py; `kv_plan`), or, with `kv_plan = "demand"`, while it holds their prompt beside
+Token Throttling's `kv_threshold`, growth being met on demand.
 
 The policy is shown the requests that lead its order, not the whole queue: the instance core
 keeps the waiting requests sorted by the order's time-invariant part (`rank_key`).
@@ -28,7 +29,7 @@ keeps the waiting requests sorted by the order's time-invariant part (`rank_key`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 from msgspec import Meta
 
@@ -39,6 +40,7 @@ from common.scheduling.throttle import ThrottlePolicy
 from common.scheduling.types import (MicroBatchPlan, PlanBuilder, RequestView, SchedulerSnapshot,
                                      WaitingNeed, split_ready)
 
+KVPlan = Literal["high", "median", "demand"]
 _SLO_WEIGHT = "weight a of the slack (seconds to the first-token deadline) in the order"
 _LENGTH_WEIGHT = "weight b of the predicted output (in token_seconds units) in the order"
 
@@ -65,12 +67,17 @@ class SloOdbsPolicy(ThrottlePolicy):
         "factor of UELLM's batch rule"))] = 1.2
     kv_margin: Annotated[float, Meta(ge=0, description=(
         "KV is reserved for the high predicted output times (1 + this)"))] = 0.2
-    kv_high: Annotated[bool, Meta(description=(
-        "reserve KV for the high predicted quantile; false: for the median prediction (a "
-        "fuller pool, more preemptions when predictions run short)"))] = True
+    kv_plan: Annotated[KVPlan, Meta(description=(
+        "KV a new request must find: high (its predicted high quantile and the running "
+        "requests' predicted growth), median (the same at the median prediction) or demand "
+        "(what its prompt takes now, as throttle: growth is met on demand)"))] = "high"
     throttle: Annotated[bool, Meta(description=(
         "size micro-batches by Token Throttling; false: every ready decode plus "
         "max_prefill_tokens of prompts"))] = True
+
+    @property
+    def _high(self) -> bool:
+        return self.kv_plan == "high"
 
     def waiting_need(self) -> WaitingNeed:
         """A group is the first `max_group` requests of the order at most (the next one only
@@ -121,8 +128,9 @@ class SloOdbsPolicy(ThrottlePolicy):
             if not plan.is_preempted(req):
                 plan.try_add(req, min(req.pending, plan.token_budget), reserve)
         if snap.waiting and plan.token_budget > 0:
-            self.admit_group(plan, snap, max(reserve, running_reserve(snap, self.kv_margin,
-                                                                      self.kv_high)))
+            if self.kv_plan != "demand":
+                reserve = max(reserve, running_reserve(snap, self.kv_margin, self._high))
+            self.admit_group(plan, snap, reserve)
         if plan.chunks:
             self._turn += 1
         return plan.build()
@@ -141,7 +149,8 @@ class SloOdbsPolicy(ThrottlePolicy):
                     > self.max_waste:
                 break
             chunk = min(req.pending, plan.token_budget)
-            own = growth_blocks(req, snap.kv, self.kv_margin, self.kv_high) \
+            own = 0 if self.kv_plan == "demand" else \
+                growth_blocks(req, snap.kv, self.kv_margin, self._high) \
                 - snap.kv.blocks_to_add(req, chunk)
             if snap.num_running == 0 and not members:
                 own = 0  # an idle instance always takes its first request, prediction or not

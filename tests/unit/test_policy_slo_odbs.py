@@ -78,6 +78,27 @@ def test_admission_keeps_the_predicted_kv_of_running_requests_free():
     assert admitted(fcfs) == [9, 1, 2]
 
 
+def test_kv_on_demand_admits_as_throttle_does():
+    # The case above with kv_plan = "demand": no predicted growth is held back, both prompts
+    # go in beside the decode; with less free, the KV rule is Token Throttling's own (its
+    # kv_threshold left for growth, its budget shrinking with the free share): the same
+    # chunks as throttle's for the same queue.
+    decode = RequestView(9, 0.0, 16, 26, 25, 2, 1 << 20, num_output_tokens=10,
+                         slo=TTFT2, predicted_output=50, predicted_high=100)
+    reqs = [waiting(1, 1.0, 500, prompt=160, high=1000),
+            waiting(2, 1.1, 500, prompt=160, high=1000)]
+    settings = {"max_prefill_tokens": 4096, "min_prefill_tokens": 1, "prefill_iterations": 1}
+    demand = make_policy("slo-odbs", kv_plan="demand", **settings)
+    throttle = make_policy("throttle", **settings)
+    assert admitted(demand.schedule(snap(reqs, [decode], free=98, total=100, running=1))) \
+        == [9, 1, 2]
+    for free in (98, 40, 24, 16, 8):
+        view = snap(reqs, [decode], free=free, total=100, running=1)
+        assert demand.schedule(view).chunks == throttle.schedule(view).chunks, free
+    with pytest.raises(ValueError, match="kv_plan"):
+        make_policy("slo-odbs", kv_plan="lots")
+
+
 def test_s3_packs_by_predicted_footprint_first_fit():
     decode = RequestView(9, 0.0, 16, 26, 25, 2, 1 << 20, num_output_tokens=10,
                          predicted_output=20, predicted_high=20)
@@ -97,10 +118,13 @@ def test_a_request_that_outlives_its_prediction_has_it_doubled():
     assert planned_output(RequestView(2, 0.0, 16, 16, 0, 0, 64), 0.2) == 64  # no prediction
 
 
-@pytest.mark.parametrize("name", ["slo-odbs", "odbs", "slo-dbs", "s3"])
+@pytest.mark.parametrize("name,settings", [("slo-odbs", {}), ("odbs", {}), ("slo-dbs", {}),
+                                           ("s3", {}), ("slo-odbs", {"kv_plan": "median"}),
+                                           ("slo-odbs", {"kv_plan": "demand"})])
 @pytest.mark.parametrize("total_blocks", [80, 2000])
-def test_every_request_finishes_with_the_predictor_filling_lengths(name, total_blocks):
-    driver = MiniDriver(make_policy(name), depth=4, total_blocks=total_blocks)
+def test_every_request_finishes_with_the_predictor_filling_lengths(name, settings,
+                                                                  total_blocks):
+    driver = MiniDriver(make_policy(name, **settings), depth=4, total_blocks=total_blocks)
     driver.core.lengths = RequestLengths(OnlineLengthPredictor())
     rng = random.Random(7)
     for _ in range(60):
