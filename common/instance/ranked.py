@@ -2,14 +2,18 @@
 does not admit in arrival order (SLO-ODBS: slack and predicted length) is shown the few requests
 that lead its order without the whole queue being sorted at every micro-batch.
 
-The order is by the key `static - drift * now`, then arrival, then queue position, with
-`static` and `drift` fixed while a request waits. A request's slack to a deadline is
+The order is by lateness (not late first), then the key `static - drift * now`, then arrival,
+then queue position, with `static`, `drift`, `late_from` and `late_until` fixed while a request
+waits; a request is late while `late_from < now <= late_until` (past a deadline it goes behind
+those that can still meet theirs, for a while only, so that it cannot starve; never, for a
+policy with infinite bounds). A request's slack to a deadline is
 `deadline - now`, so `a * slack + b * length` is `(a * deadline + b * length) - a * now`: its
 static part does not change as the clock moves, and requests that share a drift keep their
 places among themselves. So there is one list per drift (SLO-ODBS has two: requests with a TTFT
 target drift at `a`, those without stay put), sorted by (static, arrival, queue position) and
 kept so as requests come and go (O(log n) comparisons each), and `top` merges the lists' fronts
-at `now`.
+at `now`. A request that turns late moves to its drift's late list and back when that ends (a
+heap of those times says who, when `top` is asked); the late lists come after all others.
 
 Exactly the policy's first k, float rounding included: the key is computed as the policy
 computes it, and `static - c` rounds monotonically in `static`, so a list is in key order; its
@@ -26,6 +30,8 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from common.scheduling.types import is_late
+
 if TYPE_CHECKING:
     from common.instance.request import CoreRequest
     from common.scheduling.types import RequestView
@@ -34,43 +40,67 @@ _END = float("inf")
 
 
 class RankedWaiting:
-    __slots__ = ("rank", "lanes", "keys")
+    __slots__ = ("rank", "lanes", "keys", "expiry")
 
-    def __init__(self, rank: Callable[["RequestView"], tuple[float, float]]):
+    def __init__(self, rank: Callable[["RequestView"], tuple[float, float, float, float]]):
         self.rank = rank
-        self.lanes: dict[float, list[tuple[float, float, int, CoreRequest]]] = {}
-        """drift -> (static, arrival, queue order, request), sorted."""
-        self.keys: dict[int, tuple[float, float]] = {}
-        """queue order -> (drift, static), as the request was ranked when it entered."""
+        self.lanes: dict[tuple[bool, float], list[tuple[float, float, int, CoreRequest]]] = {}
+        """(late, drift) -> (static, arrival, queue order, request), sorted."""
+        self.keys: dict[int, tuple[tuple[bool, float], float, float, float, float]] = {}
+        """queue order -> (its lane, static, arrival, late_from, late_until)."""
+        self.expiry: list[tuple[float, int]] = []
+        """(time, queue order): when a request turns late or stops being so, soonest first."""
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def add(self, req: "CoreRequest") -> None:
-        static, drift = self.rank(req)  # a request is its own RequestView
-        insort(self.lanes.setdefault(drift, []), (static, req.arrival, req.order, req))
-        self.keys[req.order] = (drift, static)
+        static, drift, late_from, late_until = self.rank(req)  # a request is its RequestView
+        lane = (False, drift)
+        insort(self.lanes.setdefault(lane, []), (static, req.arrival, req.order, req))
+        self.keys[req.order] = (lane, static, req.arrival, late_from, late_until)
+        for t in (late_from, late_until):
+            if t < _END:
+                heapq.heappush(self.expiry, (t, req.order))
 
     def remove(self, req: "CoreRequest") -> None:
-        drift, static = self.keys.pop(req.order)
-        lane = self.lanes[drift]
-        del lane[bisect_left(lane, (static, req.arrival, req.order))]  # sorts before the entry
+        lane_id, static, arrival, _, _ = self.keys.pop(req.order)
+        lane = self.lanes[lane_id]
+        del lane[bisect_left(lane, (static, arrival, req.order))]  # sorts before the entry
+
+    def _move_late(self, now: float) -> None:
+        """Puts each request whose lateness changed by `now` in its drift's list of that
+        lateness (the clock only moves on)."""
+        while self.expiry and self.expiry[0][0] < now:
+            _, order = heapq.heappop(self.expiry)
+            entry = self.keys.get(order)
+            if entry is None:
+                continue  # it left
+            (late, drift), static, arrival, late_from, late_until = entry
+            if is_late(now, late_from, late_until) == late:
+                continue  # already where it belongs (an entry of its earlier stay)
+            lane = self.lanes[(late, drift)]
+            req = lane.pop(bisect_left(lane, (static, arrival, order)))[3]
+            insort(self.lanes.setdefault((not late, drift), []), (static, arrival, order, req))
+            self.keys[order] = ((not late, drift), static, arrival, late_from, late_until)
 
     def top(self, now: float, k: int) -> list["CoreRequest"]:
         """The k requests first in the policy's order at `now`, and those tied with the k-th
         (see the module)."""
         if k <= 0:
             return []
-        lanes = [(drift, lane) for drift, lane in self.lanes.items() if lane]
-        heap = [(lane[0][0] - drift * now, i, 0) for i, (drift, lane) in enumerate(lanes)]
+        self._move_late(now)
+        lanes = [(late, drift, lane) for (late, drift), lane in self.lanes.items() if lane]
+        heap = [((late, lane[0][0] - drift * now), i, 0)
+                for i, (late, drift, lane) in enumerate(lanes)]
         heapq.heapify(heap)
         out: list[CoreRequest] = []
-        kth = _END
+        kth = (True, _END)
         while heap:
             key, i, pos = heap[0]
             if key > kth:
                 break
-            drift, lane = lanes[i]
+            late, drift, lane = lanes[i]
             static = lane[pos][0]
             out.append(lane[pos][3])
             if len(out) == k:
@@ -79,7 +109,7 @@ class RankedWaiting:
             if len(out) >= k and nxt - bisect_left(lane, (static,)) >= k:
                 nxt = bisect_right(lane, (static, _END))  # k of this run taken: skip the rest
             if nxt < len(lane):
-                heapq.heapreplace(heap, (lane[nxt][0] - drift * now, i, nxt))
+                heapq.heapreplace(heap, ((late, lane[nxt][0] - drift * now), i, nxt))
             else:
                 heapq.heappop(heap)
         return out

@@ -85,11 +85,13 @@ def policy_settings(cls: type) -> list[PolicySetting]:
         base = typing.get_args(hint)[0] if meta is not None else hint
         default = f.default if f.default is not dataclasses.MISSING else None
         out.append(PolicySetting(f.name, default, getattr(base, "__name__", str(base)),
-                                 (meta.description or "") if meta else "", _bounds(meta)))
+                                 (meta.description or "") if meta else "", _bounds(meta, base)))
     return out
 
 
-def _bounds(meta: msgspec.Meta | None) -> str:
+def _bounds(meta: msgspec.Meta | None, base: Any) -> str:
+    if typing.get_origin(base) is typing.Literal:
+        return "one of " + ", ".join(str(v) for v in typing.get_args(base))
     if meta is None:
         return ""
     parts = [f"{op} {getattr(meta, attr):g}" for attr, op in

@@ -50,13 +50,20 @@ class WaitingNeed:
     max_num_seqs: int | None = None
     tokens: int = 0
     ranked: int = 0
-    rank: Callable[["RequestView"], tuple[float, float]] | None = None
-    """(static, drift) of a waiting request, both fixed while it waits (a deadline, a
-    prediction; not its waiting time): the policy orders by the key `static - drift * now`
-    (computed just so), smallest first, then by arrival, then by queue position."""
+    rank: Callable[["RequestView"], tuple[float, float, float, float]] | None = None
+    """(static, drift, late_from, late_until) of a waiting request, all fixed while it waits
+    (a deadline, a prediction; not its waiting time): the policy orders those not late (see
+    `is_late`) before those late, each by the key `static - drift * now` (computed just so),
+    smallest first, then by arrival, then by queue position."""
 
 
 WHOLE_QUEUE = WaitingNeed()
+
+
+def is_late(now: float, late_from: float, late_until: float) -> bool:
+    """The lateness of a ranked order (WaitingNeed.rank), one rule for the policy and the
+    instance core's ranked queue."""
+    return late_from < now <= late_until
 
 
 @dataclass(frozen=True, slots=True)

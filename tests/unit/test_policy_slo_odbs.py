@@ -36,9 +36,18 @@ def test_the_order_weighs_slack_and_predicted_length():
     # C (no SLO) 60 + 0.05, D -3 + 5 = 2 (late already, but predicted long).
     reqs = [waiting(1, 9.0, 300), waiting(2, 9.5, 20), waiting(3, 0.0, 10, slo=None),
             waiting(4, 5.0, 1000)]
+    order = {name: [r.req_id for r in make_policy(name, late_last=False).ordered(
+        tuple(reqs), 10.0)] for name in ("slo-odbs", "odbs", "slo-dbs")}
+    assert order == {"slo-odbs": [2, 4, 1, 3], "odbs": [3, 2, 1, 4], "slo-dbs": [4, 1, 2, 3]}
+    # With late_last (the default but for odbs), D, 3 s past its deadline, goes behind all
+    # that can still meet theirs, C (no deadline) included.
     order = {name: [r.req_id for r in make_policy(name).ordered(tuple(reqs), 10.0)]
              for name in ("slo-odbs", "odbs", "slo-dbs")}
-    assert order == {"slo-odbs": [2, 4, 1, 3], "odbs": [3, 2, 1, 4], "slo-dbs": [4, 1, 2, 3]}
+    assert order == {"slo-odbs": [2, 1, 3, 4], "odbs": [3, 2, 1, 4], "slo-dbs": [1, 2, 3, 4]}
+    # Only for late_for_s: 3 s late is past a 2 s stay behind, so D has its place by slack
+    # again (none starves behind a stream of requests that are on time).
+    assert [r.req_id for r in make_policy("slo-odbs", late_for_s=2.0).ordered(
+        tuple(reqs), 10.0)] == [2, 4, 1, 3]
 
 
 def test_a_group_closes_at_uellms_waste_rule():
@@ -60,7 +69,7 @@ def test_a_group_has_at_most_max_group_members():
                                     max_group=3).schedule(snap(reqs)))) == 3
 
 
-def test_admission_keeps_the_predicted_kv_of_running_requests_free():
+def test_uellms_kv_plan_keeps_the_predicted_kv_of_running_requests_free():
     # A running decode: 16 prompt + 10 out, planned to 100 x 1.2 = 120 out: 136 tokens = 9
     # blocks, 2 held, 7 to come. A new request: 160 prompt (10 blocks) planned to 1200 out:
     # 1360 tokens = 85 blocks, 75 beyond its prompt. Free 98: the first fits (10 <= 98 - 7 -
@@ -69,13 +78,34 @@ def test_admission_keeps_the_predicted_kv_of_running_requests_free():
                          slo=TTFT2, predicted_output=50, predicted_high=100)
     reqs = [waiting(1, 1.0, 500, prompt=160, high=1000),
             waiting(2, 1.1, 500, prompt=160, high=1000)]
-    policy = make_policy("slo-odbs", throttle=False, max_prefill_tokens=4096)
+    policy = make_policy("slo-odbs", throttle=False, max_prefill_tokens=4096, kv_plan="high")
     plan = policy.schedule(snap(reqs, [decode], free=98, total=100, running=1))
     assert admitted(plan) == [9, 1]
     # fcfs, with no reserve, takes both prompts.
     fcfs = make_policy("fcfs", max_num_batched_tokens=4096).schedule(
         snap(reqs, [decode], free=98, total=100, running=1))
     assert admitted(fcfs) == [9, 1, 2]
+
+
+def test_kv_on_demand_admits_as_throttle_does():
+    # The case above with kv_plan = "demand": no predicted growth is held back, both prompts
+    # go in beside the decode; with less free, the KV rule is Token Throttling's own (its
+    # kv_threshold left for growth, its budget shrinking with the free share): the same
+    # chunks as throttle's for the same queue.
+    decode = RequestView(9, 0.0, 16, 26, 25, 2, 1 << 20, num_output_tokens=10,
+                         slo=TTFT2, predicted_output=50, predicted_high=100)
+    reqs = [waiting(1, 1.0, 500, prompt=160, high=1000),
+            waiting(2, 1.1, 500, prompt=160, high=1000)]
+    settings = {"max_prefill_tokens": 4096, "min_prefill_tokens": 1, "prefill_iterations": 1}
+    demand = make_policy("slo-odbs", kv_plan="demand", **settings)
+    throttle = make_policy("throttle", **settings)
+    assert admitted(demand.schedule(snap(reqs, [decode], free=98, total=100, running=1))) \
+        == [9, 1, 2]
+    for free in (98, 40, 24, 16, 8):
+        view = snap(reqs, [decode], free=free, total=100, running=1)
+        assert demand.schedule(view).chunks == throttle.schedule(view).chunks, free
+    with pytest.raises(ValueError, match="kv_plan"):
+        make_policy("slo-odbs", kv_plan="lots")
 
 
 def test_s3_packs_by_predicted_footprint_first_fit():
@@ -97,10 +127,13 @@ def test_a_request_that_outlives_its_prediction_has_it_doubled():
     assert planned_output(RequestView(2, 0.0, 16, 16, 0, 0, 64), 0.2) == 64  # no prediction
 
 
-@pytest.mark.parametrize("name", ["slo-odbs", "odbs", "slo-dbs", "s3"])
+@pytest.mark.parametrize("name,settings", [("slo-odbs", {}), ("odbs", {}), ("slo-dbs", {}),
+                                           ("s3", {}), ("slo-odbs", {"kv_plan": "median"}),
+                                           ("slo-odbs", {"kv_plan": "demand"})])
 @pytest.mark.parametrize("total_blocks", [80, 2000])
-def test_every_request_finishes_with_the_predictor_filling_lengths(name, total_blocks):
-    driver = MiniDriver(make_policy(name), depth=4, total_blocks=total_blocks)
+def test_every_request_finishes_with_the_predictor_filling_lengths(name, settings,
+                                                                  total_blocks):
+    driver = MiniDriver(make_policy(name, **settings), depth=4, total_blocks=total_blocks)
     driver.core.lengths = RequestLengths(OnlineLengthPredictor())
     rng = random.Random(7)
     for _ in range(60):
@@ -142,6 +175,7 @@ def _queue_run(policy: str, head: int, blocks: int, **sched):
 
 @pytest.mark.parametrize("policy,blocks,sched", [
     ("slo-odbs", 4096, {}), ("slo-odbs", 160, {}), ("slo-odbs", 4096, {"throttle": False}),
+    ("slo-odbs", 4096, {"late_last": False}), ("slo-odbs", 160, {"kv_plan": "high"}),
     ("odbs", 4096, {}), ("slo-dbs", 160, {}), ("slo-dbs", 4096, {"max_group": 3})])
 def test_the_ranked_head_plans_as_the_whole_queue(policy, blocks, sched):
     """SLO-ODBS shown the head its instance core keeps ranked (waiting_head 0) plans exactly
@@ -155,13 +189,15 @@ def test_the_ranked_head_plans_as_the_whole_queue(policy, blocks, sched):
     assert head_only != whole  # shown only the arrival head, it plans otherwise: teeth
 
 
-def test_ranked_waiting_returns_the_first_k_of_the_exact_order():
-    """Two drifts (with and without a deadline), exact ties and near ties: top(now, k) holds
-    the k first requests of sorting all by the policy's own key, at several times."""
+@pytest.mark.parametrize("late_last", [False, True])
+def test_ranked_waiting_returns_the_first_k_of_the_exact_order(late_last):
+    """Two drifts (with and without a deadline), exact ties and near ties, and requests
+    turning late as the clock moves: top(now, k) holds the k first requests of sorting all by
+    the policy's own order, at several times."""
     from common.instance import CoreRequest
     from common.instance.ranked import RankedWaiting
 
-    policy = make_policy("slo-odbs")
+    policy = make_policy("slo-odbs", late_last=late_last, late_for_s=2.0)
     rng = random.Random(3)
     ranked = RankedWaiting(policy.rank_key)
     reqs = []
@@ -175,11 +211,24 @@ def test_ranked_waiting_returns_the_first_k_of_the_exact_order():
         ranked.remove(r)
     live = [r for i, r in enumerate(reqs) if i % 7]
     assert len(ranked) == len(live)
-    for now in (0.0, 1.7, 4.0, 60.0, 1e6):
-        exact = sorted(live, key=lambda r: (policy.order_key(r, now), r.arrival))
-        for k in (1, 10, 50):
+    for now in (0.0, 0.3, 1.7, 2.1, 4.0, 60.0, 1e6):
+        exact = policy.ordered(tuple(live), now)
+        late = sum(now > r.arrival + r.slo.ttft_s for r in live if r.slo is not None)
+        assert now < 1.7 or 0 < late < len(live)  # a mix of late and on time
+        back = sum(now > r.arrival + r.slo.ttft_s + 2.0 for r in live if r.slo is not None)
+        assert now < 4.0 or back > 0  # and some late for longer than late_for_s
+        for k in (1, 10, 50, 390):
             top = ranked.top(now, k)
-            assert len(top) >= k
+            assert len(top) >= min(k, len(live))
             shown = sorted(top, key=lambda r: r.order)
-            first = sorted(shown, key=lambda r: (policy.order_key(r, now), r.arrival))[:k]
+            first = policy.ordered(tuple(shown), now)[:k]
             assert [r.req_id for r in first] == [r.req_id for r in exact[:k]]
+        if now == 1.7:  # one leaves and one comes back while some are late already
+            gone = next(r for r in live if r.slo is not None and now > r.arrival + r.slo.ttft_s)
+            ranked.remove(gone)
+            live.remove(gone)
+            comeback = live.pop(0)
+            ranked.remove(comeback)
+            ranked.add(comeback)
+            live.append(comeback)
+            live.sort(key=lambda r: r.order)  # ties go by queue position
