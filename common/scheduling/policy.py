@@ -84,7 +84,9 @@ def policy_settings(cls: type) -> list[PolicySetting]:
                     None)
         base = typing.get_args(hint)[0] if meta is not None else hint
         default = f.default if f.default is not dataclasses.MISSING else None
-        out.append(PolicySetting(f.name, default, getattr(base, "__name__", str(base)),
+        kind = "str" if typing.get_origin(base) is typing.Literal \
+            else getattr(base, "__name__", str(base))
+        out.append(PolicySetting(f.name, default, kind,
                                  (meta.description or "") if meta else "", _bounds(meta, base)))
     return out
 
