@@ -12,7 +12,8 @@ from typing import Optional
 
 import typer
 
-from common.config import ConfigError, ConveyorConfig, load_config, parse_override, resolve, to_dict
+from common.config import ConfigError, ConveyorConfig, load_config, parse_override, to_dict
+from common.config_resolve import resolve
 from common.placement_config import PlacementConfig, field_help
 from conveyor.cli.params import comma_list
 

@@ -19,7 +19,7 @@ predictor_app = typer.Typer(
 def default_state_path(cfg) -> Path:
     """Where `conveyor serve` with this config loads the predictor from (services/controller
     /prediction.py): predictor.state_file, else {run_dir}/length_predictor.npz."""
-    from common.config import resolve
+    from common.config_resolve import resolve
     from common.run_dir import ensure_private_dir
     from services.controller.prediction import state_path
 

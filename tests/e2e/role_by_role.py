@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import load_config, resolve, save_config
+from common.config import load_config, save_config
+from common.config_resolve import resolve
 from common.ports import free_port
 from conveyor.client import Client
 from conveyor.client.errors import ConnectionFailed

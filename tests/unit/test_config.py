@@ -2,7 +2,8 @@
 
 import pytest
 
-from common.config import ConfigError, load_config, parse_override, resolve, save_config
+from common.config import ConfigError, load_config, parse_override, save_config
+from common.config_resolve import resolve
 
 
 def test_defaults_describe_the_embedded_deployment():

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import ConfigError, load_config, resolve
+from common.config import ConfigError, load_config
+from common.config_resolve import resolve
 from common.costmodel.devices import DEVICES, parse_device
 from conveyor.sim.cluster import ClusterError, build_cluster
 

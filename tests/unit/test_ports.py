@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from common.config import load_config, resolve, save_config
+from common.config import load_config, save_config
+from common.config_resolve import resolve
 from common.ports import _ephemeral_range, free_port, free_port_block, port_is_free
 
 

@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from common.config import load_config, resolve
+from common.config import load_config
+from common.config_resolve import resolve
 from common.costmodel import StepCost
 from common.costmodel.roofline import RooflineCostModel
 from common.model.placement import deployment_layout, stage_layout
