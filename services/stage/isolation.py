@@ -96,7 +96,7 @@ class IsolatedStep:
                 together = None
                 for p in live:
                     try:
-                        outs[id(p)] = forward(self._batch([p]), self._input([p], x, is_first))
+                        outs[p.req_id] = forward(self._batch([p]), self._input([p], x, is_first))
                     except Exception as e:
                         self.failed[p.req_id] = f"{type(e).__name__}: {e}"
             if together is not None:
@@ -104,14 +104,14 @@ class IsolatedStep:
                     return (None, self._sample(live, together)) if is_last else \
                         (together, [])
                 outs = _split(live, together, is_last)
-        live = [p for p in live if id(p) in outs]
+        live = [p for p in live if p.req_id in outs]
         if is_last:
-            rows = [outs[id(p)] for p in live if p.samples]
+            rows = [outs[p.req_id] for p in live if p.samples]
             logits = torch.cat(rows) if rows else None
             return None, self._sample(live, logits)
         out = torch.zeros((self.num_rows, out_width), dtype=dtype, device=self.device)
         for p in live:
-            out[p.rows] = outs[id(p)]
+            out[p.rows] = outs[p.req_id]
         return out, []
 
     def _batch(self, parts: list[Part]) -> StepBatch:
@@ -131,9 +131,9 @@ class IsolatedStep:
         logits rows are in `live` order. (Sampling has nothing a single row can fail on that
         validation lets through: top_k is clamped, the parameters checked by SamplingSpec.)"""
         sampling = [p for p in live if p.samples]
-        tokens = dict(zip((id(p) for p in sampling),
+        tokens = dict(zip((p.req_id for p in sampling),
                           sample(logits, [p.sample for p in sampling]))) if sampling else {}
-        return [tokens.get(id(p), PLACEHOLDER_TOKEN) for p in self.parts if p.samples]
+        return [tokens.get(p.req_id, PLACEHOLDER_TOKEN) for p in self.parts if p.samples]
 
 
 def _sequence(ch, tables: dict[int, list[int]], num_blocks: int, is_first: bool) -> SeqSpec:
@@ -162,6 +162,6 @@ def _split(live: list[Part], out: torch.Tensor, is_last: bool) -> dict[int, torc
     parts, at = {}, 0
     for p in live:
         n = int(p.samples) if is_last else p.num_rows
-        parts[id(p)] = out[at:at + n]
+        parts[p.req_id] = out[at:at + n]
         at += n
     return parts
