@@ -13,10 +13,12 @@ import pytest
 
 from common.config import load_config, save_config
 from common.config_resolve import resolve
-from common.ports import _ephemeral_range, free_port, free_port_block, port_is_free
+from common.ports import _candidates, _ephemeral_range, free_port, free_port_block, port_is_free
 
 
 def test_picked_ports_are_free_and_outside_the_ephemeral_range():
+    if not _candidates():
+        pytest.skip("this system's ephemeral range leaves no room outside it")
     low, high = _ephemeral_range()
     ports = [free_port() for _ in range(200)]
     assert all(not low <= p <= high for p in ports), [p for p in ports if low <= p <= high]
