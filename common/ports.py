@@ -35,7 +35,7 @@ def _candidates() -> list[range]:
 
 
 def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(_family(host)) as s:
+    with socket.socket(address_family(host)) as s:
         try:
             s.bind((host, port))
             return True
@@ -58,7 +58,7 @@ def free_port_block(count: int, host: str = "127.0.0.1") -> int:
         if all(port_is_free(host, base + i) for i in range(count)):
             return base
     for _ in range(50):  # no room outside the ephemeral range (or all of it taken)
-        with socket.socket(_family(host)) as s:
+        with socket.socket(address_family(host)) as s:
             s.bind((host, 0))
             base = s.getsockname()[1]
         if all(port_is_free(host, base + i) for i in range(1, count)):
@@ -66,5 +66,7 @@ def free_port_block(count: int, host: str = "127.0.0.1") -> int:
     raise OSError(f"could not find {count} consecutive free port(s) on {host}")
 
 
-def _family(host: str) -> socket.AddressFamily:
+def address_family(host: str) -> socket.AddressFamily:
+    """IPv6 for a literal IPv6 address, else IPv4 (a name resolves as IPv4, as uvicorn and
+    ZeroMQ's tcp:// take it)."""
     return socket.AF_INET6 if ":" in host else socket.AF_INET

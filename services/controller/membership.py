@@ -12,9 +12,9 @@ restarted process, whichever comes first; a stage that leaves a micro-batch unan
 `deployment.dead_after_s` is treated as dead the same way (`check_silence`). It then re-queues
 the instance's requests for recompute, keeping their tokens (InstanceCore.reset_pipeline),
 moving them to a ready instance when there is one (`deployment.move_on_recovery`), and tells
-the stages still there to join a new generation, which the dead stage's successor joins once it says Hello. No
-stage but the dead one restarts, whatever restarts it (`conveyor serve`, systemd, supervisord):
-the survivors keep their weights and rejoin in-process.
+the stages still there to join a new generation, which the dead stage's successor joins once
+it says Hello. No stage but the dead one restarts, whatever restarts it (`conveyor serve`,
+systemd, supervisord): the survivors keep their weights and rejoin in-process.
 
 A stage that dies more than `deployment.stage_restarts` times within `restart_window_s` is
 given up on: every request of its instance fails with an error naming it, new requests go to

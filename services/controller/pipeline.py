@@ -36,12 +36,9 @@ class PipelineDriver:
     # ---- completions ---------------------------------------------------------------------
 
     def step_done(self, msg: StepDone) -> None:
+        """A StepDone from a registered stage (the controller's handle checked the sender:
+        peers.from_stage)."""
         ctl = self.ctl
-        if not (0 <= msg.instance < len(ctl.instances)
-                and 0 <= msg.stage < ctl.cfg.deployment.stages):
-            log.warning("step done from an unknown stage", instance=msg.instance,
-                        stage=msg.stage)
-            return
         ctl.metrics.record_step(msg.instance, msg.stage, msg.compute_s, msg.wait_s)
         if debug_enabled():
             log.debug("step done", instance=msg.instance, stage=msg.stage, mb_id=msg.mb_id,

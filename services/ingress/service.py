@@ -31,7 +31,6 @@ from common import sd_notify
 from common.config import ConveyorConfig
 from common.log import get_logger
 from common.model import resolve_model
-from common.stats import ControllerStats
 from common.wire.client_messages import (NO_REQUEST_ID, CancelRequest, ErrorCode, ErrorReply,
                                          Finished, GenerateRequest, HealthRequest, Ping,
                                          StatsRequest)
@@ -46,7 +45,7 @@ from services.ingress.api_keys import ApiKeys
 from services.ingress.detokenizer import IncrementalDetokenizer
 from services.ingress.client_request import ClientRequest, Draining, Unauthorized, refusal
 from services.ingress.queue_bounds import Overloaded, QueueBounds
-from services.ingress.status import deployment_status, report_ready, status_reply
+from services.ingress.status import report_ready, status_reply
 from services.ingress.tokenizer import load_tokenizer, tokenizer_folder
 from services.ingress.validation import (InvalidRequest, Limits, ValidRequest,
                                          check, finalize, tokenize)
@@ -232,10 +231,6 @@ class Ingress:
             code, text = ErrorCode.INTERNAL, f"preparing the request failed: {error!r}"
         self._reply(cr, ErrorReply(cr.client_id, code, text))
         self._forget(cr)
-
-    async def status(self) -> tuple[bool, str, ControllerStats]:
-        """The deployment's (ready, detail, stats): status.deployment_status."""
-        return await deployment_status(self)
 
     async def _answer_status(self, identity: bytes, msg: HealthRequest | StatsRequest) -> None:
         self._send(identity, await status_reply(self, msg))

@@ -28,8 +28,7 @@ from common import sd_notify
 from common.addresses import source_address_towards
 from common.config import ConveyorConfig
 from common.log import get_logger
-from common.model import (PagedKVCache, SeqSpec, StageModel, StepBatch,
-                          resolve_model)
+from common.model import PagedKVCache, SeqSpec, StageModel, StepBatch, resolve_model
 from common.model.decode_graphs import DecodeGraphs, graph_capture
 from common.model.placement import deployment_layout
 from common.peer_wait import is_handshake, wait_connected, watch_connection

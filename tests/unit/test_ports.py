@@ -31,7 +31,7 @@ def test_a_block_is_consecutive_free_ports():
     assert all(port_is_free("127.0.0.1", base + i) for i in range(4))
 
 
-def test_a_taken_port_is_never_picked():
+def test_a_bound_port_is_seen_taken():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         assert not port_is_free("127.0.0.1", taken.getsockname()[1])

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from common.log import get_logger
+from common.ports import address_family
 from common.runtime import StartupError
 from common.wire.client_messages import ErrorReply, Finished, TokenDelta
 from common.wire.framing import Message
@@ -35,6 +36,7 @@ from services.ingress.http.openai_responses import (DONE, ERROR_CODE, HTTP_STATU
                                                     ResponseShape, error_body, sse)
 from services.ingress.prometheus import CONTENT_TYPE, render
 from services.ingress.queue_bounds import Overloaded
+from services.ingress.status import deployment_status
 from services.ingress.validation import InvalidRequest
 
 log = get_logger()
@@ -54,9 +56,9 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
     """The listening socket, bound before serving: a port in use is then a start-up error that
     says which setting to change (uvicorn's own bind ends the process with status 3 and a bare
     errno)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:  # SO_REUSEADDR (set by create_server): a restart needs no wait for TIME_WAIT
-        return socket.create_server((host, port), family=family, backlog=backlog)
+        return socket.create_server((host, port), family=address_family(host),
+                                    backlog=backlog)
     except OSError as e:
         raise StartupError(f"cannot listen for HTTP on {host}:{port} (http.host, http.port): "
                            f"{e.strerror or e}") from None
@@ -122,14 +124,14 @@ class HttpServer:
 
     async def health(self, request: Request) -> Response:
         try:
-            ready, detail, _ = await self.ingress.status()
+            ready, detail, _ = await deployment_status(self.ingress)
         except ControllerUnavailable as e:
             ready, detail = False, str(e)
         return JSONResponse({"ready": ready, "detail": detail}, 200 if ready else 503)
 
     async def metrics(self, request: Request) -> Response:
         try:
-            _, _, stats = await self.ingress.status()
+            _, _, stats = await deployment_status(self.ingress)
         except ControllerUnavailable as e:
             return Response(f"{e}\n", 503, media_type="text/plain")
         return Response(render(stats, self.model), media_type=CONTENT_TYPE)
