@@ -33,6 +33,10 @@ class DeploymentConfig(Section):
     systemd's Restart= does; the others rejoin in-process). When no instance is left, `conveyor
     serve` stops the deployment naming the stage. 0: give up at the first death."""
     restart_window_s: float = 60.0
+    spare_stage: bool = True
+    """`conveyor serve` keeps one stage process started ahead, its Python and torch imports
+    done (most of a restart's time on CPU), which a dead stage's restart takes over; started
+    once the deployment is ready, about 300 MB of host memory. Off: a restart starts afresh."""
     step_timeout_s: float = 30.0
     """A micro-batch in flight longer than this marks its instance degraded in health (not
     ready, naming the stage it waits on) until it completes."""

@@ -4,7 +4,8 @@ Children run `conveyor start ROLE` on the resolved config, each in its own sessi
 reaches only the supervisor, which then stops them in order) and with a parent-death signal (so
 none outlives a supervisor that was killed). If a stage dies, the supervisor restarts that
 stage alone, as systemd's Restart= would: the controller re-queues the instance's requests and
-the other stages join a new generation of the group with it (services/controller/membership.py).
+the other stages join a new generation of the group with it (services/controller/membership.py);
+the restart takes over a warm spare stage process when there is one (spare_stage.py).
 A stage that keeps dying (more than deployment.stage_restarts deaths within restart_window_s)
 is given up on and left dead, as the controller gives up on its instance by the same count;
 the other instances serve on. When no instance is left, or any other child exits, the
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from common.config import ConveyorConfig, save_config
 from common.run_dir import ensure_private_dir
 from conveyor.child_output import OutputRelay
+from conveyor.spare_stage import SpareStage
 
 _PR_SET_PDEATHSIG = 1
 
@@ -41,6 +43,8 @@ class Child:
     proc: subprocess.Popen | None = None
     instance: int | None = None
     """For a stage: its instance."""
+    stage: int | None = None
+    """For a stage: its place in the pipeline."""
     relay: threading.Thread | None = None
     """The thread relaying its output (child_output.py)."""
     restarts: list[float] = field(default_factory=list)
@@ -70,24 +74,47 @@ class Supervisor:
                          Child("controller", base + ["controller"] + tail)]
         self.children += [
             Child(f"stage {i}.{s}", base + ["stage", "--instance", str(i), "--stage", str(s)]
-                  + tail, instance=i)
+                  + tail, instance=i, stage=s)
             for i in range(dep.instances) for s in range(dep.stages)]
         self.children.append(Child("ingress", base + ["ingress"] + tail))
-        self.output = OutputRelay([c.name for c in self.children])
+        self.output = OutputRelay([c.name for c in self.children] + [SpareStage.NAME])
         """Where the children's lines and the supervisor's own go, whole."""
         self.env = dict(os.environ, CONVEYOR_LOG_COLORS="1" if sys.stderr.isatty() else "0")
+        self.spare = (SpareStage(base + ["stage", "--spare"] + tail, self._popen,
+                                 self.output.attach)
+                      if dep.spare_stage and dep.stage_restarts else None)
         self.stopping = False
 
     def start(self) -> None:
         for child in self.children:
             self._spawn(child)
 
-    def _spawn(self, child: Child, extra: list[str] = ()) -> None:
-        child.proc = subprocess.Popen(child.args + list(extra), start_new_session=True,
-                                      preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      env=self.env)
+    def start_spare(self) -> None:
+        """Starts the warm spare stage (spare_stage.py), if the deployment has one: called
+        once the deployment is ready, so that its imports do not slow the stages' start."""
+        if self.spare is not None and not self.stopping:
+            self.spare.start()
+
+    def _popen(self, args: list[str], stdin: int = subprocess.DEVNULL) -> subprocess.Popen:
+        return subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent,
+                                stdin=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=self.env)
+
+    def _spawn(self, child: Child) -> None:
+        child.proc = self._popen(child.args)
         child.relay = self.output.attach(child.name, child.proc.stdout)
+
+    def _restart(self, child: Child) -> str:
+        """Restarts a dead stage from the warm spare if there is one (a new spare is started
+        for the next death), afresh otherwise; says which."""
+        spare = self.spare.take(child.instance, child.stage) if self.spare else None
+        if spare is None:
+            self._spawn(child)
+            return ""
+        child.proc = spare
+        child.relay = self.output.attach(child.name, spare.stdout)
+        self.start_spare()
+        return " from the warm spare"
 
     def recover(self) -> list[str]:
         """Restarts each dead stage (within its budget) and says what it did; raises
@@ -113,9 +140,10 @@ class Supervisor:
                             f"{child.instance}'s requests fail, the other instances serve on")
                 continue
             child.restarts.append(now)
-            said.append(f"{_deaths([child])}; restarting it (restart {len(child.restarts)} of "
-                        f"{dep.stage_restarts} in {dep.restart_window_s:g}s)")
-            self._spawn(child)
+            death = _deaths([child])  # before the restart replaces child.proc
+            said.append(f"{death}; restarting it (restart {len(child.restarts)} of "
+                        f"{dep.stage_restarts} in {dep.restart_window_s:g}s)"
+                        f"{self._restart(child)}")
         return said
 
     def check(self) -> None:
@@ -142,6 +170,8 @@ class Supervisor:
         """Stops the ingress first and gives it its drain (ingress.shutdown_timeout_s: the
         requests in flight finish, which needs every other process), then the rest."""
         self.stopping = True
+        if self.spare is not None:
+            self.spare.stop()
         ingress, rest = self.children[-1:], self.children[-2::-1]
         self._stop(ingress, self.cfg.ingress.shutdown_timeout_s + grace_s)
         self._stop(rest, grace_s)

@@ -4,8 +4,9 @@ The header is parsed here rather than with `gguf.GGUFReader`: the reader builds 
 for every element of every metadata array, which for SmolLM2's 49k-token vocabulary and 49k
 merges takes about 4 s before the first tensor is reachable, paid by every process that resolves
 the model. This parser skips array contents (only the model, not the tokenizer, is read here) and
-memory-maps the tensor data, so a stage touches only the pages of its own layers. Dequantization
-is gguf's own (`gguf.quants.dequantize`), and the layout constants come from the `gguf` package.
+memory-maps the tensor data, so a stage touches only the pages of its own layers. The common
+block formats are dequantized by gguf_dequant.py (vectorized over the whole tensor), the rest by
+gguf's own code; the layout constants come from the `gguf` package.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
-from gguf.quants import dequantize, quant_shape_to_byte_shape
+from gguf.quants import quant_shape_to_byte_shape
 
+from common.model.gguf_dequant import dequantize
 from common.model.shape import ModelShape
 from common.model.weights import EMBEDDING, FINAL_NORM, LM_HEAD
 

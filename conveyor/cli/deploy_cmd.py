@@ -18,6 +18,8 @@ from common.placement_config import PlacementConfig, field_help
 from conveyor.cli.params import comma_list
 
 SMOKE_PROMPT = "What is the capital of France? Answer in one sentence."
+WATCH_INTERVAL_S = 0.1
+"""How often `conveyor serve` looks for a dead child: a dead stage's restart waits for it."""
 
 
 class Role(str, Enum):
@@ -169,6 +171,7 @@ def serve(
             time.sleep(0.5)
         say(f"ready: {health.model} at {cfg.endpoints.ingress} (max_model_len "
             f"{health.max_model_len})")
+        sup.start_spare()
         if cfg.http.enabled:
             url = f"http://{cfg.http.host}:{cfg.http.port}"
             say(f"http: {url}/v1 (OpenAI-compatible; {url}/health, {url}/metrics)")
@@ -180,7 +183,7 @@ def serve(
         while True:
             for line in sup.recover():
                 say(line, typer.colors.YELLOW)
-            time.sleep(0.5)
+            time.sleep(WATCH_INTERVAL_S)
     except KeyboardInterrupt:
         say("stopping")
     except (ChildDied, ConveyorError) as e:
@@ -199,6 +202,9 @@ def start(
     stage: int = typer.Option(0, help="Pipeline stage of a stage worker."),
     set_: list[str] = typer.Option([], "--set", help="Override a setting: section.key=value."),
     log_format: Optional[str] = typer.Option(None, help="console or json."),
+    spare: bool = typer.Option(False, "--spare", hidden=True,
+                               help="A warm spare stage: imports done, it reads 'INSTANCE "
+                                    "STAGE' from stdin (conveyor serve's, spare_stage.py)."),
 ) -> None:
     """Run one process of a deployment (what supervisord or systemd starts)."""
     from common.log import configure_logging
@@ -210,6 +216,13 @@ def start(
               "so that the stages of an instance find each other")
     cfg = _resolve(cfg)
     _check_security(cfg, (role.value,))
+    if spare and role is Role.stage:
+        from conveyor.spare_stage import await_assignment
+
+        assigned = await_assignment()
+        if assigned is None:
+            return
+        instance, stage = assigned
     dep = cfg.deployment
     if role is Role.stage and not (0 <= instance < dep.instances and 0 <= stage < dep.stages):
         _fail(f"stage {instance}.{stage} is outside the deployment "

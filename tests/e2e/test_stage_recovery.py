@@ -51,7 +51,7 @@ def test_a_killed_stage_is_restarted_and_every_stream_completes_unchanged():
         assert stats["pipeline_recoveries"] == 1
         log = _recovered_cleanly(dep, stats)
         assert re.search(rf"conveyor: stage 0\.1 \(pid {victim}\) killed by signal SIGKILL; "
-                         r"restarting it \(restart 1 of 3 in 60s\)", log)
+                         r"restarting it \(restart 1 of 3 in 60s\) from the warm spare", log)
         assert dep.alive()
     finally:
         stop_deployment(dep)
@@ -70,10 +70,12 @@ def _wait_ready(client, timeout_s: float = 60.0) -> None:
 
 def test_a_stage_that_keeps_dying_is_given_up_and_the_other_instance_serves_on():
     """Two instances; stage 0.1 dies twice within the window with deployment.stage_restarts
-    = 1: restarted once, then given up on. Its instance's streams fail naming it, the other
-    instance's complete unchanged, and new requests are served there."""
+    = 1: restarted once (afresh: no warm spare), then given up on. Its instance's streams
+    fail naming it, the other instance's complete unchanged, and new requests are served
+    there."""
     dep = start_deployment(stages=2, instances=2,
-                           sets=TINY + ("deployment.stage_restarts=1",))
+                           sets=TINY + ("deployment.stage_restarts=1",
+                                        "deployment.spare_stage=false"))
     try:
         with dep.client(timeout=120) as client:
             reference = [client.generate(p, **LONG).token_ids for p in PROMPTS]
@@ -112,6 +114,7 @@ def test_a_stage_that_keeps_dying_is_given_up_and_the_other_instance_serves_on()
         assert samples[("conveyor_pipeline_recoveries_total", None)] == \
             stats["pipeline_recoveries"] >= 1
         log = dep.log_path.read_text(errors="replace")
+        assert "restarting it (restart 1 of 1 in 60s)\n" in log  # not from a spare
         assert re.search(rf"conveyor: stage 0\.1 \(pid {victim}\) killed by signal SIGKILL; it "
                          r"keeps dying \(1 restarts in 60s\): giving up on it", log)
         assert dep.alive()
