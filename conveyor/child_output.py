@@ -29,15 +29,29 @@ class OutputRelay:
             self.stream.write(line)
             self.stream.flush()
 
-    def attach(self, name: str, pipe: IO[bytes]) -> threading.Thread:
-        """Relays `pipe` (a child's output) until it closes, on a thread of its own."""
-        prefix = f"{name:<{self.width}} | "
+    def attach(self, name: str, pipe: IO[bytes]) -> Relay:
+        """Relays `pipe` (a child's output) until it closes, on a thread of its own, each line
+        under the relay's name at the time (a warm spare is renamed when it becomes a stage)."""
+        relay = Relay(name)
 
-        def relay() -> None:
+        def run() -> None:
             with pipe:
                 for raw in pipe:  # whole lines; a last one without its newline included
-                    self.write(prefix + raw.decode(errors="replace"))
+                    self.write(f"{relay.name:<{self.width}} | " + raw.decode(errors="replace"))
 
-        thread = threading.Thread(target=relay, name=f"output of {name}", daemon=True)
-        thread.start()
-        return thread
+        relay.thread = threading.Thread(target=run, name=f"output of {name}", daemon=True)
+        relay.thread.start()
+        return relay
+
+
+class Relay:
+    """One child's relay: the name its lines go under, and the thread relaying them."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.thread: threading.Thread | None = None
+
+    def join(self, timeout: float) -> None:
+        """Waits (up to `timeout`) for the child's last lines to be out."""
+        if self.thread is not None:
+            self.thread.join(timeout)

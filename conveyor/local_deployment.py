@@ -4,6 +4,7 @@ for until ready, stopped with SIGTERM. Used by the end-to-end tests, the benchma
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from common.security import Security
 from common.wire import decode, encode
 from common.wire.internal_messages import PoolStats, PoolStatsQuery
 from conveyor.client import Client, ConnectionFailed
+from conveyor.supervisor import PIDS_FILE
 
 
 
@@ -84,35 +86,27 @@ class Deployment:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def wait_spare(self, timeout_s: float = 60.0) -> None:
+        """Waits until `conveyor serve`'s warm spare stage has its imports done (its "spare
+        stage ready" line; the spare is started once the deployment is ready)."""
+        deadline = time.monotonic() + timeout_s
+        while "spare stage ready" not in self.log_path.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no warm spare ready in {timeout_s:g}s:\n{self.log_tail()}")
+            time.sleep(0.1)
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def process_pid(self, role: str, instance: int = 0, stage: int = 0) -> int:
-        """The pid of one of the deployment's processes (`conveyor serve` starts each as its
-        own child), found in /proc by its command line: the log is written by every process
-        at once, so lines parsed from it can be interleaved mid-line. Linux only."""
-        want = ["start", role] + (["--instance", str(instance), "--stage", str(stage)]
-                                  if role == "stage" else [])
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            except OSError:  # exited meanwhile, or not ours to read
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
-            if ppid == self.proc.pid and _contains(argv, want):
-                found.append(int(entry.name))
-        if len(found) != 1:
-            raise LookupError(f"expected one {' '.join(want)} process under pid "
-                              f"{self.proc.pid}, found {found}")
-        return found[0]
-
-
-def _contains(argv: list[str], run: list[str]) -> bool:
-    return any(argv[i:i + len(run)] == run for i in range(len(argv)))
+        """The pid of one of the deployment's processes now, from the run directory's
+        processes.json, which `conveyor serve` rewrites at every (re)start (the log is
+        written by every process at once, so lines parsed from it can be interleaved)."""
+        name = f"stage {instance}.{stage}" if role == "stage" else role
+        pids = json.loads((self.run_dir / PIDS_FILE).read_text())
+        if name not in pids:
+            raise LookupError(f"no {name} in {self.run_dir / PIDS_FILE}: {pids}")
+        return pids[name]
 
 
 def start_deployment(stages: int = 2, instances: int = 1, sets: tuple[str, ...] = (),

@@ -16,20 +16,21 @@ reaches the supervisor's stderr whole and named, line by line (child_output.py).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
 from common.config import ConveyorConfig, save_config
 from common.run_dir import ensure_private_dir
-from conveyor.child_output import OutputRelay
+from conveyor.child_output import OutputRelay, Relay
 from conveyor.spare_stage import SpareStage
 
 _PR_SET_PDEATHSIG = 1
+PIDS_FILE = "processes.json"
 
 
 class ChildDied(RuntimeError):
@@ -45,8 +46,8 @@ class Child:
     """For a stage: its instance."""
     stage: int | None = None
     """For a stage: its place in the pipeline."""
-    relay: threading.Thread | None = None
-    """The thread relaying its output (child_output.py)."""
+    relay: Relay | None = None
+    """What relays its output (child_output.py)."""
     restarts: list[float] = field(default_factory=list)
     """When it was restarted, within the last restart window."""
     given_up: bool = False
@@ -66,6 +67,7 @@ class Supervisor:
         # Private (0700, ours, no symlink) before anything is written or bound in it.
         run_dir = ensure_private_dir(cfg.endpoints.run_dir)
         self.config_path = save_config(cfg, run_dir / "config.json")
+        self.pids_path = run_dir / PIDS_FILE
         base = [sys.executable, "-m", "conveyor.cli", "start"]
         tail = ["--config", str(self.config_path), "--log-format", log_format]
         dep = cfg.deployment
@@ -88,12 +90,26 @@ class Supervisor:
     def start(self) -> None:
         for child in self.children:
             self._spawn(child)
+        self._write_pids()
+
+    def wants_spare(self) -> bool:
+        """Whether a warm spare stage (spare_stage.py) should be started now, which the caller
+        does (start_spare) once the deployment is ready: not while the stages load or a
+        restarted one rejoins, whose start its imports would slow."""
+        return self.spare is not None and self.spare.proc is None and not self.stopping
 
     def start_spare(self) -> None:
-        """Starts the warm spare stage (spare_stage.py), if the deployment has one: called
-        once the deployment is ready, so that its imports do not slow the stages' start."""
-        if self.spare is not None and not self.stopping:
+        if self.wants_spare():
             self.spare.start()
+
+    def _write_pids(self) -> None:
+        """The run directory's processes.json: each child's pid by name, rewritten at every
+        (re)start, for operators and tests (which process is stage 0.1 now? a stage born a
+        spare has the spare's command line)."""
+        pids = {c.name: c.proc.pid for c in self.children if c.proc is not None}
+        tmp = self.pids_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(pids))
+        tmp.replace(self.pids_path)
 
     def _popen(self, args: list[str], stdin: int = subprocess.DEVNULL) -> subprocess.Popen:
         return subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent,
@@ -111,9 +127,8 @@ class Supervisor:
         if spare is None:
             self._spawn(child)
             return ""
-        child.proc = spare
-        child.relay = self.output.attach(child.name, spare.stdout)
-        self.start_spare()
+        child.proc, child.relay = spare
+        child.relay.name = child.name
         return " from the warm spare"
 
     def recover(self) -> list[str]:
@@ -144,6 +159,7 @@ class Supervisor:
             said.append(f"{death}; restarting it (restart {len(child.restarts)} of "
                         f"{dep.stage_restarts} in {dep.restart_window_s:g}s)"
                         f"{self._restart(child)}")
+            self._write_pids()
         return said
 
     def check(self) -> None:

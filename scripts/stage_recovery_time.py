@@ -68,13 +68,14 @@ def timed_kill(client, streams: int, tokens: int, kill: Callable[[], None]) -> d
             "fresh_tokens": fresh.completion_tokens, "errors": errors}
 
 
-def one_kill(dep, streams: int, tokens: int) -> dict:
+def one_kill(dep, streams: int, tokens: int, settle_s: float) -> dict:
     with dep.client(timeout=300) as client:
         deadline = time.monotonic() + 120
         while not client.health().ready:  # the previous kill's stage back and joined
             if time.monotonic() > deadline:
                 raise SystemExit("the deployment did not get ready again within 120 s")
             time.sleep(0.2)
+        time.sleep(settle_s)
         return timed_kill(client, streams, tokens, lambda: os.kill(
             dep.process_pid("stage", instance=0, stage=1), signal.SIGKILL))
 
@@ -85,6 +86,9 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--instances", type=int, default=1)
+    ap.add_argument("--settle", type=float, default=0.0, metavar="S",
+                    help="seconds between the deployment's being ready and the next kill (a "
+                         "warm spare stage finishes its imports meanwhile)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for the deployment (repeatable)")
     args = ap.parse_args()
@@ -93,7 +97,7 @@ def main() -> None:
     try:
         runs = []
         for k in range(args.kills):
-            r = one_kill(dep, args.streams, args.tokens)
+            r = one_kill(dep, args.streams, args.tokens, args.settle)
             runs.append(r)
             print(f"kill {k + 1}: longest stream pause {r['pause_s']:.2f}s, new request "
                   f"served {r['new_request_s']:.2f}s after the kill, errors {len(r['errors'])}",

@@ -78,6 +78,16 @@ def _stop_signal(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _health(client):
+    """The deployment's health, None while the ingress does not answer."""
+    from conveyor.client import ConnectionFailed, ConveyorError
+
+    try:
+        return client.health(timeout=2.0)
+    except (ConnectionFailed, ConveyorError):
+        return None
+
+
 def serve(
     model: Optional[str] = typer.Option(None, help="smollm2 (default), a .gguf file, a Hugging "
                                         "Face folder, or a named shape with dummy weights."),
@@ -120,7 +130,7 @@ def serve(
     ready_timeout: float = typer.Option(600.0, help="Seconds to wait for every stage to load."),
 ) -> None:
     """Start a whole deployment on this machine and serve until Ctrl-C."""
-    from conveyor.client import Client, ConnectionFailed, ConveyorError
+    from conveyor.client import Client, ConveyorError
     from conveyor.supervisor import ChildDied, Supervisor
 
     device_list = comma_list(devices, "--devices") if devices else None
@@ -160,18 +170,13 @@ def serve(
         deadline = time.monotonic() + ready_timeout
         while True:
             sup.check()
-            try:
-                health = client.health(timeout=2.0)
-                if health.ready:
-                    break
-            except (ConnectionFailed, ConveyorError):
-                pass
+            if (health := _health(client)) is not None and health.ready:
+                break
             if time.monotonic() > deadline:
                 raise ChildDied(f"deployment not ready after {ready_timeout:g}s")
             time.sleep(0.5)
         say(f"ready: {health.model} at {cfg.endpoints.ingress} (max_model_len "
             f"{health.max_model_len})")
-        sup.start_spare()
         if cfg.http.enabled:
             url = f"http://{cfg.http.host}:{cfg.http.port}"
             say(f"http: {url}/v1 (OpenAI-compatible; {url}/health, {url}/metrics)")
@@ -183,6 +188,8 @@ def serve(
         while True:
             for line in sup.recover():
                 say(line, typer.colors.YELLOW)
+            if sup.wants_spare() and (health := _health(client)) is not None and health.ready:
+                sup.start_spare()
             time.sleep(WATCH_INTERVAL_S)
     except KeyboardInterrupt:
         say("stopping")
@@ -219,6 +226,7 @@ def start(
     if spare and role is Role.stage:
         from conveyor.spare_stage import await_assignment
 
+        configure_logging(role.value, cfg.logging.format, cfg.logging.level)
         assigned = await_assignment()
         if assigned is None:
             return

@@ -43,7 +43,7 @@ def test_serve_relays_every_child_line_whole_and_named(deployment):
     out = run_cli("generate", "--address", deployment.address, "--max-tokens", "4", "Hi")
     assert out.returncode == 0, out.stderr
     lines = [ln for ln in deployment.log_path.read_text(errors="replace").splitlines() if ln]
-    named = re.compile(r"^(conveyor: |(kvcache|controller|ingress|stage \d\.\d) +\| )")
+    named = re.compile(r"^(conveyor: |(kvcache|controller|ingress|stage \d\.\d|spare) +\| )")
     assert lines and all(named.match(ln) for ln in lines), \
         [ln for ln in lines if not named.match(ln)][:5]
     for name in ("kvcache", "controller", "ingress", "stage 0.0", "stage 0.1"):
