@@ -121,8 +121,9 @@ class Supervisor:
         child.relay = self.output.attach(child.name, child.proc.stdout)
 
     def _restart(self, child: Child) -> str:
-        """Restarts a dead stage from the warm spare if there is one (a new spare is started
-        for the next death), afresh otherwise; says which."""
+        """Restarts a dead stage from the warm spare if there is one (the next spare is
+        started once the deployment is ready again: wants_spare), afresh otherwise; says
+        which."""
         spare = self.spare.take(child.instance, child.stage) if self.spare else None
         if spare is None:
             self._spawn(child)
