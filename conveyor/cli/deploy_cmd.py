@@ -19,7 +19,8 @@ from conveyor.cli.params import comma_list
 
 SMOKE_PROMPT = "What is the capital of France? Answer in one sentence."
 WATCH_INTERVAL_S = 0.1
-"""How often `conveyor serve` looks for a dead child: a dead stage's restart waits for it."""
+"""How often `conveyor serve` looks for a dead child (a dead stage's restart waits for it) and
+for a stop signal."""
 
 
 class Role(str, Enum):
@@ -74,8 +75,23 @@ def _policy_help() -> str:
     return "\n\n".join(parts)
 
 
+_stop_signals: list[int] = []
+"""The SIGTERMs and SIGINTs `conveyor serve` has received."""
+
+
 def _stop_signal(signum, frame) -> None:
-    raise KeyboardInterrupt
+    # Recorded, not raised: an exception raised from a handler surfaces wherever the main
+    # thread happens to be, and inside subprocess's fork hooks (the warm spare is started
+    # just as the deployment gets ready, when scripts and tests often stop it) or a finalizer
+    # Python prints "Exception ignored" and drops it: the deployment did not stop. A signal
+    # during the stop does not cut the ingress's drain short either.
+    _stop_signals.append(signum)
+
+
+def _stop_if_asked() -> None:
+    """Raises KeyboardInterrupt (the stop path) once SIGTERM or SIGINT has come."""
+    if _stop_signals:
+        raise KeyboardInterrupt
 
 
 def _health(client):
@@ -169,6 +185,7 @@ def serve(
         sup.start()
         deadline = time.monotonic() + ready_timeout
         while True:
+            _stop_if_asked()
             sup.check()
             if (health := _health(client)) is not None and health.ready:
                 break
@@ -186,6 +203,7 @@ def serve(
                 f"({r.completion_tokens} tokens in {r.e2e_s:.2f}s)")
         say("serving; Ctrl-C stops")
         while True:
+            _stop_if_asked()
             for line in sup.recover():
                 say(line, typer.colors.YELLOW)
             if sup.wants_spare() and (health := _health(client)) is not None and health.ready:
