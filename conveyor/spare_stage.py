@@ -82,14 +82,19 @@ class SpareStage:
             proc.stdin.close()
         except BrokenPipeError:
             pass
-        for end in (None, proc.terminate, proc.kill):
-            if end is not None:
-                end()
-            try:
-                proc.wait(timeout=1.0 if end is None else 5.0)
-                break
-            except subprocess.TimeoutExpired:
-                pass
+        if not _ended(proc, 1.0):  # still importing: it reads its stdin only after
+            proc.terminate()
+            if not _ended(proc, 5.0):
+                proc.kill()
+                proc.wait()
         if self.relay is not None:
             self.relay.join(timeout=2.0)
             self.relay = None
+
+
+def _ended(proc: subprocess.Popen, timeout_s: float) -> bool:
+    try:
+        proc.wait(timeout=timeout_s)
+        return True
+    except subprocess.TimeoutExpired:
+        return False

@@ -10,7 +10,8 @@ deadline has passed goes behind all that can still meet theirs, for `late_for_s`
 burst, least slack first would otherwise serve the lost causes first and make the next ones
 late too; after that it is first by its (negative) slack again, so that none starves.
 
-Each micro-batch admits one group, walking that order: a request joins while the group has fewer than `max_group` members (UELLM's B = 10) and
+Each micro-batch admits one group, walking that order: a request joins while the group has
+fewer than `max_group` members (UELLM's B = 10) and
 
     (predicted − group's longest predicted) · (members + 1) · waste_factor <= max_waste
 
